@@ -1,0 +1,246 @@
+//! The admin API (`mayfly.admin.v1.Tasks`) on the admin socket: grant, inspect, renew and end
+//! task leases. Every call is checked against the allowlist of uids/gids using the caller's
+//! kernel credentials, and the caller is recorded as the grantor. Status codes are chosen here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::attest::{Attestor, PeerInfo};
+use crate::lease::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Principal, Registry};
+use crate::proto::admin as pb;
+use crate::proto::admin::tasks_server::{Tasks, TasksServer};
+use crate::time::{from_duration, to_duration, to_timestamp};
+
+pub struct AdminApi {
+    registry: Arc<Registry>,
+    attestor: Arc<Attestor>,
+    allowed_uids: Vec<u32>,
+    allowed_gids: Vec<u32>,
+}
+
+impl AdminApi {
+    pub fn new(
+        registry: Arc<Registry>,
+        attestor: Arc<Attestor>,
+        allowed_uids: Vec<u32>,
+        allowed_gids: Vec<u32>,
+    ) -> TasksServer<Self> {
+        TasksServer::new(AdminApi {
+            registry,
+            attestor,
+            allowed_uids,
+            allowed_gids,
+        })
+    }
+
+    /// Authenticates the caller from its peer credentials (primary and supplementary groups
+    /// from /proc) and checks the allowlist.
+    async fn authorize<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Principal, Status> {
+        let peer =
+            req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
+                Status::unauthenticated("no peer credentials on the admin socket")
+            })?;
+        let attestor = self.attestor.clone();
+        let att = tokio::task::spawn_blocking(move || attestor.attest(&peer))
+            .await
+            .map_err(|_| Status::unavailable("caller could not be authenticated"))?
+            .map_err(|e| Status::unavailable(format!("caller could not be authenticated: {e}")))?;
+        let gids = att.selectors.iter().filter_map(|s| {
+            s.strip_prefix("unix:supplementary_gid:")
+                .or_else(|| s.strip_prefix("unix:gid:"))
+                .and_then(|g| g.parse::<u32>().ok())
+        });
+        let allowed = self.allowed_uids.contains(&att.uid)
+            || gids.into_iter().any(|g| self.allowed_gids.contains(&g));
+        let user = att
+            .selectors
+            .iter()
+            .find_map(|s| s.strip_prefix("unix:user:"))
+            .map(str::to_owned);
+        if !allowed {
+            tracing::warn!(
+                event = "admin_denied",
+                rpc,
+                uid = att.uid,
+                gid = att.gid,
+                pid = att.pid,
+                "admin call from a caller outside the allowlist"
+            );
+            return Err(Status::permission_denied(format!(
+                "uid {} is not allowed to use the admin API (allowed uids {:?}, gids {:?})",
+                att.uid, self.allowed_uids, self.allowed_gids
+            )));
+        }
+        Ok(Principal {
+            uid: att.uid,
+            gid: att.gid,
+            pid: Some(att.pid),
+            user,
+        })
+    }
+}
+
+fn status(e: LeaseError) -> Status {
+    match e {
+        LeaseError::InvalidField { .. } => Status::invalid_argument(e.to_string()),
+        LeaseError::NotFound(_) => Status::not_found(e.to_string()),
+        LeaseError::NotActive { .. } => Status::failed_precondition(e.to_string()),
+    }
+}
+
+fn lease_id(s: &str) -> Result<LeaseId, Status> {
+    LeaseId::parse(s).map_err(status)
+}
+
+fn duration(
+    field: &'static str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Status> {
+    match d {
+        None => Ok(None),
+        Some(d) => from_duration(&d).map(Some).ok_or_else(|| {
+            Status::invalid_argument(format!("{field}: must be a positive duration"))
+        }),
+    }
+}
+
+fn principal(p: &Principal) -> pb::Principal {
+    pb::Principal {
+        uid: p.uid,
+        gid: p.gid,
+        pid: p.pid.unwrap_or(0),
+        user: p.user.clone().unwrap_or_default(),
+    }
+}
+
+pub fn lease_to_pb(l: &Lease) -> pb::Lease {
+    pb::Lease {
+        lease_id: l.id.to_string(),
+        task_id: l.task_id.clone(),
+        delegator: l.delegator.clone(),
+        agent: l.agent.clone(),
+        spiffe_id: l.spiffe_id.to_string(),
+        selectors: l.selectors.clone(),
+        created_at: Some(to_timestamp(l.created_at)),
+        expires_at: Some(to_timestamp(l.expires_at)),
+        max_expires_at: Some(to_timestamp(l.max_expires_at)),
+        svid_ttl: Some(to_duration(l.svid_ttl)),
+        audiences: l.audiences.clone(),
+        reason: l.reason.clone(),
+        granted_by: Some(principal(&l.granted_by)),
+        state: l.state.to_string(),
+        ended_at: l.ended_at.map(to_timestamp),
+        ended_by: l.ended_by.as_ref().map(principal),
+    }
+}
+
+#[tonic::async_trait]
+impl Tasks for AdminApi {
+    async fn grant(
+        &self,
+        request: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let by = self.authorize(&request, "Grant").await?;
+        let r = request.into_inner();
+        let input = GrantInput {
+            task_id: r.task_id,
+            delegator: r.delegator,
+            agent: r.agent,
+            ttl: duration("ttl", r.ttl)?,
+            max_ttl: duration("max_ttl", r.max_ttl)?,
+            svid_ttl: duration("svid_ttl", r.svid_ttl)?,
+            selectors: r.selectors,
+            audiences: r.audiences,
+            reason: r.reason,
+        };
+        let lease = self.registry.grant(input, by).map_err(|e| {
+            tracing::info!(event = "grant_refused", error = %e, "grant refused");
+            status(e)
+        })?;
+        Ok(Response::new(lease_to_pb(&lease)))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.authorize(&request, "Get").await?;
+        let id = lease_id(&request.get_ref().lease_id)?;
+        let lease = self.registry.get(&id).map_err(status)?;
+        Ok(Response::new(lease_to_pb(&lease)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        self.authorize(&request, "List").await?;
+        let leases = self.registry.list(request.get_ref().all);
+        Ok(Response::new(pb::ListResponse {
+            leases: leases.iter().map(lease_to_pb).collect(),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        self.authorize(&request, "Renew").await?;
+        let r = request.into_inner();
+        let id = lease_id(&r.lease_id)?;
+        let ttl =
+            duration("ttl", r.ttl)?.ok_or_else(|| Status::invalid_argument("ttl: is required"))?;
+        let lease = self.registry.renew(&id, ttl).map_err(status)?;
+        Ok(Response::new(lease_to_pb(&lease)))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let by = self.authorize(&request, "Revoke").await?;
+        let id = lease_id(&request.get_ref().lease_id)?;
+        let lease = self
+            .registry
+            .end(&id, LeaseState::Revoked, by)
+            .map_err(status)?;
+        Ok(Response::new(lease_to_pb(&lease)))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let by = self.authorize(&request, "Complete").await?;
+        let id = lease_id(&request.get_ref().lease_id)?;
+        let lease = self
+            .registry
+            .end(&id, LeaseState::Completed, by)
+            .map_err(status)?;
+        Ok(Response::new(lease_to_pb(&lease)))
+    }
+}
+
+/// A gRPC channel over a Unix socket, for the CLI and tests.
+pub async fn unix_channel(
+    path: &Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.to_owned();
+    tonic::transport::Endpoint::from_static("http://mayfly.local")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let io = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+            }
+        }))
+        .await
+}
+
+/// Connects to the admin socket.
+pub async fn connect(
+    path: &Path,
+) -> Result<pb::tasks_client::TasksClient<tonic::transport::Channel>, tonic::transport::Error> {
+    Ok(pb::tasks_client::TasksClient::new(
+        unix_channel(path).await?,
+    ))
+}

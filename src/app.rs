@@ -1,0 +1,175 @@
+//! Builds the agent: load the CA, bind both sockets first (so a taken socket fails start-up
+//! loudly and tests can use temp paths), then spawn the servers. Shutdown is one token.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::attest::Attestor;
+use crate::ca::SigningCa;
+use crate::config::Config;
+use crate::lease::Registry;
+use crate::svid::Manager;
+
+/// How long open streams get to drain on shutdown.
+const GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("signing CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    #[error("workload socket: {0}")]
+    Workload(crate::listen::BindError),
+    #[error("admin socket: {0}")]
+    Admin(crate::listen::BindError),
+}
+
+pub struct Agent {
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub registry: Arc<Registry>,
+    pub manager: Arc<Manager>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Agent {
+    pub async fn start(config: Config) -> Result<Agent, StartError> {
+        create_private_dir(&config.data_dir)?;
+        let ca = Arc::new(SigningCa::load_or_create(
+            &config.data_dir,
+            &config.limits.trust_domain,
+            &config.ca,
+            config.ca_ttl,
+        )?);
+        raise_fd_limit();
+
+        let workload = crate::listen::bind(&config.socket, 0o666).map_err(StartError::Workload)?;
+        let admin = crate::listen::bind(&config.admin_socket, 0o660).map_err(StartError::Admin)?;
+
+        let registry = Registry::new(config.limits.clone());
+        let manager = Manager::new(ca.clone(), registry.clone());
+        let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let workload_api = crate::workload_api::WorkloadApi::new(
+            manager.clone(),
+            attestor.clone(),
+            shutdown.clone(),
+        );
+        let admin_api = crate::admin::AdminApi::new(
+            registry.clone(),
+            attestor,
+            config.allowed_uids.clone(),
+            config.allowed_gids.clone(),
+        );
+
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let r = server()
+                .add_service(workload_api)
+                .serve_with_incoming_shutdown(crate::listen::incoming(workload), token.cancelled())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "workload API server failed");
+            }
+        });
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let r = server()
+                .add_service(admin_api)
+                .serve_with_incoming_shutdown(crate::listen::incoming(admin), token.cancelled())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "admin API server failed");
+            }
+        });
+        tasks.close();
+
+        tracing::info!(
+            event = "agent_started",
+            trust_domain = %config.limits.trust_domain,
+            socket = %config.socket.display(),
+            admin_socket = %config.admin_socket.display(),
+            data_dir = %config.data_dir.display(),
+            "mayfly agent ready"
+        );
+        Ok(Agent {
+            socket: config.socket,
+            admin_socket: config.admin_socket,
+            data_dir: config.data_dir,
+            registry,
+            manager,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled, then drains (bounded) and removes the sockets.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        if tokio::time::timeout(GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("servers did not drain within {GRACE:?}");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.admin_socket);
+        tracing::info!(event = "agent_stopped", "mayfly agent stopped");
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Both servers share these limits: a hostile client costs only its own connection.
+fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_max_header_list_size(Some(16 * 1024))
+        .max_concurrent_streams(Some(64))
+        .concurrency_limit_per_connection(64)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
+fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| StartError::DataDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Hundreds of idle clients each hold a descriptor: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+}

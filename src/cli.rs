@@ -1,0 +1,159 @@
+//! The command line (contract in DESIGN.md): one enum of subcommands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mayfly",
+    version,
+    about = "Task-scoped SPIFFE workload identity agent"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: serve the SPIFFE Workload API and the admin API.
+    Agent(AgentArgs),
+    /// Manage task leases through the admin socket.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Fetch X.509-SVIDs from the Workload API, as a workload would.
+    #[command(subcommand)]
+    Svid(SvidCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Workload API socket path.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Admin API socket path.
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminConn {
+    /// Admin socket (default: $MAYFLY_ADMIN_SOCKET, else the default path).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    crate::time::parse_duration(s)
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    #[arg(long)]
+    pub task_id: String,
+    /// Who approved the task, e.g. user/alice.
+    #[arg(long)]
+    pub delegator: String,
+    /// The workload class, e.g. reporter.
+    #[arg(long)]
+    pub agent: String,
+    /// Lease lifetime, e.g. 90s, 5m, 1h.
+    #[arg(long, value_parser = duration)]
+    pub ttl: Duration,
+    /// Renewal ceiling from now (default: the TTL).
+    #[arg(long, value_parser = duration)]
+    pub max_ttl: Option<Duration>,
+    /// Lifetime of each X.509-SVID (default from the agent's config).
+    #[arg(long, value_parser = duration)]
+    pub svid_ttl: Option<Duration>,
+    /// Selector the caller must have, e.g. unix:uid:1000 (repeatable; all must match).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// JWT audience the task may use (repeatable).
+    #[arg(long = "audience")]
+    pub audiences: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Grant a task lease.
+    Grant {
+        #[command(flatten)]
+        grant: GrantArgs,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Show one lease.
+    Get {
+        lease_id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List active leases (with --all, ended ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Extend a lease to now + TTL, up to its max TTL.
+    Renew {
+        lease_id: String,
+        #[arg(long, value_parser = duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// End a lease now; its identity is torn down.
+    Revoke {
+        lease_id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Mark a task done; its identity is torn down.
+    Complete {
+        lease_id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SvidCommand {
+    /// Fetch the caller's X.509-SVIDs once.
+    Fetch {
+        /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Write svid.pem, key.pem (0600) and bundle.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print every update of the caller's X.509-SVIDs until the stream ends.
+    Watch {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,350 @@
+//! The client side of the CLI: `mayfly task ...` over the admin socket and `mayfly svid ...`
+//! over the Workload API with the `spiffe` crate, the client real workloads use.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::cli::{AdminConn, GrantArgs, Output, TaskCommand};
+use crate::config::{client_socket, Defaults};
+use crate::proto::admin as pb;
+use crate::time::{from_timestamp, rfc3339, to_duration};
+
+fn ts(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref()
+        .and_then(from_timestamp)
+        .map(|t| Value::String(rfc3339(t)))
+        .unwrap_or(Value::Null)
+}
+
+fn principal_json(p: &Option<pb::Principal>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(p) => json!({ "uid": p.uid, "gid": p.gid, "pid": p.pid, "user": p.user }),
+    }
+}
+
+pub fn lease_json(l: &pb::Lease) -> Value {
+    json!({
+        "lease_id": l.lease_id,
+        "task_id": l.task_id,
+        "delegator": l.delegator,
+        "agent": l.agent,
+        "spiffe_id": l.spiffe_id,
+        "selectors": l.selectors,
+        "state": l.state,
+        "created_at": ts(&l.created_at),
+        "expires_at": ts(&l.expires_at),
+        "max_expires_at": ts(&l.max_expires_at),
+        "svid_ttl": l.svid_ttl.as_ref().and_then(crate::time::from_duration)
+            .map(|d| humantime::format_duration(d).to_string()),
+        "audiences": l.audiences,
+        "reason": l.reason,
+        "granted_by": principal_json(&l.granted_by),
+        "ended_at": ts(&l.ended_at),
+        "ended_by": principal_json(&l.ended_by),
+    })
+}
+
+fn print_lease_text(l: &pb::Lease) {
+    let v = lease_json(l);
+    for key in [
+        "lease_id",
+        "task_id",
+        "delegator",
+        "agent",
+        "spiffe_id",
+        "state",
+        "created_at",
+        "expires_at",
+        "max_expires_at",
+        "svid_ttl",
+    ] {
+        match &v[key] {
+            Value::String(s) => println!("{key:<15} {s}"),
+            Value::Null => {}
+            other => println!("{key:<15} {other}"),
+        }
+    }
+    println!("{:<15} {}", "selectors", l.selectors.join(" "));
+    if !l.audiences.is_empty() {
+        println!("{:<15} {}", "audiences", l.audiences.join(" "));
+    }
+    if !l.reason.is_empty() {
+        println!("{:<15} {}", "reason", l.reason);
+    }
+    if let Some(p) = &l.granted_by {
+        println!(
+            "{:<15} uid={} gid={} pid={} user={}",
+            "granted_by", p.uid, p.gid, p.pid, p.user
+        );
+    }
+}
+
+fn print_lease(l: &pb::Lease, output: Output) {
+    match output {
+        Output::Json => println!("{}", lease_json(l)),
+        Output::Text => print_lease_text(l),
+    }
+}
+
+fn admin_socket(conn: &AdminConn) -> PathBuf {
+    client_socket(
+        conn.admin_socket.as_deref(),
+        "MAYFLY_ADMIN_SOCKET",
+        Defaults::admin_socket,
+    )
+}
+
+/// gRPC status → a one-line error a person can act on.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn task(cmd: TaskCommand) -> Result<()> {
+    let conn = match &cmd {
+        TaskCommand::Grant { conn, .. }
+        | TaskCommand::Get { conn, .. }
+        | TaskCommand::List { conn, .. }
+        | TaskCommand::Renew { conn, .. }
+        | TaskCommand::Revoke { conn, .. }
+        | TaskCommand::Complete { conn, .. } => conn,
+    };
+    let path = admin_socket(conn);
+    let output = conn.output;
+    let mut client = crate::admin::connect(&path)
+        .await
+        .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
+    match cmd {
+        TaskCommand::Grant { grant, .. } => {
+            let GrantArgs {
+                task_id,
+                delegator,
+                agent,
+                ttl,
+                max_ttl,
+                svid_ttl,
+                selectors,
+                audiences,
+                reason,
+            } = grant;
+            let lease = client
+                .grant(pb::GrantRequest {
+                    task_id,
+                    delegator,
+                    agent,
+                    ttl: Some(to_duration(ttl)),
+                    max_ttl: max_ttl.map(to_duration),
+                    svid_ttl: svid_ttl.map(to_duration),
+                    selectors,
+                    audiences,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Get { lease_id, .. } => {
+            let lease = client
+                .get(pb::GetRequest { lease_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::List { all, .. } => {
+            let leases = client
+                .list(pb::ListRequest { all })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .leases;
+            match output {
+                Output::Json => {
+                    println!("{}", Value::Array(leases.iter().map(lease_json).collect()))
+                }
+                Output::Text => {
+                    println!(
+                        "{:<32}  {:<14}  {:<20}  {:<20}  SPIFFE ID",
+                        "LEASE", "STATE", "TASK", "EXPIRES"
+                    );
+                    for l in &leases {
+                        let exp = ts(&l.expires_at);
+                        println!(
+                            "{:<32}  {:<14}  {:<20}  {:<20}  {}",
+                            l.lease_id,
+                            l.state,
+                            l.task_id,
+                            exp.as_str().unwrap_or("-"),
+                            l.spiffe_id
+                        );
+                    }
+                }
+            }
+        }
+        TaskCommand::Renew { lease_id, ttl, .. } => {
+            let lease = client
+                .renew(pb::RenewRequest {
+                    lease_id,
+                    ttl: Some(to_duration(ttl)),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Revoke { lease_id, .. } => {
+            let lease = client
+                .revoke(pb::RevokeRequest {
+                    lease_id,
+                    reason: String::new(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Complete { lease_id, .. } => {
+            let lease = client
+                .complete(pb::CompleteRequest { lease_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+    }
+    Ok(())
+}
+
+fn workload_socket(explicit: Option<&Path>) -> PathBuf {
+    client_socket(explicit, "SPIFFE_ENDPOINT_SOCKET", Defaults::socket)
+}
+
+async fn workload_client(socket: Option<&Path>) -> Result<spiffe::WorkloadApiClient> {
+    let path = workload_socket(socket);
+    spiffe::WorkloadApiClient::connect_to(format!("unix://{}", path.display()))
+        .await
+        .with_context(|| format!("connecting to the Workload API at {}", path.display()))
+}
+
+/// Facts about one certificate for printing.
+fn describe(svid: &spiffe::X509Svid) -> Value {
+    let leaf = svid.leaf().as_bytes();
+    let (serial, not_before, not_after) = match x509_parser::parse_x509_certificate(leaf) {
+        Ok((_, cert)) => (
+            cert.raw_serial_as_string().replace(':', ""),
+            cert.validity().not_before.to_rfc2822().unwrap_or_default(),
+            cert.validity().not_after.to_rfc2822().unwrap_or_default(),
+        ),
+        Err(_) => Default::default(),
+    };
+    json!({
+        "spiffe_id": svid.spiffe_id().to_string(),
+        "serial": serial,
+        "not_before": not_before,
+        "not_after": not_after,
+    })
+}
+
+fn pem_blocks(tag: &str, ders: impl IntoIterator<Item = Vec<u8>>) -> String {
+    ders.into_iter()
+        .map(|d| pem::encode(&pem::Pem::new(tag, d)))
+        .collect()
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    // Write beside the target and rename, so a reader never sees half a key.
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn write_svid(dir: &Path, ctx: &spiffe::X509Context) -> Result<()> {
+    let svid = ctx
+        .default_svid()
+        .context("the Workload API returned no SVID")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let chain = pem_blocks(
+        "CERTIFICATE",
+        svid.cert_chain().iter().map(|c| c.as_bytes().to_vec()),
+    );
+    write_file(&dir.join("svid.pem"), chain.as_bytes(), 0o644)?;
+    let key = zeroize::Zeroizing::new(pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        svid.private_key().as_bytes().to_vec(),
+    )));
+    write_file(&dir.join("key.pem"), key.as_bytes(), 0o600)?;
+    let bundle = ctx
+        .bundle_set()
+        .get(svid.spiffe_id().trust_domain())
+        .context("the Workload API returned no bundle for the SVID's trust domain")?;
+    let bundle = pem_blocks(
+        "CERTIFICATE",
+        bundle.authorities().iter().map(|c| c.as_bytes().to_vec()),
+    );
+    write_file(&dir.join("bundle.pem"), bundle.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+pub async fn svid_fetch(
+    socket: Option<PathBuf>,
+    write: Option<PathBuf>,
+    output: Output,
+) -> Result<()> {
+    let client = workload_client(socket.as_deref()).await?;
+    let ctx = client.fetch_x509_context().await?;
+    if let Some(dir) = &write {
+        write_svid(dir, &ctx)?;
+    }
+    let svids: Vec<Value> = ctx.svids().iter().map(|s| describe(s)).collect();
+    match output {
+        Output::Json => println!("{}", Value::Array(svids)),
+        Output::Text => {
+            for s in &svids {
+                println!("spiffe_id  {}", s["spiffe_id"].as_str().unwrap_or(""));
+                println!("serial     {}", s["serial"].as_str().unwrap_or(""));
+                println!("not_after  {}", s["not_after"].as_str().unwrap_or(""));
+            }
+            if let Some(dir) = &write {
+                println!(
+                    "wrote      {}/{{svid.pem,key.pem,bundle.pem}}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn svid_watch(socket: Option<PathBuf>) -> Result<()> {
+    let client = workload_client(socket.as_deref()).await?;
+    let mut stream = client.stream_x509_contexts().await?;
+    while let Some(update) = stream.next().await {
+        let ctx = update?;
+        let now = rfc3339(std::time::SystemTime::now());
+        for s in ctx.svids() {
+            let d = describe(s);
+            println!(
+                "{now} {} serial={} not_after={}",
+                d["spiffe_id"].as_str().unwrap_or(""),
+                d["serial"].as_str().unwrap_or(""),
+                d["not_after"].as_str().unwrap_or("")
+            );
+        }
+    }
+    bail!("the Workload API ended the stream")
+}

@@ -1,0 +1,391 @@
+//! Agent configuration: a TOML file (unknown keys refused) overridden by command-line flags,
+//! resolved into typed values by one `resolve()` that reports every problem it finds.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use spiffe::TrustDomain;
+
+use crate::ca::CaSource;
+use crate::lease::{IdTemplate, LeaseLimits, DEFAULT_TEMPLATE};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "mayfly.internal";
+
+/// The file, as written. Every field optional; defaults come from [`Config::resolve`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub trust_domain: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub spiffe_id_template: Option<String>,
+    /// `text` (default) or `json`.
+    pub log_format: Option<String>,
+    #[serde(default)]
+    pub leases: LeaseSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub ca: CaSection,
+    #[serde(default)]
+    pub attestation: AttestationSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSection {
+    pub max_ttl: Option<String>,
+    pub default_svid_ttl: Option<String>,
+    pub max_svid_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub allowed_uids: Option<Vec<u32>>,
+    pub allowed_gids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSection {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub chain_file: Option<PathBuf>,
+    pub bundle_file: Option<PathBuf>,
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationSection {
+    /// Executables larger than this many bytes get no `unix:sha256` selector.
+    pub max_digest_bytes: Option<u64>,
+}
+
+/// Flags that override the file (`mayfly agent ...`).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub trust_domain: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The resolved configuration the agent runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub limits: LeaseLimits,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub ca: CaSource,
+    pub ca_ttl: Duration,
+    pub max_digest_bytes: u64,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// Where a newcomer's agent and clients meet without any configuration: system paths for root,
+/// per-user paths for everyone else.
+pub struct Defaults {
+    pub runtime_dir: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl Defaults {
+    pub fn for_current_user() -> Self {
+        let uid = rustix::process::geteuid().as_raw();
+        if uid == 0 {
+            return Defaults {
+                runtime_dir: PathBuf::from("/run/mayfly"),
+                data_dir: PathBuf::from("/var/lib/mayfly"),
+            };
+        }
+        let runtime_dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("mayfly"),
+            _ => PathBuf::from(format!("/tmp/mayfly-{uid}")),
+        };
+        let data_dir = match (std::env::var_os("XDG_DATA_HOME"), std::env::var_os("HOME")) {
+            (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("mayfly"),
+            (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".local/share/mayfly"),
+            _ => runtime_dir.join("data"),
+        };
+        Defaults {
+            runtime_dir,
+            data_dir,
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir.join("workload.sock")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.runtime_dir.join("admin.sock")
+    }
+}
+
+/// The workload socket a client uses when none is given: the caller's own default if an agent
+/// listens there, else the system agent's.
+pub fn client_socket(
+    explicit: Option<&Path>,
+    env_var: &str,
+    pick: fn(&Defaults) -> PathBuf,
+) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_owned();
+    }
+    if let Some(v) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
+        let v = v.to_string_lossy();
+        let path = v
+            .strip_prefix("unix://")
+            .or_else(|| v.strip_prefix("unix:"))
+            .unwrap_or(&v);
+        return PathBuf::from(path);
+    }
+    let mine = pick(&Defaults::for_current_user());
+    if mine.exists() {
+        return mine;
+    }
+    let system = pick(&Defaults {
+        runtime_dir: PathBuf::from("/run/mayfly"),
+        data_dir: PathBuf::new(),
+    });
+    if system.exists() {
+        system
+    } else {
+        mine
+    }
+}
+
+fn duration(
+    errors: &mut Vec<String>,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(v) => match crate::time::parse_duration(v) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(format!("{key}: {e}"));
+                default
+            }
+        },
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        Config::resolve(file, overrides)
+    }
+
+    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let defaults = Defaults::for_current_user();
+
+        let td_text = o
+            .trust_domain
+            .or(file.trust_domain)
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        let trust_domain = match TrustDomain::new(&td_text) {
+            Ok(td) => Some(td),
+            Err(e) => {
+                errors.push(format!("trust_domain {td_text:?}: {e}"));
+                None
+            }
+        };
+        let template_text = file
+            .spiffe_id_template
+            .unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned());
+        let template = match IdTemplate::new(&template_text) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(format!("spiffe_id_template {template_text:?}: {e}"));
+                None
+            }
+        };
+        let l = &file.leases;
+        let max_ttl = duration(
+            &mut errors,
+            "leases.max_ttl",
+            l.max_ttl.as_deref(),
+            Duration::from_secs(24 * 3600),
+        );
+        let default_svid_ttl = duration(
+            &mut errors,
+            "leases.default_svid_ttl",
+            l.default_svid_ttl.as_deref(),
+            Duration::from_secs(300),
+        );
+        let max_svid_ttl = duration(
+            &mut errors,
+            "leases.max_svid_ttl",
+            l.max_svid_ttl.as_deref(),
+            Duration::from_secs(3600),
+        );
+        if default_svid_ttl > max_svid_ttl {
+            errors.push("leases.default_svid_ttl is above leases.max_svid_ttl".into());
+        }
+        for (key, d) in [
+            ("leases.max_ttl", max_ttl),
+            ("leases.default_svid_ttl", default_svid_ttl),
+            ("leases.max_svid_ttl", max_svid_ttl),
+        ] {
+            if d < crate::lease::MIN_TTL {
+                errors.push(format!("{key}: must be at least 1s"));
+            }
+        }
+        let ca_ttl = duration(
+            &mut errors,
+            "ca.ttl",
+            file.ca.ttl.as_deref(),
+            Duration::from_secs(365 * 24 * 3600),
+        );
+        if ca_ttl < Duration::from_secs(3600) {
+            errors.push("ca.ttl: must be at least 1h".into());
+        }
+        let log_format = match file.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                errors.push(format!("log_format {other:?}: must be text or json"));
+                LogFormat::Text
+            }
+        };
+        let me = rustix::process::geteuid().as_raw();
+        let mut allowed_uids = file.admin.allowed_uids.unwrap_or_else(|| vec![0, me]);
+        allowed_uids.sort_unstable();
+        allowed_uids.dedup();
+        let allowed_gids = file.admin.allowed_gids.unwrap_or_default();
+
+        let socket = o
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(|| defaults.socket());
+        let admin_socket = o
+            .admin_socket
+            .or(file.admin_socket)
+            .unwrap_or_else(|| defaults.admin_socket());
+        if socket == admin_socket {
+            errors.push("socket and admin_socket must differ".into());
+        }
+        let data_dir = o.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir);
+
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
+        let trust_domain = trust_domain.expect("checked above");
+        Ok(Config {
+            socket,
+            admin_socket,
+            data_dir,
+            limits: LeaseLimits {
+                trust_domain,
+                template: template.expect("checked above"),
+                max_ttl,
+                default_svid_ttl,
+                max_svid_ttl,
+            },
+            allowed_uids,
+            allowed_gids,
+            ca: CaSource {
+                cert_file: file.ca.cert_file,
+                key_file: file.ca.key_file,
+                chain_file: file.ca.chain_file,
+                bundle_file: file.ca.bundle_file,
+            },
+            ca_ttl,
+            max_digest_bytes: file
+                .attestation
+                .max_digest_bytes
+                .unwrap_or(256 * 1024 * 1024),
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<FileConfig>("trust_domian = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = toml::from_str::<FileConfig>("[leases]\nmax_tll = \"1h\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig =
+            toml::from_str("trust_domain = \"file.org\"\nsocket = \"/tmp/a.sock\"").unwrap();
+        let c = Config::resolve(
+            file,
+            Overrides {
+                trust_domain: Some("flag.org".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.limits.trust_domain.as_str(), "flag.org");
+        assert_eq!(c.socket, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let file: FileConfig = toml::from_str(
+            "trust_domain = \"Bad Domain\"\nlog_format = \"xml\"\n[leases]\nmax_ttl = \"soon\"",
+        )
+        .unwrap();
+        match Config::resolve(file, Overrides::default()) {
+            Err(ConfigError::Invalid(errs)) => assert_eq!(errs.len(), 3, "{errs:?}"),
+            other => panic!("expected errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.limits.trust_domain.as_str(), DEFAULT_TRUST_DOMAIN);
+        assert!(c.allowed_uids.contains(&0));
+    }
+}

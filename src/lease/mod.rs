@@ -1,0 +1,625 @@
+//! Task leases: the model, the validation of grant input, and the SPIFFE ID template.
+//!
+//! A lease says: *this task, approved by this delegator, may hold this identity, for processes
+//! matching these selectors, until this deadline*. Values that exist here are valid: a
+//! [`Lease`] is only built by [`validate_grant`], which refuses (never rewrites) bad input and
+//! names the field that was wrong.
+
+mod registry;
+
+pub use registry::{ActiveLease, Registry};
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use spiffe::{SpiffeId, TrustDomain};
+
+/// Longest task ID, agent name or delegator segment we accept.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest delegator (all segments with their `/`).
+pub const MAX_DELEGATOR_LEN: usize = 255;
+/// The SPIFFE ID spec caps URIs at 2048 bytes.
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+pub const MAX_SELECTORS: usize = 32;
+pub const MAX_SELECTOR_LEN: usize = 1024;
+pub const MAX_AUDIENCES: usize = 32;
+pub const MAX_AUDIENCE_LEN: usize = 256;
+pub const MAX_REASON_LEN: usize = 1024;
+/// Lease and SVID TTLs below this are refused: X.509 validity has second precision.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+
+/// A random, unguessable lease identifier (128 bits, lowercase hex).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(String);
+
+impl LeaseId {
+    pub fn random() -> Self {
+        let bytes: [u8; 16] = rand::random();
+        LeaseId(hex::encode(bytes))
+    }
+
+    /// Parses a lease ID given by a client; anything but 32 lowercase hex digits is refused.
+    pub fn parse(s: &str) -> Result<Self, LeaseError> {
+        if s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(LeaseId(s.to_owned()))
+        } else {
+            Err(LeaseError::invalid(
+                "lease_id",
+                "must be 32 lowercase hex digits",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    Active,
+    Revoked,
+    Expired,
+    Completed,
+    ProcessExited,
+}
+
+impl LeaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Active => "active",
+            LeaseState::Revoked => "revoked",
+            LeaseState::Expired => "expired",
+            LeaseState::Completed => "completed",
+            LeaseState::ProcessExited => "process_exited",
+        }
+    }
+}
+
+impl fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An authenticated caller of the admin API, from its socket's peer credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    pub user: Option<String>,
+}
+
+impl Principal {
+    /// The agent itself (for expiry, which no caller asked for).
+    pub fn agent() -> Self {
+        Principal {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            pid: Some(std::process::id() as i32),
+            user: Some("mayfly-agent".to_owned()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub task_id: String,
+    pub delegator: String,
+    pub agent: String,
+    pub spiffe_id: SpiffeId,
+    /// Sorted and deduplicated; all must match the caller.
+    pub selectors: Vec<String>,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub max_expires_at: SystemTime,
+    pub svid_ttl: Duration,
+    pub audiences: Vec<String>,
+    pub reason: String,
+    pub granted_by: Principal,
+    pub state: LeaseState,
+    pub ended_at: Option<SystemTime>,
+    pub ended_by: Option<Principal>,
+}
+
+/// What a client asks for; checked by [`validate_grant`].
+#[derive(Clone, Debug, Default)]
+pub struct GrantInput {
+    pub task_id: String,
+    pub delegator: String,
+    pub agent: String,
+    pub ttl: Option<Duration>,
+    pub max_ttl: Option<Duration>,
+    pub svid_ttl: Option<Duration>,
+    pub selectors: Vec<String>,
+    pub audiences: Vec<String>,
+    pub reason: String,
+}
+
+/// Bounds and defaults from the agent's configuration.
+#[derive(Clone, Debug)]
+pub struct LeaseLimits {
+    pub trust_domain: TrustDomain,
+    pub template: IdTemplate,
+    pub max_ttl: Duration,
+    pub default_svid_ttl: Duration,
+    pub max_svid_ttl: Duration,
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaseError {
+    #[error("{field}: {message}")]
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
+    #[error("lease {0} not found")]
+    NotFound(String),
+    #[error("lease {id} is {state}, not active")]
+    NotActive { id: String, state: LeaseState },
+}
+
+impl LeaseError {
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        LeaseError::InvalidField {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// A SPIFFE ID template such as
+/// `spiffe://{trust_domain}/agent/{agent}/task/{task_id}/delegator/{delegator}`.
+#[derive(Clone, Debug)]
+pub struct IdTemplate(String);
+
+pub const DEFAULT_TEMPLATE: &str =
+    "spiffe://{trust_domain}/agent/{agent}/task/{task_id}/delegator/{delegator}";
+
+impl IdTemplate {
+    /// Checks the template once, at start-up: it must name the trust domain as its authority, use
+    /// only known placeholders, embed the task ID and the delegator, and render to a valid ID.
+    pub fn new(template: &str) -> Result<Self, String> {
+        if !template.starts_with("spiffe://{trust_domain}/") {
+            return Err("must start with spiffe://{trust_domain}/".into());
+        }
+        for needed in ["{task_id}", "{delegator}"] {
+            if !template.contains(needed) {
+                return Err(format!(
+                    "must contain {needed}: the identity names the task"
+                ));
+            }
+        }
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| "unclosed '{'".to_string())?;
+            let name = &rest[open + 1..open + close];
+            if !["trust_domain", "agent", "task_id", "delegator"].contains(&name) {
+                return Err(format!("unknown placeholder {{{name}}}"));
+            }
+            rest = &rest[open + close + 1..];
+        }
+        let t = IdTemplate(template.to_owned());
+        let td = TrustDomain::new("example.org").expect("valid trust domain");
+        let sample = t.render(&td, "agent", "task", "user/alice");
+        SpiffeId::new(&sample).map_err(|e| format!("renders an invalid SPIFFE ID: {e}"))?;
+        Ok(t)
+    }
+
+    fn render(&self, td: &TrustDomain, agent: &str, task_id: &str, delegator: &str) -> String {
+        self.0
+            .replace("{trust_domain}", td.as_str())
+            .replace("{agent}", agent)
+            .replace("{task_id}", task_id)
+            .replace("{delegator}", delegator)
+    }
+}
+
+/// One SPIFFE path segment: `[A-Za-z0-9._-]+`, not `.` or `..` (SPIFFE ID spec, section 2.2).
+fn check_segment(field: &'static str, value: &str, max: usize) -> Result<(), LeaseError> {
+    if value.is_empty() {
+        return Err(LeaseError::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(LeaseError::invalid(
+            field,
+            format!("is {} bytes, at most {max} allowed", value.len()),
+        ));
+    }
+    if value == "." || value == ".." {
+        return Err(LeaseError::invalid(field, "must not be '.' or '..'"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(LeaseError::invalid(
+            field,
+            format!("character {c:?} is not allowed (only A-Z a-z 0-9 . _ -)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_delegator(value: &str) -> Result<(), LeaseError> {
+    if value.len() > MAX_DELEGATOR_LEN {
+        return Err(LeaseError::invalid(
+            "delegator",
+            format!(
+                "is {} bytes, at most {MAX_DELEGATOR_LEN} allowed",
+                value.len()
+            ),
+        ));
+    }
+    if value.is_empty() {
+        return Err(LeaseError::invalid("delegator", "must not be empty"));
+    }
+    for segment in value.split('/') {
+        check_segment("delegator", segment, MAX_NAME_LEN).map_err(|e| match e {
+            LeaseError::InvalidField { message, .. } => {
+                LeaseError::invalid("delegator", format!("segment {segment:?}: {message}"))
+            }
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
+fn check_ttl(
+    field: &'static str,
+    ttl: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), LeaseError> {
+    if ttl < min {
+        return Err(LeaseError::invalid(
+            field,
+            format!(
+                "{} is below the minimum {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(min)
+            ),
+        ));
+    }
+    if ttl > max {
+        return Err(LeaseError::invalid(
+            field,
+            format!(
+                "{} is above the maximum {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one selector and returns it in canonical form. A bare `unix:pid:PID` is bound here to
+/// the live process's start time (`unix:pid:PID:START`), so that a reused PID never matches.
+pub fn check_selector(raw: &str) -> Result<String, LeaseError> {
+    let bad = |m: String| LeaseError::invalid("selectors", format!("{raw:?}: {m}"));
+    if raw.len() > MAX_SELECTOR_LEN {
+        return Err(bad(format!("longer than {MAX_SELECTOR_LEN} bytes")));
+    }
+    let mut parts = raw.splitn(3, ':');
+    let (kind, key, value) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(k), Some(key), Some(v)) => (k, key, v),
+        _ => return Err(bad("must be type:key:value".into())),
+    };
+    if kind != "unix" {
+        return Err(bad(format!(
+            "unknown selector type {kind:?} (supported: unix)"
+        )));
+    }
+    let numeric = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
+    match key {
+        "uid" | "gid" | "supplementary_gid" => {
+            if !numeric(value) || value.parse::<u32>().is_err() {
+                return Err(bad("value must be a numeric id".into()));
+            }
+        }
+        "user" | "group" | "supplementary_group" => {
+            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == ':') {
+                return Err(bad("value must be a user or group name".into()));
+            }
+        }
+        "path" => {
+            if !value.starts_with('/') || value.contains('\0') {
+                return Err(bad("value must be an absolute path".into()));
+            }
+        }
+        "sha256" => {
+            if value.len() != 64
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(bad("value must be 64 lowercase hex digits".into()));
+            }
+        }
+        "pid" => {
+            let (pid, start) = match value.split_once(':') {
+                Some((p, s)) => (p, Some(s)),
+                None => (value, None),
+            };
+            let pid: i32 = match pid.parse() {
+                Ok(p) if numeric(pid) && p > 0 => p,
+                _ => return Err(bad("value must be PID or PID:START_TIME".into())),
+            };
+            return match start {
+                Some(s) if numeric(s) || (s.len() <= 20 && s.parse::<u64>().is_ok()) => {
+                    Ok(raw.to_owned())
+                }
+                Some(_) => Err(bad("start time must be a number".into())),
+                None => match crate::attest::process_start_time(pid) {
+                    Ok(start) => Ok(format!("unix:pid:{pid}:{start}")),
+                    Err(e) => Err(bad(format!("no such process to bind to ({e})"))),
+                },
+            };
+        }
+        other => {
+            return Err(bad(format!(
+                "unknown unix selector {other:?} (supported: uid, user, gid, group, \
+                 supplementary_gid, supplementary_group, path, sha256, pid)"
+            )))
+        }
+    }
+    Ok(raw.to_owned())
+}
+
+/// Checks a grant request against the limits and builds the lease. Nothing is stored here.
+pub fn validate_grant(
+    input: GrantInput,
+    limits: &LeaseLimits,
+    now: SystemTime,
+    granted_by: Principal,
+) -> Result<Lease, LeaseError> {
+    check_segment("task_id", &input.task_id, MAX_NAME_LEN)?;
+    check_delegator(&input.delegator)?;
+    check_segment("agent", &input.agent, MAX_NAME_LEN)?;
+
+    let ttl = input
+        .ttl
+        .ok_or_else(|| LeaseError::invalid("ttl", "is required"))?;
+    check_ttl("ttl", ttl, MIN_TTL, limits.max_ttl)?;
+    let max_ttl = input.max_ttl.unwrap_or(ttl);
+    check_ttl("max_ttl", max_ttl, ttl, limits.max_ttl)?;
+    let svid_ttl = input.svid_ttl.unwrap_or(limits.default_svid_ttl);
+    check_ttl("svid_ttl", svid_ttl, MIN_TTL, limits.max_svid_ttl)?;
+
+    if input.selectors.is_empty() {
+        return Err(LeaseError::invalid(
+            "selectors",
+            "at least one selector is required (a lease must not match every process)",
+        ));
+    }
+    if input.selectors.len() > MAX_SELECTORS {
+        return Err(LeaseError::invalid(
+            "selectors",
+            format!("at most {MAX_SELECTORS} allowed"),
+        ));
+    }
+    let mut selectors = input
+        .selectors
+        .iter()
+        .map(|s| check_selector(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    selectors.sort();
+    selectors.dedup();
+
+    if input.audiences.len() > MAX_AUDIENCES {
+        return Err(LeaseError::invalid(
+            "audiences",
+            format!("at most {MAX_AUDIENCES} allowed"),
+        ));
+    }
+    for a in &input.audiences {
+        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
+            return Err(LeaseError::invalid(
+                "audiences",
+                format!("{a:?}: must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"),
+            ));
+        }
+    }
+    let mut audiences = input.audiences;
+    audiences.sort();
+    audiences.dedup();
+
+    if input.reason.len() > MAX_REASON_LEN {
+        return Err(LeaseError::invalid(
+            "reason",
+            format!(
+                "is {} bytes, at most {MAX_REASON_LEN} allowed",
+                input.reason.len()
+            ),
+        ));
+    }
+    if input.reason.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(LeaseError::invalid(
+            "reason",
+            "must not contain control characters",
+        ));
+    }
+
+    let rendered = limits.template.render(
+        &limits.trust_domain,
+        &input.agent,
+        &input.task_id,
+        &input.delegator,
+    );
+    if rendered.len() > MAX_SPIFFE_ID_LEN {
+        return Err(LeaseError::invalid(
+            "spiffe_id",
+            format!(
+                "would be {} bytes, at most {MAX_SPIFFE_ID_LEN} allowed",
+                rendered.len()
+            ),
+        ));
+    }
+    let spiffe_id = SpiffeId::new(&rendered)
+        .map_err(|e| LeaseError::invalid("spiffe_id", format!("{rendered:?} is invalid: {e}")))?;
+
+    Ok(Lease {
+        id: LeaseId::random(),
+        task_id: input.task_id,
+        delegator: input.delegator,
+        agent: input.agent,
+        spiffe_id,
+        selectors,
+        created_at: now,
+        expires_at: now + ttl,
+        max_expires_at: now + max_ttl,
+        svid_ttl,
+        audiences,
+        reason: input.reason,
+        granted_by,
+        state: LeaseState::Active,
+        ended_at: None,
+        ended_by: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> LeaseLimits {
+        LeaseLimits {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
+            max_ttl: Duration::from_secs(3600),
+            default_svid_ttl: Duration::from_secs(300),
+            max_svid_ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn input() -> GrantInput {
+        GrantInput {
+            task_id: "t-1".into(),
+            delegator: "user/alice".into(),
+            agent: "reporter".into(),
+            ttl: Some(Duration::from_secs(60)),
+            selectors: vec!["unix:uid:1000".into()],
+            ..Default::default()
+        }
+    }
+
+    fn field_of(r: Result<Lease, LeaseError>) -> &'static str {
+        match r {
+            Err(LeaseError::InvalidField { field, .. }) => field,
+            other => panic!("expected InvalidField, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn grant_renders_the_spiffe_id() {
+        let lease =
+            validate_grant(input(), &limits(), SystemTime::now(), Principal::agent()).unwrap();
+        assert_eq!(
+            lease.spiffe_id.to_string(),
+            "spiffe://example.org/agent/reporter/task/t-1/delegator/user/alice"
+        );
+        assert_eq!(lease.max_expires_at, lease.expires_at);
+        assert_eq!(lease.svid_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let now = SystemTime::now();
+        let l = limits();
+        let p = Principal::agent;
+        let mut i = input();
+        i.task_id = "a b".into();
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "task_id");
+        let mut i = input();
+        i.task_id = "..".into();
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "task_id");
+        let mut i = input();
+        i.task_id = "x".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "task_id");
+        let mut i = input();
+        i.delegator = "user//alice".into();
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "delegator");
+        let mut i = input();
+        i.delegator = "user/../root".into();
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "delegator");
+        let mut i = input();
+        i.agent = "a/b".into();
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "agent");
+        let mut i = input();
+        i.ttl = Some(Duration::from_millis(500));
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "ttl");
+        let mut i = input();
+        i.ttl = Some(Duration::from_secs(7200));
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "ttl");
+        let mut i = input();
+        i.max_ttl = Some(Duration::from_secs(30));
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "max_ttl");
+        let mut i = input();
+        i.svid_ttl = Some(Duration::from_secs(7200));
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "svid_ttl");
+        let mut i = input();
+        i.selectors = vec![];
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "selectors");
+        for bad in [
+            "unix:uid:abc",
+            "unix:uid",
+            "k8s:ns:prod",
+            "unix:sha256:XYZ",
+            "unix:path:relative",
+            "unix:nope:1",
+            "unix:pid:0",
+        ] {
+            let mut i = input();
+            i.selectors = vec![bad.into()];
+            assert_eq!(
+                field_of(validate_grant(i, &l, now, p())),
+                "selectors",
+                "{bad}"
+            );
+        }
+        let mut i = input();
+        i.reason = "r".repeat(MAX_REASON_LEN + 1);
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "reason");
+        let mut i = input();
+        i.audiences = vec![String::new()];
+        assert_eq!(field_of(validate_grant(i, &l, now, p())), "audiences");
+    }
+
+    #[test]
+    fn bare_pid_is_bound_to_its_start_time() {
+        let me = std::process::id();
+        let s = check_selector(&format!("unix:pid:{me}")).unwrap();
+        let start = crate::attest::process_start_time(me as i32).unwrap();
+        assert_eq!(s, format!("unix:pid:{me}:{start}"));
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        assert!(IdTemplate::new("spiffe://{trust_domain}/task/{task_id}").is_err());
+        assert!(IdTemplate::new("spiffe://other/{task_id}/{delegator}").is_err());
+        assert!(IdTemplate::new("spiffe://{trust_domain}/{task_id}/{delegator}/{oops}").is_err());
+        assert!(IdTemplate::new("spiffe://{trust_domain}/t/{task_id}/d/{delegator}").is_ok());
+    }
+
+    #[test]
+    fn lease_ids_parse_strictly() {
+        let id = LeaseId::random();
+        assert_eq!(LeaseId::parse(id.as_str()).unwrap(), id);
+        assert!(LeaseId::parse("../etc").is_err());
+        assert!(LeaseId::parse(&id.as_str().to_uppercase()).is_err());
+    }
+}

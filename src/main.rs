@@ -1,0 +1,79 @@
+//! `mayfly`: parse the command line, set up logging, run.
+
+use anyhow::Result;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use mayfly::cli::{AgentArgs, Cli, Command, SvidCommand};
+use mayfly::config::{Config, LogFormat, Overrides};
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("MAYFLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn agent(args: AgentArgs) -> Result<()> {
+    let config = Config::load(
+        args.config.as_deref(),
+        Overrides {
+            trust_domain: args.trust_domain,
+            socket: args.socket,
+            admin_socket: args.admin_socket,
+            data_dir: args.data_dir,
+        },
+    )?;
+    init_logs(config.log_format);
+    let agent = mayfly::app::Agent::start(config.clone()).await?;
+    println!("mayfly agent running");
+    println!("  trust domain    {}", config.limits.trust_domain);
+    println!(
+        "  workload socket {}   (export SPIFFE_ENDPOINT_SOCKET=unix://{})",
+        agent.socket.display(),
+        agent.socket.display()
+    );
+    println!(
+        "  admin socket    {}   (export MAYFLY_ADMIN_SOCKET={})",
+        agent.admin_socket.display(),
+        agent.admin_socket.display()
+    );
+    println!("  data dir        {}", agent.data_dir.display());
+    let token = agent.shutdown_token();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    agent.wait().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => agent(args).await,
+        Command::Task(cmd) => mayfly::client::task(cmd).await,
+        Command::Svid(SvidCommand::Fetch {
+            socket,
+            write,
+            output,
+        }) => mayfly::client::svid_fetch(socket, write, output).await,
+        Command::Svid(SvidCommand::Watch { socket }) => mayfly::client::svid_watch(socket).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,297 @@
+//! Issuance, the per-lease SVID cache, rotation and teardown.
+//!
+//! One SVID per lease, shared by every process the lease matches. It is issued on first demand
+//! (so the log names the process that asked), rotated at about half its lifetime with jitter
+//! by a task that lives exactly as long as the lease, and torn down when the lease ends: the
+//! cache entry is dropped, its watch channel is told (`None`), and once the last open stream
+//! lets go of it, the key is zeroized (`IssuedX509` holds it in `Zeroizing`).
+//!
+//! Lease changes flow in as signals (the lease's `ended` token, its `expires_at` watch and the
+//! registry's generation); streams flow out through per-lease `watch` channels.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::ca::{IssuedX509, SigningCa};
+use crate::lease::{ActiveLease, LeaseId, Registry};
+
+/// One issued X.509-SVID as held by the cache and sent to streams.
+#[derive(Debug)]
+pub struct X509Svid {
+    pub lease_id: LeaseId,
+    pub task_id: String,
+    pub issued: IssuedX509,
+    /// When we signed it (its notBefore is backdated, so it cannot tell us).
+    pub issued_at: SystemTime,
+}
+
+/// Who asked for an issuance, for the log.
+#[derive(Clone, Copy, Debug)]
+pub struct Requester {
+    pub pid: i32,
+    pub uid: u32,
+}
+
+type SvidCell = Option<Arc<X509Svid>>;
+
+struct Entry {
+    lease: ActiveLease,
+    current: watch::Sender<SvidCell>,
+    /// Serializes issuance for one lease, so concurrent first fetches share one SVID.
+    issuing: tokio::sync::Mutex<()>,
+}
+
+pub struct Manager {
+    ca: Arc<SigningCa>,
+    registry: Arc<Registry>,
+    entries: Mutex<HashMap<LeaseId, Arc<Entry>>>,
+    me: Weak<Manager>,
+}
+
+/// What a stream currently holds, plus what to wait on for the next change.
+pub struct Watcher {
+    manager: Arc<Manager>,
+    selectors: Vec<String>,
+    who: Requester,
+    generation: watch::Receiver<u64>,
+    cells: Vec<watch::Receiver<SvidCell>>,
+}
+
+impl Watcher {
+    /// The caller's SVIDs now (issuing any that are missing), oldest lease first.
+    pub async fn current(&mut self) -> Vec<Arc<X509Svid>> {
+        self.generation.borrow_and_update();
+        let (svids, cells) = self.manager.collect(&self.selectors, self.who).await;
+        self.cells = cells;
+        svids
+    }
+
+    /// Resolves when something this stream depends on changed: a lease was granted, renewed or
+    /// ended, or one of its SVIDs was rotated or torn down.
+    pub async fn changed(&mut self) {
+        if self.cells.is_empty() {
+            let _ = self.generation.changed().await;
+            return;
+        }
+        let cells = self.cells.iter_mut().map(|c| Box::pin(c.changed()));
+        let any_cell = futures::future::select_all(cells);
+        tokio::select! {
+            _ = self.generation.changed() => {}
+            _ = any_cell => {}
+        }
+    }
+}
+
+impl Manager {
+    pub fn new(ca: Arc<SigningCa>, registry: Arc<Registry>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Manager {
+            ca,
+            registry,
+            entries: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    pub fn ca(&self) -> &SigningCa {
+        &self.ca
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn watcher(self: &Arc<Self>, selectors: Vec<String>, who: Requester) -> Watcher {
+        Watcher {
+            manager: self.clone(),
+            selectors,
+            who,
+            generation: self.registry.subscribe(),
+            cells: Vec::new(),
+        }
+    }
+
+    /// Number of leases with a live SVID in the cache.
+    pub fn cached(&self) -> usize {
+        self.entries.lock().expect("svid cache poisoned").len()
+    }
+
+    async fn collect(
+        &self,
+        selectors: &[String],
+        who: Requester,
+    ) -> (Vec<Arc<X509Svid>>, Vec<watch::Receiver<SvidCell>>) {
+        let mut svids = Vec::new();
+        let mut cells = Vec::new();
+        for lease in self.registry.matching(selectors) {
+            let Some(entry) = self.entry(lease) else {
+                continue;
+            };
+            let mut rx = entry.current.subscribe();
+            let fresh = rx
+                .borrow_and_update()
+                .clone()
+                .filter(|s| s.issued.not_after > SystemTime::now());
+            let svid = match fresh {
+                Some(s) => Some(s),
+                None => {
+                    self.issue(&entry, Some(who)).await;
+                    rx.borrow_and_update().clone()
+                }
+            };
+            if let Some(svid) = svid {
+                svids.push(svid);
+            }
+            cells.push(rx);
+        }
+        (svids, cells)
+    }
+
+    /// The cache entry of an active lease, created (with its rotation task) on first use.
+    fn entry(&self, lease: ActiveLease) -> Option<Arc<Entry>> {
+        let mut entries = self.entries.lock().expect("svid cache poisoned");
+        if let Some(e) = entries.get(&lease.lease.id) {
+            return Some(e.clone());
+        }
+        // Checked under the cache lock: a lease that ended after `matching` must not get an
+        // entry, because its teardown (which takes this lock) may already have run.
+        if lease.ended.is_cancelled() || !self.registry.is_active(&lease.lease.id) {
+            return None;
+        }
+        let entry = Arc::new(Entry {
+            lease,
+            current: watch::channel(None).0,
+            issuing: tokio::sync::Mutex::new(()),
+        });
+        entries.insert(entry.lease.lease.id.clone(), entry.clone());
+        let me = self.me.upgrade().expect("manager alive while used");
+        tokio::spawn(me.run_entry(entry.clone()));
+        Some(entry)
+    }
+
+    /// Issues a fresh SVID for the entry unless another caller just did.
+    async fn issue(&self, entry: &Entry, who: Option<Requester>) {
+        let _guard = entry.issuing.lock().await;
+        let now = SystemTime::now();
+        let lease = &entry.lease.lease;
+        if who.is_some() {
+            if let Some(s) = entry.current.borrow().as_ref() {
+                if s.issued.not_after > now {
+                    return;
+                }
+            }
+        }
+        if entry.lease.ended.is_cancelled() {
+            return;
+        }
+        let expires_at = *entry.lease.expires_at.borrow();
+        let cap = (now + lease.svid_ttl).min(expires_at);
+        match self.ca.issue_x509_svid(&lease.spiffe_id, cap) {
+            Ok(issued) => {
+                tracing::info!(
+                    event = "svid_issued",
+                    serial = %issued.serial_hex,
+                    spiffe_id = %lease.spiffe_id,
+                    not_after = %crate::time::rfc3339(issued.not_after),
+                    lease_id = %lease.id,
+                    task_id = %lease.task_id,
+                    pid = who.map(|w| w.pid),
+                    uid = who.map(|w| w.uid),
+                    trigger = if who.is_some() { "fetch" } else { "rotation" },
+                    "x509-svid issued"
+                );
+                let svid = Arc::new(X509Svid {
+                    lease_id: lease.id.clone(),
+                    task_id: lease.task_id.clone(),
+                    issued,
+                    issued_at: now,
+                });
+                // The lease may have ended while we signed; never publish after teardown.
+                if !entry.lease.ended.is_cancelled() {
+                    entry.current.send_replace(Some(svid));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    event = "svid_issue_failed",
+                    lease_id = %lease.id,
+                    error = %e,
+                    "could not issue x509-svid"
+                );
+            }
+        }
+    }
+
+    /// When the current SVID should be replaced, or `None` when a new one could not live any
+    /// longer (it already runs to the lease's end or the CA's), in which case only a renewal
+    /// wakes us.
+    fn next_refresh(&self, current: &SvidCell, expires_at: SystemTime) -> Option<SystemTime> {
+        let svid = current.as_ref()?;
+        let cap = floor_secs(expires_at).min(self.ca.not_after());
+        if svid.issued.not_after >= cap {
+            return None;
+        }
+        let life = svid
+            .issued
+            .not_after
+            .duration_since(svid.issued_at)
+            .unwrap_or(Duration::ZERO);
+        let share = rand::rng().random_range(0.45..0.55);
+        Some(svid.issued_at + life.mul_f64(share))
+    }
+
+    async fn run_entry(self: Arc<Self>, entry: Arc<Entry>) {
+        let mut expires = entry.lease.expires_at.clone();
+        let mut current = entry.current.subscribe();
+        loop {
+            let wake = {
+                let expires_at = *expires.borrow_and_update();
+                let cell = current.borrow_and_update().clone();
+                self.next_refresh(&cell, expires_at)
+            };
+            let sleep = async {
+                match wake {
+                    Some(at) => {
+                        let d = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::time::sleep(d).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = entry.lease.ended.cancelled() => break,
+                r = expires.changed() => if r.is_err() { break },
+                r = current.changed() => if r.is_err() { break },
+                _ = sleep => self.issue(&entry, None).await,
+            }
+        }
+        self.teardown(&entry);
+    }
+
+    fn teardown(&self, entry: &Arc<Entry>) {
+        let id = &entry.lease.lease.id;
+        {
+            let mut entries = self.entries.lock().expect("svid cache poisoned");
+            if entries.get(id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                entries.remove(id);
+            }
+        }
+        let old = entry.current.send_replace(None);
+        tracing::info!(
+            event = "svid_teardown",
+            lease_id = %id,
+            task_id = %entry.lease.lease.task_id,
+            serial = old.as_ref().map(|s| s.issued.serial_hex.as_str()),
+            "identity torn down"
+        );
+    }
+}
+
+/// X.509 validity has second precision: round down so the certificate never outlives `t`.
+fn floor_secs(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    UNIX_EPOCH + Duration::from_secs(secs)
+}

@@ -1,0 +1,375 @@
+//! End to end through real sockets, with the `spiffe` crate as the client.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use futures::StreamExt;
+use mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use mayfly::proto::workload::X509svidRequest;
+use rustls_pki_types::CertificateDer;
+use spiffe::WorkloadApiError;
+use tokio::io::AsyncWriteExt;
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// Generous bound for "promptly": failing it means the push did not happen at all.
+const PROMPT: Duration = Duration::from_secs(3);
+
+fn ders(certs: &[spiffe::cert::Certificate]) -> Vec<CertificateDer<'static>> {
+    certs
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect()
+}
+
+#[tokio::test]
+async fn fetch_after_grant_gives_a_verifiable_task_svid() {
+    let t = start().await;
+    let lease = t.grant_me("report-42", HOUR / 2, None).await;
+    let ctx = t.workload().await.fetch_x509_context().await.unwrap();
+    assert_eq!(ctx.svids().len(), 1);
+    let svid = &ctx.svids()[0];
+
+    let chain: Vec<u8> = svid
+        .cert_chain()
+        .iter()
+        .flat_map(|c| c.as_bytes().to_vec())
+        .collect();
+    let parsed = spiffe::X509Svid::parse_from_der(&chain, svid.private_key().as_bytes()).unwrap();
+    let id = parsed.spiffe_id().to_string();
+    assert_eq!(id, lease.spiffe_id);
+    assert_eq!(
+        id,
+        "spiffe://example.org/agent/reporter/task/report-42/delegator/user/alice"
+    );
+
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let bundle = ctx.bundle_set().get(&td).expect("own bundle");
+    verify_chain(&ders(svid.cert_chain()), &ders(bundle.authorities())).expect("chain verifies");
+    assert!(not_after(svid.leaf().as_bytes()) <= expires_at(&lease));
+}
+
+#[tokio::test]
+async fn svid_never_outlives_a_short_lease() {
+    let t = start().await;
+    let lease = t
+        .grant_me("short", Duration::from_secs(5), Some(HOUR))
+        .await;
+    let svid = t.workload().await.fetch_x509_svid().await.unwrap();
+    let na = not_after(svid.leaf().as_bytes());
+    assert!(na <= expires_at(&lease), "notAfter past the lease end");
+    assert!(na > SystemTime::now());
+}
+
+#[tokio::test]
+async fn missing_security_header_is_invalid_argument() {
+    let t = start().await;
+    t.grant_me("hdr", HOUR, None).await;
+    let channel = mayfly::admin::unix_channel(&t.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let err = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn caller_without_a_lease_gets_permission_denied() {
+    let t = start().await;
+    t.grant("other", &["unix:uid:4242".into()], HOUR, None)
+        .await;
+    let err = t.workload().await.fetch_x509_svid().await.unwrap_err();
+    assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+    let err = t.workload().await.fetch_x509_bundles().await.unwrap_err();
+    assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+}
+
+#[tokio::test]
+async fn unimplemented_profiles_say_so() {
+    let t = start().await;
+    let channel = mayfly::admin::unix_channel(&t.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut req = tonic::Request::new(mayfly::proto::workload::WitsvidRequest::default());
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let err = raw.fetch_witsvid(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn another_uid_gets_only_its_own_lease() {
+    let t = start().await;
+    t.grant("root-task", &["unix:uid:0".into()], HOUR, None)
+        .await;
+    let socket = t.socket.display().to_string();
+    let args = [
+        "svid",
+        "fetch",
+        "--socket",
+        socket.as_str(),
+        "--output",
+        "json",
+    ];
+    let Some(out) = run_as(65534, &args).await else {
+        return;
+    };
+    assert!(!out.status.success(), "uid 65534 got a uid 0 lease");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no identity issued"), "{stderr}");
+
+    let lease = t
+        .grant("nobody-task", &["unix:uid:65534".into()], HOUR, None)
+        .await;
+    let out = run_as(65534, &args).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(svids.as_array().unwrap().len(), 1);
+    assert_eq!(svids[0]["spiffe_id"], lease.spiffe_id.as_str());
+}
+
+#[tokio::test]
+async fn revoke_reaches_an_open_stream_at_once() {
+    let t = start().await;
+    let keep = t.grant_me("keep", HOUR, None).await;
+    let gone = t.grant_me("gone", HOUR, None).await;
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.svids().len(), 2);
+
+    t.admin()
+        .await
+        .revoke(mayfly::proto::admin::RevokeRequest {
+            lease_id: gone.lease_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(PROMPT, stream.next())
+        .await
+        .expect("update pushed")
+        .unwrap()
+        .unwrap();
+    let ids: Vec<String> = next
+        .svids()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    assert_eq!(ids, vec![keep.spiffe_id.clone()]);
+
+    t.admin()
+        .await
+        .revoke(mayfly::proto::admin::RevokeRequest {
+            lease_id: keep.lease_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(PROMPT, stream.next())
+        .await
+        .expect("teardown pushed")
+        .unwrap();
+    assert!(
+        matches!(end, Err(WorkloadApiError::NoIdentityIssued)),
+        "{end:?}"
+    );
+    let err = client.fetch_x509_svid().await.unwrap_err();
+    assert!(matches!(err, WorkloadApiError::NoIdentityIssued));
+}
+
+#[tokio::test]
+async fn expiry_ends_the_stream_without_any_call() {
+    let t = start().await;
+    let lease = t.grant_me("brief", Duration::from_secs(2), None).await;
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(2) + PROMPT, stream.next())
+        .await
+        .expect("expiry pushed")
+        .unwrap();
+    assert!(
+        matches!(end, Err(WorkloadApiError::NoIdentityIssued)),
+        "{end:?}"
+    );
+    assert!(SystemTime::now() >= expires_at(&lease));
+    let got = t
+        .admin()
+        .await
+        .get(mayfly::proto::admin::GetRequest {
+            lease_id: lease.lease_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, "expired");
+}
+
+#[tokio::test]
+async fn rotation_delivers_a_new_serial_before_the_old_one_expires() {
+    let t = start().await;
+    t.grant_me("rotating", HOUR, Some(Duration::from_secs(4)))
+        .await;
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let old_serial = serial(first.leaf().as_bytes());
+    let old_not_after = not_after(first.leaf().as_bytes());
+    let second = tokio::time::timeout(Duration::from_secs(4) + PROMPT, stream.next())
+        .await
+        .expect("rotation pushed")
+        .unwrap()
+        .unwrap();
+    let received = SystemTime::now();
+    assert_ne!(serial(second.leaf().as_bytes()), old_serial);
+    assert!(
+        received < old_not_after,
+        "new SVID arrived only after the old one expired"
+    );
+    assert!(not_after(second.leaf().as_bytes()) > old_not_after);
+}
+
+#[tokio::test]
+async fn bad_grant_input_names_the_field_and_grants_nothing() {
+    let t = start().await;
+    let mut admin = t.admin().await;
+    let base = || mayfly::proto::admin::GrantRequest {
+        task_id: "ok".into(),
+        delegator: "user/alice".into(),
+        agent: "reporter".into(),
+        ttl: Some(mayfly::time::to_duration(Duration::from_secs(60))),
+        selectors: vec!["unix:uid:1000".into()],
+        ..Default::default()
+    };
+    let cases: Vec<(&str, mayfly::proto::admin::GrantRequest)> = vec![
+        (
+            "task_id",
+            mayfly::proto::admin::GrantRequest {
+                task_id: "has space".into(),
+                ..base()
+            },
+        ),
+        (
+            "task_id",
+            mayfly::proto::admin::GrantRequest {
+                task_id: "..".into(),
+                ..base()
+            },
+        ),
+        (
+            "delegator",
+            mayfly::proto::admin::GrantRequest {
+                delegator: "user/../x".into(),
+                ..base()
+            },
+        ),
+        (
+            "ttl",
+            mayfly::proto::admin::GrantRequest {
+                ttl: None,
+                ..base()
+            },
+        ),
+        (
+            "ttl",
+            mayfly::proto::admin::GrantRequest {
+                ttl: Some(mayfly::time::to_duration(Duration::from_secs(
+                    400 * 24 * 3600,
+                ))),
+                ..base()
+            },
+        ),
+        (
+            "selectors",
+            mayfly::proto::admin::GrantRequest {
+                selectors: vec!["unix:uid:me".into()],
+                ..base()
+            },
+        ),
+        (
+            "selectors",
+            mayfly::proto::admin::GrantRequest {
+                selectors: vec![],
+                ..base()
+            },
+        ),
+        (
+            "reason",
+            mayfly::proto::admin::GrantRequest {
+                reason: "x".repeat(5000),
+                ..base()
+            },
+        ),
+        (
+            "task_id",
+            mayfly::proto::admin::GrantRequest {
+                task_id: "t".repeat(300),
+                ..base()
+            },
+        ),
+    ];
+    for (field, req) in cases {
+        let err = admin.grant(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let listed = admin
+        .list(mayfly::proto::admin::ListRequest { all: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.leases.is_empty());
+}
+
+#[tokio::test]
+async fn garbage_and_idle_connections_do_not_stop_service() {
+    let t = start().await;
+    t.grant_me("busy", HOUR, None).await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::UnixStream::connect(&t.socket).await.unwrap());
+    }
+    for _ in 0..20 {
+        let mut s = tokio::net::UnixStream::connect(&t.socket).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage \x16\x03\x01")
+            .await
+            .unwrap();
+        let _ = s.shutdown().await;
+    }
+    let svid = tokio::time::timeout(PROMPT, t.workload().await.fetch_x509_svid())
+        .await
+        .expect("served despite idle and garbage connections")
+        .unwrap();
+    assert!(svid.spiffe_id().to_string().contains("/task/busy/"));
+    drop(idle);
+}
+
+#[tokio::test]
+async fn admin_socket_refuses_callers_outside_the_allowlist() {
+    let t = start_with(|f| f.admin.allowed_uids = Some(vec![12345])).await;
+    let err = t
+        .admin()
+        .await
+        .list(mayfly::proto::admin::ListRequest { all: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("not allowed"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn grant_records_the_grantor() {
+    let t = start().await;
+    let lease = t.grant_me("who", HOUR, None).await;
+    let by = lease.granted_by.unwrap();
+    assert_eq!(by.uid, my_uid());
+    assert_eq!(by.pid, std::process::id() as i32);
+    assert_eq!(lease.state, "active");
+}
