@@ -1,0 +1,272 @@
+//! The command line end to end: the built `mayfly` binary as agent and as client.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mayfly");
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn mayfly(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .env_remove("MAYFLY_ADMIN_SOCKET")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn grant_fetch_write_watch_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("w.sock");
+    let admin = dir.path().join("a.sock");
+    let (sock_s, admin_s) = (sock.to_str().unwrap(), admin.to_str().unwrap());
+    let data = dir.path().join("data");
+    let _agent = Running(
+        Command::new(BIN)
+            .args(["agent", "--trust-domain", "example.org", "--socket", sock_s])
+            .args([
+                "--admin-socket",
+                admin_s,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&admin);
+    wait_for(&sock);
+
+    let uid = rustix::process::geteuid().as_raw().to_string();
+    let selector = format!("unix:uid:{uid}");
+    let granted: Value = serde_json::from_str(&ok(mayfly(&[
+        "task",
+        "grant",
+        "--task-id",
+        "cli-1",
+        "--delegator",
+        "user/bob",
+        "--agent",
+        "writer",
+        "--ttl",
+        "10m",
+        "--svid-ttl",
+        "1m",
+        "--selector",
+        &selector,
+        "--reason",
+        "cli test",
+        "--admin-socket",
+        admin_s,
+        "--output",
+        "json",
+    ])))
+    .unwrap();
+    for key in [
+        "lease_id",
+        "task_id",
+        "delegator",
+        "agent",
+        "spiffe_id",
+        "selectors",
+        "state",
+        "created_at",
+        "expires_at",
+    ] {
+        assert!(!granted[key].is_null(), "missing {key}: {granted}");
+    }
+    assert_eq!(
+        granted["spiffe_id"],
+        "spiffe://example.org/agent/writer/task/cli-1/delegator/user/bob"
+    );
+    assert!(granted["expires_at"].as_str().unwrap().ends_with('Z'));
+    let lease_id = granted["lease_id"].as_str().unwrap().to_owned();
+
+    let out_dir = dir.path().join("out");
+    let fetched: Value = serde_json::from_str(&ok(mayfly(&[
+        "svid",
+        "fetch",
+        "--socket",
+        sock_s,
+        "--write",
+        out_dir.to_str().unwrap(),
+        "--output",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(fetched[0]["spiffe_id"], granted["spiffe_id"]);
+    let key_mode = std::fs::metadata(out_dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let svid_pem = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
+    assert!(svid_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    let bundle_pem = std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap();
+    assert!(bundle_pem.contains("BEGIN CERTIFICATE"));
+    assert!(std::fs::read_to_string(out_dir.join("key.pem"))
+        .unwrap()
+        .contains("BEGIN PRIVATE KEY"));
+
+    let listed: Value = serde_json::from_str(&ok(mayfly(&[
+        "task",
+        "list",
+        "--admin-socket",
+        admin_s,
+        "--output",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // A watch sees the SVID, then ends with "no identity issued" once the lease is revoked.
+    let mut watch = Command::new(BIN)
+        .args(["svid", "watch", "--socket", sock_s])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = watch.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first_line)
+            .unwrap();
+    }
+    assert!(first_line.contains("/task/cli-1/"), "{first_line}");
+    let revoked: Value = serde_json::from_str(&ok(mayfly(&[
+        "task",
+        "revoke",
+        &lease_id,
+        "--admin-socket",
+        admin_s,
+        "--output",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(revoked["state"], "revoked");
+    let out = watch.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
+
+    let err = mayfly(&["svid", "fetch", "--socket", sock_s]);
+    assert!(!err.status.success());
+    let all: Value = serde_json::from_str(&ok(mayfly(&[
+        "task",
+        "list",
+        "--all",
+        "--admin-socket",
+        admin_s,
+        "--output",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(all[0]["state"], "revoked");
+
+    let bad = mayfly(&[
+        "task",
+        "grant",
+        "--task-id",
+        "has space",
+        "--delegator",
+        "x",
+        "--agent",
+        "a",
+        "--ttl",
+        "1m",
+        "--selector",
+        &selector,
+        "--admin-socket",
+        admin_s,
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("task_id"));
+}
+
+#[test]
+fn agent_starts_on_embedded_defaults_for_any_user() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipping: needs root to run the agent as another user with setpriv");
+        return;
+    }
+    // A fresh user environment for uid 65534: its own runtime dir and home.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runtime = dir.path().join("run");
+    let home = dir.path().join("home");
+    for d in [&runtime, &home] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        rustix::fs::chown(
+            d,
+            Some(rustix::process::Uid::from_raw(65534)),
+            Some(rustix::process::Gid::from_raw(65534)),
+        )
+        .unwrap();
+    }
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            BIN,
+            "agent",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent = Running(child);
+    let socket = runtime.join("mayfly/workload.sock");
+    wait_for(&socket);
+    assert!(runtime.join("mayfly/admin.sock").exists());
+    assert!(home.join(".local/share/mayfly/ca/ca.pem").exists());
+    let _ = agent.0.kill();
+    let out = std::mem::replace(&mut agent.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(socket.to_str().unwrap()), "{stdout}");
+    assert!(stdout.contains("admin.sock"), "{stdout}");
+}
