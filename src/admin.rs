@@ -198,10 +198,14 @@ impl Tasks for AdminApi {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let by = self.authorize(&request, "Revoke").await?;
-        let id = lease_id(&request.get_ref().lease_id)?;
+        let r = request.into_inner();
+        let id = lease_id(&r.lease_id)?;
+        if r.reason.len() > crate::lease::MAX_REASON_LEN {
+            return Err(Status::invalid_argument("reason: too long"));
+        }
         let lease = self
             .registry
-            .end(&id, LeaseState::Revoked, by)
+            .end(&id, LeaseState::Revoked, by, &r.reason)
             .map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }
@@ -214,7 +218,7 @@ impl Tasks for AdminApi {
         let id = lease_id(&request.get_ref().lease_id)?;
         let lease = self
             .registry
-            .end(&id, LeaseState::Completed, by)
+            .end(&id, LeaseState::Completed, by, "task completed")
             .map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }

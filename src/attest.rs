@@ -38,11 +38,12 @@
 //!
 //! ## Residual limits
 //!
-//! * The pidfd is opened *after* `connect()`, at `accept()`. If the client
-//!   exits and its pid is recycled in the short window between the two, we
-//!   would capture the new process. Exploiting that requires cycling through
-//!   the whole pid space within that window. (`SO_PEERPIDFD`, Linux 6.5+,
-//!   would close it, but is not exposed by our dependencies yet.)
+//! * On Linux 6.5+ the pidfd comes from `SO_PEERPIDFD`, which the kernel
+//!   records at `connect()`, so it can only ever name the connecting process.
+//!   On older kernels it is opened by pid at `accept()`: if the client exits
+//!   and its pid is recycled in the short window between the two, we would
+//!   capture the new process. Exploiting that requires cycling through the
+//!   whole pid space within that window.
 //! * `SO_PEERCRED` names the process that connected, not whoever holds the
 //!   socket now: a process can connect, fork, and let the parent exec a
 //!   different binary. Executable-based selectors (`unix:path`,
@@ -136,7 +137,22 @@ impl PeerInfo {
     pub fn from_unix_stream(stream: &tokio::net::UnixStream) -> PeerInfo {
         match stream.peer_cred() {
             Ok(cred) => match cred.pid() {
-                Some(pid) => PeerInfo::from_pid(pid, cred.uid(), cred.gid()),
+                Some(pid) => {
+                    // SO_PEERPIDFD (Linux 6.5+) names the very process that called
+                    // connect(), so no pid recycled before accept can slip in. Older
+                    // kernels answer ENOPROTOOPT and we open the pidfd by number.
+                    // If the kernel says the process is gone, it is: falling back to
+                    // the pid number then could capture a recycled pid.
+                    let peer_pidfd =
+                        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd);
+                    match peer_pidfd {
+                        Ok(fd) => PeerInfo::capture(pid, cred.uid(), cred.gid(), Some(fd)),
+                        Err(nix::errno::Errno::ESRCH) => {
+                            PeerInfo::new(Some(pid), cred.uid(), cred.gid(), Capture::Gone)
+                        }
+                        Err(_) => PeerInfo::capture(pid, cred.uid(), cred.gid(), None),
+                    }
+                }
                 None => PeerInfo::new(None, cred.uid(), cred.gid(), Capture::NoPid),
             },
             Err(e) => {
@@ -158,13 +174,21 @@ impl PeerInfo {
     /// Opens the pidfd and reads the start time now, exactly like
     /// [`PeerInfo::from_unix_stream`]. A non-positive pid is treated as "no pid".
     pub fn from_pid(pid: i32, uid: u32, gid: u32) -> PeerInfo {
+        PeerInfo::capture(pid, uid, gid, None)
+    }
+
+    fn capture(pid: i32, uid: u32, gid: u32, peer_pidfd: Option<OwnedFd>) -> PeerInfo {
         let Some(raw) = Pid::from_raw(pid).filter(|_| pid > 0) else {
             return PeerInfo::new(None, uid, gid, Capture::NoPid);
         };
         // pidfd first: once it is open it pins the process, so the start time
         // read next is guaranteed to describe the same process if the pidfd
         // is still unreadable at attest time.
-        let pidfd = match pidfd_open(raw, PidfdFlags::empty()) {
+        let opened = match peer_pidfd {
+            Some(fd) => Ok(fd),
+            None => pidfd_open(raw, PidfdFlags::empty()),
+        };
+        let pidfd = match opened {
             Ok(fd) => Some(fd),
             Err(Errno::NOSYS) | Err(Errno::PERM) => {
                 tracing::debug!(pid, "pidfd_open unavailable; relying on start time only");

@@ -127,6 +127,9 @@ pub enum TaskCommand {
     /// End a lease now; its identity is torn down.
     Revoke {
         lease_id: String,
+        /// Why, for the log.
+        #[arg(long, default_value = "")]
+        reason: String,
         #[command(flatten)]
         conn: AdminConn,
     },

@@ -198,12 +198,11 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
                 .into_inner();
             print_lease(&lease, output);
         }
-        TaskCommand::Revoke { lease_id, .. } => {
+        TaskCommand::Revoke {
+            lease_id, reason, ..
+        } => {
             let lease = client
-                .revoke(pb::RevokeRequest {
-                    lease_id,
-                    reason: String::new(),
-                })
+                .revoke(pb::RevokeRequest { lease_id, reason })
                 .await
                 .map_err(status_error)?
                 .into_inner();

@@ -172,20 +172,21 @@ impl Manager {
         Some(entry)
     }
 
-    /// Issues a fresh SVID for the entry unless another caller just did.
-    async fn issue(&self, entry: &Entry, who: Option<Requester>) {
+    /// Issues a fresh SVID for the entry unless another caller just did. False when signing
+    /// failed (the cause is logged).
+    async fn issue(&self, entry: &Entry, who: Option<Requester>) -> bool {
         let _guard = entry.issuing.lock().await;
         let now = SystemTime::now();
         let lease = &entry.lease.lease;
         if who.is_some() {
             if let Some(s) = entry.current.borrow().as_ref() {
                 if s.issued.not_after > now {
-                    return;
+                    return true;
                 }
             }
         }
         if entry.lease.ended.is_cancelled() {
-            return;
+            return true;
         }
         let expires_at = *entry.lease.expires_at.borrow();
         let cap = (now + lease.svid_ttl).min(expires_at);
@@ -213,6 +214,7 @@ impl Manager {
                 if !entry.lease.ended.is_cancelled() {
                     entry.current.send_replace(Some(svid));
                 }
+                true
             }
             Err(e) => {
                 tracing::warn!(
@@ -221,6 +223,7 @@ impl Manager {
                     error = %e,
                     "could not issue x509-svid"
                 );
+                false
             }
         }
     }
@@ -265,7 +268,15 @@ impl Manager {
                 _ = entry.lease.ended.cancelled() => break,
                 r = expires.changed() => if r.is_err() { break },
                 r = current.changed() => if r.is_err() { break },
-                _ = sleep => self.issue(&entry, None).await,
+                _ = sleep => {
+                    // Never spin on a failing signer: wait a second before the next try.
+                    if !self.issue(&entry, None).await {
+                        tokio::select! {
+                            _ = entry.lease.ended.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
             }
         }
         self.teardown(&entry);

@@ -258,15 +258,24 @@ fn agent_starts_on_embedded_defaults_for_any_user() {
         .spawn()
         .unwrap();
     let mut agent = Running(child);
+    // The agent prints where it listens once it is serving; read until the last such line.
+    let mut printed = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = agent.0.stdout.take().unwrap();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("data dir") {
+                break;
+            }
+        }
+    }
     let socket = runtime.join("mayfly/workload.sock");
-    wait_for(&socket);
+    assert!(printed.contains(socket.to_str().unwrap()), "{printed}");
+    assert!(printed.contains("admin.sock"), "{printed}");
+    assert!(socket.exists());
     assert!(runtime.join("mayfly/admin.sock").exists());
     assert!(home.join(".local/share/mayfly/ca/ca.pem").exists());
-    let _ = agent.0.kill();
-    let out = std::mem::replace(&mut agent.0, Command::new("true").spawn().unwrap())
-        .wait_with_output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(socket.to_str().unwrap()), "{stdout}");
-    assert!(stdout.contains("admin.sock"), "{stdout}");
 }

@@ -172,7 +172,12 @@ impl Registry {
             }
         };
         if due {
-            let _ = self.end(id, LeaseState::Expired, Principal::agent());
+            let _ = self.end(
+                id,
+                LeaseState::Expired,
+                Principal::agent(),
+                "expires_at reached",
+            );
         }
         due
     }
@@ -255,7 +260,13 @@ impl Registry {
 
     /// Ends an active lease: it stops matching at once, its SVID cache is torn down (through
     /// the `ended` token) and every open stream re-evaluates (through the generation).
-    pub fn end(&self, id: &LeaseId, state: LeaseState, by: Principal) -> Result<Lease, LeaseError> {
+    pub fn end(
+        &self,
+        id: &LeaseId,
+        state: LeaseState,
+        by: Principal,
+        reason: &str,
+    ) -> Result<Lease, LeaseError> {
         debug_assert_ne!(state, LeaseState::Active);
         let lease = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
@@ -285,6 +296,7 @@ impl Registry {
             task_id = %lease.task_id,
             state = %lease.state,
             ended_by_uid = ?lease.ended_by.as_ref().map(|p| p.uid),
+            reason,
             "lease ended"
         );
         self.bump();
@@ -415,14 +427,14 @@ mod tests {
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60));
         let m = r.matching(&["unix:uid:7".to_string()]);
         generation.borrow_and_update();
-        r.end(&l.id, LeaseState::Revoked, Principal::agent())
+        r.end(&l.id, LeaseState::Revoked, Principal::agent(), "test")
             .unwrap();
         assert!(m[0].ended.is_cancelled());
         assert!(generation.has_changed().unwrap());
         assert!(r.matching(&["unix:uid:7".to_string()]).is_empty());
         assert_eq!(r.get(&l.id).unwrap().state, LeaseState::Revoked);
         assert!(matches!(
-            r.end(&l.id, LeaseState::Completed, Principal::agent()),
+            r.end(&l.id, LeaseState::Completed, Principal::agent(), ""),
             Err(LeaseError::NotActive { .. })
         ));
         assert_eq!(r.list(false).len(), 0);
