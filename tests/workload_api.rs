@@ -373,3 +373,48 @@ async fn grant_records_the_grantor() {
     assert_eq!(by.pid, std::process::id() as i32);
     assert_eq!(lease.state, "active");
 }
+
+#[tokio::test]
+async fn unrelated_changes_are_not_resent() {
+    let t = start().await;
+    t.grant_me("mine", HOUR, None).await;
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // A lease for someone else wakes every stream, but this caller's material is unchanged.
+    let other = t
+        .grant("theirs", &["unix:uid:4242".into()], HOUR, None)
+        .await;
+    t.admin()
+        .await
+        .revoke(mayfly::proto::admin::RevokeRequest {
+            lease_id: other.lease_id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+    assert!(quiet.is_err(), "identical material was resent: {quiet:?}");
+}
+
+#[tokio::test]
+async fn processes_matching_one_lease_share_its_svid() {
+    let t = start().await;
+    t.grant("shared", &[format!("unix:uid:{}", my_uid())], HOUR, None)
+        .await;
+    let svid = t.workload().await.fetch_x509_svid().await.unwrap();
+    let socket = t.socket.display().to_string();
+    let out = tokio::process::Command::new(t.bin())
+        .args(["svid", "fetch", "--socket", &socket, "--output", "json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mine = serial(svid.leaf().as_bytes()).replace(':', "");
+    assert_eq!(other[0]["serial"].as_str().unwrap(), mine);
+}
