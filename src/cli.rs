@@ -26,6 +26,31 @@ pub enum Command {
     /// Fetch X.509-SVIDs from the Workload API, as a workload would.
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// Run a command under a task lease bound to its process; the lease ends when it exits.
+    Run(RunArgs),
+    /// Internal: the child side of `mayfly run` (waits for the lease, then execs).
+    #[command(name = "__exec", hide = true)]
+    Exec {
+        #[arg(long)]
+        sync: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub grant: GrantArgs,
+    /// Admin socket (default: $MAYFLY_ADMIN_SOCKET, else the default path).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// Workload socket handed to the command (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

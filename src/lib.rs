@@ -15,6 +15,7 @@ pub mod config;
 pub mod lease;
 pub mod listen;
 pub mod proto;
+pub mod run;
 pub mod svid;
 pub mod time;
 pub mod workload_api;

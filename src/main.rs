@@ -71,6 +71,8 @@ async fn main() {
             output,
         }) => mayfly::client::svid_fetch(socket, write, output).await,
         Command::Svid(SvidCommand::Watch { socket }) => mayfly::client::svid_watch(socket).await,
+        Command::Run(args) => std::process::exit(mayfly::run::run(args).await),
+        Command::Exec { sync, command } => std::process::exit(mayfly::run::exec(&sync, &command)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

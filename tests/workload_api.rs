@@ -418,3 +418,59 @@ async fn processes_matching_one_lease_share_its_svid() {
     let mine = serial(svid.leaf().as_bytes()).replace(':', "");
     assert_eq!(other[0]["serial"].as_str().unwrap(), mine);
 }
+
+#[tokio::test]
+async fn renewal_extends_up_to_the_ceiling_and_the_next_svid_uses_it() {
+    let t = start().await;
+    let mut admin = t.admin().await;
+    let lease = admin
+        .grant(mayfly::proto::admin::GrantRequest {
+            task_id: "renewable".into(),
+            delegator: "user/alice".into(),
+            agent: "reporter".into(),
+            ttl: Some(mayfly::time::to_duration(Duration::from_secs(3))),
+            max_ttl: Some(mayfly::time::to_duration(Duration::from_secs(60))),
+            svid_ttl: Some(mayfly::time::to_duration(HOUR)),
+            selectors: vec![format!("unix:pid:{}", std::process::id())],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(not_after(first.leaf().as_bytes()) <= expires_at(&lease));
+
+    let too_far = admin
+        .renew(mayfly::proto::admin::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(mayfly::time::to_duration(Duration::from_secs(120))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_far.code(), tonic::Code::InvalidArgument);
+    assert!(
+        too_far.message().contains("max_expires_at"),
+        "{}",
+        too_far.message()
+    );
+
+    let renewed = admin
+        .renew(mayfly::proto::admin::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(mayfly::time::to_duration(Duration::from_secs(30))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(expires_at(&renewed) > expires_at(&lease));
+    let next = tokio::time::timeout(Duration::from_secs(3), stream.next())
+        .await
+        .expect("rotation after renewal")
+        .unwrap()
+        .unwrap();
+    let na = not_after(next.leaf().as_bytes());
+    assert!(na > not_after(first.leaf().as_bytes()));
+    assert!(na <= expires_at(&renewed));
+}

@@ -19,6 +19,21 @@ use super::{
 /// Ended leases kept in memory for `task list --all` (durable retention comes with the store).
 const ENDED_KEPT: usize = 4096;
 
+/// How long after a bound process exits the lease is ended as `process_exited`, unless its
+/// wrapper completes it first.
+const PROCESS_EXIT_GRACE: Duration = Duration::from_millis(200);
+
+/// The processes a lease is bound to: every `unix:pid:PID:START` selector.
+pub fn bound_processes(selectors: &[String]) -> Vec<(i32, u64)> {
+    selectors
+        .iter()
+        .filter_map(|s| {
+            let (pid, start) = s.strip_prefix("unix:pid:")?.split_once(':')?;
+            Some((pid.parse().ok()?, start.parse().ok()?))
+        })
+        .collect()
+}
+
 /// An active lease as seen by the SVID cache: a snapshot plus the signals that follow it.
 #[derive(Clone, Debug)]
 pub struct ActiveLease {
@@ -129,9 +144,42 @@ impl Registry {
             reason = %lease.reason,
             "lease granted"
         );
-        self.spawn_expiry(lease.id.clone(), ended, expires_rx);
+        self.spawn_expiry(lease.id.clone(), ended.clone(), expires_rx);
+        self.spawn_process_watch(&lease, ended);
         self.bump();
         Ok(lease)
+    }
+
+    /// A lease bound to a process (`unix:pid:PID:START`) ends as `process_exited` when that
+    /// process exits. The agent watches the process itself through a pidfd, so the lease ends
+    /// even when whoever granted it (say, a killed `mayfly run`) is gone.
+    fn spawn_process_watch(&self, lease: &Lease, ended: CancellationToken) {
+        for (pid, start) in bound_processes(&lease.selectors) {
+            let me = self.me.clone();
+            let id = lease.id.clone();
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let exited = crate::attest::wait_exit(pid, start);
+                tokio::select! {
+                    _ = ended.cancelled() => return,
+                    _ = exited => {}
+                }
+                // `mayfly run` completes its lease right after its child exits; give that
+                // call a moment to land so the lease records `completed`, not a race.
+                tokio::select! {
+                    _ = ended.cancelled() => return,
+                    _ = tokio::time::sleep(PROCESS_EXIT_GRACE) => {}
+                }
+                if let Some(registry) = me.upgrade() {
+                    let _ = registry.end(
+                        &id,
+                        LeaseState::ProcessExited,
+                        Principal::agent(),
+                        &format!("bound process {pid} exited"),
+                    );
+                }
+            });
+        }
     }
 
     fn spawn_expiry(

@@ -1,0 +1,182 @@
+//! `mayfly run` end to end: the built binary wraps real commands against a real agent.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use mayfly::proto::admin as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn run_cmd(t: &TestAgent, task: &str, command: &[&str]) -> Command {
+    let mut c = Command::new(t.bin());
+    c.args([
+        "run",
+        "--task-id",
+        task,
+        "--delegator",
+        "user/carol",
+        "--agent",
+        "runner",
+    ])
+    .args(["--ttl", "5m", "--"])
+    .args(command)
+    .env("MAYFLY_ADMIN_SOCKET", &t.admin_socket)
+    .env("SPIFFE_ENDPOINT_SOCKET", t.endpoint())
+    .kill_on_drop(true);
+    c
+}
+
+/// Starts `mayfly run` and returns it with the lease ID and child PID it reports.
+async fn spawn_run(t: &TestAgent, task: &str, command: &[&str]) -> (Child, String, i32) {
+    let mut child = run_cmd(t, task, command)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let line = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("wrapper reports its lease");
+    // "mayfly run: lease <id> for <spiffe id> (pid <pid>)"
+    let lease_id = line.split_whitespace().nth(3).unwrap().to_owned();
+    let pid = line
+        .rsplit("pid ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, lease_id, pid)
+}
+
+async fn state(t: &TestAgent, lease_id: &str) -> String {
+    t.admin()
+        .await
+        .get(pb::GetRequest {
+            lease_id: lease_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+}
+
+async fn wait_state(t: &TestAgent, lease_id: &str, want: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let s = state(t, lease_id).await;
+        if s == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease is {s}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_child_gets_its_task_svid_and_the_lease_completes() {
+    let t = start().await;
+    let out = run_cmd(&t, "run-1", &[t.bin(), "svid", "fetch", "--output", "json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        svids[0]["spiffe_id"],
+        "spiffe://example.org/agent/runner/task/run-1/delegator/user/carol"
+    );
+    let leases = t
+        .admin()
+        .await
+        .list(pb::ListRequest { all: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].state, "completed");
+    assert!(leases[0]
+        .selectors
+        .iter()
+        .any(|s| s.starts_with("unix:pid:")));
+}
+
+#[tokio::test]
+async fn exit_status_comes_back() {
+    let t = start().await;
+    let s = run_cmd(&t, "exit-7", &["sh", "-c", "exit 7"])
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(s.code(), Some(7));
+    let s = run_cmd(&t, "killed", &["sh", "-c", "kill -TERM $$"])
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(s.code(), Some(128 + 15));
+    let s = run_cmd(&t, "missing", &["/nonexistent/program"])
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(s.code(), Some(127));
+}
+
+#[tokio::test]
+async fn a_process_outside_the_run_gets_nothing() {
+    let t = start().await;
+    let (mut run, lease_id, _) = spawn_run(&t, "inside", &["sleep", "30"]).await;
+    assert_eq!(state(&t, &lease_id).await, "active");
+    // Same uid, different process: the lease is bound to the child's PID and start time.
+    let err = t.workload().await.fetch_x509_svid().await.unwrap_err();
+    assert!(
+        matches!(err, spiffe::WorkloadApiError::NoIdentityIssued),
+        "{err:?}"
+    );
+    run.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn signals_are_forwarded_to_the_child() {
+    let t = start().await;
+    let (mut run, lease_id, _) = spawn_run(&t, "sig", &["sleep", "30"]).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .expect("child ended")
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + 15));
+    assert_eq!(state(&t, &lease_id).await, "completed");
+}
+
+#[tokio::test]
+async fn the_agent_ends_the_lease_when_an_orphaned_child_exits() {
+    let t = start().await;
+    let (mut run, lease_id, child_pid) = spawn_run(&t, "orphan", &["sleep", "30"]).await;
+    run.start_kill().unwrap(); // SIGKILL: the wrapper cannot complete anything
+    run.wait().await.unwrap();
+    assert_eq!(state(&t, &lease_id).await, "active", "the child still runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_state(&t, &lease_id, "process_exited", Duration::from_secs(5)).await;
+}
