@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::attest::{Attestor, PeerInfo};
+use crate::audit::AuditLog;
 use crate::lease::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Principal, Registry};
 use crate::proto::admin as pb;
 use crate::proto::admin::tasks_server::{Tasks, TasksServer};
@@ -16,6 +17,7 @@ use crate::time::{from_duration, to_duration, to_timestamp};
 pub struct AdminApi {
     registry: Arc<Registry>,
     attestor: Arc<Attestor>,
+    audit: AuditLog,
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
 }
@@ -24,12 +26,14 @@ impl AdminApi {
     pub fn new(
         registry: Arc<Registry>,
         attestor: Arc<Attestor>,
+        audit: AuditLog,
         allowed_uids: Vec<u32>,
         allowed_gids: Vec<u32>,
     ) -> TasksServer<Self> {
         TasksServer::new(AdminApi {
             registry,
             attestor,
+            audit,
             allowed_uids,
             allowed_gids,
         })
@@ -68,6 +72,15 @@ impl AdminApi {
                 pid = att.pid,
                 "admin call from a caller outside the allowlist"
             );
+            let fields = serde_json::json!({
+                "rpc": rpc, "uid": att.uid, "gid": att.gid, "pid": att.pid,
+                "selectors": att.selectors, "reason": "caller not in the admin allowlist",
+            });
+            if let serde_json::Value::Object(fields) = fields {
+                if let Err(e) = self.audit.append("admin_denied", fields).await {
+                    tracing::error!(error = %e, "could not audit an admin denial");
+                }
+            }
             return Err(Status::permission_denied(format!(
                 "uid {} is not allowed to use the admin API (allowed uids {:?}, gids {:?})",
                 att.uid, self.allowed_uids, self.allowed_gids
@@ -87,6 +100,7 @@ fn status(e: LeaseError) -> Status {
         LeaseError::InvalidField { .. } => Status::invalid_argument(e.to_string()),
         LeaseError::NotFound(_) => Status::not_found(e.to_string()),
         LeaseError::NotActive { .. } => Status::failed_precondition(e.to_string()),
+        LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -155,7 +169,7 @@ impl Tasks for AdminApi {
             audiences: r.audiences,
             reason: r.reason,
         };
-        let lease = self.registry.grant(input, by).map_err(|e| {
+        let lease = self.registry.grant(input, by).await.map_err(|e| {
             tracing::info!(event = "grant_refused", error = %e, "grant refused");
             status(e)
         })?;
@@ -165,7 +179,7 @@ impl Tasks for AdminApi {
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Lease>, Status> {
         self.authorize(&request, "Get").await?;
         let id = lease_id(&request.get_ref().lease_id)?;
-        let lease = self.registry.get(&id).map_err(status)?;
+        let lease = self.registry.get(&id).await.map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }
 
@@ -174,7 +188,11 @@ impl Tasks for AdminApi {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.authorize(&request, "List").await?;
-        let leases = self.registry.list(request.get_ref().all);
+        let leases = self
+            .registry
+            .list(request.get_ref().all)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ListResponse {
             leases: leases.iter().map(lease_to_pb).collect(),
         }))
@@ -189,7 +207,7 @@ impl Tasks for AdminApi {
         let id = lease_id(&r.lease_id)?;
         let ttl =
             duration("ttl", r.ttl)?.ok_or_else(|| Status::invalid_argument("ttl: is required"))?;
-        let lease = self.registry.renew(&id, ttl).map_err(status)?;
+        let lease = self.registry.renew(&id, ttl).await.map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }
 
@@ -206,6 +224,7 @@ impl Tasks for AdminApi {
         let lease = self
             .registry
             .end(&id, LeaseState::Revoked, by, &r.reason)
+            .await
             .map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }
@@ -219,6 +238,7 @@ impl Tasks for AdminApi {
         let lease = self
             .registry
             .end(&id, LeaseState::Completed, by, "task completed")
+            .await
             .map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }

@@ -9,9 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::attest::Attestor;
+use crate::audit::{AuditLog, AuditOptions};
 use crate::ca::SigningCa;
 use crate::config::Config;
-use crate::lease::Registry;
+use crate::lease::{Durable, Registry};
+use crate::store::LeaseStore;
 use crate::svid::Manager;
 
 /// How long open streams get to drain on shutdown.
@@ -26,6 +28,10 @@ pub enum StartError {
     },
     #[error("signing CA: {0}")]
     Ca(#[from] crate::ca::CaError),
+    #[error("lease store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
     #[error("workload socket: {0}")]
     Workload(crate::listen::BindError),
     #[error("admin socket: {0}")]
@@ -38,6 +44,7 @@ pub struct Agent {
     pub data_dir: PathBuf,
     pub registry: Arc<Registry>,
     pub manager: Arc<Manager>,
+    audit: AuditLog,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -56,8 +63,28 @@ impl Agent {
         let workload = crate::listen::bind(&config.socket, 0o666).map_err(StartError::Workload)?;
         let admin = crate::listen::bind(&config.admin_socket, 0o660).map_err(StartError::Admin)?;
 
-        let registry = Registry::new(config.limits.clone());
-        let manager = Manager::new(ca.clone(), registry.clone());
+        let audit = AuditLog::open(
+            &config.data_dir.join("audit"),
+            AuditOptions {
+                max_segment_bytes: config.audit_segment_bytes,
+            },
+        )?;
+        let store = Arc::new(LeaseStore::open(&config.data_dir.join("leases.redb"))?);
+        let stored = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.load())
+                .await
+                .expect("loading leases")?
+        };
+        let registry = Registry::durable(
+            config.limits.clone(),
+            Durable {
+                store,
+                audit: audit.clone(),
+            },
+        );
+        registry.restore(stored, config.retention).await;
+        let manager = Manager::new(ca.clone(), registry.clone(), Some(audit.clone()));
         let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -70,6 +97,7 @@ impl Agent {
         let admin_api = crate::admin::AdminApi::new(
             registry.clone(),
             attestor,
+            audit.clone(),
             config.allowed_uids.clone(),
             config.allowed_gids.clone(),
         );
@@ -94,6 +122,17 @@ impl Agent {
                 tracing::error!(error = %e, "admin API server failed");
             }
         });
+        // Ended leases are compacted away once past their retention.
+        let (token, r, retention) = (shutdown.clone(), registry.clone(), config.retention);
+        tasks.spawn(async move {
+            let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(every) => r.compact(retention).await,
+                }
+            }
+        });
         tasks.close();
 
         tracing::info!(
@@ -110,6 +149,7 @@ impl Agent {
             data_dir: config.data_dir,
             registry,
             manager,
+            audit,
             shutdown,
             tasks,
         })
@@ -130,6 +170,10 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.admin_socket);
+        // Lease tasks stop (leases stay as stored); everything acknowledged is already
+        // durable, and closing the audit log drains what is queued.
+        self.registry.close().await;
+        self.audit.close().await;
         tracing::info!(event = "agent_stopped", "mayfly agent stopped");
     }
 

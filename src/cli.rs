@@ -28,6 +28,9 @@ pub enum Command {
     Svid(SvidCommand),
     /// Run a command under a task lease bound to its process; the lease ends when it exits.
     Run(RunArgs),
+    /// Check or print the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Internal: the child side of `mayfly run` (waits for the lease, then execs).
     #[command(name = "__exec", hide = true)]
     Exec {
@@ -35,6 +38,25 @@ pub enum Command {
         sync: PathBuf,
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the whole hash chain; names the first bad record and exits non-zero.
+    Verify {
+        /// The agent's data directory (default: the agent's default for this user).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print audit records as JSON lines, optionally only those of one task or lease.
+    Show {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long = "task")]
+        task_id: Option<String>,
+        #[arg(long = "lease")]
+        lease_id: Option<String>,
     },
 }
 

@@ -347,3 +347,46 @@ pub async fn svid_watch(socket: Option<PathBuf>) -> Result<()> {
     }
     bail!("the Workload API ended the stream")
 }
+
+fn audit_dir(data_dir: Option<PathBuf>) -> PathBuf {
+    data_dir
+        .unwrap_or_else(|| Defaults::for_current_user().data_dir)
+        .join("audit")
+}
+
+pub fn audit(cmd: crate::cli::AuditCommand) -> Result<()> {
+    use crate::cli::AuditCommand;
+    match cmd {
+        AuditCommand::Verify { data_dir } => {
+            let dir = audit_dir(data_dir);
+            if !dir.is_dir() {
+                bail!("no audit log at {}", dir.display());
+            }
+            let summary = crate::audit::verify(&dir)
+                .map_err(|e| anyhow::anyhow!("audit log is NOT intact: {e}"))?;
+            println!(
+                "audit log intact: {} records in {} segments, last seq {} hash {}",
+                summary.records, summary.segments, summary.last_seq, summary.last_hash
+            );
+        }
+        AuditCommand::Show {
+            data_dir,
+            task_id,
+            lease_id,
+        } => {
+            let dir = audit_dir(data_dir);
+            let records = crate::audit::read_all(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let wanted = |r: &serde_json::Map<String, Value>, key: &str, want: &Option<String>| {
+                want.as_ref()
+                    .is_none_or(|w| r.get(key).and_then(Value::as_str) == Some(w.as_str()))
+            };
+            for r in records
+                .iter()
+                .filter(|r| wanted(r, "task_id", &task_id) && wanted(r, "lease_id", &lease_id))
+            {
+                println!("{}", Value::Object(r.clone()));
+            }
+        }
+    }
+    Ok(())
+}

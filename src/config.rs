@@ -31,6 +31,15 @@ pub struct FileConfig {
     pub ca: CaSection,
     #[serde(default)]
     pub attestation: AttestationSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// A new segment file starts when the current one reaches this size.
+    pub max_segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +48,8 @@ pub struct LeaseSection {
     pub max_ttl: Option<String>,
     pub default_svid_ttl: Option<String>,
     pub max_svid_ttl: Option<String>,
+    /// How long ended leases stay listed (`task list --all`) before they are compacted away.
+    pub retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +104,8 @@ pub struct Config {
     pub ca_ttl: Duration,
     pub max_digest_bytes: u64,
     pub log_format: LogFormat,
+    pub retention: Duration,
+    pub audit_segment_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +286,16 @@ impl Config {
                 errors.push(format!("{key}: must be at least 1s"));
             }
         }
+        let retention = duration(
+            &mut errors,
+            "leases.retention",
+            l.retention.as_deref(),
+            Duration::from_secs(24 * 3600),
+        );
+        let audit_segment_bytes = file.audit.max_segment_bytes.unwrap_or(64 * 1024 * 1024);
+        if audit_segment_bytes < 4096 {
+            errors.push("audit.max_segment_bytes: must be at least 4096".into());
+        }
         let ca_ttl = duration(
             &mut errors,
             "ca.ttl",
@@ -338,6 +361,8 @@ impl Config {
                 .max_digest_bytes
                 .unwrap_or(256 * 1024 * 1024),
             log_format,
+            retention,
+            audit_segment_bytes,
         })
     }
 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod attest;
+pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod lease;
 pub mod listen;
 pub mod proto;
 pub mod run;
+pub mod store;
 pub mod svid;
 pub mod time;
 pub mod workload_api;

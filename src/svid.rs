@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use tokio::sync::watch;
 
+use crate::audit::AuditLog;
 use crate::ca::{IssuedX509, SigningCa};
 use crate::lease::{ActiveLease, LeaseId, Registry};
 
@@ -29,11 +30,25 @@ pub struct X509Svid {
     pub issued_at: SystemTime,
 }
 
-/// Who asked for an issuance, for the log.
-#[derive(Clone, Copy, Debug)]
+/// Who asked for an issuance, for the audit log.
+#[derive(Clone, Debug)]
 pub struct Requester {
     pub pid: i32,
     pub uid: u32,
+    pub exe_sha256: Option<String>,
+}
+
+/// Issuance is refused when its audit record cannot be made durable (fail closed).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("audit log unavailable, no SVID issued: {0}")]
+pub struct AuditUnavailable(pub String);
+
+/// How one issuance attempt went.
+enum Issued {
+    Yes,
+    /// Signing failed (logged); the lease simply has no SVID now.
+    NotSigned,
+    Unaudited(AuditUnavailable),
 }
 
 type SvidCell = Option<Arc<X509Svid>>;
@@ -48,6 +63,7 @@ struct Entry {
 pub struct Manager {
     ca: Arc<SigningCa>,
     registry: Arc<Registry>,
+    audit: Option<AuditLog>,
     entries: Mutex<HashMap<LeaseId, Arc<Entry>>>,
     me: Weak<Manager>,
 }
@@ -63,11 +79,11 @@ pub struct Watcher {
 
 impl Watcher {
     /// The caller's SVIDs now (issuing any that are missing), oldest lease first.
-    pub async fn current(&mut self) -> Vec<Arc<X509Svid>> {
+    pub async fn current(&mut self) -> Result<Vec<Arc<X509Svid>>, AuditUnavailable> {
         self.generation.borrow_and_update();
-        let (svids, cells) = self.manager.collect(&self.selectors, self.who).await;
+        let (svids, cells) = self.manager.collect(&self.selectors, &self.who).await?;
         self.cells = cells;
-        svids
+        Ok(svids)
     }
 
     /// Resolves when something this stream depends on changed: a lease was granted, renewed or
@@ -87,10 +103,13 @@ impl Watcher {
 }
 
 impl Manager {
-    pub fn new(ca: Arc<SigningCa>, registry: Arc<Registry>) -> Arc<Self> {
+    /// `audit`: where every issuance is recorded before the SVID is handed out; `None` only
+    /// in tests of the cache itself.
+    pub fn new(ca: Arc<SigningCa>, registry: Arc<Registry>, audit: Option<AuditLog>) -> Arc<Self> {
         Arc::new_cyclic(|me| Manager {
             ca,
             registry,
+            audit,
             entries: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
@@ -102,6 +121,10 @@ impl Manager {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
     }
 
     pub fn watcher(self: &Arc<Self>, selectors: Vec<String>, who: Requester) -> Watcher {
@@ -119,11 +142,12 @@ impl Manager {
         self.entries.lock().expect("svid cache poisoned").len()
     }
 
+    #[allow(clippy::type_complexity)]
     async fn collect(
         &self,
         selectors: &[String],
-        who: Requester,
-    ) -> (Vec<Arc<X509Svid>>, Vec<watch::Receiver<SvidCell>>) {
+        who: &Requester,
+    ) -> Result<(Vec<Arc<X509Svid>>, Vec<watch::Receiver<SvidCell>>), AuditUnavailable> {
         let mut svids = Vec::new();
         let mut cells = Vec::new();
         for lease in self.registry.matching(selectors) {
@@ -138,7 +162,9 @@ impl Manager {
             let svid = match fresh {
                 Some(s) => Some(s),
                 None => {
-                    self.issue(&entry, Some(who)).await;
+                    if let Issued::Unaudited(e) = self.issue(&entry, Some(who)).await {
+                        return Err(e);
+                    }
                     rx.borrow_and_update().clone()
                 }
             };
@@ -147,7 +173,7 @@ impl Manager {
             }
             cells.push(rx);
         }
-        (svids, cells)
+        Ok((svids, cells))
     }
 
     /// The cache entry of an active lease, created (with its rotation task) on first use.
@@ -168,54 +194,30 @@ impl Manager {
         });
         entries.insert(entry.lease.lease.id.clone(), entry.clone());
         let me = self.me.upgrade().expect("manager alive while used");
-        tokio::spawn(me.run_entry(entry.clone()));
+        self.registry.spawn(me.run_entry(entry.clone()));
         Some(entry)
     }
 
-    /// Issues a fresh SVID for the entry unless another caller just did. False when signing
-    /// failed (the cause is logged).
-    async fn issue(&self, entry: &Entry, who: Option<Requester>) -> bool {
+    /// Issues a fresh SVID for the entry unless another caller just did. The SVID is
+    /// published only after its audit record is durable.
+    async fn issue(&self, entry: &Entry, who: Option<&Requester>) -> Issued {
         let _guard = entry.issuing.lock().await;
         let now = SystemTime::now();
         let lease = &entry.lease.lease;
         if who.is_some() {
             if let Some(s) = entry.current.borrow().as_ref() {
                 if s.issued.not_after > now {
-                    return true;
+                    return Issued::Yes;
                 }
             }
         }
         if entry.lease.ended.is_cancelled() {
-            return true;
+            return Issued::Yes;
         }
         let expires_at = *entry.lease.expires_at.borrow();
         let cap = (now + lease.svid_ttl).min(expires_at);
-        match self.ca.issue_x509_svid(&lease.spiffe_id, cap) {
-            Ok(issued) => {
-                tracing::info!(
-                    event = "svid_issued",
-                    serial = %issued.serial_hex,
-                    spiffe_id = %lease.spiffe_id,
-                    not_after = %crate::time::rfc3339(issued.not_after),
-                    lease_id = %lease.id,
-                    task_id = %lease.task_id,
-                    pid = who.map(|w| w.pid),
-                    uid = who.map(|w| w.uid),
-                    trigger = if who.is_some() { "fetch" } else { "rotation" },
-                    "x509-svid issued"
-                );
-                let svid = Arc::new(X509Svid {
-                    lease_id: lease.id.clone(),
-                    task_id: lease.task_id.clone(),
-                    issued,
-                    issued_at: now,
-                });
-                // The lease may have ended while we signed; never publish after teardown.
-                if !entry.lease.ended.is_cancelled() {
-                    entry.current.send_replace(Some(svid));
-                }
-                true
-            }
+        let issued = match self.ca.issue_x509_svid(&lease.spiffe_id, cap) {
+            Ok(issued) => issued,
             Err(e) => {
                 tracing::warn!(
                     event = "svid_issue_failed",
@@ -223,9 +225,62 @@ impl Manager {
                     error = %e,
                     "could not issue x509-svid"
                 );
-                false
+                return Issued::NotSigned;
+            }
+        };
+        let trigger = if who.is_some() { "fetch" } else { "rotation" };
+        if let Some(audit) = &self.audit {
+            let fields = serde_json::json!({
+                "serial": issued.serial_hex,
+                "spiffe_id": lease.spiffe_id.to_string(),
+                "not_before": crate::time::rfc3339(issued.not_before),
+                "not_after": crate::time::rfc3339(issued.not_after),
+                "lease_id": lease.id.as_str(),
+                "task_id": lease.task_id,
+                "delegator": lease.delegator,
+                "pid": who.map(|w| w.pid),
+                "uid": who.map(|w| w.uid),
+                "exe_sha256": who.and_then(|w| w.exe_sha256.clone()),
+                "trigger": trigger,
+            });
+            let serde_json::Value::Object(fields) = fields else {
+                unreachable!("a json object")
+            };
+            if let Err(e) = audit.append("svid_issued", fields).await {
+                // Fail closed: the SVID and its key are dropped (and zeroized) unused.
+                tracing::error!(
+                    event = "svid_not_audited",
+                    lease_id = %lease.id,
+                    serial = %issued.serial_hex,
+                    error = %e,
+                    "AUDIT LOG UNAVAILABLE: refusing to hand out an unaudited SVID"
+                );
+                return Issued::Unaudited(AuditUnavailable(e.to_string()));
             }
         }
+        tracing::info!(
+            event = "svid_issued",
+            serial = %issued.serial_hex,
+            spiffe_id = %lease.spiffe_id,
+            not_after = %crate::time::rfc3339(issued.not_after),
+            lease_id = %lease.id,
+            task_id = %lease.task_id,
+            pid = who.map(|w| w.pid),
+            uid = who.map(|w| w.uid),
+            trigger,
+            "x509-svid issued"
+        );
+        let svid = Arc::new(X509Svid {
+            lease_id: lease.id.clone(),
+            task_id: lease.task_id.clone(),
+            issued,
+            issued_at: now,
+        });
+        // The lease may have ended while we signed; never publish after teardown.
+        if !entry.lease.ended.is_cancelled() {
+            entry.current.send_replace(Some(svid));
+        }
+        Issued::Yes
     }
 
     /// When the current SVID should be replaced, or `None` when a new one could not live any
@@ -270,7 +325,7 @@ impl Manager {
                 r = current.changed() => if r.is_err() { break },
                 _ = sleep => {
                     // Never spin on a failing signer: wait a second before the next try.
-                    if !self.issue(&entry, None).await {
+                    if !matches!(self.issue(&entry, None).await, Issued::Yes) {
                         tokio::select! {
                             _ = entry.lease.ended.cancelled() => break,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -21,7 +21,7 @@ use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use crate::svid::{Manager, Requester, X509Svid};
+use crate::svid::{AuditUnavailable, Manager, Requester, X509Svid};
 
 const NO_IDENTITY: &str = "no identity issued";
 
@@ -93,7 +93,8 @@ async fn attest(
     }
 }
 
-fn deny(rpc: &'static str, att: &Attestation) -> Status {
+/// Refuses a caller that holds no identity; the denial is logged and audited.
+async fn deny(manager: &Manager, rpc: &'static str, att: &Attestation) -> Status {
     tracing::info!(
         event = "request_denied",
         rpc,
@@ -103,7 +104,26 @@ fn deny(rpc: &'static str, att: &Attestation) -> Status {
         reason = NO_IDENTITY,
         "no lease matches the caller"
     );
+    if let Some(audit) = manager.audit() {
+        let fields = serde_json::json!({
+            "rpc": rpc,
+            "pid": att.pid,
+            "uid": att.uid,
+            "exe_sha256": att.exe_sha256,
+            "selectors": att.selectors,
+            "reason": NO_IDENTITY,
+        });
+        if let serde_json::Value::Object(fields) = fields {
+            if let Err(e) = audit.append("request_denied", fields).await {
+                tracing::error!(error = %e, "could not audit a denial");
+            }
+        }
+    }
     Status::permission_denied(NO_IDENTITY)
+}
+
+fn audit_unavailable(e: AuditUnavailable) -> Status {
+    Status::unavailable(e.to_string())
 }
 
 fn x509_response(svids: &[Arc<X509Svid>], bundle: &[u8]) -> pb::X509svidResponse {
@@ -152,11 +172,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let who = Requester {
             pid: att.pid,
             uid: att.uid,
+            exe_sha256: att.exe_sha256.clone(),
         };
-        let mut watcher = self.manager.watcher(att.selectors.clone(), who);
-        let first = watcher.current().await;
+        let mut watcher = self.manager.watcher(att.selectors.clone(), who.clone());
+        let first = watcher.current().await.map_err(audit_unavailable)?;
         if first.is_empty() {
-            return Err(deny(RPC, &att));
+            return Err(deny(&self.manager, RPC, &att).await);
         }
         let bundle = self.manager.ca().bundle_der().to_vec();
         let (tx, rx) = mpsc::channel(2);
@@ -183,7 +204,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 match attest(&attestor, peer.clone(), RPC).await {
                     Ok(now) => {
                         if now.selectors != att.selectors {
-                            watcher = manager.watcher(now.selectors.clone(), who);
+                            watcher = manager.watcher(now.selectors.clone(), who.clone());
                         }
                         att = now;
                     }
@@ -192,9 +213,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         return;
                     }
                 }
-                let svids = watcher.current().await;
+                let svids = match watcher.current().await {
+                    Ok(svids) => svids,
+                    Err(e) => {
+                        let _ = tx.send(Err(audit_unavailable(e))).await;
+                        return;
+                    }
+                };
                 if svids.is_empty() {
-                    let _ = tx.send(Err(deny(RPC, &att))).await;
+                    let _ = tx.send(Err(deny(&manager, RPC, &att).await)).await;
                     return;
                 }
                 let now = serials(&svids);
@@ -223,7 +250,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut generation = registry.subscribe();
         generation.borrow_and_update();
         if registry.matching(&att.selectors).is_empty() {
-            return Err(deny(RPC, &att));
+            return Err(deny(&self.manager, RPC, &att).await);
         }
         let (tx, rx) = mpsc::channel(2);
         tx.try_send(Ok(pb::X509BundlesResponse {
@@ -232,6 +259,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }))
         .expect("fresh channel has room");
         let shutdown = self.shutdown.clone();
+        let manager = self.manager.clone();
         // The trust bundle does not change while the agent runs; what can change is whether
         // the caller still holds an identity that entitles it to the stream.
         tokio::spawn(async move {
@@ -245,7 +273,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     r = generation.changed() => if r.is_err() { return },
                 }
                 if registry.matching(&att.selectors).is_empty() {
-                    let _ = tx.send(Err(deny(RPC, &att))).await;
+                    let _ = tx.send(Err(deny(&manager, RPC, &att).await)).await;
                     return;
                 }
             }

@@ -7,7 +7,7 @@
 
 mod registry;
 
-pub use registry::{ActiveLease, Registry};
+pub use registry::{bound_processes, ActiveLease, Durable, Registry};
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -168,6 +168,9 @@ pub enum LeaseError {
     NotFound(String),
     #[error("lease {id} is {state}, not active")]
     NotActive { id: String, state: LeaseState },
+    /// The change could not be made durable (audit log or lease store), so it was refused.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl LeaseError {

@@ -1,5 +1,10 @@
-//! The in-memory lease store: active leases indexed for matching, ended leases kept for
-//! `task list --all`, one expiry timer per lease, and a change signal for open streams.
+//! The lease registry: active leases indexed for matching, ended leases kept for
+//! `task list --all`, one expiry timer per lease, a change signal for open streams, and (when
+//! durable) every change written to the lease store and the audit log.
+//!
+//! Write order is chosen for failing closed: a grant or renewal takes effect only after its
+//! audit record and store write are durable; an end takes effect in memory at once (identity
+//! must go away even if the disk is failing) and is then written, loudly if that fails.
 //!
 //! Matching must stay cheap with thousands of leases: each lease is indexed under one of its
 //! selectors (the most specific kind), so a caller with N selectors looks at N index buckets
@@ -9,8 +14,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::AuditLog;
+use crate::store::LeaseStore;
 
 use super::{
     validate_grant, GrantInput, Lease, LeaseError, LeaseId, LeaseLimits, LeaseState, Principal,
@@ -59,11 +69,22 @@ struct Inner {
     ended: VecDeque<Lease>,
 }
 
+/// Where lease changes are made durable.
+#[derive(Clone)]
+pub struct Durable {
+    pub store: Arc<LeaseStore>,
+    pub audit: AuditLog,
+}
+
 pub struct Registry {
     limits: LeaseLimits,
+    durable: Option<Durable>,
     inner: RwLock<Inner>,
     /// Bumped on every grant, renewal and end, so open streams re-evaluate what they match.
     generation: watch::Sender<u64>,
+    /// Every per-lease task (timers, process watches, SVID rotation), stopped by `close`.
+    tasks: TaskTracker,
+    closing: CancellationToken,
     me: Weak<Registry>,
 }
 
@@ -85,11 +106,25 @@ fn index_key(selectors: &[String]) -> String {
 }
 
 impl Registry {
+    /// A registry that keeps leases in memory only (for tests of the matching logic).
     pub fn new(limits: LeaseLimits) -> Arc<Self> {
+        Self::build(limits, None)
+    }
+
+    /// A registry whose every change is stored and audited before (or, for ends, right after)
+    /// it takes effect.
+    pub fn durable(limits: LeaseLimits, durable: Durable) -> Arc<Self> {
+        Self::build(limits, Some(durable))
+    }
+
+    fn build(limits: LeaseLimits, durable: Option<Durable>) -> Arc<Self> {
         Arc::new_cyclic(|me| Registry {
             limits,
+            durable,
             inner: RwLock::new(Inner::default()),
             generation: watch::channel(0).0,
+            tasks: TaskTracker::new(),
+            closing: CancellationToken::new(),
             me: me.clone(),
         })
     }
@@ -103,13 +138,57 @@ impl Registry {
         self.generation.subscribe()
     }
 
+    /// Runs a per-lease task until it finishes or the registry closes.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let closing = self.closing.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = closing.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
+
+    /// Stops every per-lease task and waits for them, so the store can be closed. Leases stay
+    /// as they are on disk; the next start takes them over.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
     fn bump(&self) {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Validates and stores a lease, and starts its expiry timer. Must run inside a Tokio runtime.
-    pub fn grant(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
+    /// Validates a lease, makes it durable (audit record, then store), and only then activates
+    /// it. Must run inside a Tokio runtime.
+    pub async fn grant(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
         let lease = validate_grant(input, &self.limits, SystemTime::now(), by)?;
+        self.persist("lease_granted", &lease, "").await?;
+        tracing::info!(
+            event = "lease_granted",
+            lease_id = %lease.id,
+            task_id = %lease.task_id,
+            delegator = %lease.delegator,
+            agent = %lease.agent,
+            spiffe_id = %lease.spiffe_id,
+            selectors = ?lease.selectors,
+            expires_at = %crate::time::rfc3339(lease.expires_at),
+            granted_by_uid = lease.granted_by.uid,
+            granted_by_pid = ?lease.granted_by.pid,
+            reason = %lease.reason,
+            "lease granted"
+        );
+        self.activate(lease.clone());
+        Ok(lease)
+    }
+
+    /// Puts a lease into the active set with its timers.
+    fn activate(&self, lease: Lease) {
         let ended = CancellationToken::new();
         let (expires_tx, expires_rx) = watch::channel(lease.expires_at);
         let key = index_key(&lease.selectors);
@@ -130,24 +209,33 @@ impl Registry {
                 },
             );
         }
-        tracing::info!(
-            event = "lease_granted",
-            lease_id = %lease.id,
-            task_id = %lease.task_id,
-            delegator = %lease.delegator,
-            agent = %lease.agent,
-            spiffe_id = %lease.spiffe_id,
-            selectors = ?lease.selectors,
-            expires_at = %crate::time::rfc3339(lease.expires_at),
-            granted_by_uid = lease.granted_by.uid,
-            granted_by_pid = ?lease.granted_by.pid,
-            reason = %lease.reason,
-            "lease granted"
-        );
         self.spawn_expiry(lease.id.clone(), ended.clone(), expires_rx);
         self.spawn_process_watch(&lease, ended);
         self.bump();
-        Ok(lease)
+    }
+
+    /// Writes the audit record, then the store. Either failing refuses the change.
+    async fn persist(&self, event: &str, lease: &Lease, reason: &str) -> Result<(), LeaseError> {
+        let Some(d) = &self.durable else {
+            return Ok(());
+        };
+        let mut fields = audit_fields(lease);
+        if !reason.is_empty() {
+            fields.insert("reason_for_change".into(), Value::String(reason.into()));
+        }
+        d.audit.append(event, fields).await.map_err(|e| {
+            tracing::error!(event = "audit_failed", error = %e, "audit log unavailable: refusing the change");
+            LeaseError::Unavailable(format!("audit log unavailable: {e}"))
+        })?;
+        let store = d.store.clone();
+        let record = lease.clone();
+        tokio::task::spawn_blocking(move || store.put(&record))
+            .await
+            .map_err(|e| LeaseError::Unavailable(format!("lease store: {e}")))?
+            .map_err(|e| {
+                tracing::error!(event = "store_failed", error = %e, "lease store unavailable");
+                LeaseError::Unavailable(format!("lease store unavailable: {e}"))
+            })
     }
 
     /// A lease bound to a process (`unix:pid:PID:START`) ends as `process_exited` when that
@@ -158,7 +246,7 @@ impl Registry {
             let me = self.me.clone();
             let id = lease.id.clone();
             let ended = ended.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 let exited = crate::attest::wait_exit(pid, start);
                 tokio::select! {
                     _ = ended.cancelled() => return,
@@ -171,12 +259,14 @@ impl Registry {
                     _ = tokio::time::sleep(PROCESS_EXIT_GRACE) => {}
                 }
                 if let Some(registry) = me.upgrade() {
-                    let _ = registry.end(
-                        &id,
-                        LeaseState::ProcessExited,
-                        Principal::agent(),
-                        &format!("bound process {pid} exited"),
-                    );
+                    let _ = registry
+                        .end(
+                            &id,
+                            LeaseState::ProcessExited,
+                            Principal::agent(),
+                            &format!("bound process {pid} exited"),
+                        )
+                        .await;
                 }
             });
         }
@@ -189,7 +279,7 @@ impl Registry {
         mut expires_at: watch::Receiver<SystemTime>,
     ) {
         let me = self.me.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             loop {
                 let deadline = *expires_at.borrow_and_update();
                 let wait = deadline
@@ -202,7 +292,7 @@ impl Registry {
                         let Some(registry) = me.upgrade() else { return };
                         // A renewal may have raced the timer: only a lease whose deadline has
                         // really passed is expired; otherwise loop and wait for the new one.
-                        if registry.expire_if_due(&id) {
+                        if registry.expire_if_due(&id).await {
                             return;
                         }
                     }
@@ -211,7 +301,7 @@ impl Registry {
         });
     }
 
-    fn expire_if_due(&self, id: &LeaseId) -> bool {
+    async fn expire_if_due(&self, id: &LeaseId) -> bool {
         let due = {
             let inner = self.inner.read().expect("lease lock poisoned");
             match inner.active.get(id) {
@@ -220,70 +310,112 @@ impl Registry {
             }
         };
         if due {
-            let _ = self.end(
-                id,
-                LeaseState::Expired,
-                Principal::agent(),
-                "expires_at reached",
-            );
+            let _ = self
+                .end(
+                    id,
+                    LeaseState::Expired,
+                    Principal::agent(),
+                    "expires_at reached",
+                )
+                .await;
         }
         due
     }
 
-    pub fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
-        let inner = self.inner.read().expect("lease lock poisoned");
-        if let Some(slot) = inner.active.get(id) {
-            return Ok(slot.lease.clone());
+    pub async fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
+        if let Some(lease) = self.get_cached(id) {
+            return Ok(lease);
         }
-        inner
-            .ended
-            .iter()
+        self.stored()
+            .await?
+            .into_iter()
             .find(|l| &l.id == id)
-            .cloned()
             .ok_or_else(|| LeaseError::NotFound(id.to_string()))
     }
 
-    /// Active leases (and, with `all`, ended ones still held), oldest first.
-    pub fn list(&self, all: bool) -> Vec<Lease> {
+    fn get_cached(&self, id: &LeaseId) -> Option<Lease> {
         let inner = self.inner.read().expect("lease lock poisoned");
-        let mut out: Vec<Lease> = inner.active.values().map(|s| s.lease.clone()).collect();
+        if let Some(slot) = inner.active.get(id) {
+            return Some(slot.lease.clone());
+        }
+        inner.ended.iter().find(|l| &l.id == id).cloned()
+    }
+
+    /// Every lease in the store (nothing when not durable).
+    async fn stored(&self) -> Result<Vec<Lease>, LeaseError> {
+        let Some(d) = &self.durable else {
+            return Ok(Vec::new());
+        };
+        let store = d.store.clone();
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| LeaseError::Unavailable(format!("lease store: {e}")))?
+            .map_err(|e| LeaseError::Unavailable(format!("lease store: {e}")))
+    }
+
+    /// Active leases (and, with `all`, ended ones still retained), oldest first.
+    pub async fn list(&self, all: bool) -> Result<Vec<Lease>, LeaseError> {
+        let (mut out, ended): (Vec<Lease>, Vec<Lease>) = {
+            let inner = self.inner.read().expect("lease lock poisoned");
+            (
+                inner.active.values().map(|s| s.lease.clone()).collect(),
+                inner.ended.iter().cloned().collect(),
+            )
+        };
         if all {
-            out.extend(inner.ended.iter().cloned());
+            if self.durable.is_some() {
+                out.extend(
+                    self.stored()
+                        .await?
+                        .into_iter()
+                        .filter(|l| l.state != LeaseState::Active),
+                );
+            } else {
+                out.extend(ended);
+            }
         }
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        out
+        Ok(out)
     }
 
     /// Moves `expires_at` to now + ttl, never earlier than it is and never past `max_expires_at`.
-    pub fn renew(&self, id: &LeaseId, ttl: Duration) -> Result<Lease, LeaseError> {
-        let lease = {
+    pub async fn renew(&self, id: &LeaseId, ttl: Duration) -> Result<Lease, LeaseError> {
+        if ttl < super::MIN_TTL {
+            return Err(LeaseError::InvalidField {
+                field: "ttl",
+                message: "must be at least 1s".into(),
+            });
+        }
+        let wanted = SystemTime::now() + ttl;
+        let mut lease = match self.get_active(id) {
+            Some(l) => l,
+            None => return Err(self.not_active(id).await),
+        };
+        if wanted > lease.max_expires_at {
+            return Err(LeaseError::InvalidField {
+                field: "ttl",
+                message: format!(
+                    "would end at {}, past the lease's renewal ceiling max_expires_at {}",
+                    crate::time::rfc3339(wanted),
+                    crate::time::rfc3339(lease.max_expires_at)
+                ),
+            });
+        }
+        lease.expires_at = lease.expires_at.max(wanted);
+        self.persist("lease_renewed", &lease, "").await?;
+        let renewed = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            let Some(slot) = inner.active.get_mut(id) else {
-                drop(inner);
-                return Err(self.not_active(id));
-            };
-            if ttl < super::MIN_TTL {
-                return Err(LeaseError::InvalidField {
-                    field: "ttl",
-                    message: "must be at least 1s".into(),
-                });
-            }
-            let wanted = SystemTime::now() + ttl;
-            if wanted > slot.lease.max_expires_at {
-                return Err(LeaseError::InvalidField {
-                    field: "ttl",
-                    message: format!(
-                        "would end at {}, past the lease's renewal ceiling max_expires_at {}",
-                        crate::time::rfc3339(wanted),
-                        crate::time::rfc3339(slot.lease.max_expires_at)
-                    ),
-                });
-            }
-            if wanted > slot.lease.expires_at {
-                slot.lease.expires_at = wanted;
-                slot.expires_at.send_replace(wanted);
-            }
-            slot.lease.clone()
+            inner.active.get_mut(id).map(|slot| {
+                if wanted > slot.lease.expires_at {
+                    slot.lease.expires_at = wanted;
+                    slot.expires_at.send_replace(wanted);
+                }
+                slot.lease.clone()
+            })
+        };
+        // It may have ended while the renewal was being written.
+        let Some(lease) = renewed else {
+            return Err(self.not_active(id).await);
         };
         tracing::info!(
             event = "lease_renewed",
@@ -296,8 +428,13 @@ impl Registry {
         Ok(lease)
     }
 
-    fn not_active(&self, id: &LeaseId) -> LeaseError {
-        match self.get(id) {
+    fn get_active(&self, id: &LeaseId) -> Option<Lease> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        inner.active.get(id).map(|s| s.lease.clone())
+    }
+
+    async fn not_active(&self, id: &LeaseId) -> LeaseError {
+        match self.get(id).await {
             Ok(l) => LeaseError::NotActive {
                 id: id.to_string(),
                 state: l.state,
@@ -308,7 +445,7 @@ impl Registry {
 
     /// Ends an active lease: it stops matching at once, its SVID cache is torn down (through
     /// the `ended` token) and every open stream re-evaluates (through the generation).
-    pub fn end(
+    pub async fn end(
         &self,
         id: &LeaseId,
         state: LeaseState,
@@ -316,28 +453,40 @@ impl Registry {
         reason: &str,
     ) -> Result<Lease, LeaseError> {
         debug_assert_ne!(state, LeaseState::Active);
-        let lease = {
+        let ended = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            let Some(mut slot) = inner.active.remove(id) else {
-                drop(inner);
-                return Err(self.not_active(id));
-            };
-            if let Some(bucket) = inner.index.get_mut(&slot.index_key) {
-                bucket.remove(id);
-                if bucket.is_empty() {
-                    inner.index.remove(&slot.index_key);
+            match inner.active.remove(id) {
+                None => None,
+                Some(mut slot) => {
+                    if let Some(bucket) = inner.index.get_mut(&slot.index_key) {
+                        bucket.remove(id);
+                        if bucket.is_empty() {
+                            inner.index.remove(&slot.index_key);
+                        }
+                    }
+                    slot.lease.state = state;
+                    slot.lease.ended_at = Some(SystemTime::now());
+                    slot.lease.ended_by = Some(by);
+                    if inner.ended.len() >= ENDED_KEPT {
+                        inner.ended.pop_front();
+                    }
+                    inner.ended.push_back(slot.lease.clone());
+                    slot.ended.cancel();
+                    Some(slot.lease)
                 }
             }
-            slot.lease.state = state;
-            slot.lease.ended_at = Some(SystemTime::now());
-            slot.lease.ended_by = Some(by);
-            if inner.ended.len() >= ENDED_KEPT {
-                inner.ended.pop_front();
-            }
-            inner.ended.push_back(slot.lease.clone());
-            slot.ended.cancel();
-            slot.lease
         };
+        let Some(lease) = ended else {
+            return Err(self.not_active(id).await);
+        };
+        self.bump();
+        self.record_end(&lease, reason).await;
+        Ok(lease)
+    }
+
+    /// Logs and persists an end that has already taken effect. A failure cannot undo it (the
+    /// identity is gone either way), so it is reported as loudly as we can.
+    async fn record_end(&self, lease: &Lease, reason: &str) {
         tracing::info!(
             event = "lease_ended",
             lease_id = %lease.id,
@@ -347,8 +496,101 @@ impl Registry {
             reason,
             "lease ended"
         );
-        self.bump();
-        Ok(lease)
+        let event = format!("lease_{}", lease.state);
+        if let Err(e) = self.persist(&event, lease, reason).await {
+            tracing::error!(
+                event = "lease_end_not_recorded",
+                lease_id = %lease.id,
+                error = %e,
+                "lease ended but its end could not be made durable"
+            );
+        }
+    }
+
+    /// Start-up: takes over the stored leases. Leases that expired while the agent was down
+    /// end as `expired`, leases bound to a process that is gone end as `process_exited`, and
+    /// the rest become active again with their timers.
+    pub async fn restore(&self, stored: Vec<Lease>, retention: Duration) {
+        let now = SystemTime::now();
+        let cutoff = now.checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut ended_now = Vec::new();
+        let mut ended = Vec::new();
+        for mut lease in stored {
+            if lease.state != LeaseState::Active {
+                if lease.ended_at.is_some_and(|t| t >= cutoff) {
+                    ended.push(lease);
+                }
+                continue;
+            }
+            let gone = bound_processes(&lease.selectors)
+                .into_iter()
+                .find(|&(pid, start)| crate::attest::process_start_time(pid).ok() != Some(start));
+            let (state, why) = if lease.expires_at <= now {
+                (
+                    LeaseState::Expired,
+                    "expired while the agent was down".to_string(),
+                )
+            } else if let Some((pid, _)) = gone {
+                (
+                    LeaseState::ProcessExited,
+                    format!("bound process {pid} exited while the agent was down"),
+                )
+            } else {
+                self.activate(lease);
+                continue;
+            };
+            lease.state = state;
+            lease.ended_at = Some(now);
+            lease.ended_by = Some(Principal::agent());
+            ended_now.push((lease, why));
+        }
+        ended.sort_by_key(|l| l.ended_at);
+        {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            for l in ended.into_iter().rev().take(ENDED_KEPT).rev() {
+                inner.ended.push_back(l);
+            }
+        }
+        for (lease, why) in ended_now {
+            {
+                let mut inner = self.inner.write().expect("lease lock poisoned");
+                if inner.ended.len() >= ENDED_KEPT {
+                    inner.ended.pop_front();
+                }
+                inner.ended.push_back(lease.clone());
+            }
+            self.record_end(&lease, &why).await;
+        }
+        tracing::info!(
+            event = "leases_restored",
+            active = self.active_count(),
+            "leases restored from the store"
+        );
+    }
+
+    /// Forgets ended leases older than `retention`, in memory and in the store.
+    pub async fn compact(&self, retention: Duration) {
+        let cutoff = SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.inner
+            .write()
+            .expect("lease lock poisoned")
+            .ended
+            .retain(|l| l.ended_at.is_some_and(|t| t >= cutoff));
+        if let Some(d) = &self.durable {
+            let store = d.store.clone();
+            match tokio::task::spawn_blocking(move || store.compact(cutoff)).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(
+                    event = "leases_compacted",
+                    removed = n,
+                    "ended leases compacted"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "compacting the lease store failed"),
+                Err(e) => tracing::warn!(error = %e, "compacting the lease store failed"),
+            }
+        }
     }
 
     /// The active, unexpired leases whose selectors are all among the caller's, oldest first.
@@ -401,6 +643,37 @@ impl Registry {
     }
 }
 
+fn principal_json(p: &Principal) -> Value {
+    json!({ "uid": p.uid, "gid": p.gid, "pid": p.pid, "user": p.user })
+}
+
+/// The lease as an audit record's fields.
+fn audit_fields(l: &Lease) -> Map<String, Value> {
+    let rfc = crate::time::rfc3339;
+    let v = json!({
+        "lease_id": l.id.as_str(),
+        "task_id": l.task_id,
+        "delegator": l.delegator,
+        "agent": l.agent,
+        "spiffe_id": l.spiffe_id.to_string(),
+        "selectors": l.selectors,
+        "state": l.state.as_str(),
+        "created_at": rfc(l.created_at),
+        "expires_at": rfc(l.expires_at),
+        "max_expires_at": rfc(l.max_expires_at),
+        "svid_ttl_ms": l.svid_ttl.as_millis() as u64,
+        "audiences": l.audiences,
+        "reason": l.reason,
+        "granted_by": principal_json(&l.granted_by),
+        "ended_at": l.ended_at.map(rfc),
+        "ended_by": l.ended_by.as_ref().map(principal_json),
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a json object"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,7 +690,7 @@ mod tests {
         })
     }
 
-    fn grant(r: &Registry, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
+    async fn grant(r: &Registry, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
         r.grant(
             GrantInput {
                 task_id: task.into(),
@@ -430,6 +703,7 @@ mod tests {
             },
             Principal::agent(),
         )
+        .await
         .unwrap()
     }
 
@@ -437,9 +711,9 @@ mod tests {
     async fn matching_needs_every_selector() {
         let r = registry();
         let hour = Duration::from_secs(1800);
-        let a = grant(&r, "a", &["unix:uid:1000"], hour);
-        let b = grant(&r, "b", &["unix:uid:1000", "unix:path:/bin/x"], hour);
-        let _c = grant(&r, "c", &["unix:uid:1001"], hour);
+        let a = grant(&r, "a", &["unix:uid:1000"], hour).await;
+        let b = grant(&r, "b", &["unix:uid:1000", "unix:path:/bin/x"], hour).await;
+        let _c = grant(&r, "c", &["unix:uid:1001"], hour).await;
         let ids = |sel: &[&str]| -> Vec<LeaseId> {
             let sel: Vec<String> = sel.iter().map(|s| s.to_string()).collect();
             r.matching(&sel).into_iter().map(|l| l.lease.id).collect()
@@ -461,7 +735,8 @@ mod tests {
                 &format!("t{i}"),
                 &[&format!("unix:uid:{i}")],
                 Duration::from_secs(600),
-            );
+            )
+            .await;
         }
         let m = r.matching(&["unix:uid:4242".to_string(), "unix:gid:0".to_string()]);
         assert_eq!(m.len(), 1);
@@ -472,41 +747,43 @@ mod tests {
     async fn end_stops_matching_and_signals() {
         let r = registry();
         let mut generation = r.subscribe();
-        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60));
+        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
         let m = r.matching(&["unix:uid:7".to_string()]);
         generation.borrow_and_update();
         r.end(&l.id, LeaseState::Revoked, Principal::agent(), "test")
+            .await
             .unwrap();
         assert!(m[0].ended.is_cancelled());
         assert!(generation.has_changed().unwrap());
         assert!(r.matching(&["unix:uid:7".to_string()]).is_empty());
-        assert_eq!(r.get(&l.id).unwrap().state, LeaseState::Revoked);
+        assert_eq!(r.get(&l.id).await.unwrap().state, LeaseState::Revoked);
         assert!(matches!(
-            r.end(&l.id, LeaseState::Completed, Principal::agent(), ""),
+            r.end(&l.id, LeaseState::Completed, Principal::agent(), "")
+                .await,
             Err(LeaseError::NotActive { .. })
         ));
-        assert_eq!(r.list(false).len(), 0);
-        assert_eq!(r.list(true).len(), 1);
+        assert_eq!(r.list(false).await.unwrap().len(), 0);
+        assert_eq!(r.list(true).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
     async fn expiry_fires_without_anyone_asking() {
         let r = registry();
-        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(1));
+        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(1)).await;
         let m = r.matching(&["unix:uid:7".to_string()]);
         tokio::time::timeout(Duration::from_secs(5), m[0].ended.cancelled())
             .await
             .expect("lease expired within 5s");
-        assert_eq!(r.get(&l.id).unwrap().state, LeaseState::Expired);
+        assert_eq!(r.get(&l.id).await.unwrap().state, LeaseState::Expired);
     }
 
     #[tokio::test]
     async fn renewal_is_capped_by_max_expires_at() {
         let r = registry();
-        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60));
-        let renewed = r.renew(&l.id, Duration::from_secs(100)).unwrap();
+        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
+        let renewed = r.renew(&l.id, Duration::from_secs(100)).await.unwrap();
         assert!(renewed.expires_at > l.expires_at);
-        let err = r.renew(&l.id, Duration::from_secs(200)).unwrap_err();
+        let err = r.renew(&l.id, Duration::from_secs(200)).await.unwrap_err();
         assert!(matches!(err, LeaseError::InvalidField { field: "ttl", .. }));
     }
 }

@@ -28,6 +28,11 @@ pub async fn start_with(edit: impl FnOnce(&mut FileConfig)) -> TestAgent {
     let dir = tempfile::tempdir().unwrap();
     // Other users (the setpriv tests) must reach the workload socket inside.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    start_in(dir, edit).await
+}
+
+/// Starts an agent on `dir`'s sockets and data (a restart when the dir was used before).
+pub async fn start_in(dir: tempfile::TempDir, edit: impl FnOnce(&mut FileConfig)) -> TestAgent {
     let mut file = FileConfig {
         trust_domain: Some("example.org".into()),
         ..Default::default()
@@ -59,6 +64,16 @@ pub fn my_uid() -> u32 {
 }
 
 impl TestAgent {
+    /// Stops the agent gracefully and starts a new one on the same data.
+    pub async fn restart(mut self) -> TestAgent {
+        self.agent.take().unwrap().stop().await;
+        start_in(self.dir, |_| {}).await
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub async fn admin(&self) -> TasksClient<Channel> {
         mayfly::admin::connect(&self.admin_socket).await.unwrap()
     }

@@ -1,0 +1,763 @@
+//! Durable lease state: a small redb database under the agent's data dir.
+//!
+//! Leases must survive restarts and `kill -9`: the registry writes every grant, renewal and end
+//! here, and the write is committed to disk, before the change is acknowledged. At start-up the
+//! registry reloads every lease from here.
+//!
+//! One table, `leases`, maps the lease ID to a JSON `LeaseRecord`. The record is a private,
+//! versioned copy of [`Lease`] so that the in-memory model can change without silently changing
+//! what is on disk: a record this version does not understand is refused, never guessed at.
+
+use std::fs::{OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use spiffe::SpiffeId;
+
+use crate::lease::{Lease, LeaseId, LeaseState, Principal};
+
+/// Lease ID → JSON-encoded `LeaseRecord`.
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+
+/// The record format written by this version. Bump it (and keep reading the old one) whenever the
+/// meaning of a field changes.
+const FORMAT_VERSION: u32 = 1;
+
+/// redb caches pages up to this size; its default (1 GiB) is far beyond what lease records need,
+/// and the agent should stay small on the node.
+const CACHE_SIZE: usize = 16 * 1024 * 1024;
+
+/// The lease database. Every write is one redb transaction committed with
+/// [`redb::Durability::Immediate`] (the default), so it is on disk when the call returns.
+#[derive(Debug)]
+pub struct LeaseStore {
+    db: Database,
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("lease store {path}: cannot {op}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file exists but is not a usable redb database (corrupt, truncated, not redb at all,
+    /// or already opened by another process).
+    #[error("lease store {path}: cannot open the database: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("lease store {path}: {op} failed: {source}")]
+    Db {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("lease store {path}: cannot encode lease {key}: {source}")]
+    Encode {
+        path: PathBuf,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("lease store {path}: record {key:?} cannot be decoded: {reason}")]
+    Decode {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+impl LeaseStore {
+    /// Opens the database at `path` (e.g. `<data_dir>/leases.redb`), creating it if missing.
+    ///
+    /// The file is created mode 0600, and tightened to 0600 if an existing one is more open: it
+    /// holds who may hold which identity. The whole file is integrity-checked on open, so a
+    /// corrupt file is an error naming the path rather than a panic later.
+    pub fn open(path: &Path) -> Result<LeaseStore, StoreError> {
+        let io_err = |op: &'static str| {
+            move |source: io::Error| StoreError::Io {
+                op,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        // redb has no option for the file mode, so we create the file ourselves; the mode only
+        // applies on creation, hence the check below for a file that already existed.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("open the file"))?;
+        let meta = file.metadata().map_err(io_err("stat the file"))?;
+        if !meta.is_file() {
+            return Err(io_err("use the path")(io::Error::other(
+                "not a regular file",
+            )));
+        }
+        if meta.permissions().mode() & 0o7777 != 0o600 {
+            file.set_permissions(Permissions::from_mode(0o600))
+                .map_err(io_err("set the file mode to 0600"))?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source: Box::new(source),
+        };
+        let backend = redb::backends::FileBackend::new(file).map_err(open_err)?;
+        // Without the integrity check redb trusts a cleanly closed file and may panic on one
+        // altered outside redb. The check reads the whole file, which is small here.
+        let db = Database::builder()
+            .set_cache_size(CACHE_SIZE)
+            .set_check_integrity_on_open(true)
+            .create_with_backend(backend)
+            .map_err(open_err)?;
+        let store = LeaseStore {
+            db,
+            path: path.to_owned(),
+        };
+        // Create the table up front so that readers never meet a missing table.
+        let txn = store
+            .db
+            .begin_write()
+            .map_err(store.db_err("begin write transaction"))?;
+        txn.open_table(LEASES)
+            .map_err(store.db_err("create the leases table"))?;
+        txn.commit().map_err(store.db_err("commit"))?;
+        Ok(store)
+    }
+
+    /// Inserts or replaces the lease with this ID; durable when it returns.
+    pub fn put(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.put_all(std::slice::from_ref(lease))
+    }
+
+    /// Inserts or replaces several leases in one transaction: all or none are stored, with one
+    /// disk sync instead of one per lease.
+    pub fn put_all(&self, leases: &[Lease]) -> Result<(), StoreError> {
+        // Encode first so an encoding error never leaves a transaction to abort.
+        let encoded = leases
+            .iter()
+            .map(|l| Ok((l.id.as_str(), self.encode(l)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.db_err("begin write transaction"))?;
+        {
+            let mut table = txn
+                .open_table(LEASES)
+                .map_err(self.db_err("open the leases table"))?;
+            for (key, bytes) in &encoded {
+                table
+                    .insert(*key, bytes.as_slice())
+                    .map_err(self.db_err("insert a lease"))?;
+            }
+        }
+        txn.commit().map_err(self.db_err("commit"))
+    }
+
+    /// Every stored lease, active and ended, in no particular order.
+    pub fn load(&self) -> Result<Vec<Lease>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(self.db_err("begin read transaction"))?;
+        let table = txn
+            .open_table(LEASES)
+            .map_err(self.db_err("open the leases table"))?;
+        let mut leases =
+            Vec::with_capacity(table.len().map_err(self.db_err("count leases"))? as usize);
+        for entry in table.iter().map_err(self.db_err("read leases"))? {
+            let (key, value) = entry.map_err(self.db_err("read a lease"))?;
+            leases.push(self.decode(key.value(), value.value())?);
+        }
+        Ok(leases)
+    }
+
+    /// Deletes ended leases whose `ended_at` is before `cutoff` and returns how many went.
+    /// Active leases are never deleted, whatever their times say.
+    pub fn compact(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(self.db_err("begin write transaction"))?;
+        let removed;
+        {
+            let mut table = txn
+                .open_table(LEASES)
+                .map_err(self.db_err("open the leases table"))?;
+            // Decode every record (not just peek at two fields): an unreadable record is an
+            // error here as in load(), rather than something compaction silently keeps or drops.
+            let mut doomed = Vec::new();
+            for entry in table.iter().map_err(self.db_err("read leases"))? {
+                let (key, value) = entry.map_err(self.db_err("read a lease"))?;
+                let lease = self.decode(key.value(), value.value())?;
+                let old_enough = lease.ended_at.is_some_and(|t| t < cutoff);
+                if lease.state != LeaseState::Active && old_enough {
+                    doomed.push(key.value().to_owned());
+                }
+            }
+            for key in &doomed {
+                table
+                    .remove(key.as_str())
+                    .map_err(self.db_err("delete a lease"))?;
+            }
+            removed = doomed.len();
+        }
+        txn.commit().map_err(self.db_err("commit"))?;
+        Ok(removed)
+    }
+
+    fn db_err<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
+        move |e| StoreError::Db {
+            op,
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn encode(&self, lease: &Lease) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&LeaseRecord::from(lease)).map_err(|source| StoreError::Encode {
+            path: self.path.clone(),
+            key: lease.id.to_string(),
+            source,
+        })
+    }
+
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<Lease, StoreError> {
+        let fail = |reason: String| StoreError::Decode {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            reason,
+        };
+        // Read the version alone first, so that a future format is reported as such rather than
+        // as whatever field it happens to lack.
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|e| fail(format!("invalid JSON: {e}")))?;
+        if version.v != FORMAT_VERSION {
+            return Err(fail(format!(
+                "unknown format version {} (this agent reads {FORMAT_VERSION})",
+                version.v
+            )));
+        }
+        let record: LeaseRecord =
+            serde_json::from_slice(bytes).map_err(|e| fail(format!("invalid record: {e}")))?;
+        let lease = record.into_lease().map_err(fail)?;
+        if lease.id.as_str() != key {
+            return Err(fail(format!("holds lease {}", lease.id)));
+        }
+        Ok(lease)
+    }
+}
+
+#[derive(Deserialize)]
+struct Version {
+    v: u32,
+}
+
+/// The on-disk form of a [`Lease`], format version 1. Times are signed nanoseconds since the
+/// Unix epoch and durations nanoseconds, so every value round-trips exactly.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseRecord {
+    v: u32,
+    id: String,
+    task_id: String,
+    delegator: String,
+    agent: String,
+    spiffe_id: String,
+    selectors: Vec<String>,
+    created_at: i128,
+    expires_at: i128,
+    max_expires_at: i128,
+    svid_ttl_nanos: u128,
+    audiences: Vec<String>,
+    reason: String,
+    granted_by: PrincipalRecord,
+    state: String,
+    ended_at: Option<i128>,
+    ended_by: Option<PrincipalRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalRecord {
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+    user: Option<String>,
+}
+
+impl From<&Lease> for LeaseRecord {
+    fn from(l: &Lease) -> Self {
+        LeaseRecord {
+            v: FORMAT_VERSION,
+            id: l.id.to_string(),
+            task_id: l.task_id.clone(),
+            delegator: l.delegator.clone(),
+            agent: l.agent.clone(),
+            spiffe_id: l.spiffe_id.to_string(),
+            selectors: l.selectors.clone(),
+            created_at: time_to_nanos(l.created_at),
+            expires_at: time_to_nanos(l.expires_at),
+            max_expires_at: time_to_nanos(l.max_expires_at),
+            svid_ttl_nanos: l.svid_ttl.as_nanos(),
+            audiences: l.audiences.clone(),
+            reason: l.reason.clone(),
+            granted_by: PrincipalRecord::from(&l.granted_by),
+            state: l.state.as_str().to_owned(),
+            ended_at: l.ended_at.map(time_to_nanos),
+            ended_by: l.ended_by.as_ref().map(PrincipalRecord::from),
+        }
+    }
+}
+
+impl LeaseRecord {
+    fn into_lease(self) -> Result<Lease, String> {
+        let time = |field: &str, n: i128| {
+            nanos_to_time(n).ok_or_else(|| format!("{field}: {n} is out of range"))
+        };
+        Ok(Lease {
+            id: LeaseId::parse(&self.id).map_err(|e| format!("id: {e}"))?,
+            spiffe_id: SpiffeId::new(&self.spiffe_id)
+                .map_err(|e| format!("spiffe_id {:?}: {e}", self.spiffe_id))?,
+            created_at: time("created_at", self.created_at)?,
+            expires_at: time("expires_at", self.expires_at)?,
+            max_expires_at: time("max_expires_at", self.max_expires_at)?,
+            svid_ttl: nanos_to_duration(self.svid_ttl_nanos).ok_or_else(|| {
+                format!("svid_ttl_nanos: {} is out of range", self.svid_ttl_nanos)
+            })?,
+            state: parse_state(&self.state)
+                .ok_or_else(|| format!("state: unknown state {:?}", self.state))?,
+            ended_at: self.ended_at.map(|n| time("ended_at", n)).transpose()?,
+            task_id: self.task_id,
+            delegator: self.delegator,
+            agent: self.agent,
+            selectors: self.selectors,
+            audiences: self.audiences,
+            reason: self.reason,
+            granted_by: self.granted_by.into(),
+            ended_by: self.ended_by.map(Principal::from),
+        })
+    }
+}
+
+impl From<&Principal> for PrincipalRecord {
+    fn from(p: &Principal) -> Self {
+        PrincipalRecord {
+            uid: p.uid,
+            gid: p.gid,
+            pid: p.pid,
+            user: p.user.clone(),
+        }
+    }
+}
+
+impl From<PrincipalRecord> for Principal {
+    fn from(p: PrincipalRecord) -> Self {
+        Principal {
+            uid: p.uid,
+            gid: p.gid,
+            pid: p.pid,
+            user: p.user,
+        }
+    }
+}
+
+/// The inverse of [`LeaseState::as_str`].
+fn parse_state(s: &str) -> Option<LeaseState> {
+    [
+        LeaseState::Active,
+        LeaseState::Revoked,
+        LeaseState::Expired,
+        LeaseState::Completed,
+        LeaseState::ProcessExited,
+    ]
+    .into_iter()
+    .find(|state| state.as_str() == s)
+}
+
+const NANOS_PER_SEC: i128 = 1_000_000_000;
+
+/// Signed, because a `SystemTime` may lie before the epoch (a clock set badly); i128 holds any
+/// `SystemTime` the platform can represent.
+fn time_to_nanos(t: SystemTime) -> i128 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
+}
+
+fn nanos_to_time(n: i128) -> Option<SystemTime> {
+    let d = nanos_to_duration(n.unsigned_abs())?;
+    if n >= 0 {
+        UNIX_EPOCH.checked_add(d)
+    } else {
+        UNIX_EPOCH.checked_sub(d)
+    }
+}
+
+fn nanos_to_duration(n: u128) -> Option<Duration> {
+    let per_sec = NANOS_PER_SEC as u128;
+    let secs = u64::try_from(n / per_sec).ok()?;
+    Some(Duration::new(secs, (n % per_sec) as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::fs;
+
+    fn principal(uid: u32, user: Option<&str>) -> Principal {
+        Principal {
+            uid,
+            gid: uid + 1,
+            pid: Some(4242),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn lease(task: &str) -> Lease {
+        // Nanosecond precision on purpose: the round trip must be exact.
+        let created = UNIX_EPOCH + Duration::new(1_750_000_000, 123_456_789);
+        Lease {
+            id: LeaseId::random(),
+            task_id: task.to_owned(),
+            delegator: "user/alice".to_owned(),
+            agent: "reporter".to_owned(),
+            spiffe_id: SpiffeId::new(format!(
+                "spiffe://example.org/agent/reporter/task/{task}/delegator/user/alice"
+            ))
+            .unwrap(),
+            selectors: vec!["unix:pid:77:12345".into(), "unix:uid:1000".into()],
+            created_at: created,
+            expires_at: created + Duration::from_secs(60),
+            max_expires_at: created + Duration::new(3600, 1),
+            svid_ttl: Duration::from_millis(300_500),
+            audiences: vec!["db".into(), "spiffe://example.org/api".into()],
+            reason: "nightly report\tfor \"ops\" — ünïcode".to_owned(),
+            granted_by: principal(1000, Some("alice")),
+            state: LeaseState::Active,
+            ended_at: None,
+            ended_by: None,
+        }
+    }
+
+    fn ended(task: &str, state: LeaseState, ended_at: SystemTime) -> Lease {
+        Lease {
+            state,
+            ended_at: Some(ended_at),
+            ended_by: Some(principal(0, None)),
+            ..lease(task)
+        }
+    }
+
+    /// `Lease` has no `PartialEq`; its `Debug` output shows every field, times to the nanosecond.
+    fn same(a: &Lease, b: &Lease) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    fn by_id(leases: Vec<Lease>, id: &LeaseId) -> Lease {
+        leases
+            .into_iter()
+            .find(|l| &l.id == id)
+            .expect("lease present")
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<LeaseStore>();
+        check::<StoreError>();
+    }
+
+    #[test]
+    fn put_then_load_round_trips_every_field() {
+        let dir = tempdir();
+        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let active = lease("t-1");
+        let mut gone = ended(
+            "t-2",
+            LeaseState::ProcessExited,
+            UNIX_EPOCH + Duration::new(1_750_000_100, 999_999_999),
+        );
+        gone.delegator = "team/ops/bob".into();
+        gone.audiences.clear();
+        gone.reason.clear();
+        gone.granted_by.pid = None;
+        let mut early = lease("t-3");
+        // A clock set before the epoch still round-trips.
+        early.created_at = UNIX_EPOCH - Duration::new(5, 7);
+        store.put(&active).unwrap();
+        store.put(&gone).unwrap();
+        store.put(&early).unwrap();
+
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 3);
+        for want in [&active, &gone, &early] {
+            let got = by_id(loaded.clone(), &want.id);
+            assert!(same(&got, want), "got {got:?}\nwant {want:?}");
+        }
+        let got = by_id(loaded, &gone.id);
+        assert_eq!(got.delegator, "team/ops/bob");
+        assert_eq!(got.ended_by, Some(principal(0, None)));
+        assert_eq!(got.state, LeaseState::ProcessExited);
+    }
+
+    #[test]
+    fn validated_grant_round_trips() {
+        use crate::lease::{validate_grant, GrantInput, IdTemplate, LeaseLimits, DEFAULT_TEMPLATE};
+        let limits = LeaseLimits {
+            trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
+            template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
+            max_ttl: Duration::from_secs(3600),
+            default_svid_ttl: Duration::from_secs(300),
+            max_svid_ttl: Duration::from_secs(3600),
+        };
+        let input = GrantInput {
+            task_id: "t-9".into(),
+            delegator: "org/team/carol".into(),
+            agent: "builder".into(),
+            ttl: Some(Duration::from_secs(60)),
+            selectors: vec!["unix:uid:1000".into(), "unix:path:/usr/bin/env".into()],
+            audiences: vec!["b".into(), "a".into()],
+            reason: "ci".into(),
+            ..Default::default()
+        };
+        let lease = validate_grant(input, &limits, SystemTime::now(), Principal::agent()).unwrap();
+        let dir = tempdir();
+        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        store.put(&lease).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert!(same(&loaded[0], &lease));
+    }
+
+    #[test]
+    fn put_of_the_same_id_updates() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+        let store = LeaseStore::open(&path).unwrap();
+        let mut l = lease("t-1");
+        store.put(&l).unwrap();
+        l.state = LeaseState::Revoked;
+        l.ended_at = Some(l.created_at + Duration::from_secs(5));
+        l.ended_by = Some(principal(1000, Some("alice")));
+        store.put(&l).unwrap();
+        drop(store);
+
+        let loaded = LeaseStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].state, LeaseState::Revoked);
+        assert!(same(&loaded[0], &l));
+    }
+
+    #[test]
+    fn data_survives_reopening() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+        let leases = vec![
+            lease("a"),
+            ended("b", LeaseState::Completed, SystemTime::now()),
+        ];
+        {
+            let store = LeaseStore::open(&path).unwrap();
+            store.put_all(&leases).unwrap();
+        }
+        let store = LeaseStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 2);
+        for want in &leases {
+            assert!(same(&by_id(loaded.clone(), &want.id), want));
+        }
+    }
+
+    #[test]
+    fn compact_deletes_only_old_ended_leases() {
+        let dir = tempdir();
+        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let cutoff = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let before = cutoff - Duration::from_nanos(1);
+        let old_revoked = ended("old-r", LeaseState::Revoked, before);
+        let old_expired = ended(
+            "old-e",
+            LeaseState::Expired,
+            cutoff - Duration::from_secs(86400),
+        );
+        let at_cutoff = ended("at", LeaseState::Completed, cutoff);
+        let recent = ended(
+            "new",
+            LeaseState::ProcessExited,
+            cutoff + Duration::from_secs(1),
+        );
+        let mut old_active = lease("active");
+        old_active.expires_at = before;
+        let mut odd_active = lease("odd");
+        // Inconsistent, but an active lease is never deleted, whatever its fields say.
+        odd_active.ended_at = Some(before);
+        store
+            .put_all(&[
+                old_revoked.clone(),
+                old_expired.clone(),
+                at_cutoff.clone(),
+                recent.clone(),
+                old_active.clone(),
+                odd_active.clone(),
+            ])
+            .unwrap();
+
+        assert_eq!(store.compact(cutoff).unwrap(), 2);
+        let mut left: Vec<_> = store.load().unwrap().into_iter().map(|l| l.id).collect();
+        left.sort();
+        let mut want = vec![at_cutoff.id, recent.id, old_active.id, odd_active.id];
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(store.compact(cutoff).unwrap(), 0);
+    }
+
+    #[test]
+    fn put_all_ten_thousand() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+        let template = lease("bulk");
+        let leases: Vec<Lease> = (0..10_000)
+            .map(|i| Lease {
+                id: LeaseId::random(),
+                task_id: format!("t-{i}"),
+                ..template.clone()
+            })
+            .collect();
+        {
+            let store = LeaseStore::open(&path).unwrap();
+            store.put_all(&leases).unwrap();
+        }
+        let loaded = LeaseStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.len(), 10_000);
+    }
+
+    #[test]
+    fn file_mode_is_0600() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+        drop(LeaseStore::open(&path).unwrap());
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&path), 0o600);
+
+        // An existing file that is too open is tightened.
+        fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+        drop(LeaseStore::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_the_path() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+
+        let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + 13) as u8).collect();
+        for bytes in [&b"not a database"[..], &garbage[..]] {
+            fs::write(&path, bytes).unwrap();
+            let err = LeaseStore::open(&path).unwrap_err();
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+        }
+
+        // A real database with its data pages overwritten.
+        fs::remove_file(&path).unwrap();
+        {
+            let store = LeaseStore::open(&path).unwrap();
+            store
+                .put_all(
+                    &(0..200)
+                        .map(|i| lease(&format!("t{i}")))
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap();
+        }
+        let mut bytes = fs::read(&path).unwrap();
+        let len = bytes.len();
+        for b in &mut bytes[4096..len] {
+            *b ^= 0x5a;
+        }
+        fs::write(&path, &bytes).unwrap();
+        let err = LeaseStore::open(&path).unwrap_err();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_records_are_decode_errors_naming_the_key() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+        let store = LeaseStore::open(&path).unwrap();
+        let good = LeaseRecord::from(&lease("t"));
+        let key = good.id.clone();
+        let put_raw = |value: &[u8]| {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(LEASES)
+                .unwrap()
+                .insert(key.as_str(), value)
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        let as_json = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(&good).unwrap();
+            edit(&mut v);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"{not json".to_vec(), "invalid JSON"),
+            (as_json(&|v| v["v"] = 2.into()), "unknown format version 2"),
+            (
+                as_json(&|v| v["spiffe_id"] = "http://nope".into()),
+                "spiffe_id",
+            ),
+            (as_json(&|v| v["state"] = "paused".into()), "unknown state"),
+            (as_json(&|v| v["id"] = "ABC".into()), "id"),
+            (
+                as_json(&|v| v["id"] = LeaseId::random().to_string().into()),
+                "holds lease",
+            ),
+        ];
+        for (bytes, why) in cases {
+            put_raw(&bytes);
+            for err in [
+                store.load().unwrap_err(),
+                store.compact(SystemTime::now()).unwrap_err(),
+            ] {
+                match &err {
+                    StoreError::Decode { key: k, reason, .. } => {
+                        assert_eq!(k, &key);
+                        assert!(reason.contains(why), "{reason} should mention {why}");
+                    }
+                    other => panic!("expected a decode error, got {other:?}"),
+                }
+                assert!(err.to_string().contains(&key), "{err}");
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Leases and the audit log across restarts, crashes and tampering.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use mayfly::proto::admin as pb;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn audit_records(data_dir: &std::path::Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    mayfly::audit::read_all(&data_dir.join("audit")).unwrap()
+}
+
+fn events(data_dir: &std::path::Path, lease_id: &str) -> Vec<String> {
+    audit_records(data_dir)
+        .into_iter()
+        .filter(|r| r.get("lease_id").and_then(|v| v.as_str()) == Some(lease_id))
+        .map(|r| r["event"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_ca_and_active_leases_and_ends_expired_ones() {
+    let t = start().await;
+    let keep = t.grant_me("keep", HOUR, None).await;
+    let brief = t.grant_me("brief", Duration::from_secs(2), None).await;
+    let before = t.workload().await.fetch_x509_context().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let bundle_before = before.bundle_set().get(&td).unwrap().authorities().to_vec();
+
+    // Down across the short lease's deadline: its timer never fires in this process.
+    let mut t = t;
+    t.agent.take().unwrap().stop().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let t = start_in(t.dir, |_| {}).await;
+
+    let mut admin = t.admin().await;
+    let get = |id: String| pb::GetRequest { lease_id: id };
+    let kept = admin
+        .get(get(keep.lease_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.state, "active");
+    let ended = admin
+        .get(get(brief.lease_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ended.state, "expired");
+
+    let after = t.workload().await.fetch_x509_context().await.unwrap();
+    assert_eq!(
+        after.bundle_set().get(&td).unwrap().authorities(),
+        &bundle_before[..]
+    );
+    let ids: Vec<String> = after
+        .svids()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    assert_eq!(ids, vec![keep.spiffe_id.clone()]);
+
+    let ev = events(&t.data_dir(), &brief.lease_id);
+    assert_eq!(ev.first().map(String::as_str), Some("lease_granted"));
+    assert!(ev.contains(&"lease_expired".to_string()), "{ev:?}");
+    mayfly::audit::verify(&t.data_dir().join("audit")).unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_ends_leases_whose_process_is_gone() {
+    let t = start().await;
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let lease = t
+        .grant("bound", &[format!("unix:pid:{}", child.id())], HOUR, None)
+        .await;
+    let mut t = t;
+    t.agent.take().unwrap().stop().await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = start_in(t.dir, |_| {}).await;
+    let got = t
+        .admin()
+        .await
+        .get(pb::GetRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, "process_exited");
+    assert!(events(&t.data_dir(), &lease.lease_id).contains(&"lease_process_exited".to_string()));
+}
+
+#[tokio::test]
+async fn issuance_grants_and_ends_are_audited_and_the_chain_verifies() {
+    let t = start().await;
+    let lease = t.grant_me("audited", HOUR, None).await;
+    let svid = t.workload().await.fetch_x509_svid().await.unwrap();
+    let serial = serial(svid.leaf().as_bytes()).replace(':', "");
+    t.admin()
+        .await
+        .revoke(pb::RevokeRequest {
+            lease_id: lease.lease_id.clone(),
+            reason: "done early".into(),
+        })
+        .await
+        .unwrap();
+    let _ = t.workload().await.fetch_x509_svid().await.unwrap_err();
+
+    let records = audit_records(&t.data_dir());
+    let issued = records
+        .iter()
+        .find(|r| r["event"] == "svid_issued")
+        .expect("issuance audited");
+    assert_eq!(issued["serial"].as_str().unwrap(), serial);
+    assert_eq!(issued["lease_id"].as_str().unwrap(), lease.lease_id);
+    assert_eq!(issued["task_id"], "audited");
+    assert_eq!(issued["delegator"], "user/alice");
+    assert_eq!(issued["pid"], std::process::id());
+    assert_eq!(issued["uid"], my_uid());
+    assert_eq!(issued["exe_sha256"].as_str().unwrap().len(), 64);
+    let revoked = records
+        .iter()
+        .find(|r| r["event"] == "lease_revoked")
+        .expect("revocation audited");
+    assert_eq!(revoked["reason_for_change"], "done early");
+    let denied = records
+        .iter()
+        .find(|r| r["event"] == "request_denied")
+        .expect("denial audited");
+    assert!(denied["selectors"].as_array().unwrap().len() > 2);
+    mayfly::audit::verify(&t.data_dir().join("audit")).unwrap();
+}
+
+#[tokio::test]
+async fn an_edited_or_deleted_audit_line_is_detected() {
+    let t = start().await;
+    for i in 0..3 {
+        t.grant_me(&format!("t{i}"), HOUR, None).await;
+    }
+    t.workload().await.fetch_x509_svid().await.unwrap();
+    let data = t.data_dir();
+    let mut t = t;
+    t.agent.take().unwrap().stop().await;
+
+    let verify = |d: &std::path::Path| {
+        std::process::Command::new(t.bin())
+            .args(["audit", "verify", "--data-dir", d.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&data);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let segment = data.join("audit/audit-00000001.jsonl");
+    let original = std::fs::read_to_string(&segment).unwrap();
+    let edited = original.replacen("\"task_id\":\"t1\"", "\"task_id\":\"tX\"", 1);
+    assert_ne!(edited, original);
+    std::fs::write(&segment, &edited).unwrap();
+    let bad = verify(&data);
+    assert!(!bad.status.success(), "an edited record went unnoticed");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("audit-00000001.jsonl:"));
+
+    let mut lines: Vec<&str> = original.lines().collect();
+    lines.remove(1);
+    std::fs::write(&segment, lines.join("\n") + "\n").unwrap();
+    let bad = verify(&data);
+    assert!(!bad.status.success(), "a deleted record went unnoticed");
+}
+
+/// The agent is killed with SIGKILL in the middle of a burst of grants and fetches. Every
+/// serial a client received must be in the audit log afterwards, and the chain must verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_issuance_loses_no_audited_serial() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("w.sock");
+    let admin_socket = dir.path().join("a.sock");
+    let data = dir.path().join("data");
+    let spawn_agent = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["agent", "--trust-domain", "example.org"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut agent = spawn_agent();
+    while !socket.exists() || !admin_socket.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let received = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (socket, admin_socket, received) =
+            (socket.clone(), admin_socket.clone(), received.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let Ok(mut admin) = mayfly::admin::connect(&admin_socket).await else {
+                    return;
+                };
+                let grant = admin
+                    .grant(pb::GrantRequest {
+                        task_id: format!("burst-{w}-{i}"),
+                        delegator: "user/alice".into(),
+                        agent: "burst".into(),
+                        ttl: Some(mayfly::time::to_duration(HOUR)),
+                        selectors: vec![format!("unix:pid:{}", std::process::id())],
+                        ..Default::default()
+                    })
+                    .await;
+                if grant.is_err() {
+                    return;
+                }
+                let endpoint = format!("unix://{}", socket.display());
+                let Ok(client) = spiffe::WorkloadApiClient::connect_to(endpoint).await else {
+                    return;
+                };
+                let Ok(ctx) = client.fetch_x509_context().await else {
+                    return;
+                };
+                let mut got = received.lock().unwrap();
+                for s in ctx.svids() {
+                    got.insert(serial(s.leaf().as_bytes()).replace(':', ""));
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.start_kill().unwrap(); // SIGKILL
+    agent.wait().await.unwrap();
+    for w in workers {
+        let _ = w.await;
+    }
+    let received = received.lock().unwrap().clone();
+    assert!(
+        received.len() > 10,
+        "the burst issued only {} SVIDs",
+        received.len()
+    );
+
+    // Restart on the same data: the torn tail (if any) is dropped, the chain continues.
+    let mut agent = spawn_agent();
+    while !socket.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audited: HashSet<String> = audit_records(&data)
+        .into_iter()
+        .filter(|r| r["event"] == "svid_issued")
+        .map(|r| r["serial"].as_str().unwrap().to_owned())
+        .collect();
+    let missing: Vec<_> = received.difference(&audited).collect();
+    assert!(
+        missing.is_empty(),
+        "serials handed out but not audited: {missing:?}"
+    );
+    agent.start_kill().unwrap();
+}
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_be_written_nothing_is_issued_or_granted() {
+    // The second audit segment cannot be created (a directory is in its place), so the log
+    // fails as soon as the first segment is full.
+    let t = start_with(|f| f.audit.max_segment_bytes = Some(4096)).await;
+    let blocker = t.data_dir().join("audit/audit-00000002.jsonl");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut granted = 0;
+    let refused = loop {
+        let r = t
+            .admin()
+            .await
+            .grant(pb::GrantRequest {
+                task_id: format!("fill-{granted}"),
+                delegator: "user/alice".into(),
+                agent: "reporter".into(),
+                ttl: Some(mayfly::time::to_duration(HOUR)),
+                selectors: vec![format!("unix:pid:{}", std::process::id())],
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => granted += 1,
+            Err(status) => break status,
+        }
+        assert!(granted < 100, "the audit log never filled up");
+    };
+    assert!(granted > 0);
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(refused.message().contains("audit"), "{}", refused.message());
+
+    // Leases granted before the failure match, but no SVID is handed out unaudited.
+    let err = t.workload().await.fetch_x509_svid().await.unwrap_err();
+    let text = format!("{err:?}");
+    assert!(
+        text.contains("Unavailable") && text.contains("audit"),
+        "{text}"
+    );
+    mayfly::audit::verify(&t.data_dir().join("audit")).unwrap_err();
+}
