@@ -279,3 +279,30 @@ fn agent_starts_on_embedded_defaults_for_any_user() {
     assert!(runtime.join("mayfly/admin.sock").exists());
     assert!(home.join(".local/share/mayfly/ca/ca.pem").exists());
 }
+
+#[test]
+fn sigterm_stops_the_agent_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("w.sock");
+    let admin = dir.path().join("a.sock");
+    let data = dir.path().join("data");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--socket", sock.to_str().unwrap()])
+        .args(["--admin-socket", admin.to_str().unwrap()])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&admin);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists() && !admin.exists(), "sockets left behind");
+    let out = mayfly(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -327,3 +327,55 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_issued_or_granted() {
     );
     mayfly::audit::verify(&t.data_dir().join("audit")).unwrap_err();
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let mut t = start().await;
+    t.grant_me("streaming", HOUR, None).await;
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    futures::StreamExt::next(&mut stream)
+        .await
+        .unwrap()
+        .unwrap();
+    t.agent.take().unwrap().stop().await;
+    let end = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut stream),
+    )
+    .await
+    .expect("stream told");
+    let text = format!("{end:?}");
+    assert!(text.contains("Unavailable"), "{text}");
+}
+
+#[tokio::test]
+async fn ended_leases_are_compacted_after_their_retention() {
+    let t = start_with(|f| f.leases.retention = Some("1s".into())).await;
+    let lease = t.grant_me("short-lived-record", HOUR, None).await;
+    let mut admin = t.admin().await;
+    admin
+        .complete(pb::CompleteRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap();
+    let all = |admin: &mut mayfly::proto::admin::tasks_client::TasksClient<_>| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list(pb::ListRequest { all: true })
+                .await
+                .unwrap()
+                .into_inner()
+                .leases
+                .len()
+        }
+    };
+    assert_eq!(all(&mut admin).await, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while all(&mut admin).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never compacted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
