@@ -29,6 +29,11 @@ async fn agent(args: AgentArgs) -> Result<()> {
         },
     )?;
     init_logs(config.log_format);
+    // Handlers first: a SIGTERM that arrives while the agent is starting must still mean a
+    // clean stop, not the default instant death.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let agent = mayfly::app::Agent::start(config.clone()).await?;
     println!("mayfly agent running");
     println!("  trust domain    {}", config.limits.trust_domain);
@@ -45,9 +50,6 @@ async fn agent(args: AgentArgs) -> Result<()> {
     println!("  data dir        {}", agent.data_dir.display());
     let token = agent.shutdown_token();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

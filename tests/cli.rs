@@ -304,5 +304,9 @@ fn sigterm_stops_the_agent_cleanly() {
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists() && !admin.exists(), "sockets left behind");
     let out = mayfly(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
