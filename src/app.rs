@@ -12,6 +12,7 @@ use crate::attest::Attestor;
 use crate::audit::{AuditLog, AuditOptions};
 use crate::ca::SigningCa;
 use crate::config::Config;
+use crate::jwt::{JwtKeys, KeyPolicy};
 use crate::lease::{Durable, Registry};
 use crate::store::LeaseStore;
 use crate::svid::Manager;
@@ -32,6 +33,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("JWT signing keys: {0}")]
+    Jwt(#[from] crate::jwt::JwtError),
     #[error("workload socket: {0}")]
     Workload(crate::listen::BindError),
     #[error("admin socket: {0}")]
@@ -84,7 +87,20 @@ impl Agent {
             },
         );
         registry.restore(stored, config.retention).await;
-        let manager = Manager::new(ca.clone(), registry.clone(), Some(audit.clone()));
+        let jwt_keys = Arc::new(JwtKeys::load_or_create(
+            &config.data_dir.join("jwt"),
+            &config.limits.trust_domain,
+            KeyPolicy {
+                rotate_after: config.jwt_key_rotation,
+                max_token_ttl: config.limits.max_jwt_ttl,
+            },
+        )?);
+        let manager = Manager::new(
+            ca.clone(),
+            jwt_keys.clone(),
+            registry.clone(),
+            Some(audit.clone()),
+        );
         let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -130,6 +146,34 @@ impl Agent {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(every) => r.compact(retention).await,
+                }
+            }
+        });
+        // JWT signing keys rotate on schedule; retired keys leave the bundle once every token
+        // they signed has expired.
+        let (token, every) = (
+            shutdown.clone(),
+            (config.jwt_key_rotation / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(60)),
+        );
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let keys = jwt_keys.clone();
+                match tokio::task::spawn_blocking(move || {
+                    keys.maintain(std::time::SystemTime::now())
+                })
+                .await
+                {
+                    Ok(Ok(true)) => {
+                        tracing::info!(event = "jwt_keys_changed", "JWT signing keys changed")
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "JWT key maintenance failed"),
+                    Err(e) => tracing::error!(error = %e, "JWT key maintenance failed"),
                 }
             }
         });

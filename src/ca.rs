@@ -569,7 +569,7 @@ impl SigningCa {
             chain_der,
             leaf_der,
             key_pkcs8: Zeroizing::new(key.serialize_der()),
-            serial_hex: hex::encode(strip_leading_zeros(&serial)),
+            serial_hex: serial_hex(&serial),
             not_before: from_unix_u(nb_secs),
             not_after: leaf_not_after,
         })
@@ -879,6 +879,12 @@ fn random_serial() -> Result<[u8; 16], String> {
             return Ok(s);
         }
     }
+}
+
+/// A certificate serial as mayfly prints and audits it: lowercase hex of the integer's bytes
+/// without leading zero bytes (so without DER's sign byte). `raw` is the DER INTEGER content.
+pub fn serial_hex(raw: &[u8]) -> String {
+    hex::encode(strip_leading_zeros(raw))
 }
 
 fn strip_leading_zeros(b: &[u8]) -> &[u8] {

@@ -26,6 +26,9 @@ pub enum Command {
     /// Fetch X.509-SVIDs from the Workload API, as a workload would.
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// Fetch or validate JWT-SVIDs through the Workload API.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
     /// Run a command under a task lease bound to its process; the lease ends when it exits.
     Run(RunArgs),
     /// Check or print the audit log.
@@ -38,6 +41,29 @@ pub enum Command {
         sync: PathBuf,
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Fetch a JWT-SVID for an audience and print the token.
+    Fetch {
+        /// Audience the token is for (repeatable).
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        /// Which of the caller's identities (default: the first).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Validate a JWT-SVID for an audience; prints its SPIFFE ID and claims.
+    Validate {
+        #[arg(long)]
+        audience: String,
+        token: String,
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -131,6 +157,9 @@ pub struct GrantArgs {
     /// Lifetime of each X.509-SVID (default from the agent's config).
     #[arg(long, value_parser = duration)]
     pub svid_ttl: Option<Duration>,
+    /// Lifetime of each JWT-SVID (default from the agent's config).
+    #[arg(long, value_parser = duration)]
+    pub jwt_ttl: Option<Duration>,
     /// Selector the caller must have, e.g. unix:uid:1000 (repeatable; all must match).
     #[arg(long = "selector")]
     pub selectors: Vec<String>,

@@ -42,6 +42,8 @@ pub fn lease_json(l: &pb::Lease) -> Value {
         "max_expires_at": ts(&l.max_expires_at),
         "svid_ttl": l.svid_ttl.as_ref().and_then(crate::time::from_duration)
             .map(|d| humantime::format_duration(d).to_string()),
+        "jwt_ttl": l.jwt_ttl.as_ref().and_then(crate::time::from_duration)
+            .map(|d| humantime::format_duration(d).to_string()),
         "audiences": l.audiences,
         "reason": l.reason,
         "granted_by": principal_json(&l.granted_by),
@@ -92,6 +94,24 @@ fn print_lease(l: &pb::Lease, output: Output) {
     }
 }
 
+/// The admin request for grant flags; `bind` selectors (e.g. `mayfly run`'s process) first.
+pub fn grant_request(g: &GrantArgs, bind: Vec<String>) -> pb::GrantRequest {
+    let mut selectors = bind;
+    selectors.extend(g.selectors.iter().cloned());
+    pb::GrantRequest {
+        task_id: g.task_id.clone(),
+        delegator: g.delegator.clone(),
+        agent: g.agent.clone(),
+        ttl: Some(to_duration(g.ttl)),
+        max_ttl: g.max_ttl.map(to_duration),
+        svid_ttl: g.svid_ttl.map(to_duration),
+        jwt_ttl: g.jwt_ttl.map(to_duration),
+        selectors,
+        audiences: g.audiences.clone(),
+        reason: g.reason.clone(),
+    }
+}
+
 fn admin_socket(conn: &AdminConn) -> PathBuf {
     client_socket(
         conn.admin_socket.as_deref(),
@@ -121,29 +141,8 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
         .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
     match cmd {
         TaskCommand::Grant { grant, .. } => {
-            let GrantArgs {
-                task_id,
-                delegator,
-                agent,
-                ttl,
-                max_ttl,
-                svid_ttl,
-                selectors,
-                audiences,
-                reason,
-            } = grant;
             let lease = client
-                .grant(pb::GrantRequest {
-                    task_id,
-                    delegator,
-                    agent,
-                    ttl: Some(to_duration(ttl)),
-                    max_ttl: max_ttl.map(to_duration),
-                    svid_ttl: svid_ttl.map(to_duration),
-                    selectors,
-                    audiences,
-                    reason,
-                })
+                .grant(grant_request(&grant, Vec::new()))
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -236,7 +235,7 @@ fn describe(svid: &spiffe::X509Svid) -> Value {
     let leaf = svid.leaf().as_bytes();
     let (serial, not_before, not_after) = match x509_parser::parse_x509_certificate(leaf) {
         Ok((_, cert)) => (
-            cert.raw_serial_as_string().replace(':', ""),
+            crate::ca::serial_hex(cert.raw_serial()),
             cert.validity().not_before.to_rfc2822().unwrap_or_default(),
             cert.validity().not_after.to_rfc2822().unwrap_or_default(),
         ),
@@ -386,6 +385,49 @@ pub fn audit(cmd: crate::cli::AuditCommand) -> Result<()> {
             {
                 println!("{}", Value::Object(r.clone()));
             }
+        }
+    }
+    Ok(())
+}
+
+pub async fn jwt(cmd: crate::cli::JwtCommand) -> Result<()> {
+    use crate::cli::JwtCommand;
+    match cmd {
+        JwtCommand::Fetch {
+            audiences,
+            spiffe_id,
+            socket,
+        } => {
+            let client = workload_client(socket.as_deref()).await?;
+            let id = spiffe_id
+                .map(|s| spiffe::SpiffeId::new(&s).with_context(|| format!("--spiffe-id {s:?}")))
+                .transpose()?;
+            let token = client.fetch_jwt_token(&audiences, id.as_ref()).await?;
+            println!("{token}");
+        }
+        JwtCommand::Validate {
+            audience,
+            token,
+            socket,
+        } => {
+            let client = workload_client(socket.as_deref()).await?;
+            let svid = client.validate_jwt_token(&audience, &token).await?;
+            // The agent has validated it; show everything the token says.
+            let claims = token
+                .split('.')
+                .nth(1)
+                .and_then(|p| {
+                    use base64::Engine;
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(p)
+                        .ok()
+                })
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .unwrap_or(Value::Null);
+            println!(
+                "{}",
+                json!({ "spiffe_id": svid.spiffe_id().to_string(), "claims": claims })
+            );
         }
     }
     Ok(())

@@ -33,6 +33,15 @@ pub struct FileConfig {
     pub attestation: AttestationSection,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
+    pub jwt: JwtSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    /// A new JWT signing key is made when the active one is this old.
+    pub key_rotation: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +57,8 @@ pub struct LeaseSection {
     pub max_ttl: Option<String>,
     pub default_svid_ttl: Option<String>,
     pub max_svid_ttl: Option<String>,
+    pub default_jwt_ttl: Option<String>,
+    pub max_jwt_ttl: Option<String>,
     /// How long ended leases stay listed (`task list --all`) before they are compacted away.
     pub retention: Option<String>,
 }
@@ -106,6 +117,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub retention: Duration,
     pub audit_segment_bytes: u64,
+    pub jwt_key_rotation: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +286,21 @@ impl Config {
             l.max_svid_ttl.as_deref(),
             Duration::from_secs(3600),
         );
+        let default_jwt_ttl = duration(
+            &mut errors,
+            "leases.default_jwt_ttl",
+            l.default_jwt_ttl.as_deref(),
+            Duration::from_secs(300),
+        );
+        let max_jwt_ttl = duration(
+            &mut errors,
+            "leases.max_jwt_ttl",
+            l.max_jwt_ttl.as_deref(),
+            Duration::from_secs(3600),
+        );
+        if default_jwt_ttl > max_jwt_ttl {
+            errors.push("leases.default_jwt_ttl is above leases.max_jwt_ttl".into());
+        }
         if default_svid_ttl > max_svid_ttl {
             errors.push("leases.default_svid_ttl is above leases.max_svid_ttl".into());
         }
@@ -281,6 +308,8 @@ impl Config {
             ("leases.max_ttl", max_ttl),
             ("leases.default_svid_ttl", default_svid_ttl),
             ("leases.max_svid_ttl", max_svid_ttl),
+            ("leases.default_jwt_ttl", default_jwt_ttl),
+            ("leases.max_jwt_ttl", max_jwt_ttl),
         ] {
             if d < crate::lease::MIN_TTL {
                 errors.push(format!("{key}: must be at least 1s"));
@@ -295,6 +324,15 @@ impl Config {
         let audit_segment_bytes = file.audit.max_segment_bytes.unwrap_or(64 * 1024 * 1024);
         if audit_segment_bytes < 4096 {
             errors.push("audit.max_segment_bytes: must be at least 4096".into());
+        }
+        let jwt_key_rotation = duration(
+            &mut errors,
+            "jwt.key_rotation",
+            file.jwt.key_rotation.as_deref(),
+            Duration::from_secs(24 * 3600),
+        );
+        if jwt_key_rotation < Duration::from_secs(1) {
+            errors.push("jwt.key_rotation: must be at least 1s".into());
         }
         let ca_ttl = duration(
             &mut errors,
@@ -346,6 +384,8 @@ impl Config {
                 max_ttl,
                 default_svid_ttl,
                 max_svid_ttl,
+                default_jwt_ttl,
+                max_jwt_ttl,
             },
             allowed_uids,
             allowed_gids,
@@ -363,6 +403,7 @@ impl Config {
             log_format,
             retention,
             audit_segment_bytes,
+            jwt_key_rotation,
         })
     }
 }

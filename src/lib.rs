@@ -13,6 +13,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod jwt;
 pub mod lease;
 pub mod listen;
 pub mod proto;

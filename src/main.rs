@@ -74,6 +74,7 @@ async fn main() {
         }) => mayfly::client::svid_fetch(socket, write, output).await,
         Command::Svid(SvidCommand::Watch { socket }) => mayfly::client::svid_watch(socket).await,
         Command::Audit(cmd) => mayfly::client::audit(cmd),
+        Command::Jwt(cmd) => mayfly::client::jwt(cmd).await,
         Command::Run(args) => std::process::exit(mayfly::run::run(args).await),
         Command::Exec { sync, command } => std::process::exit(mayfly::run::exec(&sync, &command)),
     };

@@ -22,7 +22,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cli::RunArgs;
 use crate::config::{client_socket, Defaults};
 use crate::proto::admin as pb;
-use crate::time::to_duration;
 
 /// Exit status for a failure of `mayfly run` itself, as `env`, `timeout` and `docker run` do.
 pub const WRAPPER_FAILED: i32 = 125;
@@ -181,24 +180,12 @@ async fn grant(
     pid: i32,
 ) -> Result<pb::Lease> {
     let start = crate::attest::process_start_time(pid).context("reading the child's start time")?;
-    let g = &args.grant;
-    let mut selectors = vec![
+    let bind = vec![
         format!("unix:pid:{pid}:{start}"),
         format!("unix:uid:{}", rustix::process::geteuid().as_raw()),
     ];
-    selectors.extend(g.selectors.iter().cloned());
     let lease = admin
-        .grant(pb::GrantRequest {
-            task_id: g.task_id.clone(),
-            delegator: g.delegator.clone(),
-            agent: g.agent.clone(),
-            ttl: Some(to_duration(g.ttl)),
-            max_ttl: g.max_ttl.map(to_duration),
-            svid_ttl: g.svid_ttl.map(to_duration),
-            selectors,
-            audiences: g.audiences.clone(),
-            reason: g.reason.clone(),
-        })
+        .grant(crate::client::grant_request(&args.grant, bind))
         .await
         .map_err(|s| anyhow::anyhow!("granting the lease: {:?}: {}", s.code(), s.message()))?;
     Ok(lease.into_inner())

@@ -31,6 +31,9 @@ const FORMAT_VERSION: u32 = 1;
 /// and the agent should stay small on the node.
 const CACHE_SIZE: usize = 16 * 1024 * 1024;
 
+/// JWT TTL of leases stored before leases had one.
+const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
+
 /// The lease database. Every write is one redb transaction committed with
 /// [`redb::Durability::Immediate`] (the default), so it is on disk when the call returns.
 #[derive(Debug)]
@@ -284,6 +287,9 @@ struct LeaseRecord {
     expires_at: i128,
     max_expires_at: i128,
     svid_ttl_nanos: u128,
+    /// Added after v1 records were first written; absent means the default JWT TTL.
+    #[serde(default)]
+    jwt_ttl_nanos: Option<u128>,
     audiences: Vec<String>,
     reason: String,
     granted_by: PrincipalRecord,
@@ -315,6 +321,7 @@ impl From<&Lease> for LeaseRecord {
             expires_at: time_to_nanos(l.expires_at),
             max_expires_at: time_to_nanos(l.max_expires_at),
             svid_ttl_nanos: l.svid_ttl.as_nanos(),
+            jwt_ttl_nanos: Some(l.jwt_ttl.as_nanos()),
             audiences: l.audiences.clone(),
             reason: l.reason.clone(),
             granted_by: PrincipalRecord::from(&l.granted_by),
@@ -340,6 +347,11 @@ impl LeaseRecord {
             svid_ttl: nanos_to_duration(self.svid_ttl_nanos).ok_or_else(|| {
                 format!("svid_ttl_nanos: {} is out of range", self.svid_ttl_nanos)
             })?,
+            jwt_ttl: match self.jwt_ttl_nanos {
+                None => DEFAULT_JWT_TTL,
+                Some(n) => nanos_to_duration(n)
+                    .ok_or_else(|| format!("jwt_ttl_nanos: {n} is out of range"))?,
+            },
             state: parse_state(&self.state)
                 .ok_or_else(|| format!("state: unknown state {:?}", self.state))?,
             ended_at: self.ended_at.map(|n| time("ended_at", n)).transpose()?,
@@ -448,6 +460,7 @@ mod tests {
             expires_at: created + Duration::from_secs(60),
             max_expires_at: created + Duration::new(3600, 1),
             svid_ttl: Duration::from_millis(300_500),
+            jwt_ttl: Duration::from_millis(120_250),
             audiences: vec!["db".into(), "spiffe://example.org/api".into()],
             reason: "nightly report\tfor \"ops\" — ünïcode".to_owned(),
             granted_by: principal(1000, Some("alice")),
@@ -533,6 +546,8 @@ mod tests {
             max_ttl: Duration::from_secs(3600),
             default_svid_ttl: Duration::from_secs(300),
             max_svid_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            max_jwt_ttl: Duration::from_secs(3600),
         };
         let input = GrantInput {
             task_id: "t-9".into(),

@@ -21,7 +21,7 @@ use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use crate::svid::{AuditUnavailable, Manager, Requester, X509Svid};
+use crate::svid::{AuditUnavailable, JwtFetchError, Manager, Requester, X509Svid};
 
 const NO_IDENTITY: &str = "no identity issued";
 
@@ -147,13 +147,70 @@ fn serials(svids: &[Arc<X509Svid>]) -> Vec<String> {
     svids.iter().map(|s| s.issued.serial_hex.clone()).collect()
 }
 
+fn x509_bundles(m: &Manager) -> HashMap<String, Vec<u8>> {
+    let ca = m.ca();
+    HashMap::from([(
+        format!("spiffe://{}", ca.trust_domain()),
+        ca.bundle_der().to_vec(),
+    )])
+}
+
 impl WorkloadApi {
-    fn bundles(&self) -> HashMap<String, Vec<u8>> {
-        let ca = self.manager.ca();
-        HashMap::from([(
-            format!("spiffe://{}", ca.trust_domain()),
-            ca.bundle_der().to_vec(),
-        )])
+    /// A bundle stream: the first message at once, another whenever `refresh` changes, and
+    /// `PermissionDenied` as soon as the caller no longer holds any identity.
+    async fn bundle_stream<T: Send + 'static>(
+        &self,
+        rpc: &'static str,
+        att: Attestation,
+        mut refresh: Option<tokio::sync::watch::Receiver<u64>>,
+        make: impl Fn(&Manager) -> T + Send + 'static,
+    ) -> Result<ResponseStream<T>, Status> {
+        let registry = self.manager.registry().clone();
+        let mut generation = registry.subscribe();
+        generation.borrow_and_update();
+        if let Some(r) = refresh.as_mut() {
+            r.borrow_and_update();
+        }
+        if registry.matching(&att.selectors).is_empty() {
+            return Err(deny(&self.manager, rpc, &att).await);
+        }
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(Ok(make(&self.manager)))
+            .expect("fresh channel has room");
+        let shutdown = self.shutdown.clone();
+        let manager = self.manager.clone();
+        tokio::spawn(async move {
+            loop {
+                let refreshed = async {
+                    match refresh.as_mut() {
+                        Some(r) => r.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("agent shutting down"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    r = generation.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        if registry.matching(&att.selectors).is_empty() {
+                            let _ = tx.send(Err(deny(&manager, rpc, &att).await)).await;
+                            return;
+                        }
+                    }
+                    alive = refreshed => {
+                        if !alive || tx.send(Ok(make(&manager))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
@@ -246,62 +303,118 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let att = attest(&self.attestor, peer, RPC).await?;
-        let registry = self.manager.registry().clone();
-        let mut generation = registry.subscribe();
-        generation.borrow_and_update();
-        if registry.matching(&att.selectors).is_empty() {
-            return Err(deny(&self.manager, RPC, &att).await);
-        }
-        let (tx, rx) = mpsc::channel(2);
-        tx.try_send(Ok(pb::X509BundlesResponse {
-            crl: Vec::new(),
-            bundles: self.bundles(),
-        }))
-        .expect("fresh channel has room");
-        let shutdown = self.shutdown.clone();
-        let manager = self.manager.clone();
-        // The trust bundle does not change while the agent runs; what can change is whether
-        // the caller still holds an identity that entitles it to the stream.
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("agent shutting down"))).await;
-                        return;
-                    }
-                    _ = tx.closed() => return,
-                    r = generation.changed() => if r.is_err() { return },
-                }
-                if registry.matching(&att.selectors).is_empty() {
-                    let _ = tx.send(Err(deny(&manager, RPC, &att).await)).await;
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The X.509 trust bundle does not change while the agent runs: no refresh signal.
+        let stream = self
+            .bundle_stream(RPC, att, None, |m: &Manager| pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: x509_bundles(m),
+            })
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn fetch_jwtsvid(
         &self,
-        _request: Request<pb::JwtsvidRequest>,
+        request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        const RPC: &str = "FetchJWTSVID";
+        check_header(&request)?;
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let req = request.into_inner();
+        let mut audiences: Vec<String> =
+            req.audience.into_iter().filter(|a| !a.is_empty()).collect();
+        if audiences.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        audiences.sort();
+        audiences.dedup();
+        let att = attest(&self.attestor, peer, RPC).await?;
+        let who = Requester {
+            pid: att.pid,
+            uid: att.uid,
+            exe_sha256: att.exe_sha256.clone(),
+        };
+        let wanted = Some(req.spiffe_id.as_str()).filter(|s| !s.is_empty());
+        match self
+            .manager
+            .jwt_svids(&att.selectors, &who, &audiences, wanted)
+            .await
+        {
+            Ok(svids) => Ok(Response::new(pb::JwtsvidResponse {
+                svids: svids
+                    .iter()
+                    .map(|s| pb::Jwtsvid {
+                        spiffe_id: s.spiffe_id.clone(),
+                        svid: s.token.clone(),
+                        hint: String::new(),
+                    })
+                    .collect(),
+            })),
+            Err(JwtFetchError::NoIdentity) => Err(deny(&self.manager, RPC, &att).await),
+            Err(e @ (JwtFetchError::NotHeld(_) | JwtFetchError::AudienceNotAllowed(_))) => {
+                tracing::info!(event = "request_denied", rpc = RPC, pid = att.pid, uid = att.uid, reason = %e, "jwt-svid refused");
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(JwtFetchError::Audit(e)) => Err(audit_unavailable(e)),
+            Err(e @ JwtFetchError::Signing(_)) => Err(Status::unavailable(e.to_string())),
+        }
     }
 
     type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
 
     async fn fetch_jwt_bundles(
         &self,
-        _request: Request<pb::JwtBundlesRequest>,
+        request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        const RPC: &str = "FetchJWTBundles";
+        check_header(&request)?;
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let att = attest(&self.attestor, peer, RPC).await?;
+        let keys = self.manager.jwt_keys().subscribe();
+        let stream = self
+            .bundle_stream(RPC, att, Some(keys), |m: &Manager| pb::JwtBundlesResponse {
+                bundles: HashMap::from([(
+                    format!("spiffe://{}", m.ca().trust_domain()),
+                    m.jwt_keys().jwks(),
+                )]),
+            })
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn validate_jwtsvid(
         &self,
-        _request: Request<pb::ValidateJwtsvidRequest>,
+        request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        const RPC: &str = "ValidateJWTSVID";
+        check_header(&request)?;
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        // Any local process may validate, but it must be one we can name in the log.
+        let att = attest(&self.attestor, peer, RPC).await?;
+        match self.manager.validate_jwt(&req.svid, &req.audience) {
+            Ok(claims) => {
+                let spiffe_id = claims
+                    .get("sub")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                Ok(Response::new(pb::ValidateJwtsvidResponse {
+                    spiffe_id,
+                    claims: Some(json_struct(claims)),
+                }))
+            }
+            Err(e) => {
+                tracing::info!(event = "jwt_invalid", pid = att.pid, uid = att.uid, reason = %e, "jwt-svid validation failed");
+                Err(Status::invalid_argument(format!("invalid JWT-SVID: {e}")))
+            }
+        }
     }
 
     type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
@@ -321,4 +434,26 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         Err(Status::unimplemented("WIT-SVIDs are not supported"))
     }
+}
+
+/// JSON claims as a protobuf Struct (`ValidateJWTSVIDResponse.claims`).
+fn json_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, json_value(v))).collect(),
+    }
+}
+
+fn json_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(json_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }

@@ -125,6 +125,8 @@ pub struct Lease {
     pub expires_at: SystemTime,
     pub max_expires_at: SystemTime,
     pub svid_ttl: Duration,
+    /// Lifetime of each JWT-SVID (never past `expires_at` either).
+    pub jwt_ttl: Duration,
     pub audiences: Vec<String>,
     pub reason: String,
     pub granted_by: Principal,
@@ -142,6 +144,7 @@ pub struct GrantInput {
     pub ttl: Option<Duration>,
     pub max_ttl: Option<Duration>,
     pub svid_ttl: Option<Duration>,
+    pub jwt_ttl: Option<Duration>,
     pub selectors: Vec<String>,
     pub audiences: Vec<String>,
     pub reason: String,
@@ -155,6 +158,8 @@ pub struct LeaseLimits {
     pub max_ttl: Duration,
     pub default_svid_ttl: Duration,
     pub max_svid_ttl: Duration,
+    pub default_jwt_ttl: Duration,
+    pub max_jwt_ttl: Duration,
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -402,6 +407,8 @@ pub fn validate_grant(
     check_ttl("max_ttl", max_ttl, ttl, limits.max_ttl)?;
     let svid_ttl = input.svid_ttl.unwrap_or(limits.default_svid_ttl);
     check_ttl("svid_ttl", svid_ttl, MIN_TTL, limits.max_svid_ttl)?;
+    let jwt_ttl = input.jwt_ttl.unwrap_or(limits.default_jwt_ttl);
+    check_ttl("jwt_ttl", jwt_ttl, MIN_TTL, limits.max_jwt_ttl)?;
 
     if input.selectors.is_empty() {
         return Err(LeaseError::invalid(
@@ -486,6 +493,7 @@ pub fn validate_grant(
         expires_at: now + ttl,
         max_expires_at: now + max_ttl,
         svid_ttl,
+        jwt_ttl,
         audiences,
         reason: input.reason,
         granted_by,
@@ -506,6 +514,8 @@ mod tests {
             max_ttl: Duration::from_secs(3600),
             default_svid_ttl: Duration::from_secs(300),
             max_svid_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            max_jwt_ttl: Duration::from_secs(3600),
         }
     }
 

@@ -662,6 +662,7 @@ fn audit_fields(l: &Lease) -> Map<String, Value> {
         "expires_at": rfc(l.expires_at),
         "max_expires_at": rfc(l.max_expires_at),
         "svid_ttl_ms": l.svid_ttl.as_millis() as u64,
+        "jwt_ttl_ms": l.jwt_ttl.as_millis() as u64,
         "audiences": l.audiences,
         "reason": l.reason,
         "granted_by": principal_json(&l.granted_by),
@@ -687,6 +688,8 @@ mod tests {
             max_ttl: Duration::from_secs(3600),
             default_svid_ttl: Duration::from_secs(300),
             max_svid_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            max_jwt_ttl: Duration::from_secs(3600),
         })
     }
 

@@ -106,8 +106,8 @@ impl TestAgent {
                 max_ttl: None,
                 svid_ttl: svid_ttl.map(mayfly::time::to_duration),
                 selectors: selectors.to_vec(),
-                audiences: vec![],
                 reason: "test".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -144,9 +144,10 @@ pub fn not_after(der: &[u8]) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
 }
 
+/// The serial as mayfly prints and audits it.
 pub fn serial(der: &[u8]) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-    cert.raw_serial_as_string()
+    mayfly::ca::serial_hex(cert.raw_serial())
 }
 
 /// Verifies `chain` (leaf first) to the roots in `bundle` with rustls-webpki, for client and

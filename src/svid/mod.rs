@@ -16,8 +16,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use tokio::sync::watch;
 
+mod jwt;
+
+pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
+
 use crate::audit::AuditLog;
 use crate::ca::{IssuedX509, SigningCa};
+use crate::jwt::JwtKeys;
 use crate::lease::{ActiveLease, LeaseId, Registry};
 
 /// One issued X.509-SVID as held by the cache and sent to streams.
@@ -62,8 +67,10 @@ struct Entry {
 
 pub struct Manager {
     ca: Arc<SigningCa>,
+    jwt_keys: Arc<JwtKeys>,
     registry: Arc<Registry>,
     audit: Option<AuditLog>,
+    jwt_cache: jwt::JwtCache,
     entries: Mutex<HashMap<LeaseId, Arc<Entry>>>,
     me: Weak<Manager>,
 }
@@ -105,11 +112,18 @@ impl Watcher {
 impl Manager {
     /// `audit`: where every issuance is recorded before the SVID is handed out; `None` only
     /// in tests of the cache itself.
-    pub fn new(ca: Arc<SigningCa>, registry: Arc<Registry>, audit: Option<AuditLog>) -> Arc<Self> {
+    pub fn new(
+        ca: Arc<SigningCa>,
+        jwt_keys: Arc<JwtKeys>,
+        registry: Arc<Registry>,
+        audit: Option<AuditLog>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Manager {
             ca,
+            jwt_keys,
             registry,
             audit,
+            jwt_cache: Default::default(),
             entries: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
@@ -117,6 +131,10 @@ impl Manager {
 
     pub fn ca(&self) -> &SigningCa {
         &self.ca
+    }
+
+    pub fn jwt_keys(&self) -> &JwtKeys {
+        &self.jwt_keys
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

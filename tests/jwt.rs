@@ -1,0 +1,338 @@
+//! JWT-SVIDs end to end with the `spiffe` crate: fetch, validate through the agent, validate
+//! offline against the fetched bundles, audience scoping, lease-bound expiry, key rotation.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use mayfly::proto::admin as pb;
+use spiffe::WorkloadApiError;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn grant_with(
+    t: &TestAgent,
+    task: &str,
+    ttl: Duration,
+    audiences: &[&str],
+    jwt_ttl: Option<Duration>,
+) -> pb::Lease {
+    t.admin()
+        .await
+        .grant(pb::GrantRequest {
+            task_id: task.into(),
+            delegator: "user/alice".into(),
+            agent: "caller".into(),
+            ttl: Some(mayfly::time::to_duration(ttl)),
+            jwt_ttl: jwt_ttl.map(mayfly::time::to_duration),
+            selectors: vec![format!("unix:pid:{}", std::process::id())],
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn payload(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let part = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn header(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let part = token.split('.').next().unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[tokio::test]
+async fn fetch_then_validate_online_and_offline() {
+    let t = start().await;
+    let lease = grant_with(&t, "jwt-1", HOUR, &[], None).await;
+    let client = t.workload().await;
+    let svid = client.fetch_jwt_svid(["api.example"], None).await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), lease.spiffe_id);
+
+    let h = header(svid.token());
+    assert_eq!(h["alg"], "ES256");
+    assert_eq!(h["typ"], "JWT");
+    assert!(h["kid"].as_str().is_some_and(|k| !k.is_empty()));
+    let p = payload(svid.token());
+    assert_eq!(p["sub"], lease.spiffe_id.as_str());
+    assert_eq!(p["aud"], serde_json::json!(["api.example"]));
+    assert!(p["jti"].as_str().is_some_and(|j| j.len() >= 16));
+    assert!(p["iat"].as_u64().is_some());
+    assert_eq!(p[mayfly::svid::CLAIM_TASK_ID], "jwt-1");
+    assert_eq!(p[mayfly::svid::CLAIM_DELEGATOR], "user/alice");
+    assert_eq!(p[mayfly::svid::CLAIM_LEASE_ID], lease.lease_id.as_str());
+
+    // Through the agent.
+    let validated = client
+        .validate_jwt_token("api.example", svid.token())
+        .await
+        .unwrap();
+    assert_eq!(validated.spiffe_id().to_string(), lease.spiffe_id);
+
+    // Offline, as a relying party: against the JWT bundles fetched from the agent.
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    let offline =
+        spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["api.example"]).unwrap();
+    assert_eq!(offline.spiffe_id().to_string(), lease.spiffe_id);
+    assert!(spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["other"]).is_err());
+}
+
+#[tokio::test]
+async fn the_validate_response_carries_all_claims() {
+    let t = start().await;
+    grant_with(&t, "claims", HOUR, &[], None).await;
+    let client = t.workload().await;
+    let token = client.fetch_jwt_token(["svc"], None).await.unwrap();
+    let channel = mayfly::admin::unix_channel(&t.socket).await.unwrap();
+    let mut raw =
+        mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let mut req = tonic::Request::new(mayfly::proto::workload::ValidateJwtsvidRequest {
+        audience: "svc".into(),
+        svid: token,
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let resp = raw.validate_jwtsvid(req).await.unwrap().into_inner();
+    assert!(resp.spiffe_id.contains("/task/claims/"));
+    let claims = resp.claims.unwrap().fields;
+    for key in [
+        "sub",
+        "aud",
+        "exp",
+        "iat",
+        "jti",
+        mayfly::svid::CLAIM_TASK_ID,
+    ] {
+        assert!(claims.contains_key(key), "missing {key}");
+    }
+}
+
+#[tokio::test]
+async fn audiences_are_scoped_to_the_lease() {
+    let t = start().await;
+    grant_with(&t, "scoped", HOUR, &["tool.search", "tool.mail"], None).await;
+    let client = t.workload().await;
+    client.fetch_jwt_svid(["tool.search"], None).await.unwrap();
+    client
+        .fetch_jwt_svid(["tool.search", "tool.mail"], None)
+        .await
+        .unwrap();
+    let err = client
+        .fetch_jwt_svid(["tool.payments"], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, WorkloadApiError::PermissionDenied(m) if m.contains("tool.payments")),
+        "{err:?}"
+    );
+    let err = client
+        .fetch_jwt_svid(["tool.search", "tool.payments"], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, WorkloadApiError::PermissionDenied(_)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn empty_audience_is_invalid_and_foreign_ids_are_denied() {
+    let t = start().await;
+    grant_with(&t, "aud", HOUR, &[], None).await;
+    let client = t.workload().await;
+    let err = client
+        .fetch_jwt_svid(Vec::<String>::new(), None)
+        .await
+        .unwrap_err();
+    assert!(err.is_invalid_argument(), "{err:?}");
+    let other = spiffe::SpiffeId::new("spiffe://example.org/agent/x/task/y/delegator/z").unwrap();
+    let err = client
+        .fetch_jwt_svid(["a"], Some(&other))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, WorkloadApiError::PermissionDenied(_)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn no_lease_means_no_token() {
+    let t = start().await;
+    let err = t
+        .workload()
+        .await
+        .fetch_jwt_svid(["a"], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_token_of_a_revoked_lease_is_refused_before_it_expires() {
+    let t = start().await;
+    let lease = grant_with(&t, "revocable", HOUR, &[], None).await;
+    let client = t.workload().await;
+    let token = client.fetch_jwt_token(["svc"], None).await.unwrap();
+    client.validate_jwt_token("svc", &token).await.unwrap();
+    t.admin()
+        .await
+        .revoke(pb::RevokeRequest {
+            lease_id: lease.lease_id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        payload(&token)["exp"].as_u64().unwrap()
+            > SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+    );
+    let err = client.validate_jwt_token("svc", &token).await.unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("ended"), "{text}");
+}
+
+#[tokio::test]
+async fn exp_never_passes_the_lease_end_and_tokens_are_cached() {
+    let t = start().await;
+    let lease = grant_with(&t, "short", Duration::from_secs(20), &[], Some(HOUR)).await;
+    let client = t.workload().await;
+    let a = client.fetch_jwt_token(["svc"], None).await.unwrap();
+    let exp = payload(&a)["exp"].as_u64().unwrap();
+    let end = expires_at(&lease)
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(exp <= end, "exp {exp} past the lease end {end}");
+    // Cached per (lease, audience set) until half its life.
+    let b = client.fetch_jwt_token(["svc"], None).await.unwrap();
+    assert_eq!(a, b);
+    let c = client.fetch_jwt_token(["other"], None).await.unwrap();
+    assert_ne!(a, c);
+}
+
+#[tokio::test]
+async fn after_a_key_rotation_older_tokens_still_validate() {
+    let t = start_with(|f| f.jwt.key_rotation = Some("1s".into())).await;
+    grant_with(&t, "rotating", HOUR, &[], None).await;
+    let client = t.workload().await;
+    let old = client.fetch_jwt_token(["svc"], None).await.unwrap();
+    let old_kid = header(&old)["kid"].as_str().unwrap().to_owned();
+    // The agent's own maintenance rotates the key (no call forces it); the bundle stream
+    // pushes the new key set.
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let mut stream = client.stream_jwt_bundles().await.unwrap();
+    let first = futures::StreamExt::next(&mut stream)
+        .await
+        .unwrap()
+        .unwrap();
+    let keys = |set: &spiffe::JwtBundleSet| set.get(&td).unwrap().jwt_authorities().count();
+    let mut seen = keys(&first);
+    while seen < 2 {
+        let update = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut stream),
+        )
+        .await
+        .expect("the key rotated and the bundle was pushed")
+        .unwrap()
+        .unwrap();
+        seen = keys(&update);
+    }
+    client.validate_jwt_token("svc", &old).await.unwrap();
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    spiffe::JwtSvid::parse_and_validate(&old, &bundles, &["svc"]).unwrap();
+    let new = client.fetch_jwt_token(["fresh"], None).await.unwrap();
+    assert_ne!(header(&new)["kid"].as_str().unwrap(), old_kid);
+}
+
+#[tokio::test]
+async fn jwt_issuance_is_audited() {
+    let t = start().await;
+    let lease = grant_with(&t, "audited-jwt", HOUR, &[], None).await;
+    let token = t
+        .workload()
+        .await
+        .fetch_jwt_token(["svc"], None)
+        .await
+        .unwrap();
+    let jti = payload(&token)["jti"].as_str().unwrap().to_owned();
+    let records = mayfly::audit::read_all(&t.data_dir().join("audit")).unwrap();
+    let r = records
+        .iter()
+        .find(|r| r["event"] == "jwt_issued")
+        .expect("jwt issuance audited");
+    assert_eq!(r["jti"], jti.as_str());
+    assert_eq!(r["lease_id"], lease.lease_id.as_str());
+    assert_eq!(r["audiences"], serde_json::json!(["svc"]));
+    assert!(r["expires_at"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn the_cli_fetches_and_validates() {
+    let t = start().await;
+    t.grant("cli-jwt", &[format!("unix:uid:{}", my_uid())], HOUR, None)
+        .await;
+    let socket = t.socket.display().to_string();
+    let out = tokio::process::Command::new(t.bin())
+        .args(["jwt", "fetch", "--audience", "svc", "--socket", &socket])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = tokio::process::Command::new(t.bin())
+        .args([
+            "jwt",
+            "validate",
+            "--audience",
+            "svc",
+            &token,
+            "--socket",
+            &socket,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["spiffe_id"].as_str().unwrap().contains("/task/cli-jwt/"));
+    assert_eq!(v["claims"][mayfly::svid::CLAIM_TASK_ID], "cli-jwt");
+    let bad = tokio::process::Command::new(t.bin())
+        .args([
+            "jwt",
+            "validate",
+            "--audience",
+            "other",
+            &token,
+            "--socket",
+            &socket,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+}
