@@ -16,6 +16,8 @@ use crate::jwt::{JwtKeys, KeyPolicy};
 use crate::lease::{Durable, Registry};
 use crate::store::LeaseStore;
 use crate::svid::Manager;
+use crate::telemetry::{HealthServer, Metrics, Readiness, StateLabel};
+use prometheus_client::registry::Registry as PromRegistry;
 
 /// How long open streams get to drain on shutdown.
 const GRACE: Duration = Duration::from_secs(5);
@@ -35,6 +37,11 @@ pub enum StartError {
     Audit(#[from] crate::audit::AuditError),
     #[error("JWT signing keys: {0}")]
     Jwt(#[from] crate::jwt::JwtError),
+    #[error("health endpoint {addr}: {source}")]
+    Health {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("workload socket: {0}")]
     Workload(crate::listen::BindError),
     #[error("admin socket: {0}")]
@@ -45,6 +52,7 @@ pub struct Agent {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
+    pub health_addr: std::net::SocketAddr,
     pub registry: Arc<Registry>,
     pub manager: Arc<Manager>,
     audit: AuditLog,
@@ -54,6 +62,25 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: Config) -> Result<Agent, StartError> {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        // The health endpoint comes first, so probes see "not ready: pending ..." while the
+        // rest starts, and a taken port fails start-up loudly.
+        let health = HealthServer::bind(&config.health_addr)
+            .await
+            .map_err(|source| StartError::Health {
+                addr: config.health_addr.clone(),
+                source,
+            })?;
+        let health_addr = health.addr;
+        let readiness = Arc::new(Readiness::default());
+        let mut prom = PromRegistry::default();
+        let metrics = Metrics::new(&mut prom);
+        let ready_ca = readiness.register("signing CA");
+        let ready_store = readiness.register("lease store");
+        let ready_audit = readiness.register("audit log");
+        let ready_sockets = readiness.register("sockets");
+
         create_private_dir(&config.data_dir)?;
         let ca = Arc::new(SigningCa::load_or_create(
             &config.data_dir,
@@ -61,6 +88,8 @@ impl Agent {
             &config.ca,
             config.ca_ttl,
         )?);
+        metrics.set_ca_not_after(ca.not_after());
+        drop(ready_ca);
         raise_fd_limit();
 
         let workload = crate::listen::bind(&config.socket, 0o666).map_err(StartError::Workload)?;
@@ -79,14 +108,17 @@ impl Agent {
                 .await
                 .expect("loading leases")?
         };
+        drop(ready_store);
         let registry = Registry::durable(
             config.limits.clone(),
             Durable {
                 store,
                 audit: audit.clone(),
+                metrics: metrics.clone(),
             },
         );
         registry.restore(stored, config.retention).await;
+        drop(ready_audit);
         let jwt_keys = Arc::new(JwtKeys::load_or_create(
             &config.data_dir.join("jwt"),
             &config.limits.trust_domain,
@@ -100,10 +132,21 @@ impl Agent {
             jwt_keys.clone(),
             registry.clone(),
             Some(audit.clone()),
+            metrics.clone(),
         );
         let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        let refresh = {
+            let (registry, metrics) = (registry.clone(), metrics.clone());
+            Box::new(move || {
+                metrics
+                    .leases
+                    .get_or_create(&StateLabel {
+                        state: "active".into(),
+                    })
+                    .set(registry.active_count() as i64);
+            })
+        };
+        tasks.spawn(health.serve(readiness.clone(), prom, refresh, shutdown.clone()));
 
         let workload_api = crate::workload_api::WorkloadApi::new(
             manager.clone(),
@@ -178,6 +221,7 @@ impl Agent {
             }
         });
         tasks.close();
+        drop(ready_sockets);
 
         tracing::info!(
             event = "agent_started",
@@ -191,6 +235,7 @@ impl Agent {
             socket: config.socket,
             admin_socket: config.admin_socket,
             data_dir: config.data_dir,
+            health_addr,
             registry,
             manager,
             audit,

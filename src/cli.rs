@@ -34,6 +34,11 @@ pub enum Command {
     /// Check or print the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Exit 0 when the agent at --health-addr is ready (for probes).
+    Healthcheck {
+        #[arg(long, default_value = crate::telemetry::DEFAULT_HEALTH_ADDR)]
+        health_addr: String,
+    },
     /// Internal: the child side of `mayfly run` (waits for the lease, then execs).
     #[command(name = "__exec", hide = true)]
     Exec {
@@ -116,6 +121,9 @@ pub struct AgentArgs {
     pub admin_socket: Option<PathBuf>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Health and metrics endpoint (default 127.0.0.1:9095).
+    #[arg(long)]
+    pub health_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]

@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
+    /// Health and metrics HTTP endpoint, HOST:PORT.
+    pub health_addr: Option<String>,
     pub spiffe_id_template: Option<String>,
     /// `text` (default) or `json`.
     pub log_format: Option<String>,
@@ -94,6 +96,7 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
+    pub health_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +111,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
+    pub health_addr: String,
     pub limits: LeaseLimits,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
@@ -369,6 +373,13 @@ impl Config {
             errors.push("socket and admin_socket must differ".into());
         }
         let data_dir = o.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir);
+        let health_addr = o
+            .health_addr
+            .or(file.health_addr)
+            .unwrap_or_else(|| crate::telemetry::DEFAULT_HEALTH_ADDR.to_owned());
+        if health_addr.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(format!("health_addr {health_addr:?}: must be IP:PORT"));
+        }
 
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
@@ -378,6 +389,7 @@ impl Config {
             socket,
             admin_socket,
             data_dir,
+            health_addr,
             limits: LeaseLimits {
                 trust_domain,
                 template: template.expect("checked above"),

@@ -20,5 +20,6 @@ pub mod proto;
 pub mod run;
 pub mod store;
 pub mod svid;
+pub mod telemetry;
 pub mod time;
 pub mod workload_api;

@@ -26,6 +26,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
             socket: args.socket,
             admin_socket: args.admin_socket,
             data_dir: args.data_dir,
+            health_addr: args.health_addr,
         },
     )?;
     init_logs(config.log_format);
@@ -48,6 +49,10 @@ async fn agent(args: AgentArgs) -> Result<()> {
         agent.admin_socket.display()
     );
     println!("  data dir        {}", agent.data_dir.display());
+    println!(
+        "  health/metrics  http://{}/healthz/ready  /metrics",
+        agent.health_addr
+    );
     let token = agent.shutdown_token();
     tokio::spawn(async move {
         tokio::select! {
@@ -74,6 +79,7 @@ async fn main() {
         }) => mayfly::client::svid_fetch(socket, write, output).await,
         Command::Svid(SvidCommand::Watch { socket }) => mayfly::client::svid_watch(socket).await,
         Command::Audit(cmd) => mayfly::client::audit(cmd),
+        Command::Healthcheck { health_addr } => mayfly::telemetry::healthcheck(&health_addr).await,
         Command::Jwt(cmd) => mayfly::client::jwt(cmd).await,
         Command::Run(args) => std::process::exit(mayfly::run::run(args).await),
         Command::Exec { sync, command } => std::process::exit(mayfly::run::exec(&sync, &command)),

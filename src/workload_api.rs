@@ -22,6 +22,7 @@ use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use crate::svid::{AuditUnavailable, JwtFetchError, Manager, Requester, X509Svid};
+use crate::telemetry::{Metrics, ResultLabel, StreamGuard};
 
 const NO_IDENTITY: &str = "no identity issued";
 
@@ -59,6 +60,20 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
 /// Attests the process behind a request. Reading /proc (and hashing an executable the first
 /// time) blocks, so it runs on the blocking pool.
 async fn attest(
+    attestor: &Arc<Attestor>,
+    metrics: &Metrics,
+    peer: Option<PeerInfo>,
+    rpc: &'static str,
+) -> Result<Attestation, Status> {
+    let result = attest_inner(attestor, peer, rpc).await;
+    let label = ResultLabel {
+        result: if result.is_ok() { "ok" } else { "failed" }.into(),
+    };
+    metrics.attestations.get_or_create(&label).inc();
+    result
+}
+
+async fn attest_inner(
     attestor: &Arc<Attestor>,
     peer: Option<PeerInfo>,
     rpc: &'static str,
@@ -179,7 +194,9 @@ impl WorkloadApi {
             .expect("fresh channel has room");
         let shutdown = self.shutdown.clone();
         let manager = self.manager.clone();
+        let open = StreamGuard::new(&self.manager.metrics().open_streams);
         tokio::spawn(async move {
+            let _open = open;
             loop {
                 let refreshed = async {
                     match refresh.as_mut() {
@@ -225,7 +242,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchX509SVID";
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let mut att = attest(&self.attestor, peer.clone(), RPC).await?;
+        let mut att = attest(&self.attestor, self.manager.metrics(), peer.clone(), RPC).await?;
         let who = Requester {
             pid: att.pid,
             uid: att.uid,
@@ -246,7 +263,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let attestor = self.attestor.clone();
         let manager = self.manager.clone();
         let shutdown = self.shutdown.clone();
+        let open = StreamGuard::new(&self.manager.metrics().open_streams);
         tokio::spawn(async move {
+            let _open = open;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => {
@@ -258,7 +277,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
                 // The process may have exec'd something else since it opened the stream:
                 // attest again before handing it anything new.
-                match attest(&attestor, peer.clone(), RPC).await {
+                match attest(&attestor, manager.metrics(), peer.clone(), RPC).await {
                     Ok(now) => {
                         if now.selectors != att.selectors {
                             watcher = manager.watcher(now.selectors.clone(), who.clone());
@@ -302,7 +321,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchX509Bundles";
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(&self.attestor, peer, RPC).await?;
+        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
         // The X.509 trust bundle does not change while the agent runs: no refresh signal.
         let stream = self
             .bundle_stream(RPC, att, None, |m: &Manager| pb::X509BundlesResponse {
@@ -328,7 +347,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         audiences.sort();
         audiences.dedup();
-        let att = attest(&self.attestor, peer, RPC).await?;
+        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
         let who = Requester {
             pid: att.pid,
             uid: att.uid,
@@ -369,7 +388,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchJWTBundles";
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(&self.attestor, peer, RPC).await?;
+        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
         let keys = self.manager.jwt_keys().subscribe();
         let stream = self
             .bundle_stream(RPC, att, Some(keys), |m: &Manager| pb::JwtBundlesResponse {
@@ -397,7 +416,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         // Any local process may validate, but it must be one we can name in the log.
-        let att = attest(&self.attestor, peer, RPC).await?;
+        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
         match self.manager.validate_jwt(&req.svid, &req.audience) {
             Ok(claims) => {
                 let spiffe_id = claims

@@ -58,6 +58,7 @@ fn grant_fetch_write_watch_revoke() {
     let _agent = Running(
         Command::new(BIN)
             .args(["agent", "--trust-domain", "example.org", "--socket", sock_s])
+            .args(["--health-addr", "127.0.0.1:0"])
             .args([
                 "--admin-socket",
                 admin_s,
@@ -290,6 +291,7 @@ fn sigterm_stops_the_agent_cleanly() {
         .args(["agent", "--socket", sock.to_str().unwrap()])
         .args(["--admin-socket", admin.to_str().unwrap()])
         .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--health-addr", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

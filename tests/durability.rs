@@ -197,6 +197,7 @@ async fn kill_9_during_issuance_loses_no_audited_serial() {
             .arg(&admin_socket)
             .arg("--data-dir")
             .arg(&data)
+            .args(["--health-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -209,54 +210,75 @@ async fn kill_9_during_issuance_loses_no_audited_serial() {
     }
 
     let received = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..6 {
-        let (socket, admin_socket, received) =
-            (socket.clone(), admin_socket.clone(), received.clone());
+        let (socket, admin_socket) = (socket.clone(), admin_socket.clone());
+        let (received, errors, killed) = (received.clone(), errors.clone(), killed.clone());
         workers.push(tokio::spawn(async move {
-            for i in 0.. {
-                let Ok(mut admin) = mayfly::admin::connect(&admin_socket).await else {
-                    return;
+            let mut i = 0;
+            while !killed.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let round = async {
+                    let mut admin = mayfly::admin::connect(&admin_socket)
+                        .await
+                        .map_err(|e| format!("admin connect: {e}"))?;
+                    admin
+                        .grant(pb::GrantRequest {
+                            task_id: format!("burst-{w}-{i}"),
+                            delegator: "user/alice".into(),
+                            agent: "burst".into(),
+                            ttl: Some(mayfly::time::to_duration(HOUR)),
+                            selectors: vec![format!("unix:pid:{}", std::process::id())],
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| format!("grant: {e}"))?;
+                    let endpoint = format!("unix://{}", socket.display());
+                    let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+                        .await
+                        .map_err(|e| format!("workload connect: {e}"))?;
+                    client
+                        .fetch_x509_context()
+                        .await
+                        .map_err(|e| format!("fetch: {e}"))
                 };
-                let grant = admin
-                    .grant(pb::GrantRequest {
-                        task_id: format!("burst-{w}-{i}"),
-                        delegator: "user/alice".into(),
-                        agent: "burst".into(),
-                        ttl: Some(mayfly::time::to_duration(HOUR)),
-                        selectors: vec![format!("unix:pid:{}", std::process::id())],
-                        ..Default::default()
-                    })
-                    .await;
-                if grant.is_err() {
-                    return;
-                }
-                let endpoint = format!("unix://{}", socket.display());
-                let Ok(client) = spiffe::WorkloadApiClient::connect_to(endpoint).await else {
-                    return;
-                };
-                let Ok(ctx) = client.fetch_x509_context().await else {
-                    return;
-                };
-                let mut got = received.lock().unwrap();
-                for s in ctx.svids() {
-                    got.insert(serial(s.leaf().as_bytes()));
+                match round.await {
+                    Ok(ctx) => {
+                        let mut got = received.lock().unwrap();
+                        for s in ctx.svids() {
+                            got.insert(serial(s.leaf().as_bytes()));
+                        }
+                    }
+                    Err(e) => {
+                        if !killed.load(std::sync::atomic::Ordering::Relaxed) {
+                            errors.lock().unwrap().push(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill it mid-burst: once clients hold a good number of SVIDs (however slow the machine).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while received.lock().unwrap().len() < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the burst never got going: {:?}",
+            errors.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     agent.start_kill().unwrap(); // SIGKILL
     agent.wait().await.unwrap();
+    killed.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
     }
     let received = received.lock().unwrap().clone();
-    assert!(
-        received.len() > 10,
-        "the burst issued only {} SVIDs",
-        received.len()
-    );
+    assert!(received.len() >= 20);
 
     // Restart on the same data: the torn tail (if any) is dropped, the chain continues.
     let mut agent = spawn_agent();

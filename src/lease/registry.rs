@@ -74,6 +74,7 @@ struct Inner {
 pub struct Durable {
     pub store: Arc<LeaseStore>,
     pub audit: AuditLog,
+    pub metrics: crate::telemetry::Metrics,
 }
 
 pub struct Registry {
@@ -223,7 +224,9 @@ impl Registry {
         if !reason.is_empty() {
             fields.insert("reason_for_change".into(), Value::String(reason.into()));
         }
-        d.audit.append(event, fields).await.map_err(|e| {
+        crate::telemetry::timed(&d.metrics.audit_write_seconds, d.audit.append(event, fields))
+            .await
+            .map_err(|e| {
             tracing::error!(event = "audit_failed", error = %e, "audit log unavailable: refusing the change");
             LeaseError::Unavailable(format!("audit log unavailable: {e}"))
         })?;
@@ -496,6 +499,14 @@ impl Registry {
             reason,
             "lease ended"
         );
+        if let Some(d) = &self.durable {
+            d.metrics
+                .lease_ends
+                .get_or_create(&crate::telemetry::StateLabel {
+                    state: lease.state.to_string(),
+                })
+                .inc();
+        }
         let event = format!("lease_{}", lease.state);
         if let Err(e) = self.persist(&event, lease, reason).await {
             tracing::error!(
@@ -627,6 +638,12 @@ impl Registry {
                 .then_with(|| a.lease.id.cmp(&b.lease.id))
         });
         out
+    }
+
+    /// When an ended lease ended (from memory; for teardown latency).
+    pub fn ended_at(&self, id: &LeaseId) -> Option<SystemTime> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        inner.ended.iter().rev().find(|l| &l.id == id)?.ended_at
     }
 
     /// Whether the lease is active now (for the cache's check before it installs an entry).

@@ -111,6 +111,7 @@ impl Manager {
     ) -> Result<Option<Arc<JwtSvid>>, JwtFetchError> {
         let key = (lease.lease.id.clone(), audiences.to_vec());
         let now = SystemTime::now();
+        let started = std::time::Instant::now();
         if let Some(cached) = self.jwt_cache.lock().expect("jwt cache poisoned").get(&key) {
             let life = cached
                 .expires_at
@@ -162,7 +163,11 @@ impl Manager {
             let Value::Object(fields) = fields else {
                 unreachable!("a json object")
             };
-            if let Err(e) = audit.append("jwt_issued", fields).await {
+            let appended = crate::telemetry::timed(
+                &self.metrics.audit_write_seconds,
+                audit.append("jwt_issued", fields),
+            );
+            if let Err(e) = appended.await {
                 tracing::error!(
                     event = "jwt_not_audited",
                     lease_id = %l.id,
@@ -183,6 +188,14 @@ impl Manager {
             uid = who.uid,
             "jwt-svid issued"
         );
+        let kind = crate::telemetry::KindLabel {
+            kind: crate::telemetry::SvidKind::jwt,
+        };
+        self.metrics.svids_issued.get_or_create(&kind).inc();
+        self.metrics
+            .issuance_seconds
+            .get_or_create(&kind)
+            .observe(started.elapsed().as_secs_f64());
         let svid = Arc::new(JwtSvid {
             spiffe_id: l.spiffe_id.to_string(),
             token,

@@ -24,6 +24,7 @@ use crate::audit::AuditLog;
 use crate::ca::{IssuedX509, SigningCa};
 use crate::jwt::JwtKeys;
 use crate::lease::{ActiveLease, LeaseId, Registry};
+use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 
 /// One issued X.509-SVID as held by the cache and sent to streams.
 #[derive(Debug)]
@@ -70,6 +71,7 @@ pub struct Manager {
     jwt_keys: Arc<JwtKeys>,
     registry: Arc<Registry>,
     audit: Option<AuditLog>,
+    metrics: Metrics,
     jwt_cache: jwt::JwtCache,
     entries: Mutex<HashMap<LeaseId, Arc<Entry>>>,
     me: Weak<Manager>,
@@ -117,12 +119,14 @@ impl Manager {
         jwt_keys: Arc<JwtKeys>,
         registry: Arc<Registry>,
         audit: Option<AuditLog>,
+        metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Manager {
             ca,
             jwt_keys,
             registry,
             audit,
+            metrics,
             jwt_cache: Default::default(),
             entries: Mutex::new(HashMap::new()),
             me: me.clone(),
@@ -143,6 +147,10 @@ impl Manager {
 
     pub fn audit(&self) -> Option<&AuditLog> {
         self.audit.as_ref()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn watcher(self: &Arc<Self>, selectors: Vec<String>, who: Requester) -> Watcher {
@@ -220,6 +228,7 @@ impl Manager {
     /// published only after its audit record is durable.
     async fn issue(&self, entry: &Entry, who: Option<&Requester>) -> Issued {
         let _guard = entry.issuing.lock().await;
+        let started = std::time::Instant::now();
         let now = SystemTime::now();
         let lease = &entry.lease.lease;
         if who.is_some() {
@@ -264,7 +273,11 @@ impl Manager {
             let serde_json::Value::Object(fields) = fields else {
                 unreachable!("a json object")
             };
-            if let Err(e) = audit.append("svid_issued", fields).await {
+            let appended = timed(
+                &self.metrics.audit_write_seconds,
+                audit.append("svid_issued", fields),
+            );
+            if let Err(e) = appended.await {
                 // Fail closed: the SVID and its key are dropped (and zeroized) unused.
                 tracing::error!(
                     event = "svid_not_audited",
@@ -288,6 +301,15 @@ impl Manager {
             trigger,
             "x509-svid issued"
         );
+        let kind = KindLabel {
+            kind: SvidKind::x509,
+        };
+        self.metrics.svids_issued.get_or_create(&kind).inc();
+        self.metrics
+            .issuance_seconds
+            .get_or_create(&kind)
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.set_svid_not_after(issued.not_after);
         let svid = Arc::new(X509Svid {
             lease_id: lease.id.clone(),
             task_id: lease.task_id.clone(),
@@ -364,6 +386,11 @@ impl Manager {
             }
         }
         let old = entry.current.send_replace(None);
+        if let Some(at) = self.registry.ended_at(id) {
+            if let Ok(d) = SystemTime::now().duration_since(at) {
+                self.metrics.teardown_seconds.observe(d.as_secs_f64());
+            }
+        }
         tracing::info!(
             event = "svid_teardown",
             lease_id = %id,

@@ -46,6 +46,7 @@ pub async fn start_in(dir: tempfile::TempDir, edit: impl FnOnce(&mut FileConfig)
             socket: Some(socket.clone()),
             admin_socket: Some(admin_socket.clone()),
             data_dir: Some(dir.path().join("data")),
+            health_addr: Some("127.0.0.1:0".into()),
             ..Default::default()
         },
     )

@@ -1,0 +1,89 @@
+//! The health, readiness and metrics endpoints, and `mayfly healthcheck`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
+}
+
+#[tokio::test]
+async fn live_ready_and_metrics() {
+    let t = start().await;
+    let addr = t.agent.as_ref().unwrap().health_addr;
+    assert_eq!(http_get(addr, "/healthz/live").await.0, 200);
+    let (code, body) = http_get(addr, "/healthz/ready").await;
+    assert_eq!((code, body.trim()), (200, "ready"));
+
+    let lease = t.grant_me("metered", Duration::from_secs(600), None).await;
+    t.workload().await.fetch_x509_svid().await.unwrap();
+    let _ = t
+        .workload()
+        .await
+        .fetch_jwt_token(["svc"], None)
+        .await
+        .unwrap();
+    t.admin()
+        .await
+        .revoke(mayfly::proto::admin::RevokeRequest {
+            lease_id: lease.lease_id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let (code, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    for needle in [
+        "mayfly_leases{state=\"active\"} 0",
+        "mayfly_lease_ends_total{state=\"revoked\"} 1",
+        "mayfly_svids_issued_total{kind=\"x509\"} 1",
+        "mayfly_svids_issued_total{kind=\"jwt\"} 1",
+        "mayfly_svid_issuance_seconds_count{kind=\"x509\"} 1",
+        "mayfly_attestations_total{result=\"ok\"}",
+        "mayfly_open_streams",
+        "mayfly_teardown_seconds_count",
+        "mayfly_audit_write_seconds_count",
+        "mayfly_ca_not_after_timestamp_seconds",
+        "mayfly_svid_not_after_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn healthcheck_command() {
+    let t = start().await;
+    let addr = t.agent.as_ref().unwrap().health_addr.to_string();
+    let ok = tokio::process::Command::new(t.bin())
+        .args(["healthcheck", "--health-addr", &addr])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // Nothing listening: the probe fails.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = free.local_addr().unwrap().to_string();
+    drop(free);
+    let bad = tokio::process::Command::new(t.bin())
+        .args(["healthcheck", "--health-addr", &dead])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+}
