@@ -13,6 +13,7 @@ use crate::audit::{AuditLog, AuditOptions};
 use crate::ca::SigningCa;
 use crate::config::Config;
 use crate::jwt::{JwtKeys, KeyPolicy};
+use crate::k8s::K8sAttestor;
 use crate::lease::{Durable, Registry};
 use crate::store::LeaseStore;
 use crate::svid::Manager;
@@ -35,6 +36,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("kubernetes attestation: {0}")]
+    Kubernetes(#[from] crate::k8s::K8sError),
     #[error("JWT signing keys: {0}")]
     Jwt(#[from] crate::jwt::JwtError),
     #[error("health endpoint {addr}: {source}")]
@@ -135,6 +138,7 @@ impl Agent {
             metrics.clone(),
         );
         let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
+        let k8s = Arc::new(K8sAttestor::new(config.kubelet.clone())?);
         let refresh = {
             let (registry, metrics) = (registry.clone(), metrics.clone());
             Box::new(move || {
@@ -151,6 +155,7 @@ impl Agent {
         let workload_api = crate::workload_api::WorkloadApi::new(
             manager.clone(),
             attestor.clone(),
+            k8s,
             shutdown.clone(),
         );
         let admin_api = crate::admin::AdminApi::new(

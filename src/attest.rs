@@ -250,6 +250,8 @@ pub struct Attestation {
     pub exe_path: Option<String>,
     /// Lowercase hex SHA-256 of the executable, if computed.
     pub exe_sha256: Option<String>,
+    /// The text of `/proc/<pid>/cgroup`, read with the other facts (for pod attestation).
+    pub cgroup: Option<String>,
     /// Sorted, deduplicated selectors, each formatted `type:key:value`.
     pub selectors: Vec<String>,
 }
@@ -330,6 +332,9 @@ impl Attestor {
         })?;
         let exe_path = read_exe_path(pid);
         let exe_sha256 = self.exe_digest(pid);
+        // Read here, before the proof below, so the Kubernetes selectors derived from it are
+        // as certain to describe the connected process as the rest.
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
 
         // --- Then prove the facts came from the process that connected. ---
         if let Some(fd) = pidfd {
@@ -380,6 +385,7 @@ impl Attestor {
             start_time,
             exe_path,
             exe_sha256,
+            cgroup,
             selectors: selectors.into_iter().collect(),
         })
     }

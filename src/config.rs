@@ -37,6 +37,24 @@ pub struct FileConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub jwt: JwtSection,
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+}
+
+/// Kubernetes pod attestation. The cgroup-derived selectors (`k8s:pod-uid`,
+/// `k8s:container-id`) need nothing here; the kubelet adds namespace, service account, labels...
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    pub kubelet_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    pub node_name: Option<String>,
+    pub cache_ttl: Option<String>,
+    pub retry_for: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +140,7 @@ pub struct Config {
     pub retention: Duration,
     pub audit_segment_bytes: u64,
     pub jwt_key_rotation: Duration,
+    pub kubelet: Option<crate::k8s::KubeletConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +357,42 @@ impl Config {
         if jwt_key_rotation < Duration::from_secs(1) {
             errors.push("jwt.key_rotation: must be at least 1s".into());
         }
+        let k = &file.kubernetes;
+        let kubelet = k.kubelet_url.clone().map(|url| {
+            let d = crate::k8s::KubeletConfig::default();
+            crate::k8s::KubeletConfig {
+                url,
+                token_file: k.token_file.clone(),
+                ca_file: k.ca_file.clone(),
+                insecure_skip_verify: k.insecure_skip_verify,
+                node_name: k.node_name.clone(),
+                cache_ttl: duration(
+                    &mut errors,
+                    "kubernetes.cache_ttl",
+                    k.cache_ttl.as_deref(),
+                    d.cache_ttl,
+                ),
+                retry_for: duration(
+                    &mut errors,
+                    "kubernetes.retry_for",
+                    k.retry_for.as_deref(),
+                    d.retry_for,
+                ),
+                timeout: duration(
+                    &mut errors,
+                    "kubernetes.timeout",
+                    k.timeout.as_deref(),
+                    d.timeout,
+                ),
+            }
+        });
+        if kubelet.is_none()
+            && (k.token_file.is_some() || k.ca_file.is_some() || k.insecure_skip_verify)
+        {
+            errors.push(
+                "kubernetes: token_file/ca_file/insecure_skip_verify need kubelet_url".into(),
+            );
+        }
         let ca_ttl = duration(
             &mut errors,
             "ca.ttl",
@@ -416,6 +471,7 @@ impl Config {
             retention,
             audit_segment_bytes,
             jwt_key_rotation,
+            kubelet,
         })
     }
 }
@@ -465,5 +521,42 @@ mod tests {
         let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(c.limits.trust_domain.as_str(), DEFAULT_TRUST_DOMAIN);
         assert!(c.allowed_uids.contains(&0));
+    }
+}
+
+#[cfg(test)]
+mod shipped_configs {
+    use super::*;
+
+    fn resolve(text: &str) -> Config {
+        let file: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        Config::resolve(file, Overrides::default()).unwrap()
+    }
+
+    #[test]
+    fn the_systemd_example_config_is_valid() {
+        resolve(include_str!("../deploy/systemd/mayfly.toml"));
+    }
+
+    #[test]
+    fn the_daemonset_config_is_valid() {
+        // The TOML block of the ConfigMap, with the init container's placeholders filled in.
+        let yaml = include_str!("../deploy/kubernetes/configmap.yaml");
+        let start = yaml.find("mayfly.toml: |").expect("config block") + "mayfly.toml: |".len();
+        let block: String = yaml[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = resolve(
+            &block
+                .replace("@HOST_IP@", "10.0.0.7")
+                .replace("@NODE_NAME@", "node-a"),
+        );
+        let k = c.kubelet.expect("kubelet configured");
+        assert_eq!(k.url, "https://10.0.0.7:10250");
+        assert_eq!(k.node_name.as_deref(), Some("node-a"));
     }
 }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod jwt;
+pub mod k8s;
 pub mod lease;
 pub mod listen;
 pub mod proto;

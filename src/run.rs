@@ -119,11 +119,11 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
             return Err(e);
         }
     };
+    go.write_all(b"1").context("releasing the child")?;
     eprintln!(
         "mayfly run: lease {} for {} (pid {pid})",
         lease.lease_id, lease.spiffe_id
     );
-    go.write_all(b"1").context("releasing the child")?;
 
     let mut signals = Vec::new();
     for kind in [
@@ -191,10 +191,24 @@ async fn grant(
     Ok(lease.into_inner())
 }
 
+/// Opens the sync FIFO without waiting for a writer (a wrapper that already died would leave
+/// a blocking open hanging forever), then switches to blocking reads: the read returns the
+/// wrapper's byte, or end-of-file once no writer is left.
+fn open_sync(path: &Path) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    fcntl(&f, FcntlArg::F_SETFL(OFlag::empty())).map_err(std::io::Error::from)?;
+    Ok(f)
+}
+
 /// The child side: wait for the wrapper's go, then become the command (same PID).
 pub fn exec(sync: &Path, command: &[OsString]) -> i32 {
     let mut byte = [0u8; 1];
-    let released = std::fs::File::open(sync).and_then(|mut f| f.read_exact(&mut byte));
+    let released = open_sync(sync).and_then(|mut f| f.read_exact(&mut byte));
     if released.is_err() || byte[0] != b'1' {
         // The wrapper gave up (it reports why) or is gone: never run without a lease.
         return WRAPPER_FAILED;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::attest::{Attestation, Attestor, PeerInfo};
+use crate::k8s::K8sAttestor;
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -31,6 +32,7 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct WorkloadApi {
     manager: Arc<Manager>,
     attestor: Arc<Attestor>,
+    k8s: Arc<K8sAttestor>,
     shutdown: CancellationToken,
 }
 
@@ -38,11 +40,13 @@ impl WorkloadApi {
     pub fn new(
         manager: Arc<Manager>,
         attestor: Arc<Attestor>,
+        k8s: Arc<K8sAttestor>,
         shutdown: CancellationToken,
     ) -> SpiffeWorkloadApiServer<Self> {
         SpiffeWorkloadApiServer::new(WorkloadApi {
             manager,
             attestor,
+            k8s,
             shutdown,
         })
     }
@@ -61,11 +65,24 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
 /// time) blocks, so it runs on the blocking pool.
 async fn attest(
     attestor: &Arc<Attestor>,
+    k8s: &K8sAttestor,
     metrics: &Metrics,
     peer: Option<PeerInfo>,
     rpc: &'static str,
 ) -> Result<Attestation, Status> {
-    let result = attest_inner(attestor, peer, rpc).await;
+    let mut result = attest_inner(attestor, peer, rpc).await;
+    // Pod facts come from the cgroup file read (and proven) with the unix facts; the kubelet
+    // only adds what it says about that pod and container.
+    if let Ok(att) = &mut result {
+        if let Some(cgroup) = &att.cgroup {
+            let pod = k8s.selectors_for(cgroup).await;
+            if !pod.is_empty() {
+                att.selectors.extend(pod);
+                att.selectors.sort();
+                att.selectors.dedup();
+            }
+        }
+    }
     let label = ResultLabel {
         result: if result.is_ok() { "ok" } else { "failed" }.into(),
     };
@@ -242,7 +259,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchX509SVID";
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let mut att = attest(&self.attestor, self.manager.metrics(), peer.clone(), RPC).await?;
+        let mut att = attest(
+            &self.attestor,
+            &self.k8s,
+            self.manager.metrics(),
+            peer.clone(),
+            RPC,
+        )
+        .await?;
         let who = Requester {
             pid: att.pid,
             uid: att.uid,
@@ -261,6 +285,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         drop(first);
 
         let attestor = self.attestor.clone();
+        let k8s = self.k8s.clone();
         let manager = self.manager.clone();
         let shutdown = self.shutdown.clone();
         let open = StreamGuard::new(&self.manager.metrics().open_streams);
@@ -277,7 +302,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
                 // The process may have exec'd something else since it opened the stream:
                 // attest again before handing it anything new.
-                match attest(&attestor, manager.metrics(), peer.clone(), RPC).await {
+                match attest(&attestor, &k8s, manager.metrics(), peer.clone(), RPC).await {
                     Ok(now) => {
                         if now.selectors != att.selectors {
                             watcher = manager.watcher(now.selectors.clone(), who.clone());
@@ -321,7 +346,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchX509Bundles";
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
+        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
         // The X.509 trust bundle does not change while the agent runs: no refresh signal.
         let stream = self
             .bundle_stream(RPC, att, None, |m: &Manager| pb::X509BundlesResponse {
@@ -347,7 +372,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         audiences.sort();
         audiences.dedup();
-        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
+        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
         let who = Requester {
             pid: att.pid,
             uid: att.uid,
@@ -388,7 +413,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchJWTBundles";
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
+        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
         let keys = self.manager.jwt_keys().subscribe();
         let stream = self
             .bundle_stream(RPC, att, Some(keys), |m: &Manager| pb::JwtBundlesResponse {
@@ -416,7 +441,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         // Any local process may validate, but it must be one we can name in the log.
-        let att = attest(&self.attestor, self.manager.metrics(), peer, RPC).await?;
+        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
         match self.manager.validate_jwt(&req.svid, &req.audience) {
             Ok(claims) => {
                 let spiffe_id = claims

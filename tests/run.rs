@@ -170,6 +170,17 @@ async fn signals_are_forwarded_to_the_child() {
 async fn the_agent_ends_the_lease_when_an_orphaned_child_exits() {
     let t = start().await;
     let (mut run, lease_id, child_pid) = spawn_run(&t, "orphan", &["sleep", "30"]).await;
+    // Once the command runs (it has exec'd), kill the wrapper.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{child_pid}/comm")).unwrap_or_default()
+        != "sleep\n"
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     run.start_kill().unwrap(); // SIGKILL: the wrapper cannot complete anything
     run.wait().await.unwrap();
     assert_eq!(state(&t, &lease_id).await, "active", "the child still runs");

@@ -327,9 +327,35 @@ pub fn check_selector(raw: &str) -> Result<String, LeaseError> {
         (Some(k), Some(key), Some(v)) => (k, key, v),
         _ => return Err(bad("must be type:key:value".into())),
     };
+    if kind == "k8s" {
+        const KEYS: [&str; 9] = [
+            "pod-uid",
+            "container-id",
+            "ns",
+            "sa",
+            "pod-name",
+            "pod-label",
+            "container-name",
+            "container-image",
+            "node-name",
+        ];
+        if !KEYS.contains(&key) {
+            return Err(bad(format!(
+                "unknown k8s selector {key:?} (supported: {})",
+                KEYS.join(", ")
+            )));
+        }
+        if value.is_empty() || value.chars().any(char::is_control) {
+            return Err(bad("value must not be empty".into()));
+        }
+        if key == "pod-label" && !value.contains(':') {
+            return Err(bad("pod-label value must be KEY:VALUE".into()));
+        }
+        return Ok(raw.to_owned());
+    }
     if kind != "unix" {
         return Err(bad(format!(
-            "unknown selector type {kind:?} (supported: unix)"
+            "unknown selector type {kind:?} (supported: unix, k8s)"
         )));
     }
     let numeric = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
@@ -590,7 +616,7 @@ mod tests {
         for bad in [
             "unix:uid:abc",
             "unix:uid",
-            "k8s:ns:prod",
+            "k8s:nope:prod",
             "unix:sha256:XYZ",
             "unix:path:relative",
             "unix:nope:1",

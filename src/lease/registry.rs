@@ -91,8 +91,10 @@ pub struct Registry {
 
 /// The selector a lease is indexed under: the kind that narrows callers most.
 fn index_key(selectors: &[String]) -> String {
-    const ORDER: [&str; 6] = [
+    const ORDER: [&str; 8] = [
         "unix:pid:",
+        "k8s:container-id:",
+        "k8s:pod-uid:",
         "unix:sha256:",
         "unix:path:",
         "unix:uid:",

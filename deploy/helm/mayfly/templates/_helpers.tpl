@@ -1,0 +1,117 @@
+{{/* Chart name. */}}
+{{- define "mayfly.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: the release name, with the chart name unless it already contains it. */}}
+{{- define "mayfly.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mayfly.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "mayfly.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mayfly.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent
+{{- end -}}
+
+{{- define "mayfly.labels" -}}
+helm.sh/chart: {{ include "mayfly.chart" . }}
+{{ include "mayfly.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "mayfly.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mayfly.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mayfly.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The admin socket inside the container. */}}
+{{- define "mayfly.adminSocket" -}}
+{{- printf "%s/admin.sock" .Values.hostPaths.adminSocketDir -}}
+{{- end -}}
+
+{{/*
+The agent's TOML config. With kubelet.enabled it holds @NODE_NAME@ and @HOST_IP@, filled in by
+the render-config init container.
+*/}}
+{{- define "mayfly.config" -}}
+{{- $c := .Values.config -}}
+trust_domain = {{ $c.trustDomain | quote }}
+socket = {{ printf "%s/workload.sock" .Values.hostPaths.socketDir | quote }}
+admin_socket = {{ include "mayfly.adminSocket" . | quote }}
+data_dir = {{ .Values.hostPaths.dataDir | quote }}
+log_format = {{ $c.logFormat | quote }}
+health_addr = {{ printf "0.0.0.0:%d" (int .Values.health.port) | quote }}
+
+[leases]
+max_ttl = {{ $c.leases.maxTtl | quote }}
+default_svid_ttl = {{ $c.leases.defaultSvidTtl | quote }}
+max_svid_ttl = {{ $c.leases.maxSvidTtl | quote }}
+default_jwt_ttl = {{ $c.leases.defaultJwtTtl | quote }}
+max_jwt_ttl = {{ $c.leases.maxJwtTtl | quote }}
+retention = {{ $c.leases.retention | quote }}
+
+[admin]
+allowed_uids = [{{ range $i, $u := $c.admin.allowedUids }}{{ if $i }}, {{ end }}{{ int $u }}{{ end }}]
+allowed_gids = [{{ range $i, $g := $c.admin.allowedGids }}{{ if $i }}, {{ end }}{{ int $g }}{{ end }}]
+
+[jwt]
+key_rotation = {{ $c.jwt.keyRotation | quote }}
+
+[audit]
+max_segment_bytes = {{ int64 $c.audit.maxSegmentBytes }}
+
+[attestation]
+max_digest_bytes = {{ int64 $c.attestation.maxDigestBytes }}
+{{- with $c.ca }}
+{{- if or .certFile .keyFile .chainFile .bundleFile .ttl }}
+
+[ca]
+{{- with .certFile }}
+cert_file = {{ . | quote }}
+{{- end }}
+{{- with .keyFile }}
+key_file = {{ . | quote }}
+{{- end }}
+{{- with .chainFile }}
+chain_file = {{ . | quote }}
+{{- end }}
+{{- with .bundleFile }}
+bundle_file = {{ . | quote }}
+{{- end }}
+{{- with .ttl }}
+ttl = {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.kubelet.enabled }}
+
+[kubernetes]
+kubelet_url = {{ printf "https://@HOST_IP@:%d" (int .Values.kubelet.port) | quote }}
+token_file = {{ .Values.kubelet.tokenFile | quote }}
+ca_file = {{ .Values.kubelet.caFile | quote }}
+insecure_skip_verify = {{ .Values.kubelet.insecureSkipVerify }}
+node_name = "@NODE_NAME@"
+{{- end }}
+{{- end -}}
