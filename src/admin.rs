@@ -10,6 +10,10 @@ use tonic::{Request, Response, Status};
 use crate::attest::{Attestor, PeerInfo};
 use crate::audit::AuditLog;
 use crate::lease::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Principal, Registry};
+use crate::policy::{
+    Action as PolicyAction, ContextAttrs, Decision, PolicyEngine, PolicyRequest, PrincipalAttrs,
+    ResourceAttrs,
+};
 use crate::proto::admin as pb;
 use crate::proto::admin::tasks_server::{Tasks, TasksServer};
 use crate::time::{from_duration, to_duration, to_timestamp};
@@ -18,6 +22,8 @@ pub struct AdminApi {
     registry: Arc<Registry>,
     attestor: Arc<Attestor>,
     audit: AuditLog,
+    policy: Arc<PolicyEngine>,
+    approval_timeout: std::time::Duration,
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
 }
@@ -27,6 +33,8 @@ impl AdminApi {
         registry: Arc<Registry>,
         attestor: Arc<Attestor>,
         audit: AuditLog,
+        policy: Arc<PolicyEngine>,
+        approval_timeout: std::time::Duration,
         allowed_uids: Vec<u32>,
         allowed_gids: Vec<u32>,
     ) -> TasksServer<Self> {
@@ -34,6 +42,8 @@ impl AdminApi {
             registry,
             attestor,
             audit,
+            policy,
+            approval_timeout,
             allowed_uids,
             allowed_gids,
         })
@@ -42,6 +52,15 @@ impl AdminApi {
     /// Authenticates the caller from its peer credentials (primary and supplementary groups
     /// from /proc) and checks the allowlist.
     async fn authorize<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Principal, Status> {
+        Ok(self.caller(req, rpc).await?.0)
+    }
+
+    /// The caller as a principal and as Cedar sees it (uid, name, groups), once allowlisted.
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+    ) -> Result<(Principal, PrincipalAttrs), Status> {
         let peer =
             req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
                 Status::unauthenticated("no peer credentials on the admin socket")
@@ -86,12 +105,102 @@ impl AdminApi {
                 att.uid, self.allowed_uids, self.allowed_gids
             )));
         }
-        Ok(Principal {
+        let attrs = PrincipalAttrs {
+            uid: att.uid,
+            name: user.clone().unwrap_or_default(),
+            groups: att
+                .selectors
+                .iter()
+                .filter_map(|s| {
+                    s.strip_prefix("unix:group:")
+                        .or_else(|| s.strip_prefix("unix:supplementary_group:"))
+                })
+                .map(str::to_owned)
+                .collect(),
+            gids: att
+                .selectors
+                .iter()
+                .filter_map(|s| {
+                    s.strip_prefix("unix:gid:")
+                        .or_else(|| s.strip_prefix("unix:supplementary_gid:"))
+                        .and_then(|g| g.parse().ok())
+                })
+                .collect(),
+        };
+        let principal = Principal {
             uid: att.uid,
             gid: att.gid,
             pid: Some(att.pid),
             user,
-        })
+        };
+        Ok((principal, attrs))
+    }
+
+    /// Asks the policies. A denial is audited with the whole request and answered with
+    /// PermissionDenied naming the policies that decided.
+    async fn judge(
+        &self,
+        action: PolicyAction,
+        principal: PrincipalAttrs,
+        lease: &Lease,
+        ttl: std::time::Duration,
+    ) -> Result<Decision, Status> {
+        let secs = |d: std::time::Duration| d.as_secs();
+        let request = PolicyRequest {
+            action,
+            principal,
+            resource: ResourceAttrs {
+                agent: lease.agent.clone(),
+                spiffe_id: lease.spiffe_id.to_string(),
+            },
+            context: ContextAttrs {
+                task_id: lease.task_id.clone(),
+                delegator: lease.delegator.clone(),
+                ttl_secs: secs(ttl),
+                max_ttl_secs: secs(
+                    lease
+                        .max_expires_at
+                        .duration_since(lease.created_at)
+                        .unwrap_or_default(),
+                ),
+                svid_ttl_secs: secs(lease.svid_ttl),
+                jwt_ttl_secs: secs(lease.jwt_ttl),
+                audiences: lease.audiences.clone(),
+                selectors: lease.selectors.clone(),
+                reason: lease.reason.clone(),
+                now: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
+                grantor_uid: lease.granted_by.uid,
+                agent_uid: rustix::process::geteuid().as_raw(),
+                max_ttl_limit_secs: secs(self.registry.limits().max_ttl),
+            },
+        };
+        let decision = self.policy.evaluate(&request);
+        if let Decision::Deny { policies, errors } = &decision {
+            let why = if policies.is_empty() {
+                format!("no policy permits this {action}")
+            } else {
+                format!("denied by policy {}", policies.join(", "))
+            };
+            tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
+            let fields = serde_json::json!({
+                "action": action.as_str(),
+                "lease_id": lease.id.as_str(),
+                "task_id": lease.task_id,
+                "policies": policies,
+                "errors": errors,
+                "request": request,
+            });
+            if let serde_json::Value::Object(fields) = fields {
+                if let Err(e) = self.audit.append("policy_denied", fields).await {
+                    tracing::error!(error = %e, "could not audit a policy denial");
+                }
+            }
+            return Err(Status::permission_denied(why));
+        }
+        Ok(decision)
     }
 }
 
@@ -101,6 +210,7 @@ fn status(e: LeaseError) -> Status {
         LeaseError::NotFound(_) => Status::not_found(e.to_string()),
         LeaseError::NotActive { .. } => Status::failed_precondition(e.to_string()),
         LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
+        LeaseError::SelfApproval(_) => Status::permission_denied(e.to_string()),
     }
 }
 
@@ -148,6 +258,9 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         state: l.state.to_string(),
         ended_at: l.ended_at.map(to_timestamp),
         ended_by: l.ended_by.as_ref().map(principal),
+        approval_deadline: l.approval_deadline.map(to_timestamp),
+        approved_at: l.approved_at.map(to_timestamp),
+        approved_by: l.approved_by.as_ref().map(principal),
     }
 }
 
@@ -157,7 +270,7 @@ impl Tasks for AdminApi {
         &self,
         request: Request<pb::GrantRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let by = self.authorize(&request, "Grant").await?;
+        let (by, attrs) = self.caller(&request, "Grant").await?;
         let r = request.into_inner();
         let input = GrantInput {
             task_id: r.task_id,
@@ -171,10 +284,22 @@ impl Tasks for AdminApi {
             audiences: r.audiences,
             reason: r.reason,
         };
-        let lease = self.registry.grant(input, by).await.map_err(|e| {
+        let lease = self.registry.prepare(input, by).map_err(|e| {
             tracing::info!(event = "grant_refused", error = %e, "grant refused");
             status(e)
         })?;
+        let ttl = lease
+            .expires_at
+            .duration_since(lease.created_at)
+            .unwrap_or_default();
+        let lease = match self.judge(PolicyAction::Grant, attrs, &lease, ttl).await? {
+            Decision::RequireApproval { policies } => self
+                .registry
+                .hold(lease, self.approval_timeout, &policies)
+                .await
+                .map_err(status)?,
+            _ => self.registry.grant(lease).await.map_err(status)?,
+        };
         Ok(Response::new(lease_to_pb(&lease)))
     }
 
@@ -204,11 +329,21 @@ impl Tasks for AdminApi {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        self.authorize(&request, "Renew").await?;
+        let (_, attrs) = self.caller(&request, "Renew").await?;
         let r = request.into_inner();
         let id = lease_id(&r.lease_id)?;
         let ttl =
             duration("ttl", r.ttl)?.ok_or_else(|| Status::invalid_argument("ttl: is required"))?;
+        let lease = self.registry.get(&id).await.map_err(status)?;
+        // A renewal that a gate would hold cannot wait for approval: it is refused.
+        if let Decision::RequireApproval { policies } =
+            self.judge(PolicyAction::Renew, attrs, &lease, ttl).await?
+        {
+            return Err(Status::permission_denied(format!(
+                "renewal requires approval by policy {}; grant a new lease instead",
+                policies.join(", ")
+            )));
+        }
         let lease = self.registry.renew(&id, ttl).await.map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }
@@ -217,17 +352,59 @@ impl Tasks for AdminApi {
         &self,
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let by = self.authorize(&request, "Revoke").await?;
+        let (by, attrs) = self.caller(&request, "Revoke").await?;
         let r = request.into_inner();
         let id = lease_id(&r.lease_id)?;
         if r.reason.len() > crate::lease::MAX_REASON_LEN {
             return Err(Status::invalid_argument("reason: too long"));
         }
+        let lease = self.registry.get(&id).await.map_err(status)?;
+        let remaining = lease
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        self.judge(PolicyAction::Revoke, attrs, &lease, remaining)
+            .await?;
         let lease = self
             .registry
             .end(&id, LeaseState::Revoked, by, &r.reason)
             .await
             .map_err(status)?;
+        Ok(Response::new(lease_to_pb(&lease)))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let (by, attrs) = self.caller(&request, "Approve").await?;
+        let r = request.into_inner();
+        let id = lease_id(&r.lease_id)?;
+        let lease = self.registry.get(&id).await.map_err(status)?;
+        if lease.state != LeaseState::Pending {
+            return Err(status(LeaseError::NotActive {
+                id: id.to_string(),
+                state: lease.state,
+            }));
+        }
+        let ttl = lease
+            .expires_at
+            .duration_since(lease.created_at)
+            .unwrap_or_default();
+        // An approval gate on "approve" itself makes no sense; only an allow approves.
+        match self
+            .judge(PolicyAction::Approve, attrs, &lease, ttl)
+            .await?
+        {
+            Decision::Allow { .. } => {}
+            Decision::RequireApproval { policies } | Decision::Deny { policies, .. } => {
+                return Err(Status::permission_denied(format!(
+                    "approval not allowed (policy {})",
+                    policies.join(", ")
+                )))
+            }
+        }
+        let lease = self.registry.approve(&id, by).await.map_err(status)?;
         Ok(Response::new(lease_to_pb(&lease)))
     }
 

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::jwt::{JwtKeys, KeyPolicy};
 use crate::k8s::K8sAttestor;
 use crate::lease::{Durable, Registry};
+use crate::policy::PolicyEngine;
 use crate::store::LeaseStore;
 use crate::svid::Manager;
 use crate::telemetry::{HealthServer, Metrics, Readiness, StateLabel};
@@ -36,6 +37,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("policies: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("kubernetes attestation: {0}")]
     Kubernetes(#[from] crate::k8s::K8sError),
     #[error("JWT signing keys: {0}")]
@@ -56,6 +59,7 @@ pub struct Agent {
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
     pub health_addr: std::net::SocketAddr,
+    pub policy: Arc<PolicyEngine>,
     pub registry: Arc<Registry>,
     pub manager: Arc<Manager>,
     audit: AuditLog,
@@ -137,6 +141,8 @@ impl Agent {
             Some(audit.clone()),
             metrics.clone(),
         );
+        let policy = Arc::new(PolicyEngine::load(config.policy.clone())?);
+        tracing::info!(event = "policies_loaded", source = %policy.describe(), "admin policies loaded");
         let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
         let k8s = Arc::new(K8sAttestor::new(config.kubelet.clone())?);
         let refresh = {
@@ -162,6 +168,8 @@ impl Agent {
             registry.clone(),
             attestor,
             audit.clone(),
+            policy.clone(),
+            config.approval_timeout,
             config.allowed_uids.clone(),
             config.allowed_gids.clone(),
         );
@@ -225,6 +233,12 @@ impl Agent {
                 }
             }
         });
+        // Policy files are reloaded when they change (and on SIGHUP, see `reload_policies`).
+        tasks.spawn(
+            policy
+                .clone()
+                .watch(Duration::from_secs(2), shutdown.clone()),
+        );
         tasks.close();
         drop(ready_sockets);
 
@@ -241,6 +255,7 @@ impl Agent {
             admin_socket: config.admin_socket,
             data_dir: config.data_dir,
             health_addr,
+            policy,
             registry,
             manager,
             audit,
@@ -249,12 +264,24 @@ impl Agent {
         })
     }
 
+    /// Re-reads the policy files (SIGHUP); a broken set is refused and the old one kept.
+    pub fn reload_policies(&self) {
+        match self.policy.reload() {
+            Ok(()) => {
+                tracing::info!(event = "policies_reloaded", source = %self.policy.describe(), "policies reloaded")
+            }
+            Err(e) => {
+                tracing::error!(event = "policy_reload_failed", error = %e, "policy reload failed; keeping the previous policies")
+            }
+        }
+    }
+
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
     /// Runs until the shutdown token is cancelled, then drains (bounded) and removes the sockets.
-    pub async fn wait(self) {
+    pub async fn wait(&self) {
         self.shutdown.cancelled().await;
         if tokio::time::timeout(GRACE, self.tasks.wait())
             .await

@@ -34,6 +34,9 @@ pub enum Command {
     /// Check or print the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Test Cedar policies before deploying them.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Exit 0 when the agent at --health-addr is ready (for probes).
     Healthcheck {
         #[arg(long, default_value = crate::telemetry::DEFAULT_HEALTH_ADDR)]
@@ -69,6 +72,43 @@ pub enum JwtCommand {
         token: String,
         #[arg(long)]
         socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Evaluate one request against a policy set and print the decision and the policies
+    /// that decided. Exit status: 0 allow, 2 approval required, 1 deny.
+    Check {
+        /// Policy file or directory of *.cedar files (repeatable; default: the embedded policy).
+        #[arg(long = "policy")]
+        policies: Vec<PathBuf>,
+        /// Cedar schema (default: the embedded one).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+        /// The request as JSON (see the README); `-` reads stdin. Flags below override it.
+        #[arg(long)]
+        request: Option<PathBuf>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        task_id: Option<String>,
+        #[arg(long)]
+        delegator: Option<String>,
+        #[arg(long, value_parser = duration)]
+        ttl: Option<Duration>,
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
     },
 }
 
@@ -212,6 +252,14 @@ pub enum TaskCommand {
     Revoke {
         lease_id: String,
         /// Why, for the log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Approve a lease that a policy holds as pending (not your own grant).
+    Approve {
+        lease_id: String,
         #[arg(long, default_value = "")]
         reason: String,
         #[command(flatten)]

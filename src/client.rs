@@ -49,6 +49,9 @@ pub fn lease_json(l: &pb::Lease) -> Value {
         "granted_by": principal_json(&l.granted_by),
         "ended_at": ts(&l.ended_at),
         "ended_by": principal_json(&l.ended_by),
+        "approval_deadline": ts(&l.approval_deadline),
+        "approved_at": ts(&l.approved_at),
+        "approved_by": principal_json(&l.approved_by),
     })
 }
 
@@ -79,11 +82,19 @@ fn print_lease_text(l: &pb::Lease) {
     if !l.reason.is_empty() {
         println!("{:<15} {}", "reason", l.reason);
     }
-    if let Some(p) = &l.granted_by {
-        println!(
-            "{:<15} uid={} gid={} pid={} user={}",
-            "granted_by", p.uid, p.gid, p.pid, p.user
-        );
+    for (key, p) in [
+        ("granted_by", &l.granted_by),
+        ("approved_by", &l.approved_by),
+    ] {
+        if let Some(p) = p {
+            println!(
+                "{key:<15} uid={} gid={} pid={} user={}",
+                p.uid, p.gid, p.pid, p.user
+            );
+        }
+    }
+    if let Value::String(d) = &v["approval_deadline"] {
+        println!("{:<15} {d}", "approve_by");
     }
 }
 
@@ -132,6 +143,7 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
         | TaskCommand::List { conn, .. }
         | TaskCommand::Renew { conn, .. }
         | TaskCommand::Revoke { conn, .. }
+        | TaskCommand::Approve { conn, .. }
         | TaskCommand::Complete { conn, .. } => conn,
     };
     let path = admin_socket(conn);
@@ -202,6 +214,16 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
         } => {
             let lease = client
                 .revoke(pb::RevokeRequest { lease_id, reason })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Approve {
+            lease_id, reason, ..
+        } => {
+            let lease = client
+                .approve(pb::ApproveRequest { lease_id, reason })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -431,4 +453,82 @@ pub async fn jwt(cmd: crate::cli::JwtCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `mayfly policy check`: returns the exit status (0 allow, 2 approval required, 1 deny).
+pub fn policy_check(cmd: crate::cli::PolicyCommand) -> Result<i32> {
+    use crate::policy::{Action, Decision, PolicyEngine, PolicyRequest, PolicySource};
+    let crate::cli::PolicyCommand::Check {
+        policies,
+        schema,
+        request,
+        action,
+        uid,
+        user,
+        groups,
+        agent,
+        task_id,
+        delegator,
+        ttl,
+        audiences,
+        selectors,
+    } = cmd;
+    let mut req: PolicyRequest = match request {
+        None => PolicyRequest::default(),
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+            };
+            serde_json::from_str(&text).context("parsing the request JSON")?
+        }
+    };
+    if let Some(a) = action {
+        req.action = serde_json::from_value::<Action>(Value::String(a.clone()))
+            .map_err(|_| anyhow::anyhow!("--action {a:?}: one of grant, renew, revoke, approve"))?;
+    }
+    if let Some(u) = uid {
+        req.principal.uid = u;
+    }
+    if let Some(u) = user {
+        req.principal.name = u;
+    }
+    req.principal.groups.extend(groups);
+    if let Some(a) = agent {
+        req.resource.agent = a;
+    }
+    if let Some(t) = task_id {
+        req.context.task_id = t;
+    }
+    if let Some(d) = delegator {
+        req.context.delegator = d;
+    }
+    if let Some(t) = ttl {
+        req.context.ttl_secs = t.as_secs();
+    }
+    req.context.audiences.extend(audiences);
+    req.context.selectors.extend(selectors);
+    if req.context.now == 0 {
+        req.context.now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+    }
+    let engine = PolicyEngine::load(PolicySource {
+        policy_files: policies,
+        schema_file: schema,
+    })?;
+    let decision = engine.evaluate(&req);
+    let (name, code, errors) = match &decision {
+        Decision::Allow { .. } => ("allow", 0, Vec::new()),
+        Decision::RequireApproval { .. } => ("approval_required", 2, Vec::new()),
+        Decision::Deny { errors, .. } => ("deny", 1, errors.clone()),
+    };
+    println!(
+        "{}",
+        json!({ "decision": name, "policies": decision.policies(), "errors": errors, "request": req })
+    );
+    Ok(code)
 }

@@ -39,6 +39,20 @@ pub struct FileConfig {
     pub jwt: JwtSection,
     #[serde(default)]
     pub kubernetes: KubernetesSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+/// Cedar policies for the admin API. No files: the embedded default policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Policy files, or directories of `*.cedar` files.
+    pub files: Option<Vec<PathBuf>>,
+    /// Cedar schema; default: the embedded one.
+    pub schema: Option<PathBuf>,
+    /// A lease held for approval that nobody approves by then ends as `expired`.
+    pub approval_timeout: Option<String>,
 }
 
 /// Kubernetes pod attestation. The cgroup-derived selectors (`k8s:pod-uid`,
@@ -141,6 +155,8 @@ pub struct Config {
     pub audit_segment_bytes: u64,
     pub jwt_key_rotation: Duration,
     pub kubelet: Option<crate::k8s::KubeletConfig>,
+    pub policy: crate::policy::PolicySource,
+    pub approval_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +409,12 @@ impl Config {
                 "kubernetes: token_file/ca_file/insecure_skip_verify need kubelet_url".into(),
             );
         }
+        let approval_timeout = duration(
+            &mut errors,
+            "policy.approval_timeout",
+            file.policy.approval_timeout.as_deref(),
+            Duration::from_secs(3600),
+        );
         let ca_ttl = duration(
             &mut errors,
             "ca.ttl",
@@ -472,6 +494,11 @@ impl Config {
             audit_segment_bytes,
             jwt_key_rotation,
             kubelet,
+            policy: crate::policy::PolicySource {
+                policy_files: file.policy.files.unwrap_or_default(),
+                schema_file: file.policy.schema,
+            },
+            approval_timeout,
         })
     }
 }

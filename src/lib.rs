@@ -17,6 +17,7 @@ pub mod jwt;
 pub mod k8s;
 pub mod lease;
 pub mod listen;
+pub mod policy;
 pub mod proto;
 pub mod run;
 pub mod store;

@@ -35,6 +35,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let agent = mayfly::app::Agent::start(config.clone()).await?;
     println!("mayfly agent running");
     println!("  trust domain    {}", config.limits.trust_domain);
@@ -53,11 +54,16 @@ async fn agent(args: AgentArgs) -> Result<()> {
         "  health/metrics  http://{}/healthz/ready  /metrics",
         agent.health_addr
     );
+    let agent = std::sync::Arc::new(agent);
     let token = agent.shutdown_token();
+    let on_signal = agent.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => on_signal.reload_policies(),
+            }
         }
         tracing::info!("shutting down");
         token.cancel();
@@ -79,6 +85,10 @@ async fn main() {
         }) => mayfly::client::svid_fetch(socket, write, output).await,
         Command::Svid(SvidCommand::Watch { socket }) => mayfly::client::svid_watch(socket).await,
         Command::Audit(cmd) => mayfly::client::audit(cmd),
+        Command::Policy(cmd) => match mayfly::client::policy_check(cmd) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         Command::Healthcheck { health_addr } => mayfly::telemetry::healthcheck(&health_addr).await,
         Command::Jwt(cmd) => mayfly::client::jwt(cmd).await,
         Command::Run(args) => std::process::exit(mayfly::run::run(args).await),

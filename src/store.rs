@@ -296,6 +296,13 @@ struct LeaseRecord {
     state: String,
     ended_at: Option<i128>,
     ended_by: Option<PrincipalRecord>,
+    /// Approval gates (added after v1 records were first written; absent means none).
+    #[serde(default)]
+    approval_deadline: Option<i128>,
+    #[serde(default)]
+    approved_at: Option<i128>,
+    #[serde(default)]
+    approved_by: Option<PrincipalRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -328,6 +335,9 @@ impl From<&Lease> for LeaseRecord {
             state: l.state.as_str().to_owned(),
             ended_at: l.ended_at.map(time_to_nanos),
             ended_by: l.ended_by.as_ref().map(PrincipalRecord::from),
+            approval_deadline: l.approval_deadline.map(time_to_nanos),
+            approved_at: l.approved_at.map(time_to_nanos),
+            approved_by: l.approved_by.as_ref().map(PrincipalRecord::from),
         }
     }
 }
@@ -363,6 +373,15 @@ impl LeaseRecord {
             reason: self.reason,
             granted_by: self.granted_by.into(),
             ended_by: self.ended_by.map(Principal::from),
+            approval_deadline: self
+                .approval_deadline
+                .map(|n| time("approval_deadline", n))
+                .transpose()?,
+            approved_at: self
+                .approved_at
+                .map(|n| time("approved_at", n))
+                .transpose()?,
+            approved_by: self.approved_by.map(Principal::from),
         })
     }
 }
@@ -392,6 +411,7 @@ impl From<PrincipalRecord> for Principal {
 /// The inverse of [`LeaseState::as_str`].
 fn parse_state(s: &str) -> Option<LeaseState> {
     [
+        LeaseState::Pending,
         LeaseState::Active,
         LeaseState::Revoked,
         LeaseState::Expired,
@@ -467,6 +487,9 @@ mod tests {
             state: LeaseState::Active,
             ended_at: None,
             ended_by: None,
+            approval_deadline: None,
+            approved_at: None,
+            approved_by: None,
         }
     }
 

@@ -66,6 +66,8 @@ impl fmt::Display for LeaseId {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeaseState {
+    /// Held back by an approval gate: issues nothing until approved.
+    Pending,
     Active,
     Revoked,
     Expired,
@@ -76,6 +78,7 @@ pub enum LeaseState {
 impl LeaseState {
     pub fn as_str(self) -> &'static str {
         match self {
+            LeaseState::Pending => "pending",
             LeaseState::Active => "active",
             LeaseState::Revoked => "revoked",
             LeaseState::Expired => "expired",
@@ -133,6 +136,10 @@ pub struct Lease {
     pub state: LeaseState,
     pub ended_at: Option<SystemTime>,
     pub ended_by: Option<Principal>,
+    /// A pending lease not approved by then ends as `expired`.
+    pub approval_deadline: Option<SystemTime>,
+    pub approved_at: Option<SystemTime>,
+    pub approved_by: Option<Principal>,
 }
 
 /// What a client asks for; checked by [`validate_grant`].
@@ -173,6 +180,8 @@ pub enum LeaseError {
     NotFound(String),
     #[error("lease {id} is {state}, not active")]
     NotActive { id: String, state: LeaseState },
+    #[error("{0}")]
+    SelfApproval(String),
     /// The change could not be made durable (audit log or lease store), so it was refused.
     #[error("{0}")]
     Unavailable(String),
@@ -526,6 +535,9 @@ pub fn validate_grant(
         state: LeaseState::Active,
         ended_at: None,
         ended_by: None,
+        approval_deadline: None,
+        approved_at: None,
+        approved_by: None,
     })
 }
 

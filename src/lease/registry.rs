@@ -64,6 +64,8 @@ struct Slot {
 #[derive(Default)]
 struct Inner {
     active: HashMap<LeaseId, Slot>,
+    /// Held back by an approval gate; never matched, never issued for.
+    pending: HashMap<LeaseId, (Lease, CancellationToken)>,
     /// index selector -> leases indexed under it
     index: HashMap<String, HashSet<LeaseId>>,
     ended: VecDeque<Lease>,
@@ -167,10 +169,20 @@ impl Registry {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Validates a lease, makes it durable (audit record, then store), and only then activates
-    /// it. Must run inside a Tokio runtime.
-    pub async fn grant(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
-        let lease = validate_grant(input, &self.limits, SystemTime::now(), by)?;
+    /// Validates a grant request into a lease (nothing is stored): what policies judge.
+    pub fn prepare(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
+        validate_grant(input, &self.limits, SystemTime::now(), by)
+    }
+
+    /// Validates and grants in one step (no policy in between).
+    pub async fn grant_input(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
+        let lease = self.prepare(input, by)?;
+        self.grant(lease).await
+    }
+
+    /// Makes a prepared lease durable (audit record, then store), and only then activates it.
+    /// Must run inside a Tokio runtime.
+    pub async fn grant(&self, lease: Lease) -> Result<Lease, LeaseError> {
         self.persist("lease_granted", &lease, "").await?;
         tracing::info!(
             event = "lease_granted",
@@ -185,6 +197,126 @@ impl Registry {
             granted_by_pid = ?lease.granted_by.pid,
             reason = %lease.reason,
             "lease granted"
+        );
+        self.activate(lease.clone());
+        Ok(lease)
+    }
+
+    /// Holds a prepared lease as `pending` until someone approves it, or until
+    /// `approval_timeout` passes, when it ends as `expired`. `gates` name the policies that
+    /// required approval.
+    pub async fn hold(
+        &self,
+        mut lease: Lease,
+        approval_timeout: Duration,
+        gates: &[String],
+    ) -> Result<Lease, LeaseError> {
+        lease.state = LeaseState::Pending;
+        lease.approval_deadline = Some(SystemTime::now() + approval_timeout);
+        self.persist("lease_pending", &lease, &gates.join(", "))
+            .await?;
+        tracing::info!(
+            event = "lease_pending",
+            lease_id = %lease.id,
+            task_id = %lease.task_id,
+            gates = ?gates,
+            "lease held for approval"
+        );
+        self.park(lease.clone());
+        Ok(lease)
+    }
+
+    /// Puts a pending lease aside with its approval deadline timer.
+    fn park(&self, lease: Lease) {
+        let cancel = CancellationToken::new();
+        let deadline = lease.approval_deadline.unwrap_or_else(SystemTime::now);
+        self.inner
+            .write()
+            .expect("lease lock poisoned")
+            .pending
+            .insert(lease.id.clone(), (lease.clone(), cancel.clone()));
+        let me = self.me.clone();
+        let id = lease.id;
+        self.spawn(async move {
+            let wait = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {
+                    if let Some(r) = me.upgrade() {
+                        r.expire_pending(&id).await;
+                    }
+                }
+            }
+        });
+        self.bump();
+    }
+
+    async fn expire_pending(&self, id: &LeaseId) {
+        let taken = self
+            .inner
+            .write()
+            .expect("lease lock poisoned")
+            .pending
+            .remove(id);
+        if let Some((mut lease, _)) = taken {
+            lease.state = LeaseState::Expired;
+            lease.ended_at = Some(SystemTime::now());
+            lease.ended_by = Some(Principal::agent());
+            self.remember_ended(lease.clone());
+            self.record_end(&lease, "not approved in time").await;
+        }
+    }
+
+    fn remember_ended(&self, lease: Lease) {
+        let mut inner = self.inner.write().expect("lease lock poisoned");
+        if inner.ended.len() >= ENDED_KEPT {
+            inner.ended.pop_front();
+        }
+        inner.ended.push_back(lease);
+    }
+
+    /// Approves a pending lease: four eyes (the approver is not the grantor), then it becomes
+    /// active with its TTLs counted from now.
+    pub async fn approve(&self, id: &LeaseId, approver: Principal) -> Result<Lease, LeaseError> {
+        let pending = {
+            let inner = self.inner.read().expect("lease lock poisoned");
+            inner.pending.get(id).map(|(l, _)| l.clone())
+        };
+        let Some(mut lease) = pending else {
+            return Err(self.not_active(id).await);
+        };
+        if approver.uid == lease.granted_by.uid {
+            return Err(LeaseError::SelfApproval(format!(
+                "uid {} granted lease {id} and cannot approve it (four eyes)",
+                approver.uid
+            )));
+        }
+        let now = SystemTime::now();
+        let shift = now.duration_since(lease.created_at).unwrap_or_default();
+        lease.expires_at += shift;
+        lease.max_expires_at += shift;
+        lease.state = LeaseState::Active;
+        lease.approved_at = Some(now);
+        lease.approved_by = Some(approver);
+        self.persist("lease_approved", &lease, "").await?;
+        let taken = self
+            .inner
+            .write()
+            .expect("lease lock poisoned")
+            .pending
+            .remove(id);
+        let Some((_, timer)) = taken else {
+            // Expired (or approved by someone else) while this approval was being written.
+            return Err(self.not_active(id).await);
+        };
+        timer.cancel();
+        tracing::info!(
+            event = "lease_approved",
+            lease_id = %lease.id,
+            approver_uid = lease.approved_by.as_ref().map(|p| p.uid),
+            "lease approved"
         );
         self.activate(lease.clone());
         Ok(lease)
@@ -343,6 +475,9 @@ impl Registry {
         if let Some(slot) = inner.active.get(id) {
             return Some(slot.lease.clone());
         }
+        if let Some((lease, _)) = inner.pending.get(id) {
+            return Some(lease.clone());
+        }
         inner.ended.iter().find(|l| &l.id == id).cloned()
     }
 
@@ -363,7 +498,12 @@ impl Registry {
         let (mut out, ended): (Vec<Lease>, Vec<Lease>) = {
             let inner = self.inner.read().expect("lease lock poisoned");
             (
-                inner.active.values().map(|s| s.lease.clone()).collect(),
+                inner
+                    .active
+                    .values()
+                    .map(|s| s.lease.clone())
+                    .chain(inner.pending.values().map(|(l, _)| l.clone()))
+                    .collect(),
                 inner.ended.iter().cloned().collect(),
             )
         };
@@ -373,7 +513,7 @@ impl Registry {
                     self.stored()
                         .await?
                         .into_iter()
-                        .filter(|l| l.state != LeaseState::Active),
+                        .filter(|l| !matches!(l.state, LeaseState::Active | LeaseState::Pending)),
                 );
             } else {
                 out.extend(ended);
@@ -529,6 +669,18 @@ impl Registry {
         let mut ended_now = Vec::new();
         let mut ended = Vec::new();
         for mut lease in stored {
+            if lease.state == LeaseState::Pending {
+                // The approval deadline keeps running while the agent is down.
+                if lease.approval_deadline.is_some_and(|d| d > now) {
+                    self.park(lease);
+                } else {
+                    lease.state = LeaseState::Expired;
+                    lease.ended_at = Some(now);
+                    lease.ended_by = Some(Principal::agent());
+                    ended_now.push((lease, "not approved in time".to_string()));
+                }
+                continue;
+            }
             if lease.state != LeaseState::Active {
                 if lease.ended_at.is_some_and(|t| t >= cutoff) {
                     ended.push(lease);
@@ -713,7 +865,7 @@ mod tests {
     }
 
     async fn grant(r: &Registry, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
-        r.grant(
+        r.grant_input(
             GrantInput {
                 task_id: task.into(),
                 delegator: "alice".into(),
