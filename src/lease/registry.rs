@@ -839,6 +839,9 @@ fn audit_fields(l: &Lease) -> Map<String, Value> {
         "granted_by": principal_json(&l.granted_by),
         "ended_at": l.ended_at.map(rfc),
         "ended_by": l.ended_by.as_ref().map(principal_json),
+        "approval_deadline": l.approval_deadline.map(rfc),
+        "approved_at": l.approved_at.map(rfc),
+        "approved_by": l.approved_by.as_ref().map(principal_json),
     });
     match v {
         Value::Object(m) => m,

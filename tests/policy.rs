@@ -1,0 +1,357 @@
+//! Cedar policies on the admin API, approval gates, hot reload and `mayfly policy check`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use mayfly::proto::admin as pb;
+
+const STRICT: &str = r#"
+@id("may-manage")
+permit (principal, action in [Mayfly::Action::"grant", Mayfly::Action::"renew", Mayfly::Action::"revoke"], resource);
+
+@id("ttl-at-most-1h")
+forbid (principal, action == Mayfly::Action::"grant", resource) when { context.ttl_secs > 3600 };
+
+@id("known-delegator")
+forbid (principal, action == Mayfly::Action::"grant", resource) unless { context.delegator like "user/*" };
+
+@id("long-grant-needs-approval")
+@approval("required")
+forbid (principal, action == Mayfly::Action::"grant", resource) when { context.ttl_secs > 900 };
+
+@id("nobody-approves")
+permit (principal, action == Mayfly::Action::"approve", resource) when { principal.uid == 65534 };
+"#;
+
+fn request(task: &str, delegator: &str, ttl: Duration) -> pb::GrantRequest {
+    pb::GrantRequest {
+        task_id: task.into(),
+        delegator: delegator.into(),
+        agent: "reporter".into(),
+        ttl: Some(mayfly::time::to_duration(ttl)),
+        selectors: vec![format!("unix:pid:{}", std::process::id())],
+        ..Default::default()
+    }
+}
+
+async fn strict_agent(policy_dir: &Path, approval_timeout: &str) -> TestAgent {
+    std::fs::write(policy_dir.join("strict.cedar"), STRICT).unwrap();
+    let dir = policy_dir.to_owned();
+    let timeout = approval_timeout.to_owned();
+    let t = start_with(move |f| {
+        f.policy.files = Some(vec![dir]);
+        f.policy.approval_timeout = Some(timeout);
+        f.admin.allowed_uids = Some(vec![0, 65534]);
+    })
+    .await;
+    // uid 65534 must reach the admin socket to approve; the peer-credential allowlist and the
+    // policies are what decide.
+    std::fs::set_permissions(&t.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    t
+}
+
+fn audit_events(t: &TestAgent, event: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    mayfly::audit::read_all(&t.data_dir().join("audit"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["event"] == event)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_default_policy_grants_within_the_configured_maximum() {
+    let t = start_with(|f| f.leases.max_ttl = Some("2h".into())).await;
+    let mut admin = t.admin().await;
+    admin
+        .grant(request("ok", "user/alice", Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    // Above the maximum, validation refuses it before any policy is asked.
+    let err = admin
+        .grant(request("long", "user/alice", Duration::from_secs(3 * 3600)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_stricter_policy_denies_and_names_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1h").await;
+    let mut admin = t.admin().await;
+    let err = admin
+        .grant(request(
+            "too-long",
+            "user/alice",
+            Duration::from_secs(2 * 3600),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("ttl-at-most-1h"),
+        "{}",
+        err.message()
+    );
+    let err = admin
+        .grant(request("who", "robot/x", Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("known-delegator"),
+        "{}",
+        err.message()
+    );
+    // Nothing was granted, and both denials are audited with the whole request.
+    let listed = admin
+        .list(pb::ListRequest { all: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.leases.is_empty());
+    let denials = audit_events(&t, "policy_denied");
+    assert_eq!(denials.len(), 2);
+    assert_eq!(denials[1]["request"]["context"]["delegator"], "robot/x");
+    assert_eq!(
+        denials[1]["policies"],
+        serde_json::json!(["known-delegator"])
+    );
+    // A short grant by a known delegator passes.
+    admin
+        .grant(request("fine", "user/alice", Duration::from_secs(600)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn approval_gates_hold_a_lease_until_someone_else_approves() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1h").await;
+    let mut admin = t.admin().await;
+    let lease = admin
+        .grant(request("gated", "user/alice", Duration::from_secs(1800)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.state, "pending");
+    assert!(lease.approval_deadline.is_some());
+    // Pending issues nothing.
+    let err = t.workload().await.fetch_x509_svid().await.unwrap_err();
+    assert!(
+        matches!(err, spiffe::WorkloadApiError::NoIdentityIssued),
+        "{err:?}"
+    );
+
+    // The grantor (root) cannot approve its own grant; the policy does not let root approve.
+    let err = admin
+        .approve(pb::ApproveRequest {
+            lease_id: lease.lease_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // uid 65534, allowed by the policy and not the grantor, approves it.
+    let admin_socket = t.admin_socket.display().to_string();
+    let Some(out) = run_as(
+        65534,
+        &[
+            "task",
+            "approve",
+            &lease.lease_id,
+            "--admin-socket",
+            &admin_socket,
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let approved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(approved["state"], "active");
+    assert_eq!(approved["approved_by"]["uid"], 65534);
+
+    let got = admin
+        .get(pb::GetRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, "active");
+    assert_eq!(got.approved_by.unwrap().uid, 65534);
+    let svid = t.workload().await.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), lease.spiffe_id);
+
+    let pending = audit_events(&t, "lease_pending");
+    assert_eq!(pending[0]["reason_for_change"], "long-grant-needs-approval");
+    let approvals = audit_events(&t, "lease_approved");
+    assert_eq!(approvals[0]["approved_by"]["uid"], 65534);
+}
+
+#[tokio::test]
+async fn a_pending_lease_not_approved_in_time_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1s").await;
+    let mut admin = t.admin().await;
+    let lease = admin
+        .grant(request(
+            "forgotten",
+            "user/alice",
+            Duration::from_secs(1800),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.state, "pending");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = admin
+            .get(pb::GetRequest {
+                lease_id: lease.lease_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.state == "expired" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {}",
+            got.state
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = admin
+        .approve(pb::ApproveRequest {
+            lease_id: lease.lease_id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn policies_reload_on_change_and_a_broken_file_keeps_the_old_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1h").await;
+    let mut admin = t.admin().await;
+    admin
+        .grant(request("before", "user/alice", Duration::from_secs(60)))
+        .await
+        .unwrap();
+
+    // A broken file: the reload fails and the previous policies stay in force.
+    std::fs::write(
+        dir.path().join("strict.cedar"),
+        "permit (principal, action, resource) when {",
+    )
+    .unwrap();
+    t.agent.as_ref().unwrap().reload_policies();
+    admin
+        .grant(request("still", "user/alice", Duration::from_secs(60)))
+        .await
+        .unwrap();
+
+    // A valid stricter file is picked up by the file watch, without touching existing leases.
+    let stricter = STRICT.replace("context.ttl_secs > 3600", "context.ttl_secs > 30");
+    std::fs::write(dir.path().join("strict.cedar"), stricter).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = admin
+            .grant(request("after", "user/alice", Duration::from_secs(60)))
+            .await;
+        match r {
+            Err(e) if e.message().contains("ttl-at-most-1h") => break,
+            Ok(_) | Err(_) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let active = admin
+        .list(pb::ListRequest { all: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert!(active
+        .iter()
+        .any(|l| l.task_id == "before" && l.state == "active"));
+}
+
+#[tokio::test]
+async fn policy_check_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("strict.cedar");
+    std::fs::write(&file, STRICT).unwrap();
+    let check = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["policy", "check", "--policy", file.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = check(&["--action", "grant", "--delegator", "user/a", "--ttl", "5m"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let gated = check(&["--action", "grant", "--delegator", "user/a", "--ttl", "30m"]);
+    assert_eq!(gated.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&gated.stdout).unwrap();
+    assert_eq!(v["decision"], "approval_required");
+    assert_eq!(
+        v["policies"],
+        serde_json::json!(["long-grant-needs-approval"])
+    );
+    let denied = check(&["--action", "grant", "--delegator", "bot/a", "--ttl", "5m"]);
+    assert_eq!(denied.status.code(), Some(1));
+    // The same as JSON on stdin.
+    let json = r#"{"action":"approve","principal":{"uid":65534},"context":{"grantor_uid":0}}"#;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args([
+            "policy",
+            "check",
+            "--policy",
+            file.to_str().unwrap(),
+            "--request",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // A broken policy file is an error with Cedar's message.
+    std::fs::write(&file, "permit (principal, action, resource) when {").unwrap();
+    let broken = check(&["--action", "grant"]);
+    assert!(!broken.status.success());
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("strict.cedar"));
+}
