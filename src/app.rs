@@ -154,6 +154,12 @@ impl Agent {
                         state: "active".into(),
                     })
                     .set(registry.active_count() as i64);
+                metrics
+                    .leases
+                    .get_or_create(&StateLabel {
+                        state: "pending".into(),
+                    })
+                    .set(registry.pending_count() as i64);
             })
         };
         tasks.spawn(health.serve(readiness.clone(), prom, refresh, shutdown.clone()));

@@ -23,8 +23,8 @@ forbid (principal, action == Mayfly::Action::"grant", resource) unless { context
 @approval("required")
 forbid (principal, action == Mayfly::Action::"grant", resource) when { context.ttl_secs > 900 };
 
-@id("nobody-approves")
-permit (principal, action == Mayfly::Action::"approve", resource) when { principal.uid == 65534 };
+@id("approvers")
+permit (principal, action == Mayfly::Action::"approve", resource) when { principal.uid == 0 || principal.uid == 65534 };
 "#;
 
 fn request(task: &str, delegator: &str, ttl: Duration) -> pb::GrantRequest {
@@ -45,7 +45,7 @@ async fn strict_agent(policy_dir: &Path, approval_timeout: &str) -> TestAgent {
     let t = start_with(move |f| {
         f.policy.files = Some(vec![dir]);
         f.policy.approval_timeout = Some(timeout);
-        f.admin.allowed_uids = Some(vec![0, 65534]);
+        f.admin.allowed_uids = Some(vec![0, 65533, 65534]);
     })
     .await;
     // uid 65534 must reach the admin socket to approve; the peer-credential allowlist and the
@@ -146,7 +146,7 @@ async fn approval_gates_hold_a_lease_until_someone_else_approves() {
         "{err:?}"
     );
 
-    // The grantor (root) cannot approve its own grant; the policy does not let root approve.
+    // The grantor (root) may approve by policy, but not its own grant (four eyes).
     let err = admin
         .approve(pb::ApproveRequest {
             lease_id: lease.lease_id.clone(),
@@ -155,25 +155,28 @@ async fn approval_gates_hold_a_lease_until_someone_else_approves() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("four eyes"), "{}", err.message());
 
-    // uid 65534, allowed by the policy and not the grantor, approves it.
+    // uid 65533 is allowlisted but no policy lets it approve.
     let admin_socket = t.admin_socket.display().to_string();
-    let Some(out) = run_as(
-        65534,
-        &[
-            "task",
-            "approve",
-            &lease.lease_id,
-            "--admin-socket",
-            &admin_socket,
-            "--output",
-            "json",
-        ],
-    )
-    .await
-    else {
+    let approve_args = [
+        "task",
+        "approve",
+        &lease.lease_id,
+        "--admin-socket",
+        &admin_socket,
+        "--output",
+        "json",
+    ];
+    let Some(out) = run_as(65533, &approve_args).await else {
         return;
     };
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PermissionDenied"), "{stderr}");
+
+    // uid 65534, allowed by the policy and not the grantor, approves it.
+    let out = run_as(65534, &approve_args).await.unwrap();
     assert!(
         out.status.success(),
         "{}",

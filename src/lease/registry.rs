@@ -809,6 +809,14 @@ impl Registry {
             .is_some_and(|s| s.lease.expires_at > SystemTime::now())
     }
 
+    pub fn pending_count(&self) -> usize {
+        self.inner
+            .read()
+            .expect("lease lock poisoned")
+            .pending
+            .len()
+    }
+
     pub fn active_count(&self) -> usize {
         self.inner.read().expect("lease lock poisoned").active.len()
     }
