@@ -157,12 +157,7 @@ impl AdminApi {
                 task_id: lease.task_id.clone(),
                 delegator: lease.delegator.clone(),
                 ttl_secs: secs(ttl),
-                max_ttl_secs: secs(
-                    lease
-                        .max_expires_at
-                        .duration_since(lease.created_at)
-                        .unwrap_or_default(),
-                ),
+                max_ttl_secs: secs(lease.max_ttl()),
                 svid_ttl_secs: secs(lease.svid_ttl),
                 jwt_ttl_secs: secs(lease.jwt_ttl),
                 audiences: lease.audiences.clone(),
@@ -288,10 +283,7 @@ impl Tasks for AdminApi {
             tracing::info!(event = "grant_refused", error = %e, "grant refused");
             status(e)
         })?;
-        let ttl = lease
-            .expires_at
-            .duration_since(lease.created_at)
-            .unwrap_or_default();
+        let ttl = lease.ttl();
         let lease = match self.judge(PolicyAction::Grant, attrs, &lease, ttl).await? {
             Decision::RequireApproval { policies } => self
                 .registry
@@ -382,15 +374,12 @@ impl Tasks for AdminApi {
         let id = lease_id(&r.lease_id)?;
         let lease = self.registry.get(&id).await.map_err(status)?;
         if lease.state != LeaseState::Pending {
-            return Err(status(LeaseError::NotActive {
-                id: id.to_string(),
-                state: lease.state,
-            }));
+            return Err(Status::failed_precondition(format!(
+                "lease {id} is {}, not pending approval",
+                lease.state
+            )));
         }
-        let ttl = lease
-            .expires_at
-            .duration_since(lease.created_at)
-            .unwrap_or_default();
+        let ttl = lease.ttl();
         // An approval gate on "approve" itself makes no sense; only an allow approves.
         match self
             .judge(PolicyAction::Approve, attrs, &lease, ttl)

@@ -142,6 +142,23 @@ pub struct Lease {
     pub approved_by: Option<Principal>,
 }
 
+impl Lease {
+    /// The lifetime asked for at grant (an approved lease's deadline also includes the wait
+    /// for approval, so this is meant for new and pending leases).
+    pub fn ttl(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.created_at)
+            .unwrap_or_default()
+    }
+
+    /// The renewal ceiling asked for at grant (same caveat as [`Lease::ttl`]).
+    pub fn max_ttl(&self) -> Duration {
+        self.max_expires_at
+            .duration_since(self.created_at)
+            .unwrap_or_default()
+    }
+}
+
 /// What a client asks for; checked by [`validate_grant`].
 #[derive(Clone, Debug, Default)]
 pub struct GrantInput {
