@@ -205,6 +205,39 @@ async fn approval_gates_hold_a_lease_until_someone_else_approves() {
 }
 
 #[tokio::test]
+async fn a_pending_lease_can_be_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1h").await;
+    let mut admin = t.admin().await;
+    let lease = admin
+        .grant(request(
+            "withdrawn",
+            "user/alice",
+            Duration::from_secs(1800),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let revoked = admin
+        .revoke(pb::RevokeRequest {
+            lease_id: lease.lease_id.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.state, "revoked");
+    let err = admin
+        .approve(pb::ApproveRequest {
+            lease_id: lease.lease_id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
 async fn a_pending_lease_not_approved_in_time_expires() {
     let dir = tempfile::tempdir().unwrap();
     let t = strict_agent(dir.path(), "1s").await;

@@ -588,7 +588,7 @@ impl Registry {
         }
     }
 
-    /// Ends an active lease: it stops matching at once, its SVID cache is torn down (through
+    /// Ends an active (or pending) lease: it stops matching at once, its SVID cache is torn down (through
     /// the `ended` token) and every open stream re-evaluates (through the generation).
     pub async fn end(
         &self,
@@ -601,7 +601,18 @@ impl Registry {
         let ended = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             match inner.active.remove(id) {
-                None => None,
+                // A pending lease can be ended too (revoked before anyone approved it).
+                None => inner.pending.remove(id).map(|(mut lease, timer)| {
+                    timer.cancel();
+                    lease.state = state;
+                    lease.ended_at = Some(SystemTime::now());
+                    lease.ended_by = Some(by.clone());
+                    if inner.ended.len() >= ENDED_KEPT {
+                        inner.ended.pop_front();
+                    }
+                    inner.ended.push_back(lease.clone());
+                    lease
+                }),
                 Some(mut slot) => {
                     if let Some(bucket) = inner.index.get_mut(&slot.index_key) {
                         bucket.remove(id);
