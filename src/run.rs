@@ -112,7 +112,11 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
         .with_context(|| format!("starting {:?}", args.command[0]))?;
     let pid = child.id().context("child exited at once")? as i32;
 
-    let lease = match grant(&mut admin, &args, pid).await {
+    let granted = match grant(&mut admin, &args, pid).await {
+        Ok(lease) => until_active(&mut admin, lease).await,
+        Err(e) => Err(e),
+    };
+    let lease = match granted {
         Ok(lease) => lease,
         Err(e) => {
             let _ = child.kill().await;
@@ -172,6 +176,37 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
         (None, Some(sig)) => 128 + sig,
         _ => WRAPPER_FAILED,
     })
+}
+
+/// A lease held for approval: the command waits (unstarted) until someone approves it.
+async fn until_active(
+    admin: &mut pb::tasks_client::TasksClient<tonic::transport::Channel>,
+    mut lease: pb::Lease,
+) -> Result<pb::Lease> {
+    if lease.state == "pending" {
+        eprintln!(
+            "mayfly run: lease {} needs approval (mayfly task approve {}); waiting",
+            lease.lease_id, lease.lease_id
+        );
+    }
+    while lease.state == "pending" {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        lease = admin
+            .get(pb::GetRequest {
+                lease_id: lease.lease_id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("waiting for approval: {}", s.message()))?
+            .into_inner();
+    }
+    if lease.state != "active" {
+        anyhow::bail!(
+            "lease {} is {}, the command was not started",
+            lease.lease_id,
+            lease.state
+        );
+    }
+    Ok(lease)
 }
 
 async fn grant(

@@ -391,3 +391,55 @@ async fn policy_check_dry_run() {
     assert!(!broken.status.success());
     assert!(String::from_utf8_lossy(&broken.stderr).contains("strict.cedar"));
 }
+
+#[tokio::test]
+async fn mayfly_run_waits_for_approval_before_starting_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1h").await;
+    let mut run = tokio::process::Command::new(t.bin())
+        .args(["run", "--task-id", "gated-run", "--delegator", "user/carol"])
+        .args(["--agent", "runner", "--ttl", "30m", "--"])
+        .args([t.bin(), "svid", "fetch", "--output", "json"])
+        .env("MAYFLY_ADMIN_SOCKET", &t.admin_socket)
+        .env("SPIFFE_ENDPOINT_SOCKET", t.endpoint())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    assert!(line.contains("needs approval"), "{line}");
+    let lease_id = line.split_whitespace().nth(3).unwrap().to_owned();
+    let admin_socket = t.admin_socket.display().to_string();
+    let Some(out) = run_as(
+        65534,
+        &[
+            "task",
+            "approve",
+            &lease_id,
+            "--admin-socket",
+            &admin_socket,
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = tokio::time::timeout(Duration::from_secs(20), run.wait_with_output())
+        .await
+        .expect("the command ran after approval")
+        .unwrap();
+    assert!(done.status.success());
+    let svids: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert!(svids[0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .contains("/task/gated-run/"));
+}
