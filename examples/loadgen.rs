@@ -1,0 +1,765 @@
+//! End-to-end load generator against a real `mayfly agent` process.
+//!
+//! ```sh
+//! cargo build --release
+//! cargo run --release --example loadgen -- <scenario> [options]
+//! ```
+//!
+//! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `memory`, `startup`, `all`.
+//!
+//! Options:
+//!   --agent-bin PATH      agent binary (default target/release/mayfly)
+//!   --duration SECS       per-measurement duration of `fetch` (default 3)
+//!   --clients LIST        `fetch` concurrency levels (default 1,16,64,256)
+//!   --iterations N        `grant-to-svid` iterations per variant (default 200)
+//!   --streams LIST        `teardown` stream counts (default 1,100,1000)
+//!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10)
+//!   --expiry-reps N       `teardown` expiries per stream count (default 3)
+//!   --leases N            leases for `memory` and `startup` (default 10000)
+//!
+//! Every scenario starts its own agent on a temp dir (sockets, data, audit log) with
+//! `--health-addr 127.0.0.1:0`, and stops it with SIGTERM. The loadgen's leases are bound to
+//! its own process (`unix:pid:<pid>`), so only it can fetch them. Each measurement prints one
+//! line: scenario, parameters, count, throughput, p50, p99, max.
+//!
+//! The load generator runs on the same machine as the agent, so both share the CPUs: the
+//! numbers include the client's own cost (gRPC, X.509 parsing in the `spiffe` crate).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{StreamExt, TryStreamExt};
+use mayfly::proto::admin as pb;
+use mayfly::proto::admin::tasks_client::TasksClient;
+use spiffe::{WorkloadApiClient, WorkloadApiError};
+use tonic::transport::Channel;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A uid no process on the machine uses: leases bound to it are stored and indexed, never issued.
+const UNUSED_UID: u32 = 54_321;
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[derive(Clone)]
+struct Opts {
+    agent_bin: PathBuf,
+    duration: Duration,
+    clients: Vec<usize>,
+    iterations: usize,
+    streams: Vec<usize>,
+    reps: Option<usize>,
+    expiry_reps: usize,
+    leases: usize,
+}
+
+fn parse_args() -> Res<(String, Opts)> {
+    let mut args = std::env::args().skip(1);
+    let scenario = args
+        .next()
+        .ok_or("usage: loadgen <fetch|grant-to-svid|teardown|memory|startup|all> [options]")?;
+    let mut o = Opts {
+        agent_bin: PathBuf::from("target/release/mayfly"),
+        duration: Duration::from_secs(3),
+        clients: vec![1, 16, 64, 256],
+        iterations: 200,
+        streams: vec![1, 100, 1000],
+        reps: None,
+        expiry_reps: 3,
+        leases: 10_000,
+    };
+    let list = |s: String| -> Res<Vec<usize>> {
+        s.split(',')
+            .map(|x| x.trim().parse::<usize>().map_err(|e| e.into()))
+            .collect()
+    };
+    while let Some(flag) = args.next() {
+        let mut val = || args.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--agent-bin" => o.agent_bin = PathBuf::from(val()?),
+            "--duration" => o.duration = Duration::from_secs_f64(val()?.parse()?),
+            "--clients" => o.clients = list(val()?)?,
+            "--iterations" => o.iterations = val()?.parse()?,
+            "--streams" => o.streams = list(val()?)?,
+            "--reps" => o.reps = Some(val()?.parse()?),
+            "--expiry-reps" => o.expiry_reps = val()?.parse()?,
+            "--leases" => o.leases = val()?.parse()?,
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    Ok((scenario, o))
+}
+
+fn main() -> Res<()> {
+    let (scenario, opts) = parse_args()?;
+    if !opts.agent_bin.exists() {
+        return Err(format!(
+            "agent binary {} not found: run `cargo build --release` first or pass --agent-bin",
+            opts.agent_bin.display()
+        )
+        .into());
+    }
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match scenario.as_str() {
+            "fetch" => fetch(&opts).await,
+            "grant-to-svid" => grant_to_svid(&opts).await,
+            "teardown" => teardown(&opts).await,
+            "memory" => memory(&opts).await,
+            "startup" => startup(&opts).await,
+            "all" => {
+                fetch(&opts).await?;
+                grant_to_svid(&opts).await?;
+                teardown(&opts).await?;
+                memory(&opts).await?;
+                startup(&opts).await
+            }
+            other => Err(format!("unknown scenario {other}").into()),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent process
+
+struct AgentProc {
+    child: Child,
+    socket: PathBuf,
+    admin_socket: PathBuf,
+}
+
+fn agent_command(bin: &Path, dir: &Path, health: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("agent")
+        .arg("--socket")
+        .arg(dir.join("workload.sock"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--health-addr")
+        .arg(health)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // Logs (one line per grant and issuance) go to a file, as they would to a journal.
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+    {
+        Ok(f) => cmd.stderr(f),
+        Err(_) => cmd.stderr(Stdio::null()),
+    };
+    cmd
+}
+
+/// Reads the agent's stdout until the health line, then keeps draining it in the background.
+fn health_from_stdout(child: &mut Child) -> Res<SocketAddr> {
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("health/metrics") {
+                if let Some(rest) = line.split("http://").nth(1) {
+                    let addr = rest.split('/').next().unwrap_or_default().to_owned();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "agent did not print its health address")?;
+    Ok(addr.parse()?)
+}
+
+impl AgentProc {
+    async fn start(bin: &Path, dir: &Path) -> Res<AgentProc> {
+        let mut child = agent_command(bin, dir, "127.0.0.1:0").spawn()?;
+        let health = tokio::task::block_in_place(|| health_from_stdout(&mut child))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(health) {
+            if Instant::now() > deadline {
+                return Err("agent not ready within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(AgentProc {
+            child,
+            socket: dir.join("workload.sock"),
+            admin_socket: dir.join("admin.sock"),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    async fn admin(&self) -> Res<TasksClient<Channel>> {
+        Ok(mayfly::admin::connect(&self.admin_socket).await?)
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn stop(mut self) -> Res<()> {
+        sigterm(&self.child);
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn sigterm(child: &Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+}
+
+/// `GET /healthz/ready` answered 200.
+fn ready(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// utime + stime of `/proc/<pid>/stat` in seconds (clock ticks of 10 ms).
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name `(...)`: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+fn free_port() -> Res<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+}
+
+fn temp_dir() -> Res<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("mayfly-loadgen-")
+        .tempdir()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases and clients
+
+fn my_selectors() -> Vec<String> {
+    vec![format!("unix:pid:{}", std::process::id())]
+}
+
+async fn grant(
+    admin: &mut TasksClient<Channel>,
+    task_id: &str,
+    selectors: Vec<String>,
+    ttl: Duration,
+) -> Res<pb::Lease> {
+    Ok(admin
+        .grant(pb::GrantRequest {
+            task_id: task_id.into(),
+            delegator: "user/bench".into(),
+            agent: "bench".into(),
+            ttl: Some(mayfly::time::to_duration(ttl)),
+            selectors,
+            reason: "loadgen".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+async fn revoke(admin: &mut TasksClient<Channel>, lease_id: &str) -> Res<()> {
+    admin
+        .revoke(pb::RevokeRequest {
+            lease_id: lease_id.into(),
+            reason: "loadgen".into(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Grants `n` leases bound to an unused uid, `concurrency` at a time over a few connections.
+async fn grant_many(agent: &AgentProc, n: usize, prefix: &str, ttl: Duration) -> Res<Duration> {
+    let mut admins = Vec::new();
+    for _ in 0..4 {
+        admins.push(agent.admin().await?);
+    }
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let mut admin = admins[i % admins.len()].clone();
+            async move {
+                grant(
+                    &mut admin,
+                    &format!("{prefix}-{i}"),
+                    vec![format!("unix:uid:{UNUSED_UID}")],
+                    ttl,
+                )
+                .await
+            }
+        })
+        .buffer_unordered(64)
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+    Ok(started.elapsed())
+}
+
+/// `n` Workload API clients, each on its own connection.
+async fn connect_clients(agent: &AgentProc, n: usize) -> Res<Vec<Arc<WorkloadApiClient>>> {
+    let endpoint = agent.endpoint();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            async move {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(
+                    WorkloadApiClient::connect_to(endpoint).await?,
+                ))
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect()
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+fn pct(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}ms", d.as_secs_f64() * 1e3)
+}
+
+/// One summary line. `elapsed` gives the throughput; `None` prints `-`.
+fn summary(
+    scenario: &str,
+    params: &str,
+    mut lat: Vec<Duration>,
+    elapsed: Option<Duration>,
+    extra: &str,
+) {
+    lat.sort();
+    let n = lat.len();
+    let thr = match elapsed {
+        Some(e) if e > Duration::ZERO => format!("{:.1}/s", n as f64 / e.as_secs_f64()),
+        _ => "-".into(),
+    };
+    println!(
+        "{scenario:<14} {params:<28} count={n:<7} throughput={thr:<10} p50={:<10} p99={:<10} max={:<10}{}{extra}",
+        ms(pct(&lat, 0.50)),
+        ms(pct(&lat, 0.99)),
+        ms(lat.last().copied().unwrap_or_default()),
+        if extra.is_empty() { "" } else { " " },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// Cached X.509 fetches by `c` concurrent clients, each on its own connection.
+async fn fetch(o: &Opts) -> Res<()> {
+    let dir = temp_dir()?;
+    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let mut admin = agent.admin().await?;
+    grant(&mut admin, "fetch", my_selectors(), HOUR).await?;
+    for &c in &o.clients {
+        let clients = connect_clients(&agent, c).await?;
+        // Warm up: the first fetch issues the SVID; every later one is served from the cache.
+        for cl in &clients {
+            cl.fetch_x509_svid().await?;
+        }
+        let cpu0 = (cpu_secs(&agent.pid().to_string()), cpu_secs("self"));
+        let deadline = Instant::now() + o.duration;
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for cl in clients.iter().map(Arc::clone) {
+            tasks.spawn(async move {
+                let mut lat = Vec::with_capacity(4096);
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match cl.fetch_x509_svid().await {
+                        Ok(_) => lat.push(t.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, errors)
+            });
+        }
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        while let Some(r) = tasks.join_next().await {
+            let (l, e) = r?;
+            lat.extend(l);
+            errors += e;
+        }
+        let elapsed = started.elapsed();
+        let n = lat.len().max(1) as f64;
+        let agent_cpu = cpu_secs(&agent.pid().to_string()) - cpu0.0;
+        let own_cpu = cpu_secs("self") - cpu0.1;
+        summary(
+            "fetch",
+            &format!("clients={c}"),
+            lat,
+            Some(elapsed),
+            &format!(
+                "errors={errors} agent_cpu={:.0}us/fetch loadgen_cpu={:.0}us/fetch",
+                agent_cpu / n * 1e6,
+                own_cpu / n * 1e6
+            ),
+        );
+    }
+    agent.stop()
+}
+
+/// Grant returning → first fetch that carries the new lease's SPIFFE ID.
+async fn grant_to_svid(o: &Opts) -> Res<()> {
+    let dir = temp_dir()?;
+    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let mut admin = agent.admin().await?;
+    for fresh in [false, true] {
+        let mut reused = Some(WorkloadApiClient::connect_to(agent.endpoint()).await?);
+        let mut lat = Vec::with_capacity(o.iterations);
+        let mut retries = 0u64;
+        let started = Instant::now();
+        for i in 0..o.iterations {
+            let task = format!("g2s-{}-{i}", if fresh { "fresh" } else { "reuse" });
+            let lease = grant(&mut admin, &task, my_selectors(), HOUR).await?;
+            let t0 = Instant::now();
+            if fresh {
+                reused = Some(WorkloadApiClient::connect_to(agent.endpoint()).await?);
+            }
+            let client = reused.as_ref().expect("client");
+            loop {
+                match client.fetch_x509_context().await {
+                    Ok(ctx)
+                        if ctx
+                            .svids()
+                            .iter()
+                            .any(|s| s.spiffe_id().to_string() == lease.spiffe_id) =>
+                    {
+                        break
+                    }
+                    _ => retries += 1,
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    return Err(format!("lease {} never reached a fetch", lease.lease_id).into());
+                }
+            }
+            lat.push(t0.elapsed());
+            // One lease at a time, so every fetch carries exactly one SVID.
+            revoke(&mut admin, &lease.lease_id).await?;
+        }
+        let elapsed = started.elapsed();
+        summary(
+            "grant-to-svid",
+            &format!("client={}", if fresh { "fresh" } else { "reused" }),
+            lat,
+            None,
+            &format!(
+                "retries={retries} loop={:.1} grant+fetch+revoke/s",
+                o.iterations as f64 / elapsed.as_secs_f64()
+            ),
+        );
+    }
+    agent.stop()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum End {
+    NoIdentity,
+    OtherError,
+    Update,
+    Closed,
+}
+
+/// Opens one `stream_x509_svids` per client, waits for every first message, then spawns a task
+/// per stream that waits for its next item and returns when (Instant, SystemTime) it came.
+async fn open_streams(
+    clients: &[Arc<WorkloadApiClient>],
+) -> Res<tokio::task::JoinSet<(Instant, SystemTime, End)>> {
+    let streams: Vec<_> = futures::stream::iter(clients.iter().cloned())
+        .map(|cl| async move {
+            let mut s = cl.stream_x509_svids().await?;
+            match s.next().await {
+                Some(Ok(_)) => Ok::<_, Box<dyn std::error::Error + Send + Sync>>(s),
+                Some(Err(e)) => Err(e.into()),
+                None => Err("stream ended before its first message".into()),
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect()
+        .await?;
+    let mut set = tokio::task::JoinSet::new();
+    for mut s in streams {
+        set.spawn(async move {
+            let end = match s.next().await {
+                Some(Err(WorkloadApiError::NoIdentityIssued)) => End::NoIdentity,
+                Some(Err(_)) => End::OtherError,
+                Some(Ok(_)) => End::Update,
+                None => End::Closed,
+            };
+            (Instant::now(), SystemTime::now(), end)
+        });
+    }
+    // Let every task reach its first poll before the lease ends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(set)
+}
+
+async fn collect(
+    mut set: tokio::task::JoinSet<(Instant, SystemTime, End)>,
+) -> Res<(
+    Vec<(Instant, SystemTime)>,
+    std::collections::BTreeMap<End, usize>,
+)> {
+    let mut got = Vec::new();
+    let mut kinds = std::collections::BTreeMap::new();
+    let deadline = Duration::from_secs(30);
+    while let Some(r) = tokio::time::timeout(deadline, set.join_next())
+        .await
+        .map_err(|_| "streams not notified within 30 s")?
+    {
+        let (i, s, k) = r?;
+        got.push((i, s));
+        *kinds.entry(k).or_insert(0) += 1;
+    }
+    Ok((got, kinds))
+}
+
+fn kinds_str(k: &std::collections::BTreeMap<End, usize>) -> String {
+    k.iter()
+        .map(|(k, v)| format!("{k:?}:{v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Revoke (and expiry) → every open stream on the lease told.
+async fn teardown(o: &Opts) -> Res<()> {
+    let dir = temp_dir()?;
+    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let mut admin = agent.admin().await?;
+    let reps = o.reps.unwrap_or(10);
+    let mut seq = 0;
+    for &n in &o.streams {
+        let clients = connect_clients(&agent, n).await?;
+        let mut all = Vec::new();
+        let mut per_stream = Vec::new();
+        let mut from_call = Vec::new();
+        let mut kinds = std::collections::BTreeMap::new();
+        for _ in 0..reps {
+            seq += 1;
+            let lease = grant(&mut admin, &format!("td-{seq}"), my_selectors(), HOUR).await?;
+            let set = open_streams(&clients).await?;
+            let called = Instant::now();
+            revoke(&mut admin, &lease.lease_id).await?;
+            let t0 = Instant::now();
+            let (got, k) = collect(set).await?;
+            for (kind, c) in k {
+                *kinds.entry(kind).or_insert(0) += c;
+            }
+            let lat: Vec<Duration> = got
+                .iter()
+                .map(|(i, _)| i.saturating_duration_since(t0))
+                .collect();
+            all.push(lat.iter().copied().max().unwrap_or_default());
+            per_stream.extend(lat);
+            let last = got.iter().map(|(i, _)| *i).max().unwrap_or(called);
+            from_call.push(last.saturating_duration_since(called));
+        }
+        summary(
+            "teardown",
+            &format!("revoke streams={n} all"),
+            all,
+            None,
+            &format!("ends={}", kinds_str(&kinds)),
+        );
+        summary(
+            "teardown",
+            &format!("revoke streams={n} each"),
+            per_stream,
+            None,
+            "",
+        );
+        summary(
+            "teardown",
+            &format!("revoke-call streams={n} all"),
+            from_call,
+            None,
+            "(from sending Revoke)",
+        );
+
+        // Expiry: the lease ends on its own timer at expires_at.
+        let mut all = Vec::new();
+        let mut kinds = std::collections::BTreeMap::new();
+        let mut late_open = 0;
+        for _ in 0..o.expiry_reps {
+            seq += 1;
+            let ttl = Duration::from_secs(2);
+            let lease = grant(&mut admin, &format!("td-{seq}"), my_selectors(), ttl).await?;
+            let expires_at = lease
+                .expires_at
+                .as_ref()
+                .and_then(mayfly::time::from_timestamp)
+                .ok_or("lease without expires_at")?;
+            let set = open_streams(&clients).await?;
+            if SystemTime::now() >= expires_at {
+                late_open += 1;
+            }
+            let (got, k) = collect(set).await?;
+            for (kind, c) in k {
+                *kinds.entry(kind).or_insert(0) += c;
+            }
+            let last = got.iter().map(|(_, s)| *s).max().unwrap_or(expires_at);
+            all.push(last.duration_since(expires_at).unwrap_or_default());
+        }
+        summary(
+            "teardown",
+            &format!("expiry streams={n} all"),
+            all,
+            None,
+            &format!("ends={} opened_after_expiry={late_open}", kinds_str(&kinds)),
+        );
+        drop(clients);
+    }
+    agent.stop()
+}
+
+/// Agent RSS idle, with many leases, and with many open streams.
+async fn memory(o: &Opts) -> Res<()> {
+    let dir = temp_dir()?;
+    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = |what: &str, (rss, hwm): (u64, u64)| {
+        println!(
+            "{:<14} {what:<28} rss={:.1}MiB peak_rss={:.1}MiB",
+            "memory",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
+    };
+    report("idle", agent.rss_kib());
+    let took = grant_many(&agent, o.leases, "mem", HOUR).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report(&format!("leases={}", o.leases), agent.rss_kib());
+    println!(
+        "{:<14} {:<28} count={:<7} throughput={:.1}/s (64 concurrent grants, each stored and audited)",
+        "grant",
+        format!("leases={}", o.leases),
+        o.leases,
+        o.leases as f64 / took.as_secs_f64()
+    );
+    let mut admin = agent.admin().await?;
+    grant(&mut admin, "mem-streams", my_selectors(), HOUR).await?;
+    let n = o.streams.iter().copied().max().unwrap_or(1000);
+    let clients = connect_clients(&agent, n).await?;
+    let set = open_streams(&clients).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report(&format!("leases={} streams={n}", o.leases), agent.rss_kib());
+    drop(set);
+    drop(clients);
+    agent.stop()
+}
+
+/// Process start → `/healthz/ready` 200, with an existing data dir.
+async fn startup(o: &Opts) -> Res<()> {
+    let reps = o.reps.unwrap_or(10);
+    for leases in [0, o.leases] {
+        let dir = temp_dir()?;
+        let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+        if leases > 0 {
+            grant_many(&agent, leases, "start", 24 * HOUR).await?;
+        }
+        agent.stop()?;
+        let mut lat = Vec::new();
+        for _ in 0..reps {
+            let addr = free_port()?;
+            let t0 = Instant::now();
+            let mut cmd = agent_command(&o.agent_bin, dir.path(), &addr.to_string());
+            let mut child = cmd.stdout(Stdio::null()).spawn()?;
+            let took = tokio::task::block_in_place(|| {
+                while !ready(addr) {
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        return None;
+                    }
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                Some(t0.elapsed())
+            });
+            sigterm(&child);
+            child.wait()?;
+            lat.push(took.ok_or("agent did not become ready")?);
+        }
+        summary(
+            "startup",
+            &format!("stored_leases={leases}"),
+            lat,
+            None,
+            "(spawn to /healthz/ready 200, CA on disk)",
+        );
+    }
+    Ok(())
+}
