@@ -163,11 +163,6 @@ impl Manager {
         }
     }
 
-    /// Number of leases with a live SVID in the cache.
-    pub fn cached(&self) -> usize {
-        self.entries.lock().expect("svid cache poisoned").len()
-    }
-
     #[allow(clippy::type_complexity)]
     async fn collect(
         &self,
