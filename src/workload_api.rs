@@ -1,7 +1,8 @@
 //! The SPIFFE Workload API server (`SpiffeWorkloadAPI`) on the workload socket.
 //!
-//! Every RPC (and every stream, again at each update) is attested from the caller's kernel
-//! facts; the status codes of this server are chosen here and nowhere else:
+//! Every RPC (and every stream, again before it is handed anything new) is attested from the
+//! caller's kernel facts; a stream is told its identity is gone without that wait. Streams wake
+//! only for changes to leases they could match (see `Registry::changes`). The status codes of this server are chosen here and nowhere else:
 //! missing `workload.spiffe.io: true` header → `InvalidArgument`; attestation failed or the
 //! agent shutting down → `Unavailable`; attested but no active lease → `PermissionDenied`
 //! "no identity issued".
@@ -154,6 +155,20 @@ async fn deny(manager: &Manager, rpc: &'static str, att: &Attestation) -> Status
     Status::permission_denied(NO_IDENTITY)
 }
 
+/// Ends an open stream whose caller no longer holds any identity (its lease ended). Not
+/// audited per stream: the lease's end is the audited event, and one revocation can close
+/// thousands of streams.
+fn identity_ended(rpc: &'static str, att: &Attestation) -> Status {
+    tracing::debug!(
+        event = "stream_ended",
+        rpc,
+        pid = att.pid,
+        uid = att.uid,
+        "identity gone, stream closed"
+    );
+    Status::permission_denied(NO_IDENTITY)
+}
+
 fn audit_unavailable(e: AuditUnavailable) -> Status {
     Status::unavailable(e.to_string())
 }
@@ -198,8 +213,7 @@ impl WorkloadApi {
         make: impl Fn(&Manager) -> T + Send + 'static,
     ) -> Result<ResponseStream<T>, Status> {
         let registry = self.manager.registry().clone();
-        let mut generation = registry.subscribe();
-        generation.borrow_and_update();
+        let leases = registry.changes(&att.selectors);
         if let Some(r) = refresh.as_mut() {
             r.borrow_and_update();
         }
@@ -227,12 +241,9 @@ impl WorkloadApi {
                         return;
                     }
                     _ = tx.closed() => return,
-                    r = generation.changed() => {
-                        if r.is_err() {
-                            return;
-                        }
+                    _ = leases.changed() => {
                         if registry.matching(&att.selectors).is_empty() {
-                            let _ = tx.send(Err(deny(&manager, rpc, &att).await)).await;
+                            let _ = tx.send(Err(identity_ended(rpc, &att))).await;
                             return;
                         }
                     }
@@ -300,6 +311,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     _ = tx.closed() => return,
                     _ = watcher.changed() => {}
                 }
+                // Telling a caller its identity is gone needs no attestation, and must not
+                // wait for one: with a thousand streams on one lease, this is the fan-out.
+                if !watcher.holds_any() {
+                    let _ = tx.send(Err(identity_ended(RPC, &att))).await;
+                    return;
+                }
                 // The process may have exec'd something else since it opened the stream:
                 // attest again before handing it anything new.
                 match attest(&attestor, &k8s, manager.metrics(), peer.clone(), RPC).await {
@@ -322,7 +339,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     }
                 };
                 if svids.is_empty() {
-                    let _ = tx.send(Err(deny(&manager, RPC, &att).await)).await;
+                    let _ = tx.send(Err(identity_ended(RPC, &att))).await;
                     return;
                 }
                 let now = serials(&svids);

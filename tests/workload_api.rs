@@ -16,6 +16,13 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// Generous bound for "promptly": failing it means the push did not happen at all.
 const PROMPT: Duration = Duration::from_secs(3);
 
+fn spiffe_ids(ctx: &spiffe::X509Context) -> Vec<String> {
+    ctx.svids()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect()
+}
+
 fn ders(certs: &[spiffe::cert::Certificate]) -> Vec<CertificateDer<'static>> {
     certs
         .iter()
@@ -153,12 +160,7 @@ async fn revoke_reaches_an_open_stream_at_once() {
         .expect("update pushed")
         .unwrap()
         .unwrap();
-    let ids: Vec<String> = next
-        .svids()
-        .iter()
-        .map(|s| s.spiffe_id().to_string())
-        .collect();
-    assert_eq!(ids, vec![keep.spiffe_id.clone()]);
+    assert_eq!(spiffe_ids(&next), vec![keep.spiffe_id.clone()]);
 
     t.admin()
         .await
@@ -178,6 +180,25 @@ async fn revoke_reaches_an_open_stream_at_once() {
     );
     let err = client.fetch_x509_svid().await.unwrap_err();
     assert!(matches!(err, WorkloadApiError::NoIdentityIssued));
+}
+
+#[tokio::test]
+async fn a_lease_granted_later_reaches_an_open_stream() {
+    let t = start().await;
+    let first_lease = t.grant_me("first", HOUR, None).await;
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().svids().len(), 1);
+    let second = t.grant_me("second", HOUR, None).await;
+    let next = tokio::time::timeout(PROMPT, stream.next())
+        .await
+        .expect("the new lease's SVID was pushed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        spiffe_ids(&next),
+        vec![first_lease.spiffe_id, second.spiffe_id]
+    );
 }
 
 #[tokio::test]
@@ -381,7 +402,7 @@ async fn unrelated_changes_are_not_resent() {
     let client = t.workload().await;
     let mut stream = client.stream_x509_contexts().await.unwrap();
     stream.next().await.unwrap().unwrap();
-    // A lease for someone else wakes every stream, but this caller's material is unchanged.
+    // A lease for someone else: this caller's material is unchanged, so nothing is sent.
     let other = t
         .grant("theirs", &["unix:uid:4242".into()], HOUR, None)
         .await;

@@ -7,7 +7,7 @@
 
 mod registry;
 
-pub use registry::{bound_processes, ActiveLease, Durable, Registry};
+pub use registry::{bound_processes, ActiveLease, Changes, Durable, Registry};
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

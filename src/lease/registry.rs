@@ -8,14 +8,18 @@
 //!
 //! Matching must stay cheap with thousands of leases: each lease is indexed under one of its
 //! selectors (the most specific kind), so a caller with N selectors looks at N index buckets
-//! and only the leases in them, never at every lease.
+//! and only the leases in them, never at every lease. Change signals follow the same index: a
+//! lease can only ever match callers that hold its index selector, so a change to it wakes the
+//! open streams listening on that selector and no others.
 
+use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Map, Value};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,6 +32,9 @@ use super::{
 
 /// Ended leases kept in memory for `task list --all` (durable retention comes with the store).
 const ENDED_KEPT: usize = 4096;
+
+/// The expiry task re-reads the wall clock at least this often.
+const EXPIRY_MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// How long after a bound process exits the lease is ended as `process_exited`, unless its
 /// wrapper completes it first.
@@ -69,6 +76,8 @@ struct Inner {
     /// index selector -> leases indexed under it
     index: HashMap<String, HashSet<LeaseId>>,
     ended: VecDeque<Lease>,
+    /// Every active lease by `expires_at`, soonest first (what the expiry task serves).
+    deadlines: BTreeSet<(SystemTime, LeaseId)>,
 }
 
 /// Where lease changes are made durable.
@@ -79,12 +88,56 @@ pub struct Durable {
     pub metrics: crate::telemetry::Metrics,
 }
 
+/// Open streams listening for changes, by the selectors they hold.
+#[derive(Default)]
+struct Listeners {
+    next: u64,
+    by_selector: HashMap<String, HashMap<u64, Arc<Notify>>>,
+}
+
+/// Tells one listener (an open stream) that a lease it could match was granted, renewed or
+/// ended. Dropping it unregisters.
+pub struct Changes {
+    registry: Weak<Registry>,
+    id: u64,
+    selectors: Vec<String>,
+    notify: Arc<Notify>,
+}
+
+impl Changes {
+    /// Resolves at the next change after the previous call returned (a change in between is
+    /// not lost: it resolves at once).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut listeners = registry.listeners.lock().expect("listeners poisoned");
+        for s in &self.selectors {
+            if let Some(set) = listeners.by_selector.get_mut(s) {
+                set.remove(&self.id);
+                if set.is_empty() {
+                    listeners.by_selector.remove(s);
+                }
+            }
+        }
+    }
+}
+
 pub struct Registry {
     limits: LeaseLimits,
     durable: Option<Durable>,
     inner: RwLock<Inner>,
-    /// Bumped on every grant, renewal and end, so open streams re-evaluate what they match.
-    generation: watch::Sender<u64>,
+    /// Who to wake when a lease indexed under a selector changes.
+    listeners: Mutex<Listeners>,
+    /// One task expires every lease; told when a sooner deadline arrives.
+    deadline_moved: Arc<Notify>,
+    expiry_started: AtomicBool,
     /// Every per-lease task (timers, process watches, SVID rotation), stopped by `close`.
     tasks: TaskTracker,
     closing: CancellationToken,
@@ -127,7 +180,9 @@ impl Registry {
             limits,
             durable,
             inner: RwLock::new(Inner::default()),
-            generation: watch::channel(0).0,
+            listeners: Mutex::new(Listeners::default()),
+            deadline_moved: Arc::new(Notify::new()),
+            expiry_started: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),
             me: me.clone(),
@@ -138,9 +193,29 @@ impl Registry {
         &self.limits
     }
 
-    /// A receiver that changes whenever the set of active leases (or a lease's deadline) changes.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+    /// Change signals for a caller holding `selectors`: a grant, renewal or end of any lease
+    /// that could match such a caller (exactly those indexed under one of its selectors).
+    pub fn changes(&self, selectors: &[String]) -> Changes {
+        let notify = Arc::new(Notify::new());
+        let mut listeners = self.listeners.lock().expect("listeners poisoned");
+        listeners.next += 1;
+        let id = listeners.next;
+        let mut selectors = selectors.to_vec();
+        selectors.sort();
+        selectors.dedup();
+        for s in &selectors {
+            listeners
+                .by_selector
+                .entry(s.clone())
+                .or_default()
+                .insert(id, notify.clone());
+        }
+        Changes {
+            registry: self.me.clone(),
+            id,
+            selectors,
+            notify,
+        }
     }
 
     /// Runs a per-lease task until it finishes or the registry closes.
@@ -165,8 +240,14 @@ impl Registry {
         self.tasks.wait().await;
     }
 
-    fn bump(&self) {
-        self.generation.send_modify(|g| *g += 1);
+    /// Wakes the listeners a change to a lease indexed under `key` concerns.
+    fn changed(&self, key: &str) {
+        let listeners = self.listeners.lock().expect("listeners poisoned");
+        if let Some(set) = listeners.by_selector.get(key) {
+            for notify in set.values() {
+                notify.notify_one();
+            }
+        }
     }
 
     /// Validates a grant request into a lease (nothing is stored): what policies judge.
@@ -250,7 +331,6 @@ impl Registry {
                 }
             }
         });
-        self.bump();
     }
 
     async fn expire_pending(&self, id: &LeaseId) {
@@ -322,10 +402,9 @@ impl Registry {
         Ok(lease)
     }
 
-    /// Puts a lease into the active set with its timers.
+    /// Puts a lease into the active set, under the expiry task's eye.
     fn activate(&self, lease: Lease) {
         let ended = CancellationToken::new();
-        let (expires_tx, expires_rx) = watch::channel(lease.expires_at);
         let key = index_key(&lease.selectors);
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
@@ -334,19 +413,21 @@ impl Registry {
                 .entry(key.clone())
                 .or_default()
                 .insert(lease.id.clone());
+            inner.deadlines.insert((lease.expires_at, lease.id.clone()));
             inner.active.insert(
                 lease.id.clone(),
                 Slot {
                     lease: lease.clone(),
                     ended: ended.clone(),
-                    expires_at: expires_tx,
-                    index_key: key,
+                    expires_at: watch::channel(lease.expires_at).0,
+                    index_key: key.clone(),
                 },
             );
         }
-        self.spawn_expiry(lease.id.clone(), ended.clone(), expires_rx);
+        self.start_expiry();
+        self.deadline_moved.notify_one();
         self.spawn_process_watch(&lease, ended);
-        self.bump();
+        self.changed(&key);
     }
 
     /// Writes the audit record, then the store. Either failing refuses the change.
@@ -409,54 +490,70 @@ impl Registry {
         }
     }
 
-    fn spawn_expiry(
-        &self,
-        id: LeaseId,
-        ended: CancellationToken,
-        mut expires_at: watch::Receiver<SystemTime>,
-    ) {
+    /// Starts the one task that expires leases (on the first activation, inside the runtime).
+    fn start_expiry(&self) {
+        if self.expiry_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let me = self.me.clone();
+        let moved = self.deadline_moved.clone();
         self.spawn(async move {
             loop {
-                let deadline = *expires_at.borrow_and_update();
-                let wait = deadline
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
+                let Some(registry) = me.upgrade() else { return };
+                let next = registry.expire_due();
+                drop(registry);
                 tokio::select! {
-                    _ = ended.cancelled() => return,
-                    changed = expires_at.changed() => if changed.is_err() { return },
-                    _ = tokio::time::sleep(wait) => {
-                        let Some(registry) = me.upgrade() else { return };
-                        // A renewal may have raced the timer: only a lease whose deadline has
-                        // really passed is expired; otherwise loop and wait for the new one.
-                        if registry.expire_if_due(&id).await {
-                            return;
-                        }
-                    }
+                    _ = moved.notified() => {}
+                    _ = tokio::time::sleep(next) => {}
                 }
             }
         });
     }
 
-    async fn expire_if_due(&self, id: &LeaseId) -> bool {
-        let due = {
-            let inner = self.inner.read().expect("lease lock poisoned");
-            match inner.active.get(id) {
-                Some(slot) => slot.lease.expires_at <= SystemTime::now(),
-                None => return true,
+    /// Ends every lease whose `expires_at` has passed (in memory at once; the records are
+    /// written by tasks of their own, so a thousand expiries at one instant do not queue
+    /// behind each other's fsync). Returns how long to sleep before the next deadline.
+    fn expire_due(&self) -> Duration {
+        loop {
+            let now = SystemTime::now();
+            let due: Vec<(SystemTime, LeaseId)> = {
+                let inner = self.inner.read().expect("lease lock poisoned");
+                inner
+                    .deadlines
+                    .iter()
+                    .take_while(|(at, _)| *at <= now)
+                    .cloned()
+                    .collect()
+            };
+            if due.is_empty() {
+                break;
             }
-        };
-        if due {
-            let _ = self
-                .end(
-                    id,
-                    LeaseState::Expired,
-                    Principal::agent(),
-                    "expires_at reached",
-                )
-                .await;
+            for (at, id) in due {
+                match self.end_now(&id, LeaseState::Expired, Principal::agent()) {
+                    Some(lease) => {
+                        let Some(me) = self.me.upgrade() else { break };
+                        self.spawn(async move {
+                            me.record_end(&lease, "expires_at reached").await;
+                        });
+                    }
+                    // Not active (cannot happen: ends remove their deadline); never spin on it.
+                    None => {
+                        self.inner
+                            .write()
+                            .expect("lease lock poisoned")
+                            .deadlines
+                            .remove(&(at, id));
+                    }
+                }
+            }
         }
-        due
+        let inner = self.inner.read().expect("lease lock poisoned");
+        let next = inner.deadlines.first().map(|(at, _)| *at);
+        next.and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or(EXPIRY_MAX_SLEEP)
+            // Wall-clock deadlines, monotonic sleeps: look again at least this often, so a
+            // clock step cannot hold a lease open for long.
+            .min(EXPIRY_MAX_SLEEP)
     }
 
     pub async fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
@@ -550,8 +647,13 @@ impl Registry {
         self.persist("lease_renewed", &lease, "").await?;
         let renewed = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            inner.active.get_mut(id).map(|slot| {
+            let Inner {
+                active, deadlines, ..
+            } = &mut *inner;
+            active.get_mut(id).map(|slot| {
                 if wanted > slot.lease.expires_at {
+                    deadlines.remove(&(slot.lease.expires_at, id.clone()));
+                    deadlines.insert((wanted, id.clone()));
                     slot.lease.expires_at = wanted;
                     slot.expires_at.send_replace(wanted);
                 }
@@ -569,7 +671,7 @@ impl Registry {
             expires_at = %crate::time::rfc3339(lease.expires_at),
             "lease renewed"
         );
-        self.bump();
+        self.changed(&index_key(&lease.selectors));
         Ok(lease)
     }
 
@@ -597,22 +699,30 @@ impl Registry {
         by: Principal,
         reason: &str,
     ) -> Result<Lease, LeaseError> {
+        let Some(lease) = self.end_now(id, state, by) else {
+            return Err(self.not_active(id).await);
+        };
+        self.record_end(&lease, reason).await;
+        Ok(lease)
+    }
+
+    /// The in-memory half of [`Registry::end`]: from here on the lease matches nobody.
+    fn end_now(&self, id: &LeaseId, state: LeaseState, by: Principal) -> Option<Lease> {
         debug_assert_ne!(state, LeaseState::Active);
-        let ended = {
+        let lease = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            match inner.active.remove(id) {
+            let inner = &mut *inner;
+            let ended_at = Some(SystemTime::now());
+            let lease = match inner.active.remove(id) {
                 // A pending lease can be ended too (revoked before anyone approved it).
-                None => inner.pending.remove(id).map(|(mut lease, timer)| {
+                None => {
+                    let (mut lease, timer) = inner.pending.remove(id)?;
                     timer.cancel();
                     lease.state = state;
-                    lease.ended_at = Some(SystemTime::now());
-                    lease.ended_by = Some(by.clone());
-                    if inner.ended.len() >= ENDED_KEPT {
-                        inner.ended.pop_front();
-                    }
-                    inner.ended.push_back(lease.clone());
+                    lease.ended_at = ended_at;
+                    lease.ended_by = Some(by);
                     lease
-                }),
+                }
                 Some(mut slot) => {
                     if let Some(bucket) = inner.index.get_mut(&slot.index_key) {
                         bucket.remove(id);
@@ -620,24 +730,22 @@ impl Registry {
                             inner.index.remove(&slot.index_key);
                         }
                     }
+                    inner.deadlines.remove(&(slot.lease.expires_at, id.clone()));
                     slot.lease.state = state;
-                    slot.lease.ended_at = Some(SystemTime::now());
+                    slot.lease.ended_at = ended_at;
                     slot.lease.ended_by = Some(by);
-                    if inner.ended.len() >= ENDED_KEPT {
-                        inner.ended.pop_front();
-                    }
-                    inner.ended.push_back(slot.lease.clone());
                     slot.ended.cancel();
-                    Some(slot.lease)
+                    slot.lease
                 }
+            };
+            if inner.ended.len() >= ENDED_KEPT {
+                inner.ended.pop_front();
             }
+            inner.ended.push_back(lease.clone());
+            lease
         };
-        let Some(lease) = ended else {
-            return Err(self.not_active(id).await);
-        };
-        self.bump();
-        self.record_end(&lease, reason).await;
-        Ok(lease)
+        self.changed(&index_key(&lease.selectors));
+        Some(lease)
     }
 
     /// Logs and persists an end that has already taken effect. A failure cannot undo it (the
@@ -942,15 +1050,31 @@ mod tests {
     #[tokio::test]
     async fn end_stops_matching_and_signals() {
         let r = registry();
-        let mut generation = r.subscribe();
+        let caller = ["unix:uid:7".to_string(), "unix:gid:7".to_string()];
+        let mine = r.changes(&caller);
+        let other = r.changes(&["unix:uid:8".to_string()]);
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
-        let m = r.matching(&["unix:uid:7".to_string()]);
-        generation.borrow_and_update();
+        let granted = tokio::time::timeout(Duration::from_secs(5), mine.changed()).await;
+        assert!(granted.is_ok(), "a grant that could match wakes the caller");
+        let m = r.matching(&caller);
         r.end(&l.id, LeaseState::Revoked, Principal::agent(), "test")
             .await
             .unwrap();
         assert!(m[0].ended.is_cancelled());
-        assert!(generation.has_changed().unwrap());
+        let ended = tokio::time::timeout(Duration::from_secs(5), mine.changed()).await;
+        assert!(ended.is_ok(), "the end wakes the caller");
+        let woken = tokio::time::timeout(Duration::from_millis(50), other.changed()).await;
+        assert!(
+            woken.is_err(),
+            "a caller the lease could never match is not woken"
+        );
+        drop(mine);
+        assert!(!r
+            .listeners
+            .lock()
+            .unwrap()
+            .by_selector
+            .contains_key("unix:gid:7"));
         assert!(r.matching(&["unix:uid:7".to_string()]).is_empty());
         assert_eq!(r.get(&l.id).await.unwrap().state, LeaseState::Revoked);
         assert!(matches!(
@@ -971,6 +1095,36 @@ mod tests {
             .await
             .expect("lease expired within 5s");
         assert_eq!(r.get(&l.id).await.unwrap().state, LeaseState::Expired);
+    }
+
+    #[tokio::test]
+    async fn one_task_expires_each_lease_at_its_own_deadline() {
+        let r = registry();
+        let second = Duration::from_secs(1);
+        let renewed = grant(&r, "renewed", &["unix:uid:1"], 2 * second).await;
+        let plain = grant(&r, "plain", &["unix:uid:2"], second).await;
+        let uids: Vec<String> = (0..200).map(|i| format!("unix:uid:{}", 100 + i)).collect();
+        let many: Vec<Lease> = futures::future::join_all(uids.iter().map(|u| {
+            let r = &r;
+            async move { grant(r, "many", &[u.as_str()], second).await }
+        }))
+        .await;
+        // From a deadline at ~2s to one at ~3s: the old deadline must not end it.
+        r.renew(&renewed.id, 3 * second).await.unwrap();
+        let state = |id: LeaseId| {
+            let r = r.clone();
+            async move { r.get(&id).await.unwrap().state }
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(state(plain.id.clone()).await, LeaseState::Expired);
+        for l in &many {
+            assert_eq!(state(l.id.clone()).await, LeaseState::Expired);
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(state(renewed.id.clone()).await, LeaseState::Active);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(state(renewed.id.clone()).await, LeaseState::Expired);
+        assert!(r.inner.read().unwrap().deadlines.is_empty());
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TAS
 use crate::audit::AuditLog;
 use crate::ca::{IssuedX509, SigningCa};
 use crate::jwt::JwtKeys;
-use crate::lease::{ActiveLease, LeaseId, Registry};
+use crate::lease::{ActiveLease, Changes, LeaseId, Registry};
 use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 
 /// One issued X.509-SVID as held by the cache and sent to streams.
@@ -82,30 +82,35 @@ pub struct Watcher {
     manager: Arc<Manager>,
     selectors: Vec<String>,
     who: Requester,
-    generation: watch::Receiver<u64>,
+    leases: Changes,
     cells: Vec<watch::Receiver<SvidCell>>,
 }
 
 impl Watcher {
     /// The caller's SVIDs now (issuing any that are missing), oldest lease first.
     pub async fn current(&mut self) -> Result<Vec<Arc<X509Svid>>, AuditUnavailable> {
-        self.generation.borrow_and_update();
         let (svids, cells) = self.manager.collect(&self.selectors, &self.who).await?;
         self.cells = cells;
         Ok(svids)
     }
 
-    /// Resolves when something this stream depends on changed: a lease was granted, renewed or
-    /// ended, or one of its SVIDs was rotated or torn down.
+    /// Whether the caller (with the selectors it had) still matches any lease: cheap, and
+    /// no SVID is issued to find out.
+    pub fn holds_any(&self) -> bool {
+        !self.manager.registry.matching(&self.selectors).is_empty()
+    }
+
+    /// Resolves when something this stream depends on changed: a lease it could match was
+    /// granted, renewed or ended, or one of its SVIDs was rotated or torn down.
     pub async fn changed(&mut self) {
         if self.cells.is_empty() {
-            let _ = self.generation.changed().await;
+            self.leases.changed().await;
             return;
         }
         let cells = self.cells.iter_mut().map(|c| Box::pin(c.changed()));
         let any_cell = futures::future::select_all(cells);
         tokio::select! {
-            _ = self.generation.changed() => {}
+            _ = self.leases.changed() => {}
             _ = any_cell => {}
         }
     }
@@ -156,9 +161,9 @@ impl Manager {
     pub fn watcher(self: &Arc<Self>, selectors: Vec<String>, who: Requester) -> Watcher {
         Watcher {
             manager: self.clone(),
+            leases: self.registry.changes(&selectors),
             selectors,
             who,
-            generation: self.registry.subscribe(),
             cells: Vec::new(),
         }
     }
