@@ -108,7 +108,9 @@ impl Agent {
                 max_segment_bytes: config.audit_segment_bytes,
             },
         )?;
+        let started = std::time::Instant::now();
         let store = Arc::new(LeaseStore::open(&config.data_dir.join("leases.redb"))?);
+        let opened = started.elapsed();
         let stored = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.load())
@@ -124,7 +126,17 @@ impl Agent {
                 metrics: metrics.clone(),
             },
         );
+        let loaded = started.elapsed();
+        let count = stored.len();
         registry.restore(stored, config.retention).await;
+        tracing::info!(
+            event = "store_loaded",
+            leases = count,
+            open_ms = opened.as_secs_f64() * 1e3,
+            load_ms = (loaded - opened).as_secs_f64() * 1e3,
+            restore_ms = (started.elapsed() - loaded).as_secs_f64() * 1e3,
+            "lease store opened, read and restored"
+        );
         drop(ready_audit);
         let jwt_keys = Arc::new(JwtKeys::load_or_create(
             &config.data_dir.join("jwt"),

@@ -17,12 +17,12 @@
 //!    later reuses the number. If the process is already gone we remember
 //!    that, and every attestation of this peer fails.
 //! 2. **At attest** ([`Attestor::attest`]): read every fact from `/proc`
-//!    first, and only *then* verify that (a) the pidfd is not readable (a
-//!    pidfd becomes readable when its process exits) and (b) the start time is
-//!    still `T0`. While the process behind the pidfd is alive its pid cannot be
-//!    reused, so a successful check after the reads proves every fact we read
-//!    came from the connected process. Checking before the reads would leave
-//!    a window in which the pid could be recycled mid-read.
+//!    first, and only *then* verify that the pidfd is not readable (a pidfd
+//!    becomes readable when its process exits), or, without a pidfd, that the
+//!    start time is still `T0`. While the process behind the pidfd is alive
+//!    its pid cannot be reused, so a successful check after the reads proves
+//!    every fact we read came from the connected process. Checking before the
+//!    reads would leave a window in which the pid could be recycled mid-read.
 //! 3. The effective uid/gid in `/proc/<pid>/status` must equal the
 //!    `SO_PEERCRED` uid/gid captured at connect time. If they differ (e.g. the
 //!    process exec'd a setuid binary or called `setuid`), we refuse rather
@@ -67,6 +67,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
@@ -295,6 +296,30 @@ pub struct Attestor {
     /// Number of files actually hashed (cache misses); lets tests observe
     /// cache behaviour.
     hashes: AtomicU64,
+    names: Mutex<HashMap<NameKey, (Option<String>, Instant)>>,
+}
+
+/// A user or group name lookup, cached for [`NAME_TTL`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum NameKey {
+    User(u32),
+    Group(u32),
+}
+
+/// How long a uid's or gid's name is reused. glibc re-reads `/etc/passwd` and `/etc/group` on
+/// every lookup (a tenth of an attestation's cost); a renamed user or group shows in selectors
+/// within this long.
+const NAME_TTL: Duration = Duration::from_secs(5);
+
+/// Distinct uids and gids kept at most (a host has few; the bound is against growth).
+const NAME_CACHE_CAPACITY: usize = 4096;
+
+/// Whether an attestation may hash an executable (slow: blocking I/O over the whole file).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hashing {
+    Allowed,
+    /// Only a digest already cached may be used; otherwise the attestation is not done.
+    CachedOnly,
 }
 
 impl Attestor {
@@ -305,21 +330,53 @@ impl Attestor {
             max_digest_bytes,
             cache: Mutex::new(HashMap::new()),
             hashes: AtomicU64::new(0),
+            names: Mutex::new(HashMap::new()),
         }
     }
 
     /// Attest `peer`. Blocking (reads `/proc`, may hash a large file): run it
     /// on a blocking thread.
     pub fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
+        self.attest_with(peer, Hashing::Allowed)
+            .expect("hashing allowed: always attests")
+    }
+
+    /// Attests `peer` if that needs no hashing (the executable's digest is cached), which
+    /// makes it quick enough to run on an async thread: a few reads of `/proc`, whose files
+    /// are generated in memory. `None`: call [`Attestor::attest`] on a blocking thread.
+    pub fn attest_cached(&self, peer: &PeerInfo) -> Option<Result<Attestation, AttestError>> {
+        self.attest_with(peer, Hashing::CachedOnly)
+    }
+
+    fn attest_with(
+        &self,
+        peer: &PeerInfo,
+        hashing: Hashing,
+    ) -> Option<Result<Attestation, AttestError>> {
         let inner = &*peer.inner;
         let (pidfd, start_time) = match &inner.capture {
-            Capture::NoPid => return Err(AttestError::NoPid),
-            Capture::Gone => return Err(AttestError::ProcessGone),
-            Capture::Failed(why) => return Err(AttestError::Unprovable(why.clone())),
+            Capture::NoPid => return Some(Err(AttestError::NoPid)),
+            Capture::Gone => return Some(Err(AttestError::ProcessGone)),
+            Capture::Failed(why) => return Some(Err(AttestError::Unprovable(why.clone()))),
             Capture::Live { pidfd, start_time } => (pidfd.as_ref(), *start_time),
         };
-        let pid = inner.pid.ok_or(AttestError::NoPid)?;
+        let Some(pid) = inner.pid else {
+            return Some(Err(AttestError::NoPid));
+        };
+        // The digest first: when it would need hashing and that is not allowed here, nothing
+        // else has been read for nothing.
+        let exe_sha256 = self.exe_digest(pid, hashing)?;
+        Some(self.facts(inner, pid, pidfd, start_time, exe_sha256))
+    }
 
+    fn facts(
+        &self,
+        inner: &PeerInner,
+        pid: i32,
+        pidfd: Option<&OwnedFd>,
+        start_time: u64,
+        exe_sha256: Option<String>,
+    ) -> Result<Attestation, AttestError> {
         // --- Gather every fact first; none of it is trusted until verified. ---
         let status_path = format!("/proc/{pid}/status");
         let status =
@@ -331,22 +388,27 @@ impl Attestor {
             )
         })?;
         let exe_path = read_exe_path(pid);
-        let exe_sha256 = self.exe_digest(pid);
         // Read here, before the proof below, so the Kubernetes selectors derived from it are
         // as certain to describe the connected process as the rest.
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
 
         // --- Then prove the facts came from the process that connected. ---
-        if let Some(fd) = pidfd {
-            if pidfd_exited(fd).map_err(|e| AttestError::Proc(format!("pidfd of {pid}"), e))? {
-                return Err(AttestError::ProcessGone);
+        match pidfd {
+            // Alive now, so it was alive through the reads above: the pid was its all along.
+            Some(fd) => {
+                if pidfd_exited(fd).map_err(|e| AttestError::Proc(format!("pidfd of {pid}"), e))? {
+                    return Err(AttestError::ProcessGone);
+                }
             }
-        }
-        let now = process_start_time(pid).map_err(|e| proc_err(format!("/proc/{pid}/stat"), e))?;
-        if now != start_time {
-            return Err(AttestError::Unprovable(format!(
-                "start time of pid {pid} changed ({start_time} -> {now}); pid was reused"
-            )));
+            None => {
+                let now = process_start_time(pid)
+                    .map_err(|e| proc_err(format!("/proc/{pid}/stat"), e))?;
+                if now != start_time {
+                    return Err(AttestError::Unprovable(format!(
+                        "start time of pid {pid} changed ({start_time} -> {now}); pid was reused"
+                    )));
+                }
+            }
         }
         if creds.euid != inner.uid || creds.egid != inner.gid {
             return Err(AttestError::Unprovable(format!(
@@ -357,16 +419,16 @@ impl Attestor {
 
         let mut selectors = BTreeSet::new();
         selectors.insert(format!("unix:uid:{}", creds.euid));
-        if let Some(name) = user_name(creds.euid) {
+        if let Some(name) = self.name(NameKey::User(creds.euid)) {
             selectors.insert(format!("unix:user:{name}"));
         }
         selectors.insert(format!("unix:gid:{}", creds.egid));
-        if let Some(name) = group_name(creds.egid) {
+        if let Some(name) = self.name(NameKey::Group(creds.egid)) {
             selectors.insert(format!("unix:group:{name}"));
         }
         for gid in &creds.groups {
             selectors.insert(format!("unix:supplementary_gid:{gid}"));
-            if let Some(name) = group_name(*gid) {
+            if let Some(name) = self.name(NameKey::Group(*gid)) {
                 selectors.insert(format!("unix:supplementary_group:{name}"));
             }
         }
@@ -390,31 +452,56 @@ impl Attestor {
         })
     }
 
+    /// The name of a uid or gid, from the system's databases at most [`NAME_TTL`] ago.
+    fn name(&self, key: NameKey) -> Option<String> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((name, at)) = names.get(&key) {
+            if now.duration_since(*at) < NAME_TTL {
+                return name.clone();
+            }
+        }
+        // Looked up under the lock: concurrent attestations of the same caller wait for one
+        // lookup instead of each reading the files.
+        let name = match key {
+            NameKey::User(uid) => user_name(uid),
+            NameKey::Group(gid) => group_name(gid),
+        };
+        if names.len() >= NAME_CACHE_CAPACITY {
+            names.clear();
+        }
+        names.insert(key, (name.clone(), now));
+        name
+    }
+
     /// SHA-256 of the process's executable, or `None` if it cannot or should
     /// not be computed. Opening `/proc/<pid>/exe` yields the inode actually
     /// mapped by the process, even if the path has since been replaced or
     /// deleted, so the digest describes what is running, not what is on disk.
-    fn exe_digest(&self, pid: i32) -> Option<String> {
+    /// `None` when the digest is not cached and `hashing` does not allow computing it; the
+    /// inner `None` when there is no digest to be had.
+    fn exe_digest(&self, pid: i32, hashing: Hashing) -> Option<Option<String>> {
         let path = format!("/proc/{pid}/exe");
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!(pid, error = %e, "cannot open executable; no unix:sha256 selector");
-                return None;
+                return Some(None);
             }
         };
-        match self.digest_file(&file) {
+        match self.digest_file(&file, hashing) {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(pid, error = %e, "cannot hash executable; no unix:sha256 selector");
-                None
+                Some(None)
             }
         }
     }
 
-    /// Digest of an open file, through the cache. `Ok(None)` when the file
-    /// exceeds the size limit or changed while being hashed.
-    fn digest_file(&self, file: &File) -> io::Result<Option<String>> {
+    /// Digest of an open file, through the cache. `Some(None)` when the file
+    /// exceeds the size limit or changed while being hashed; `None` when it is not
+    /// cached and `hashing` forbids hashing it.
+    fn digest_file(&self, file: &File, hashing: Hashing) -> io::Result<Option<Option<String>>> {
         let key = DigestKey::of(&file.metadata()?);
         if key.size > self.max_digest_bytes {
             tracing::debug!(
@@ -422,10 +509,13 @@ impl Attestor {
                 limit = self.max_digest_bytes,
                 "executable too large; no unix:sha256 selector"
             );
-            return Ok(None);
+            return Ok(Some(None));
         }
         if let Some(d) = self.lock_cache().get(&key) {
-            return Ok(Some(d.clone()));
+            return Ok(Some(Some(d.clone())));
+        }
+        if hashing == Hashing::CachedOnly {
+            return Ok(None);
         }
 
         self.hashes.fetch_add(1, Ordering::Relaxed);
@@ -450,7 +540,7 @@ impl Attestor {
         let after = DigestKey::of(&file.metadata()?);
         if after != key || total != key.size {
             tracing::debug!("executable changed while hashing; no unix:sha256 selector");
-            return Ok(None);
+            return Ok(Some(None));
         }
         let digest = hex::encode(hasher.finalize());
 
@@ -459,7 +549,7 @@ impl Attestor {
             cache.clear();
         }
         cache.insert(key, digest.clone());
-        Ok(Some(digest))
+        Ok(Some(Some(digest)))
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<DigestKey, String>> {
@@ -881,20 +971,10 @@ mod tests {
 
     #[test]
     fn start_time_mismatch_is_unprovable() {
+        // With a pidfd the start time is not read again: the pidfd and the start time are
+        // captured together at accept and the pidfd alone proves the process is the same.
         let (pid, uid, gid) = me();
         let real = process_start_time(pid).unwrap();
-        let peer = PeerInfo::new(
-            Some(pid),
-            uid,
-            gid,
-            Capture::Live {
-                pidfd: Some(pidfd_open(Pid::from_raw(pid).unwrap(), PidfdFlags::empty()).unwrap()),
-                start_time: real + 1,
-            },
-        );
-        let res = Attestor::new(0).attest(&peer);
-        assert!(matches!(res, Err(AttestError::Unprovable(_))), "{res:?}");
-
         // Without a pidfd (pre-5.3 kernels) the start time alone must catch it.
         let peer = PeerInfo::new(
             Some(pid),
@@ -981,6 +1061,32 @@ mod tests {
     }
 
     #[test]
+    fn cached_only_attestation_never_hashes() {
+        let (pid, uid, gid) = me();
+        let attestor = Attestor::new(u64::MAX);
+        let peer = PeerInfo::from_pid(pid, uid, gid);
+        assert!(
+            attestor.attest_cached(&peer).is_none(),
+            "digest not cached yet: must defer to a blocking attest"
+        );
+        assert_eq!(attestor.hashes.load(Ordering::Relaxed), 0);
+        let full = attestor.attest(&peer).unwrap();
+        let quick = attestor
+            .attest_cached(&peer)
+            .expect("digest cached")
+            .unwrap();
+        assert_eq!(full, quick);
+        assert_eq!(attestor.hashes.load(Ordering::Relaxed), 1);
+        // Too large to hash at all: nothing to wait for, so it attests inline.
+        let small = Attestor::new(1);
+        let att = small
+            .attest_cached(&peer)
+            .expect("no hashing needed")
+            .unwrap();
+        assert_eq!(att.exe_sha256, None);
+    }
+
+    #[test]
     fn size_limit_skips_digest() {
         let (pid, uid, gid) = me();
         let attestor = Attestor::new(1);
@@ -1001,7 +1107,12 @@ mod tests {
         std::fs::hard_link(&a, &link).unwrap();
         std::fs::write(&b, b"first contents").unwrap();
         let attestor = Attestor::new(u64::MAX);
-        let digest = |p: &std::path::Path| attestor.digest_file(&File::open(p).unwrap()).unwrap();
+        let digest = |p: &std::path::Path| {
+            attestor
+                .digest_file(&File::open(p).unwrap(), Hashing::Allowed)
+                .unwrap()
+                .expect("hashing allowed")
+        };
 
         let expected = sha256_hex(b"first contents");
         assert_eq!(digest(&a).as_deref(), Some(expected.as_str()));
@@ -1029,7 +1140,9 @@ mod tests {
         for i in 0..DIGEST_CACHE_CAPACITY + 5 {
             let p = dir.path().join(i.to_string());
             std::fs::write(&p, i.to_string()).unwrap();
-            attestor.digest_file(&File::open(&p).unwrap()).unwrap();
+            attestor
+                .digest_file(&File::open(&p).unwrap(), Hashing::Allowed)
+                .unwrap();
         }
         assert!(attestor.lock_cache().len() <= DIGEST_CACHE_CAPACITY);
     }

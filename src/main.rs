@@ -72,9 +72,28 @@ async fn agent(args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+/// Threads for blocking work: lease store writes, attestation of a new executable (hashing it
+/// once), policy file reads. Queued work waits for a free thread. Tokio's default (512) let a
+/// burst of grants start one thread, and one malloc arena, per concurrent store write, memory
+/// that stayed after the burst; a handful serves the same burst faster.
+const BLOCKING_THREADS: usize = 8;
+
+fn main() {
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(cli: Cli) {
     let result = match cli.command {
         Command::Agent(args) => agent(args).await,
         Command::Task(cmd) => mayfly::client::task(cmd).await,

@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Map, Value};
@@ -54,7 +54,8 @@ pub fn bound_processes(selectors: &[String]) -> Vec<(i32, u64)> {
 /// An active lease as seen by the SVID cache: a snapshot plus the signals that follow it.
 #[derive(Clone, Debug)]
 pub struct ActiveLease {
-    pub lease: Lease,
+    /// Shared with the registry (cheap to hand to every fetch); a renewal replaces it.
+    pub lease: Arc<Lease>,
     /// Cancelled when the lease ends, for whatever reason.
     pub ended: CancellationToken,
     /// The current `expires_at`; changes on renewal.
@@ -62,9 +63,10 @@ pub struct ActiveLease {
 }
 
 struct Slot {
-    lease: Lease,
+    lease: Arc<Lease>,
     ended: CancellationToken,
-    expires_at: watch::Sender<SystemTime>,
+    /// Created when the SVID cache first asks (most leases never need one).
+    expires_at: OnceLock<watch::Sender<SystemTime>>,
     index_key: String,
 }
 
@@ -417,9 +419,9 @@ impl Registry {
             inner.active.insert(
                 lease.id.clone(),
                 Slot {
-                    lease: lease.clone(),
+                    lease: Arc::new(lease.clone()),
                     ended: ended.clone(),
-                    expires_at: watch::channel(lease.expires_at).0,
+                    expires_at: OnceLock::new(),
                     index_key: key.clone(),
                 },
             );
@@ -570,7 +572,7 @@ impl Registry {
     fn get_cached(&self, id: &LeaseId) -> Option<Lease> {
         let inner = self.inner.read().expect("lease lock poisoned");
         if let Some(slot) = inner.active.get(id) {
-            return Some(slot.lease.clone());
+            return Some(Lease::clone(&slot.lease));
         }
         if let Some((lease, _)) = inner.pending.get(id) {
             return Some(lease.clone());
@@ -598,7 +600,7 @@ impl Registry {
                 inner
                     .active
                     .values()
-                    .map(|s| s.lease.clone())
+                    .map(|s| Lease::clone(&s.lease))
                     .chain(inner.pending.values().map(|(l, _)| l.clone()))
                     .collect(),
                 inner.ended.iter().cloned().collect(),
@@ -654,10 +656,12 @@ impl Registry {
                 if wanted > slot.lease.expires_at {
                     deadlines.remove(&(slot.lease.expires_at, id.clone()));
                     deadlines.insert((wanted, id.clone()));
-                    slot.lease.expires_at = wanted;
-                    slot.expires_at.send_replace(wanted);
+                    Arc::make_mut(&mut slot.lease).expires_at = wanted;
+                    if let Some(tx) = slot.expires_at.get() {
+                        tx.send_replace(wanted);
+                    }
                 }
-                slot.lease.clone()
+                Lease::clone(&slot.lease)
             })
         };
         // It may have ended while the renewal was being written.
@@ -677,7 +681,7 @@ impl Registry {
 
     fn get_active(&self, id: &LeaseId) -> Option<Lease> {
         let inner = self.inner.read().expect("lease lock poisoned");
-        inner.active.get(id).map(|s| s.lease.clone())
+        inner.active.get(id).map(|s| Lease::clone(&s.lease))
     }
 
     async fn not_active(&self, id: &LeaseId) -> LeaseError {
@@ -723,7 +727,7 @@ impl Registry {
                     lease.ended_by = Some(by);
                     lease
                 }
-                Some(mut slot) => {
+                Some(slot) => {
                     if let Some(bucket) = inner.index.get_mut(&slot.index_key) {
                         bucket.remove(id);
                         if bucket.is_empty() {
@@ -731,11 +735,12 @@ impl Registry {
                         }
                     }
                     inner.deadlines.remove(&(slot.lease.expires_at, id.clone()));
-                    slot.lease.state = state;
-                    slot.lease.ended_at = ended_at;
-                    slot.lease.ended_by = Some(by);
                     slot.ended.cancel();
-                    slot.lease
+                    let mut lease = Arc::unwrap_or_clone(slot.lease);
+                    lease.state = state;
+                    lease.ended_at = ended_at;
+                    lease.ended_by = Some(by);
+                    lease
                 }
             };
             if inner.ended.len() >= ENDED_KEPT {
@@ -783,6 +788,15 @@ impl Registry {
     /// end as `expired`, leases bound to a process that is gone end as `process_exited`, and
     /// the rest become active again with their timers.
     pub async fn restore(&self, stored: Vec<Lease>, retention: Duration) {
+        {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            let active = stored
+                .iter()
+                .filter(|l| l.state == LeaseState::Active)
+                .count();
+            inner.active.reserve(active);
+            inner.index.reserve(active);
+        }
         let now = SystemTime::now();
         let cutoff = now.checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut ended_now = Vec::new();
@@ -899,7 +913,10 @@ impl Registry {
                     out.push(ActiveLease {
                         lease: slot.lease.clone(),
                         ended: slot.ended.clone(),
-                        expires_at: slot.expires_at.subscribe(),
+                        expires_at: slot
+                            .expires_at
+                            .get_or_init(|| watch::channel(slot.lease.expires_at).0)
+                            .subscribe(),
                     });
                 }
             }
@@ -1020,7 +1037,10 @@ mod tests {
         let _c = grant(&r, "c", &["unix:uid:1001"], hour).await;
         let ids = |sel: &[&str]| -> Vec<LeaseId> {
             let sel: Vec<String> = sel.iter().map(|s| s.to_string()).collect();
-            r.matching(&sel).into_iter().map(|l| l.lease.id).collect()
+            r.matching(&sel)
+                .into_iter()
+                .map(|l| l.lease.id.clone())
+                .collect()
         };
         assert_eq!(ids(&["unix:uid:1000"]), vec![a.id.clone()]);
         assert_eq!(
