@@ -16,6 +16,7 @@
 //!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10)
 //!   --expiry-reps N       `teardown` expiries per stream count (default 3)
 //!   --leases N            leases for `memory` and `startup` (default 10000)
+//!   --interval-ms MS      `fetch`: each client starts a fetch every MS (default: back to back)
 //!
 //! Every scenario starts its own agent on a temp dir (sockets, data, audit log) with
 //! `--health-addr 127.0.0.1:0`, and stops it with SIGTERM. The loadgen's leases are bound to
@@ -54,6 +55,8 @@ struct Opts {
     reps: Option<usize>,
     expiry_reps: usize,
     leases: usize,
+    /// Fetch scenario: each client waits this long between fetch starts (None: back to back).
+    interval: Option<Duration>,
 }
 
 fn parse_args() -> Res<(String, Opts)> {
@@ -70,6 +73,7 @@ fn parse_args() -> Res<(String, Opts)> {
         reps: None,
         expiry_reps: 3,
         leases: 10_000,
+        interval: None,
     };
     let list = |s: String| -> Res<Vec<usize>> {
         s.split(',')
@@ -87,6 +91,9 @@ fn parse_args() -> Res<(String, Opts)> {
             "--reps" => o.reps = Some(val()?.parse()?),
             "--expiry-reps" => o.expiry_reps = val()?.parse()?,
             "--leases" => o.leases = val()?.parse()?,
+            "--interval-ms" => {
+                o.interval = Some(Duration::from_secs_f64(val()?.parse::<f64>()? / 1e3))
+            }
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -432,11 +439,22 @@ async fn fetch(o: &Opts) -> Res<()> {
         let deadline = Instant::now() + o.duration;
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for cl in clients.iter().map(Arc::clone) {
+        let interval = o.interval;
+        for (i, cl) in clients.iter().map(Arc::clone).enumerate() {
             tasks.spawn(async move {
                 let mut lat = Vec::with_capacity(4096);
                 let mut errors = 0u64;
+                // Paced clients start staggered over one interval, so they do not fire in step.
+                let mut pace = interval.map(|every| {
+                    let first = tokio::time::Instant::now() + every.mul_f64(i as f64 / c as f64);
+                    let mut t = tokio::time::interval_at(first, every);
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
                 while Instant::now() < deadline {
+                    if let Some(p) = pace.as_mut() {
+                        p.tick().await;
+                    }
                     let t = Instant::now();
                     match cl.fetch_x509_svid().await {
                         Ok(_) => lat.push(t.elapsed()),
@@ -457,9 +475,13 @@ async fn fetch(o: &Opts) -> Res<()> {
         let n = lat.len().max(1) as f64;
         let agent_cpu = cpu_secs(&agent.pid().to_string()) - cpu0.0;
         let own_cpu = cpu_secs("self") - cpu0.1;
+        let label = match o.interval {
+            Some(every) => format!("clients={c} every={}ms", every.as_secs_f64() * 1e3),
+            None => format!("clients={c}"),
+        };
         summary(
             "fetch",
-            &format!("clients={c}"),
+            &label,
             lat,
             Some(elapsed),
             &format!(

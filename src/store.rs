@@ -33,6 +33,28 @@ const FORMAT_VERSION: u32 = 1;
 /// 10 000 leases).
 const CACHE_SIZE: usize = 1024 * 1024;
 
+/// Threads that decode leases at start-up, at most.
+const LOAD_THREADS: usize = 4;
+
+/// Fewer leases than this per thread are not worth a thread.
+const LOAD_CHUNK_MIN: usize = 1000;
+
+/// Splits the key space (lease IDs: lowercase hex, uniformly random) into `n` contiguous
+/// ranges covering every string, including keys that are not lease IDs at all (those are
+/// reported by `decode`).
+fn key_ranges(n: usize) -> Vec<(Option<String>, Option<String>)> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bounds: Vec<String> = (1..n)
+        .map(|i| (HEX[i * 16 / n] as char).to_string())
+        .collect();
+    (0..n)
+        .map(|i| {
+            let from = i.checked_sub(1).map(|j| bounds[j].clone());
+            (from, bounds.get(i).cloned())
+        })
+        .collect()
+}
+
 /// JWT TTL of leases stored before leases had one.
 const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
 
@@ -175,6 +197,9 @@ impl LeaseStore {
     }
 
     /// Every stored lease, active and ended, in no particular order.
+    ///
+    /// Decoding (JSON, then the lease ID and SPIFFE ID checks) is most of a start-up with many
+    /// leases, so the key space is split into ranges decoded on up to [`LOAD_THREADS`] threads.
     pub fn load(&self) -> Result<Vec<Lease>, StoreError> {
         let txn = self
             .db
@@ -183,11 +208,43 @@ impl LeaseStore {
         let table = txn
             .open_table(LEASES)
             .map_err(self.db_err("open the leases table"))?;
-        let mut leases =
-            Vec::with_capacity(table.len().map_err(self.db_err("count leases"))? as usize);
-        for entry in table.iter().map_err(self.db_err("read leases"))? {
-            let (key, value) = entry.map_err(self.db_err("read a lease"))?;
-            leases.push(self.decode(key.value(), value.value())?);
+        let count = table.len().map_err(self.db_err("count leases"))? as usize;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(LOAD_THREADS)
+            .min(count.div_ceil(LOAD_CHUNK_MIN))
+            .max(1);
+        let ranges = key_ranges(threads);
+        let parts: Vec<Result<Vec<Lease>, StoreError>> = std::thread::scope(|scope| {
+            let table = &table;
+            let handles: Vec<_> = ranges
+                .iter()
+                .map(|(from, to)| {
+                    scope.spawn(move || {
+                        let mut out = Vec::new();
+                        let entries = match (from.as_deref(), to.as_deref()) {
+                            (None, None) => table.iter(),
+                            (None, Some(to)) => table.range(..to),
+                            (Some(from), None) => table.range(from..),
+                            (Some(from), Some(to)) => table.range(from..to),
+                        }
+                        .map_err(self.db_err("read leases"))?;
+                        for entry in entries {
+                            let (key, value) = entry.map_err(self.db_err("read a lease"))?;
+                            out.push(self.decode(key.value(), value.value())?);
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("lease decoding thread panicked"))
+                .collect()
+        });
+        let mut leases = Vec::with_capacity(count);
+        for part in parts {
+            leases.extend(part?);
         }
         Ok(leases)
     }
@@ -697,8 +754,45 @@ mod tests {
             let store = LeaseStore::open(&path).unwrap();
             store.put_all(&leases).unwrap();
         }
-        let loaded = LeaseStore::open(&path).unwrap().load().unwrap();
-        assert_eq!(loaded.len(), 10_000);
+        let mut loaded: Vec<String> = LeaseStore::open(&path)
+            .unwrap()
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.task_id)
+            .collect();
+        let mut want: Vec<String> = leases.into_iter().map(|l| l.task_id).collect();
+        loaded.sort();
+        want.sort();
+        assert_eq!(
+            loaded, want,
+            "every lease exactly once across the decoding threads"
+        );
+    }
+
+    #[test]
+    fn key_ranges_cover_every_key_once() {
+        assert_eq!(key_ranges(1), vec![(None, None)]);
+        let four = key_ranges(4);
+        let s = |x: &str| Some(x.to_string());
+        assert_eq!(
+            four,
+            vec![
+                (None, s("4")),
+                (s("4"), s("8")),
+                (s("8"), s("c")),
+                (s("c"), None)
+            ]
+        );
+        for n in 1..=16 {
+            let r = key_ranges(n);
+            assert_eq!(r.len(), n);
+            assert_eq!(r[0].0, None);
+            assert_eq!(r[n - 1].1, None);
+            for w in r.windows(2) {
+                assert_eq!(w[0].1, w[1].0, "contiguous");
+            }
+        }
     }
 
     #[test]

@@ -408,6 +408,7 @@ impl Registry {
     fn activate(&self, lease: Lease) {
         let ended = CancellationToken::new();
         let key = index_key(&lease.selectors);
+        let lease = Arc::new(lease);
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             inner
@@ -419,7 +420,7 @@ impl Registry {
             inner.active.insert(
                 lease.id.clone(),
                 Slot {
-                    lease: Arc::new(lease.clone()),
+                    lease: lease.clone(),
                     ended: ended.clone(),
                     expires_at: OnceLock::new(),
                     index_key: key.clone(),
