@@ -221,7 +221,8 @@ impl AgentProc {
     }
 
     /// (VmRSS, VmHWM) in KiB.
-    fn rss_kib(&self) -> (u64, u64) {
+    /// VmRSS, VmHWM, RssAnon (heap, stacks), RssFile (the mapped binary and libraries).
+    fn rss_kib(&self) -> [u64; 4] {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
@@ -232,7 +233,12 @@ impl AgentProc {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        (field("VmRSS:"), field("VmHWM:"))
+        [
+            field("VmRSS:"),
+            field("VmHWM:"),
+            field("RssAnon:"),
+            field("RssFile:"),
+        ]
     }
 
     fn stop(mut self) -> Res<()> {
@@ -712,12 +718,15 @@ async fn memory(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
     let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let report = |what: &str, (rss, hwm): (u64, u64)| {
+    let report = |what: &str, [rss, hwm, anon, file]: [u64; 4]| {
+        let mib = |k: u64| k as f64 / 1024.0;
         println!(
-            "{:<14} {what:<28} rss={:.1}MiB peak_rss={:.1}MiB",
+            "{:<14} {what:<28} rss={:.1}MiB peak_rss={:.1}MiB anon={:.1}MiB file={:.1}MiB",
             "memory",
-            rss as f64 / 1024.0,
-            hwm as f64 / 1024.0
+            mib(rss),
+            mib(hwm),
+            mib(anon),
+            mib(file)
         );
     };
     report("idle", agent.rss_kib());

@@ -2,10 +2,10 @@
 //!
 //! Every RPC (and every stream, again before it is handed anything new) is attested from the
 //! caller's kernel facts; a stream is told its identity is gone without that wait. Streams wake
-//! only for changes to leases they could match (see `Registry::changes`). The status codes of this server are chosen here and nowhere else:
-//! missing `workload.spiffe.io: true` header → `InvalidArgument`; attestation failed or the
-//! agent shutting down → `Unavailable`; attested but no active lease → `PermissionDenied`
-//! "no identity issued".
+//! only for changes to leases they could match (see `Registry::changes`). The status codes of
+//! this server are chosen here and nowhere else: missing `workload.spiffe.io: true` header →
+//! `InvalidArgument`; attestation failed or the agent shutting down → `Unavailable`; attested
+//! but no active lease → `PermissionDenied` "no identity issued".
 
 use std::collections::HashMap;
 use std::pin::Pin;
