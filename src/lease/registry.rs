@@ -406,31 +406,42 @@ impl Registry {
 
     /// Puts a lease into the active set, under the expiry task's eye.
     fn activate(&self, lease: Lease) {
-        let ended = CancellationToken::new();
-        let key = index_key(&lease.selectors);
-        let lease = Arc::new(lease);
+        self.activate_all(vec![lease]);
+    }
+
+    /// Puts leases into the active set under one write lock (start-up restores thousands).
+    fn activate_all(&self, leases: Vec<Lease>) {
+        let mut started = Vec::with_capacity(leases.len());
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            inner
-                .index
-                .entry(key.clone())
-                .or_default()
-                .insert(lease.id.clone());
-            inner.deadlines.insert((lease.expires_at, lease.id.clone()));
-            inner.active.insert(
-                lease.id.clone(),
-                Slot {
-                    lease: lease.clone(),
-                    ended: ended.clone(),
-                    expires_at: OnceLock::new(),
-                    index_key: key.clone(),
-                },
-            );
+            for lease in leases {
+                let ended = CancellationToken::new();
+                let key = index_key(&lease.selectors);
+                let lease = Arc::new(lease);
+                inner
+                    .index
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(lease.id.clone());
+                inner.deadlines.insert((lease.expires_at, lease.id.clone()));
+                inner.active.insert(
+                    lease.id.clone(),
+                    Slot {
+                        lease: lease.clone(),
+                        ended: ended.clone(),
+                        expires_at: OnceLock::new(),
+                        index_key: key.clone(),
+                    },
+                );
+                started.push((lease, ended, key));
+            }
         }
         self.start_expiry();
         self.deadline_moved.notify_one();
-        self.spawn_process_watch(&lease, ended);
-        self.changed(&key);
+        for (lease, ended, key) in started {
+            self.spawn_process_watch(&lease, ended);
+            self.changed(&key);
+        }
     }
 
     /// Writes the audit record, then the store. Either failing refuses the change.
@@ -802,6 +813,7 @@ impl Registry {
         let cutoff = now.checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut ended_now = Vec::new();
         let mut ended = Vec::new();
+        let mut active = Vec::with_capacity(stored.len());
         for mut lease in stored {
             if lease.state == LeaseState::Pending {
                 // The approval deadline keeps running while the agent is down.
@@ -835,7 +847,7 @@ impl Registry {
                     format!("bound process {pid} exited while the agent was down"),
                 )
             } else {
-                self.activate(lease);
+                active.push(lease);
                 continue;
             };
             lease.state = state;
@@ -843,6 +855,7 @@ impl Registry {
             lease.ended_by = Some(Principal::agent());
             ended_now.push((lease, why));
         }
+        self.activate_all(active);
         ended.sort_by_key(|l| l.ended_at);
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
