@@ -29,38 +29,51 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 
 /// A random, unguessable lease identifier (128 bits, lowercase hex).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseId(String);
+///
+/// Held inline (32 ASCII bytes, no heap allocation): every active lease's ID is kept four times
+/// over (the lease, the active map, the selector index, the deadline queue).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId([u8; 32]);
 
 impl LeaseId {
     pub fn random() -> Self {
         let bytes: [u8; 16] = rand::random();
-        LeaseId(hex::encode(bytes))
+        let mut hex = [0u8; 32];
+        hex::encode_to_slice(bytes, &mut hex).expect("16 bytes are 32 hex digits");
+        LeaseId(hex)
     }
 
     /// Parses a lease ID given by a client; anything but 32 lowercase hex digits is refused.
     pub fn parse(s: &str) -> Result<Self, LeaseError> {
-        if s.len() == 32
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Ok(LeaseId(s.to_owned()))
-        } else {
-            Err(LeaseError::invalid(
+        match <[u8; 32]>::try_from(s.as_bytes()) {
+            Ok(bytes)
+                if bytes
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) =>
+            {
+                Ok(LeaseId(bytes))
+            }
+            _ => Err(LeaseError::invalid(
                 "lease_id",
                 "must be 32 lowercase hex digits",
-            ))
+            )),
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        std::str::from_utf8(&self.0).expect("lease IDs are ASCII hex digits")
     }
 }
 
 impl fmt::Display for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LeaseId").field(&self.as_str()).finish()
     }
 }
 
