@@ -563,11 +563,15 @@ impl Registry {
         }
         let inner = self.inner.read().expect("lease lock poisoned");
         let next = inner.deadlines.first().map(|(at, _)| *at);
-        next.and_then(|at| at.duration_since(SystemTime::now()).ok())
-            .unwrap_or(EXPIRY_MAX_SLEEP)
-            // Wall-clock deadlines, monotonic sleeps: look again at least this often, so a
-            // clock step cannot hold a lease open for long.
-            .min(EXPIRY_MAX_SLEEP)
+        // A deadline that passed since the loop above (microseconds ago) means no sleep at all.
+        next.map(|at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+        .unwrap_or(EXPIRY_MAX_SLEEP)
+        // Wall-clock deadlines, monotonic sleeps: look again at least this often, so a clock
+        // step cannot hold a lease open for long.
+        .min(EXPIRY_MAX_SLEEP)
     }
 
     pub async fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
