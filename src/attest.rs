@@ -314,11 +314,13 @@ const NAME_TTL: Duration = Duration::from_secs(5);
 /// Distinct uids and gids kept at most (a host has few; the bound is against growth).
 const NAME_CACHE_CAPACITY: usize = 4096;
 
-/// Whether an attestation may hash an executable (slow: blocking I/O over the whole file).
+/// Whether an attestation may do blocking work: hash an executable (I/O over the whole file)
+/// or look up a user or group name (NSS may ask a directory server).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Hashing {
+enum Blocking {
     Allowed,
-    /// Only a digest already cached may be used; otherwise the attestation is not done.
+    /// Only a cached digest and cached names may be used; otherwise the attestation is not
+    /// done (and is done again where blocking is fine).
     CachedOnly,
 }
 
@@ -337,21 +339,22 @@ impl Attestor {
     /// Attest `peer`. Blocking (reads `/proc`, may hash a large file): run it
     /// on a blocking thread.
     pub fn attest(&self, peer: &PeerInfo) -> Result<Attestation, AttestError> {
-        self.attest_with(peer, Hashing::Allowed)
-            .expect("hashing allowed: always attests")
+        self.attest_with(peer, Blocking::Allowed)
+            .expect("blocking allowed: always attests")
     }
 
-    /// Attests `peer` if that needs no hashing (the executable's digest is cached), which
-    /// makes it quick enough to run on an async thread: a few reads of `/proc`, whose files
-    /// are generated in memory. `None`: call [`Attestor::attest`] on a blocking thread.
+    /// Attests `peer` if that needs no blocking work (the executable's digest and the user and
+    /// group names are cached), which makes it quick enough to run on an async thread: a few
+    /// reads of `/proc`, whose files are generated in memory. `None`: call
+    /// [`Attestor::attest`] on a blocking thread.
     pub fn attest_cached(&self, peer: &PeerInfo) -> Option<Result<Attestation, AttestError>> {
-        self.attest_with(peer, Hashing::CachedOnly)
+        self.attest_with(peer, Blocking::CachedOnly)
     }
 
     fn attest_with(
         &self,
         peer: &PeerInfo,
-        hashing: Hashing,
+        blocking: Blocking,
     ) -> Option<Result<Attestation, AttestError>> {
         let inner = &*peer.inner;
         let (pidfd, start_time) = match &inner.capture {
@@ -363,10 +366,11 @@ impl Attestor {
         let Some(pid) = inner.pid else {
             return Some(Err(AttestError::NoPid));
         };
-        // The digest first: when it would need hashing and that is not allowed here, nothing
+        // The digest first: when it would need hashing and blocking is not allowed here, nothing
         // else has been read for nothing.
-        let exe_sha256 = self.exe_digest(pid, hashing)?;
-        Some(self.facts(inner, pid, pidfd, start_time, exe_sha256))
+        let exe_sha256 = self.exe_digest(pid, blocking)?;
+        self.facts(inner, pid, pidfd, start_time, exe_sha256, blocking)
+            .transpose()
     }
 
     fn facts(
@@ -376,7 +380,8 @@ impl Attestor {
         pidfd: Option<&OwnedFd>,
         start_time: u64,
         exe_sha256: Option<String>,
-    ) -> Result<Attestation, AttestError> {
+        blocking: Blocking,
+    ) -> Result<Option<Attestation>, AttestError> {
         // --- Gather every fact first; none of it is trusted until verified. ---
         let status_path = format!("/proc/{pid}/status");
         let status =
@@ -417,19 +422,29 @@ impl Attestor {
             )));
         }
 
+        let name = |key| self.name(key, blocking);
+        let (Some(user), Some(group)) = (
+            name(NameKey::User(creds.euid)),
+            name(NameKey::Group(creds.egid)),
+        ) else {
+            return Ok(None);
+        };
         let mut selectors = BTreeSet::new();
         selectors.insert(format!("unix:uid:{}", creds.euid));
-        if let Some(name) = self.name(NameKey::User(creds.euid)) {
-            selectors.insert(format!("unix:user:{name}"));
+        if let Some(user) = user {
+            selectors.insert(format!("unix:user:{user}"));
         }
         selectors.insert(format!("unix:gid:{}", creds.egid));
-        if let Some(name) = self.name(NameKey::Group(creds.egid)) {
-            selectors.insert(format!("unix:group:{name}"));
+        if let Some(group) = group {
+            selectors.insert(format!("unix:group:{group}"));
         }
         for gid in &creds.groups {
             selectors.insert(format!("unix:supplementary_gid:{gid}"));
-            if let Some(name) = self.name(NameKey::Group(*gid)) {
-                selectors.insert(format!("unix:supplementary_group:{name}"));
+            let Some(group) = name(NameKey::Group(*gid)) else {
+                return Ok(None);
+            };
+            if let Some(group) = group {
+                selectors.insert(format!("unix:supplementary_group:{group}"));
             }
         }
         if let Some(path) = &exe_path {
@@ -440,7 +455,7 @@ impl Attestor {
         }
         selectors.insert(format!("unix:pid:{pid}:{start_time}"));
 
-        Ok(Attestation {
+        Ok(Some(Attestation {
             pid,
             uid: creds.euid,
             gid: creds.egid,
@@ -449,38 +464,44 @@ impl Attestor {
             exe_sha256,
             cgroup,
             selectors: selectors.into_iter().collect(),
-        })
+        }))
     }
 
-    /// The name of a uid or gid, from the system's databases at most [`NAME_TTL`] ago.
-    fn name(&self, key: NameKey) -> Option<String> {
+    /// The name of a uid or gid (inner `None`: it has none), from the system's databases at
+    /// most [`NAME_TTL`] ago. `None` when it is not cached and `blocking` forbids a lookup.
+    fn name(&self, key: NameKey, blocking: Blocking) -> Option<Option<String>> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((name, at)) = names.get(&key) {
-            if now.duration_since(*at) < NAME_TTL {
-                return name.clone();
+        {
+            let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((name, at)) = names.get(&key) {
+                if now.duration_since(*at) < NAME_TTL {
+                    return Some(name.clone());
+                }
             }
         }
-        // Looked up under the lock: concurrent attestations of the same caller wait for one
-        // lookup instead of each reading the files.
+        if blocking == Blocking::CachedOnly {
+            return None;
+        }
+        // Not under the lock: a slow directory server must not hold up other attestations.
         let name = match key {
             NameKey::User(uid) => user_name(uid),
             NameKey::Group(gid) => group_name(gid),
         };
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         if names.len() >= NAME_CACHE_CAPACITY {
             names.clear();
         }
         names.insert(key, (name.clone(), now));
-        name
+        Some(name)
     }
 
     /// SHA-256 of the process's executable, or `None` if it cannot or should
     /// not be computed. Opening `/proc/<pid>/exe` yields the inode actually
     /// mapped by the process, even if the path has since been replaced or
     /// deleted, so the digest describes what is running, not what is on disk.
-    /// `None` when the digest is not cached and `hashing` does not allow computing it; the
+    /// `None` when the digest is not cached and `blocking` does not allow computing it; the
     /// inner `None` when there is no digest to be had.
-    fn exe_digest(&self, pid: i32, hashing: Hashing) -> Option<Option<String>> {
+    fn exe_digest(&self, pid: i32, blocking: Blocking) -> Option<Option<String>> {
         let path = format!("/proc/{pid}/exe");
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -489,7 +510,7 @@ impl Attestor {
                 return Some(None);
             }
         };
-        match self.digest_file(&file, hashing) {
+        match self.digest_file(&file, blocking) {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(pid, error = %e, "cannot hash executable; no unix:sha256 selector");
@@ -500,8 +521,8 @@ impl Attestor {
 
     /// Digest of an open file, through the cache. `Some(None)` when the file
     /// exceeds the size limit or changed while being hashed; `None` when it is not
-    /// cached and `hashing` forbids hashing it.
-    fn digest_file(&self, file: &File, hashing: Hashing) -> io::Result<Option<Option<String>>> {
+    /// cached and `blocking` forbids hashing it.
+    fn digest_file(&self, file: &File, blocking: Blocking) -> io::Result<Option<Option<String>>> {
         let key = DigestKey::of(&file.metadata()?);
         if key.size > self.max_digest_bytes {
             tracing::debug!(
@@ -514,7 +535,7 @@ impl Attestor {
         if let Some(d) = self.lock_cache().get(&key) {
             return Ok(Some(Some(d.clone())));
         }
-        if hashing == Hashing::CachedOnly {
+        if blocking == Blocking::CachedOnly {
             return Ok(None);
         }
 
@@ -1077,13 +1098,16 @@ mod tests {
             .unwrap();
         assert_eq!(full, quick);
         assert_eq!(attestor.hashes.load(Ordering::Relaxed), 1);
-        // Too large to hash at all: nothing to wait for, so it attests inline.
+        // Too large to hash at all: once the names are cached, it attests inline.
         let small = Attestor::new(1);
+        assert!(small.attest_cached(&peer).is_none(), "names not cached yet");
+        small.attest(&peer).unwrap();
         let att = small
             .attest_cached(&peer)
-            .expect("no hashing needed")
+            .expect("nothing left that blocks")
             .unwrap();
         assert_eq!(att.exe_sha256, None);
+        assert_eq!(small.hashes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -1109,9 +1133,9 @@ mod tests {
         let attestor = Attestor::new(u64::MAX);
         let digest = |p: &std::path::Path| {
             attestor
-                .digest_file(&File::open(p).unwrap(), Hashing::Allowed)
+                .digest_file(&File::open(p).unwrap(), Blocking::Allowed)
                 .unwrap()
-                .expect("hashing allowed")
+                .expect("blocking allowed")
         };
 
         let expected = sha256_hex(b"first contents");
@@ -1141,7 +1165,7 @@ mod tests {
             let p = dir.path().join(i.to_string());
             std::fs::write(&p, i.to_string()).unwrap();
             attestor
-                .digest_file(&File::open(&p).unwrap(), Hashing::Allowed)
+                .digest_file(&File::open(&p).unwrap(), Blocking::Allowed)
                 .unwrap();
         }
         assert!(attestor.lock_cache().len() <= DIGEST_CACHE_CAPACITY);
