@@ -72,8 +72,8 @@ async fn agent(args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-/// Threads for blocking work: lease store writes, attestation of a new executable (hashing it
-/// once), policy file reads. Queued work waits for a free thread. Tokio's default (512) let a
+/// Threads for blocking work: lease store writes, attestations that must hash a new executable
+/// or look up a user or group name, policy file reads. Queued work waits for a free thread. Tokio's default (512) let a
 /// burst of grants start one thread, and one malloc arena, per concurrent store write, memory
 /// that stayed after the burst; a handful serves the same burst faster.
 const BLOCKING_THREADS: usize = 8;
