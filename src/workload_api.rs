@@ -223,7 +223,7 @@ impl WorkloadApi {
         if let Some(r) = refresh.as_mut() {
             r.borrow_and_update();
         }
-        if registry.matching(&att.selectors).is_empty() {
+        if !registry.matches_any(&att.selectors) {
             return Err(deny(&self.manager, rpc, &att).await);
         }
         let (tx, rx) = mpsc::channel(2);
@@ -248,7 +248,7 @@ impl WorkloadApi {
                     }
                     _ = tx.closed() => return,
                     _ = leases.changed() => {
-                        if registry.matching(&att.selectors).is_empty() {
+                        if !registry.matches_any(&att.selectors) {
                             let _ = tx.send(Err(identity_ended(rpc, &att))).await;
                             return;
                         }

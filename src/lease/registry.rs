@@ -146,6 +146,26 @@ pub struct Registry {
     me: Weak<Registry>,
 }
 
+/// The slots of the active, unexpired leases whose selectors are all among the caller's: each
+/// found through the index bucket of one of the caller's selectors, never by scanning.
+fn matched<'a>(inner: &'a Inner, caller: &'a [String]) -> impl Iterator<Item = &'a Slot> + 'a {
+    let now = SystemTime::now();
+    let have: HashSet<&str> = caller.iter().map(String::as_str).collect();
+    caller
+        .iter()
+        .filter_map(|s| inner.index.get(s))
+        .flatten()
+        .map(|id| &inner.active[id])
+        .filter(move |slot| {
+            slot.lease.expires_at > now
+                && slot
+                    .lease
+                    .selectors
+                    .iter()
+                    .all(|s| have.contains(s.as_str()))
+        })
+}
+
 /// The selector a lease is indexed under: the kind that narrows callers most.
 fn index_key(selectors: &[String]) -> String {
     const ORDER: [&str; 8] = [
@@ -911,34 +931,17 @@ impl Registry {
 
     /// The active, unexpired leases whose selectors are all among the caller's, oldest first.
     pub fn matching(&self, caller: &[String]) -> Vec<ActiveLease> {
-        let now = SystemTime::now();
-        let have: HashSet<&str> = caller.iter().map(String::as_str).collect();
         let inner = self.inner.read().expect("lease lock poisoned");
-        let mut out = Vec::new();
-        for s in caller {
-            let Some(bucket) = inner.index.get(s) else {
-                continue;
-            };
-            for id in bucket {
-                let slot = &inner.active[id];
-                if slot.lease.expires_at > now
-                    && slot
-                        .lease
-                        .selectors
-                        .iter()
-                        .all(|s| have.contains(s.as_str()))
-                {
-                    out.push(ActiveLease {
-                        lease: slot.lease.clone(),
-                        ended: slot.ended.clone(),
-                        expires_at: slot
-                            .expires_at
-                            .get_or_init(|| watch::channel(slot.lease.expires_at).0)
-                            .subscribe(),
-                    });
-                }
-            }
-        }
+        let mut out: Vec<ActiveLease> = matched(&inner, caller)
+            .map(|slot| ActiveLease {
+                lease: slot.lease.clone(),
+                ended: slot.ended.clone(),
+                expires_at: slot
+                    .expires_at
+                    .get_or_init(|| watch::channel(slot.lease.expires_at).0)
+                    .subscribe(),
+            })
+            .collect();
         out.sort_by(|a, b| {
             a.lease
                 .created_at
@@ -946,6 +949,14 @@ impl Registry {
                 .then_with(|| a.lease.id.cmp(&b.lease.id))
         });
         out
+    }
+
+    /// Whether any lease matches the caller: [`Registry::matching`] without building its
+    /// result, for the streams that only need to know whether their identity is gone.
+    pub fn matches_any(&self, caller: &[String]) -> bool {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        let any = matched(&inner, caller).next().is_some();
+        any
     }
 
     /// When an ended lease ended (from memory; for teardown latency).

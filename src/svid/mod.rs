@@ -97,7 +97,7 @@ impl Watcher {
     /// Whether the caller (with the selectors it had) still matches any lease: cheap, and
     /// no SVID is issued to find out.
     pub fn holds_any(&self) -> bool {
-        !self.manager.registry.matching(&self.selectors).is_empty()
+        self.manager.registry.matches_any(&self.selectors)
     }
 
     /// Resolves when something this stream depends on changed: a lease it could match was
