@@ -2,14 +2,16 @@
 //! mayfly needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/workload.proto", "proto/mayfly/admin/v1/admin.proto"];
-    for p in protos {
+    const WORKLOAD: &str = "proto/workload.proto";
+    const ADMIN: &str = "proto/mayfly/admin/v1/admin.proto";
+    for p in [WORKLOAD, ADMIN] {
         println!("cargo:rerun-if-changed={p}");
     }
-    let fds = protox::compile(protos, ["proto"])?;
+    // The Workload API's streams stay open for as long as their workloads run: its codec
+    // keeps a small encode buffer per stream (see `proto::WorkloadCodec`).
     tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(fds)?;
+        .codec_path("crate::proto::WorkloadCodec")
+        .compile_fds(protox::compile([WORKLOAD], ["proto"])?)?;
+    tonic_prost_build::configure().compile_fds(protox::compile([ADMIN], ["proto"])?)?;
     Ok(())
 }

@@ -8,22 +8,23 @@
 //! but no active lease → `PermissionDenied` "no identity issued".
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::attest::{Attestation, Attestor, PeerInfo};
 use crate::k8s::K8sAttestor;
+use crate::lease::Changes;
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use crate::svid::{AuditUnavailable, JwtFetchError, Manager, Requester, X509Svid};
+use crate::svid::{AuditUnavailable, JwtFetchError, Manager, Requester, Watcher, X509Svid};
 use crate::telemetry::{Metrics, ResultLabel, StreamGuard};
 
 const NO_IDENTITY: &str = "no identity issued";
@@ -208,60 +209,174 @@ fn x509_bundles(m: &Manager) -> HashMap<String, Vec<u8>> {
     )])
 }
 
+/// The part of a server stream after its first message. It runs only while the connection
+/// polls the response body: no task or channel per stream, and a caller that goes away drops it.
+trait Follow: Send + 'static {
+    type Item: Send + 'static;
+
+    /// Waits for the next message: `Some(Err(_))` ends the stream with that status, `None`
+    /// ends it without one.
+    fn next(&mut self) -> impl Future<Output = Option<Result<Self::Item, Status>>> + Send;
+}
+
+/// A response stream: `first` at once, then what `follower` yields, until its first error.
+fn follow<F: Follow>(first: F::Item, follower: F) -> ResponseStream<F::Item> {
+    let rest = futures::stream::unfold(Some(follower), |follower| async move {
+        let mut follower = follower?;
+        let item = follower.next().await?;
+        let follower = item.is_ok().then_some(follower);
+        Some((item, follower))
+    });
+    Box::pin(futures::stream::once(std::future::ready(Ok(first))).chain(rest))
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("agent shutting down")
+}
+
+/// A bundle stream after its first message: another whenever `refresh` changes, and
+/// `PermissionDenied` as soon as the caller no longer holds any identity.
+struct BundleFollower<M> {
+    rpc: &'static str,
+    manager: Arc<Manager>,
+    att: Attestation,
+    leases: Changes,
+    refresh: Option<watch::Receiver<u64>>,
+    make: M,
+    shutdown: CancellationToken,
+    _open: StreamGuard,
+}
+
+impl<T, M> Follow for BundleFollower<M>
+where
+    T: Send + 'static,
+    M: Fn(&Manager) -> T + Send + Sync + 'static,
+{
+    type Item = T;
+
+    async fn next(&mut self) -> Option<Result<T, Status>> {
+        loop {
+            let refreshed = async {
+                match self.refresh.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Some(Err(shutting_down())),
+                _ = self.leases.changed() => {
+                    if !self.manager.registry().matches_any(&self.att.selectors) {
+                        return Some(Err(identity_ended(self.rpc, &self.att)));
+                    }
+                }
+                alive = refreshed => {
+                    // The sender goes only with the agent.
+                    return alive.then(|| Ok((self.make)(&self.manager)));
+                }
+            }
+        }
+    }
+}
+
+/// A FetchX509SVID stream after its first message: the caller's SVIDs again whenever they
+/// change, and `PermissionDenied` as soon as it no longer holds any identity.
+struct X509Follower {
+    manager: Arc<Manager>,
+    attestor: Arc<Attestor>,
+    k8s: Arc<K8sAttestor>,
+    peer: Option<PeerInfo>,
+    att: Attestation,
+    who: Requester,
+    watcher: Watcher,
+    bundle: Vec<u8>,
+    sent: Vec<String>,
+    shutdown: CancellationToken,
+    _open: StreamGuard,
+}
+
+impl X509Follower {
+    const RPC: &'static str = "FetchX509SVID";
+}
+
+impl Follow for X509Follower {
+    type Item = pb::X509svidResponse;
+
+    async fn next(&mut self) -> Option<Result<pb::X509svidResponse, Status>> {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Some(Err(shutting_down())),
+                _ = self.watcher.changed() => {}
+            }
+            // Telling a caller its identity is gone needs no attestation, and must not wait
+            // for one: with a thousand streams on one lease, this is the fan-out.
+            if !self.watcher.holds_any() {
+                return Some(Err(identity_ended(Self::RPC, &self.att)));
+            }
+            // The process may have exec'd something else since it opened the stream: attest
+            // again before handing it anything new. Boxed, like `current` below: the stream
+            // lives long, and its state would otherwise hold room for these rarely run
+            // futures inline (~5 KiB per open stream instead of under 1 KiB).
+            let attested = Box::pin(attest(
+                &self.attestor,
+                &self.k8s,
+                self.manager.metrics(),
+                self.peer.clone(),
+                Self::RPC,
+            ));
+            let now = match attested.await {
+                Ok(now) => now,
+                Err(status) => return Some(Err(status)),
+            };
+            if now.selectors != self.att.selectors {
+                self.watcher = self
+                    .manager
+                    .watcher(now.selectors.clone(), self.who.clone());
+            }
+            self.att = now;
+            let svids = match Box::pin(self.watcher.current()).await {
+                Ok(svids) => svids,
+                Err(e) => return Some(Err(audit_unavailable(e))),
+            };
+            if svids.is_empty() {
+                return Some(Err(identity_ended(Self::RPC, &self.att)));
+            }
+            let serials = serials(&svids);
+            if serials != self.sent {
+                self.sent = serials;
+                return Some(Ok(x509_response(&svids, &self.bundle)));
+            }
+        }
+    }
+}
+
 impl WorkloadApi {
-    /// A bundle stream: the first message at once, another whenever `refresh` changes, and
-    /// `PermissionDenied` as soon as the caller no longer holds any identity.
+    /// A bundle stream: the first message at once, then see [`BundleFollower`].
     async fn bundle_stream<T: Send + 'static>(
         &self,
         rpc: &'static str,
         att: Attestation,
-        mut refresh: Option<tokio::sync::watch::Receiver<u64>>,
-        make: impl Fn(&Manager) -> T + Send + 'static,
+        mut refresh: Option<watch::Receiver<u64>>,
+        make: impl Fn(&Manager) -> T + Send + Sync + 'static,
     ) -> Result<ResponseStream<T>, Status> {
-        let registry = self.manager.registry().clone();
-        let leases = registry.changes(&att.selectors);
+        let leases = self.manager.registry().changes(&att.selectors);
         if let Some(r) = refresh.as_mut() {
             r.borrow_and_update();
         }
-        if !registry.matches_any(&att.selectors) {
+        if !self.manager.registry().matches_any(&att.selectors) {
             return Err(deny(&self.manager, rpc, &att).await);
         }
-        let (tx, rx) = mpsc::channel(2);
-        tx.try_send(Ok(make(&self.manager)))
-            .expect("fresh channel has room");
-        let shutdown = self.shutdown.clone();
-        let manager = self.manager.clone();
-        let open = StreamGuard::new(&self.manager.metrics().open_streams);
-        tokio::spawn(async move {
-            let _open = open;
-            loop {
-                let refreshed = async {
-                    match refresh.as_mut() {
-                        Some(r) => r.changed().await.is_ok(),
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("agent shutting down"))).await;
-                        return;
-                    }
-                    _ = tx.closed() => return,
-                    _ = leases.changed() => {
-                        if !registry.matches_any(&att.selectors) {
-                            let _ = tx.send(Err(identity_ended(rpc, &att))).await;
-                            return;
-                        }
-                    }
-                    alive = refreshed => {
-                        if !alive || tx.send(Ok(make(&manager))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        let first = make(&self.manager);
+        let follower = BundleFollower {
+            rpc,
+            manager: self.manager.clone(),
+            att,
+            leases,
+            refresh,
+            make,
+            shutdown: self.shutdown.clone(),
+            _open: StreamGuard::new(&self.manager.metrics().open_streams),
+        };
+        Ok(follow(first, follower))
     }
 }
 
@@ -273,10 +388,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        const RPC: &str = "FetchX509SVID";
+        const RPC: &str = X509Follower::RPC;
         check_header(&request)?;
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let mut att = attest(
+        let att = attest(
             &self.attestor,
             &self.k8s,
             self.manager.metrics(),
@@ -295,79 +410,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(deny(&self.manager, RPC, &att).await);
         }
         let bundle = self.manager.ca().bundle_der().to_vec();
-        let (tx, rx) = mpsc::channel(2);
-        tx.try_send(Ok(x509_response(&first, &bundle)))
-            .expect("fresh channel has room");
-        let mut sent = serials(&first);
-        drop(first);
-
-        let attestor = self.attestor.clone();
-        let k8s = self.k8s.clone();
-        let manager = self.manager.clone();
-        let shutdown = self.shutdown.clone();
-        let open = StreamGuard::new(&self.manager.metrics().open_streams);
-        tokio::spawn(async move {
-            let _open = open;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("agent shutting down"))).await;
-                        return;
-                    }
-                    _ = tx.closed() => return,
-                    _ = watcher.changed() => {}
-                }
-                // Telling a caller its identity is gone needs no attestation, and must not
-                // wait for one: with a thousand streams on one lease, this is the fan-out.
-                if !watcher.holds_any() {
-                    let _ = tx.send(Err(identity_ended(RPC, &att))).await;
-                    return;
-                }
-                // The process may have exec'd something else since it opened the stream:
-                // attest again before handing it anything new.
-                // Boxed, like `current` below: the task lives as long as the stream, and its
-                // state would otherwise hold room for these rarely run futures inline (~5 KiB
-                // per open stream instead of under 1 KiB).
-                let attested = Box::pin(attest(
-                    &attestor,
-                    &k8s,
-                    manager.metrics(),
-                    peer.clone(),
-                    RPC,
-                ));
-                match attested.await {
-                    Ok(now) => {
-                        if now.selectors != att.selectors {
-                            watcher = manager.watcher(now.selectors.clone(), who.clone());
-                        }
-                        att = now;
-                    }
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                }
-                let svids = match Box::pin(watcher.current()).await {
-                    Ok(svids) => svids,
-                    Err(e) => {
-                        let _ = tx.send(Err(audit_unavailable(e))).await;
-                        return;
-                    }
-                };
-                if svids.is_empty() {
-                    let _ = tx.send(Err(identity_ended(RPC, &att))).await;
-                    return;
-                }
-                let now = serials(&svids);
-                if now != sent {
-                    if tx.send(Ok(x509_response(&svids, &bundle))).await.is_err() {
-                        return;
-                    }
-                    sent = now;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let response = x509_response(&first, &bundle);
+        let follower = X509Follower {
+            manager: self.manager.clone(),
+            attestor: self.attestor.clone(),
+            k8s: self.k8s.clone(),
+            peer,
+            att,
+            who,
+            watcher,
+            bundle,
+            sent: serials(&first),
+            shutdown: self.shutdown.clone(),
+            _open: StreamGuard::new(&self.manager.metrics().open_streams),
+        };
+        Ok(Response::new(follow(response, follower)))
     }
 
     type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;

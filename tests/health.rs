@@ -87,3 +87,50 @@ async fn healthcheck_command() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+/// The `mayfly_open_streams` gauge, read from `/metrics`.
+async fn open_streams(addr: std::net::SocketAddr) -> u64 {
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mayfly_open_streams "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mayfly_open_streams in\n{metrics}"))
+}
+
+/// Waits (bounded) until the gauge shows `want`.
+async fn open_streams_become(addr: std::net::SocketAddr, want: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = open_streams(addr).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "open streams stayed at {now}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_the_caller_drops_is_released() {
+    use futures::StreamExt;
+    let t = start().await;
+    let addr = t.agent.as_ref().unwrap().health_addr;
+    t.grant_me("dropped", Duration::from_secs(600), None).await;
+    let x509 = t.workload().await;
+    let mut svids = x509.stream_x509_svids().await.unwrap();
+    svids.next().await.unwrap().unwrap();
+    let bundles = t.workload().await;
+    let mut jwks = bundles.stream_jwt_bundles().await.unwrap();
+    jwks.next().await.unwrap().unwrap();
+    open_streams_become(addr, 2).await;
+    // One stream cancelled on a live connection, one connection closed outright.
+    drop(svids);
+    open_streams_become(addr, 1).await;
+    drop(jwks);
+    drop(bundles);
+    open_streams_become(addr, 0).await;
+}
