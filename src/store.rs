@@ -4,14 +4,21 @@
 //! here, and the write is committed to disk, before the change is acknowledged. At start-up the
 //! registry reloads every lease from here.
 //!
-//! One table, `leases`, maps the lease ID to a JSON `LeaseRecord`. The record is a private,
+//! One table, `leases`, maps the lease ID to a `LeaseRecord`. The record is a private,
 //! versioned copy of [`Lease`] so that the in-memory model can change without silently changing
 //! what is on disk: a record this version does not understand is refused, never guessed at.
+//!
+//! Format 2 (written now) is the record in postcard, a compact binary serde format, whose
+//! first field is the version (varint 2, so the first byte is `0x02`). Format 1 is the same
+//! record as a JSON object (first byte `{`); it is still read, and a lease is rewritten in
+//! format 2 at its next change. Format 2 is about 2.5 times smaller, which makes start-up with
+//! many leases faster three ways: less to integrity-check, less to read, and cheaper decoding.
 
 use std::fs::{OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -20,12 +27,15 @@ use spiffe::SpiffeId;
 
 use crate::lease::{Lease, LeaseId, LeaseState, Principal};
 
-/// Lease ID → JSON-encoded `LeaseRecord`.
+/// Lease ID → encoded `LeaseRecord`.
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// The record format written by this version. Bump it (and keep reading the old one) whenever the
-/// meaning of a field changes.
-const FORMAT_VERSION: u32 = 1;
+/// meaning of a field or the encoding changes.
+const FORMAT_VERSION: u32 = 2;
+
+/// Format 1: the record as JSON.
+const FORMAT_JSON: u32 = 1;
 
 /// redb caches pages up to this size; its default (1 GiB) is far beyond what lease records need,
 /// and the agent should stay small on the node. Leases are read from the store only at start-up
@@ -90,12 +100,11 @@ pub enum StoreError {
         #[source]
         source: Box<redb::Error>,
     },
-    #[error("lease store {path}: cannot encode lease {key}: {source}")]
+    #[error("lease store {path}: cannot encode lease {key}: {reason}")]
     Encode {
         path: PathBuf,
         key: String,
-        #[source]
-        source: serde_json::Error,
+        reason: String,
     },
     #[error("lease store {path}: record {key:?} cannot be decoded: {reason}")]
     Decode {
@@ -198,9 +207,11 @@ impl LeaseStore {
 
     /// Every stored lease, active and ended, in no particular order.
     ///
-    /// Decoding (JSON, then the lease ID and SPIFFE ID checks) is most of a start-up with many
+    /// Decoding (the record, then the lease ID and SPIFFE ID checks) is most of a start-up with many
     /// leases, so the key space is split into ranges decoded on up to [`LOAD_THREADS`] threads.
-    pub fn load(&self) -> Result<Vec<Lease>, StoreError> {
+    /// Each lease is decoded straight into its `Arc`: the registry keeps it there, and a lease
+    /// is ~500 bytes that would otherwise be copied from vector to vector at start-up.
+    pub fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError> {
         let txn = self
             .db
             .begin_read()
@@ -215,7 +226,7 @@ impl LeaseStore {
             .min(count.div_ceil(LOAD_CHUNK_MIN))
             .max(1);
         let ranges = key_ranges(threads);
-        let parts: Vec<Result<Vec<Lease>, StoreError>> = std::thread::scope(|scope| {
+        let parts: Vec<Result<Vec<Arc<Lease>>, StoreError>> = std::thread::scope(|scope| {
             let table = &table;
             let handles: Vec<_> = ranges
                 .iter()
@@ -231,7 +242,7 @@ impl LeaseStore {
                         .map_err(self.db_err("read leases"))?;
                         for entry in entries {
                             let (key, value) = entry.map_err(self.db_err("read a lease"))?;
-                            out.push(self.decode(key.value(), value.value())?);
+                            out.push(Arc::new(self.decode(key.value(), value.value())?));
                         }
                         Ok(out)
                     })
@@ -292,10 +303,10 @@ impl LeaseStore {
     }
 
     fn encode(&self, lease: &Lease) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(&LeaseRecord::from(lease)).map_err(|source| StoreError::Encode {
+        postcard::to_stdvec(&LeaseRecord::from(lease)).map_err(|e| StoreError::Encode {
             path: self.path.clone(),
             key: lease.id.to_string(),
-            source,
+            reason: e.to_string(),
         })
     }
 
@@ -305,22 +316,47 @@ impl LeaseStore {
             key: key.to_owned(),
             reason,
         };
-        // Parsed once; only a record that fails is parsed again for its version alone, so that a
-        // future format is reported as such rather than as whatever field it happens to lack.
+        // A version this agent knows in the other encoding is damage, not a newer format.
         let unknown = |v: u32| {
-            fail(format!(
-                "unknown format version {v} (this agent reads {FORMAT_VERSION})"
-            ))
+            fail(match v {
+                FORMAT_JSON => format!("format version {v} in binary (format {v} is JSON)"),
+                FORMAT_VERSION => format!("format version {v} in JSON (format {v} is binary)"),
+                _ => format!(
+                    "unknown format version {v} (this agent reads {FORMAT_JSON} and {FORMAT_VERSION})"
+                ),
+            })
         };
-        let record: LeaseRecord = match serde_json::from_slice::<LeaseRecord>(bytes) {
-            Ok(record) if record.v == FORMAT_VERSION => record,
-            Ok(record) => return Err(unknown(record.v)),
-            Err(e) => {
-                return Err(match serde_json::from_slice::<Version>(bytes) {
-                    Ok(version) if version.v != FORMAT_VERSION => unknown(version.v),
-                    Ok(_) => fail(format!("invalid record: {e}")),
-                    Err(e) => fail(format!("invalid JSON: {e}")),
-                })
+        let record = if bytes.first() == Some(&b'{') {
+            // Parsed once; only a record that fails is parsed again for its version alone, so
+            // that a future format is reported as such rather than as whatever field it lacks.
+            match serde_json::from_slice::<LeaseRecord>(bytes) {
+                Ok(record) if record.v == FORMAT_JSON => record,
+                Ok(record) => return Err(unknown(record.v)),
+                Err(e) => {
+                    return Err(match serde_json::from_slice::<Version>(bytes) {
+                        Ok(version) if version.v != FORMAT_JSON => unknown(version.v),
+                        Ok(_) => fail(format!("invalid record: {e}")),
+                        Err(e) => fail(format!("invalid JSON: {e}")),
+                    })
+                }
+            }
+        } else {
+            // The version comes first, and is checked before the rest is trusted to be laid
+            // out as this agent expects.
+            let (v, _) = postcard::take_from_bytes::<u32>(bytes)
+                .map_err(|e| fail(format!("invalid record: no format version ({e})")))?;
+            if v != FORMAT_VERSION {
+                return Err(unknown(v));
+            }
+            match postcard::take_from_bytes::<LeaseRecord>(bytes) {
+                Ok((record, [])) => record,
+                Ok((_, rest)) => {
+                    return Err(fail(format!(
+                        "invalid record: {} bytes after its end",
+                        rest.len()
+                    )))
+                }
+                Err(e) => return Err(fail(format!("invalid record: {e}"))),
             }
         };
         let lease = record.into_lease().map_err(fail)?;
@@ -336,8 +372,10 @@ struct Version {
     v: u32,
 }
 
-/// The on-disk form of a [`Lease`], format version 1. Times are signed nanoseconds since the
-/// Unix epoch and durations nanoseconds, so every value round-trips exactly.
+/// The on-disk form of a [`Lease`], in format 1 (JSON) or 2 (postcard). Times are signed
+/// nanoseconds since the Unix epoch and durations nanoseconds, so every value round-trips
+/// exactly. Postcard writes the fields in this order, without names: in format 2 every field
+/// is present, and a change to this struct is a new format version.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LeaseRecord {
@@ -572,10 +610,11 @@ mod tests {
         format!("{a:?}") == format!("{b:?}")
     }
 
-    fn by_id(leases: Vec<Lease>, id: &LeaseId) -> Lease {
+    fn by_id(leases: Vec<Arc<Lease>>, id: &LeaseId) -> Lease {
         leases
             .into_iter()
             .find(|l| &l.id == id)
+            .map(Arc::unwrap_or_clone)
             .expect("lease present")
     }
 
@@ -730,7 +769,7 @@ mod tests {
             .unwrap();
 
         assert_eq!(store.compact(cutoff).unwrap(), 2);
-        let mut left: Vec<_> = store.load().unwrap().into_iter().map(|l| l.id).collect();
+        let mut left: Vec<_> = store.load().unwrap().iter().map(|l| l.id.clone()).collect();
         left.sort();
         let mut want = vec![at_cutoff.id, recent.id, old_active.id, odd_active.id];
         want.sort();
@@ -759,7 +798,7 @@ mod tests {
             .load()
             .unwrap()
             .into_iter()
-            .map(|l| l.task_id)
+            .map(|l| l.task_id.clone())
             .collect();
         let mut want: Vec<String> = leases.into_iter().map(|l| l.task_id).collect();
         loaded.sort();
@@ -849,29 +888,98 @@ mod tests {
         );
     }
 
+    /// Writes `value` under `key`, bypassing the encoder (records as another version, or
+    /// damaged, would leave them).
+    fn put_raw(store: &LeaseStore, key: &str, value: &[u8]) {
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(LEASES).unwrap().insert(key, value).unwrap();
+        txn.commit().unwrap();
+    }
+
+    fn get_raw(store: &LeaseStore, key: &str) -> Vec<u8> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(LEASES).unwrap();
+        let value = table.get(key).unwrap().expect("record present");
+        value.value().to_vec()
+    }
+
+    /// A record as format 1 (JSON) wrote it.
+    fn as_format_1(lease: &Lease) -> Vec<u8> {
+        let mut record = LeaseRecord::from(lease);
+        record.v = FORMAT_JSON;
+        serde_json::to_vec(&record).unwrap()
+    }
+
+    #[test]
+    fn format_1_records_still_load_and_are_rewritten_as_format_2() {
+        let dir = tempdir();
+        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let old = ended("old", LeaseState::Revoked, SystemTime::now());
+        let mut renewed = lease("renewed");
+        put_raw(&store, old.id.as_str(), &as_format_1(&old));
+        put_raw(&store, renewed.id.as_str(), &as_format_1(&renewed));
+        // Format 1 records written before JWT TTLs and approval gates lack those fields.
+        let mut bare = serde_json::to_value(LeaseRecord {
+            v: FORMAT_JSON,
+            ..LeaseRecord::from(&lease("bare"))
+        })
+        .unwrap();
+        let fields = bare.as_object_mut().unwrap();
+        for added_later in [
+            "jwt_ttl_nanos",
+            "approval_deadline",
+            "approved_at",
+            "approved_by",
+        ] {
+            fields.remove(added_later);
+        }
+        let bare_id = fields["id"].as_str().unwrap().to_owned();
+        put_raw(&store, &bare_id, &serde_json::to_vec(&bare).unwrap());
+        let fresh = lease("fresh");
+        store.put(&fresh).unwrap();
+
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 4);
+        for want in [&old, &renewed, &fresh] {
+            let got = by_id(loaded.clone(), &want.id);
+            assert!(same(&got, want), "got {got:?}\nwant {want:?}");
+        }
+        let bare = by_id(loaded, &LeaseId::parse(&bare_id).unwrap());
+        assert_eq!(bare.jwt_ttl, DEFAULT_JWT_TTL);
+        assert_eq!(bare.approval_deadline, None);
+
+        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 2);
+        assert_eq!(get_raw(&store, renewed.id.as_str())[0], b'{');
+        renewed.expires_at += Duration::from_secs(60);
+        store.put(&renewed).unwrap();
+        let rewritten = get_raw(&store, renewed.id.as_str());
+        assert_eq!(rewritten[0], 2, "a changed lease is written in format 2");
+        assert!(rewritten.len() * 2 < as_format_1(&renewed).len());
+        assert!(same(&by_id(store.load().unwrap(), &renewed.id), &renewed));
+    }
+
     #[test]
     fn bad_records_are_decode_errors_naming_the_key() {
         let dir = tempdir();
         let path = dir.path().join("leases.redb");
         let store = LeaseStore::open(&path).unwrap();
-        let good = LeaseRecord::from(&lease("t"));
-        let key = good.id.clone();
-        let put_raw = |value: &[u8]| {
-            let txn = store.db.begin_write().unwrap();
-            txn.open_table(LEASES)
-                .unwrap()
-                .insert(key.as_str(), value)
-                .unwrap();
-            txn.commit().unwrap();
-        };
+        let good = lease("t");
+        let key = good.id.to_string();
         let as_json = |edit: &dyn Fn(&mut serde_json::Value)| {
-            let mut v = serde_json::to_value(&good).unwrap();
+            let mut v = serde_json::from_slice(&as_format_1(&good)).unwrap();
             edit(&mut v);
             serde_json::to_vec(&v).unwrap()
         };
+        let as_postcard = |edit: &dyn Fn(&mut LeaseRecord)| {
+            let mut record = LeaseRecord::from(&good);
+            edit(&mut record);
+            postcard::to_stdvec(&record).unwrap()
+        };
+        let encoded = store.encode(&good).unwrap();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"{not json".to_vec(), "invalid JSON"),
-            (as_json(&|v| v["v"] = 2.into()), "unknown format version 2"),
+            (as_json(&|v| v["v"] = 3.into()), "unknown format version 3"),
+            (as_json(&|v| v["v"] = 2.into()), "format version 2 in JSON"),
             (
                 as_json(&|v| v["spiffe_id"] = "http://nope".into()),
                 "spiffe_id",
@@ -882,9 +990,24 @@ mod tests {
                 as_json(&|v| v["id"] = LeaseId::random().to_string().into()),
                 "holds lease",
             ),
+            (Vec::new(), "no format version"),
+            (vec![0xff], "no format version"),
+            (as_postcard(&|r| r.v = 3), "unknown format version 3"),
+            (as_postcard(&|r| r.v = 1), "format version 1 in binary"),
+            (encoded[..encoded.len() - 3].to_vec(), "invalid record"),
+            ([&encoded[..], &[0]].concat(), "1 bytes after its end"),
+            (
+                as_postcard(&|r| r.spiffe_id = "http://nope".into()),
+                "spiffe_id",
+            ),
+            (as_postcard(&|r| r.created_at = i128::MAX), "created_at"),
+            (
+                as_postcard(&|r| r.id = LeaseId::random().to_string()),
+                "holds lease",
+            ),
         ];
         for (bytes, why) in cases {
-            put_raw(&bytes);
+            put_raw(&store, &key, &bytes);
             for err in [
                 store.load().unwrap_err(),
                 store.compact(SystemTime::now()).unwrap_err(),

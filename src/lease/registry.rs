@@ -67,7 +67,6 @@ struct Slot {
     ended: CancellationToken,
     /// Created when the SVID cache first asks (most leases never need one).
     expires_at: OnceLock<watch::Sender<SystemTime>>,
-    index_key: String,
 }
 
 #[derive(Default)]
@@ -167,6 +166,24 @@ fn matched<'a>(inner: &'a Inner, caller: &'a [String]) -> impl Iterator<Item = &
 }
 
 /// The selector a lease is indexed under: the kind that narrows callers most.
+/// Why a lease stored as active cannot resume after a restart, if it cannot: it expired, or a
+/// process it is bound to is gone (checked against the start time, so a reused PID is gone).
+fn stale(lease: &Lease, now: SystemTime) -> Option<(LeaseState, String)> {
+    if lease.expires_at <= now {
+        return Some((
+            LeaseState::Expired,
+            "expired while the agent was down".to_string(),
+        ));
+    }
+    let (pid, _) = bound_processes(&lease.selectors)
+        .into_iter()
+        .find(|&(pid, start)| crate::attest::process_start_time(pid).ok() != Some(start))?;
+    Some((
+        LeaseState::ProcessExited,
+        format!("bound process {pid} exited while the agent was down"),
+    ))
+}
+
 fn index_key(selectors: &[String]) -> String {
     const ORDER: [&str; 8] = [
         "unix:pid:",
@@ -426,40 +443,46 @@ impl Registry {
 
     /// Puts a lease into the active set, under the expiry task's eye.
     fn activate(&self, lease: Lease) {
-        self.activate_all(vec![lease]);
+        self.activate_all(vec![Arc::new(lease)]);
     }
 
     /// Puts leases into the active set under one write lock (start-up restores thousands).
-    fn activate_all(&self, leases: Vec<Lease>) {
-        let mut started = Vec::with_capacity(leases.len());
+    fn activate_all(&self, leases: Vec<Arc<Lease>>) {
+        let mut keys = Vec::with_capacity(leases.len());
+        let mut watched = Vec::new();
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             for lease in leases {
                 let ended = CancellationToken::new();
                 let key = index_key(&lease.selectors);
-                let lease = Arc::new(lease);
                 inner
                     .index
                     .entry(key.clone())
                     .or_default()
                     .insert(lease.id.clone());
                 inner.deadlines.insert((lease.expires_at, lease.id.clone()));
+                if !bound_processes(&lease.selectors).is_empty() {
+                    watched.push((lease.clone(), ended.clone()));
+                }
                 inner.active.insert(
                     lease.id.clone(),
                     Slot {
-                        lease: lease.clone(),
-                        ended: ended.clone(),
+                        lease,
+                        ended,
                         expires_at: OnceLock::new(),
-                        index_key: key.clone(),
                     },
                 );
-                started.push((lease, ended, key));
+                keys.push(key);
             }
         }
         self.start_expiry();
         self.deadline_moved.notify_one();
-        for (lease, ended, key) in started {
+        for (lease, ended) in watched {
             self.spawn_process_watch(&lease, ended);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
             self.changed(&key);
         }
     }
@@ -602,6 +625,7 @@ impl Registry {
             .await?
             .into_iter()
             .find(|l| &l.id == id)
+            .map(Arc::unwrap_or_clone)
             .ok_or_else(|| LeaseError::NotFound(id.to_string()))
     }
 
@@ -617,7 +641,7 @@ impl Registry {
     }
 
     /// Every lease in the store (nothing when not durable).
-    async fn stored(&self) -> Result<Vec<Lease>, LeaseError> {
+    async fn stored(&self) -> Result<Vec<Arc<Lease>>, LeaseError> {
         let Some(d) = &self.durable else {
             return Ok(Vec::new());
         };
@@ -648,7 +672,8 @@ impl Registry {
                     self.stored()
                         .await?
                         .into_iter()
-                        .filter(|l| !matches!(l.state, LeaseState::Active | LeaseState::Pending)),
+                        .filter(|l| !matches!(l.state, LeaseState::Active | LeaseState::Pending))
+                        .map(Arc::unwrap_or_clone),
                 );
             } else {
                 out.extend(ended);
@@ -764,10 +789,12 @@ impl Registry {
                     lease
                 }
                 Some(slot) => {
-                    if let Some(bucket) = inner.index.get_mut(&slot.index_key) {
+                    // A lease's selectors never change, nor does its index key.
+                    let key = index_key(&slot.lease.selectors);
+                    if let Some(bucket) = inner.index.get_mut(&key) {
                         bucket.remove(id);
                         if bucket.is_empty() {
-                            inner.index.remove(&slot.index_key);
+                            inner.index.remove(&key);
                         }
                     }
                     inner.deadlines.remove(&(slot.lease.expires_at, id.clone()));
@@ -823,7 +850,7 @@ impl Registry {
     /// Start-up: takes over the stored leases. Leases that expired while the agent was down
     /// end as `expired`, leases bound to a process that is gone end as `process_exited`, and
     /// the rest become active again with their timers.
-    pub async fn restore(&self, stored: Vec<Lease>, retention: Duration) {
+    pub async fn restore(&self, stored: Vec<Arc<Lease>>, retention: Duration) {
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             let active = stored
@@ -838,42 +865,31 @@ impl Registry {
         let mut ended_now = Vec::new();
         let mut ended = Vec::new();
         let mut active = Vec::with_capacity(stored.len());
-        for mut lease in stored {
-            if lease.state == LeaseState::Pending {
+        for stored in stored {
+            // What ends here while the agent was down is copied out of its `Arc` to change
+            // its state; what resumes is not copied at all.
+            let (state, why) = match stored.state {
+                LeaseState::Active => match stale(&stored, now) {
+                    None => {
+                        active.push(stored);
+                        continue;
+                    }
+                    Some(end) => end,
+                },
                 // The approval deadline keeps running while the agent is down.
-                if lease.approval_deadline.is_some_and(|d| d > now) {
-                    self.park(lease);
-                } else {
-                    lease.state = LeaseState::Expired;
-                    lease.ended_at = Some(now);
-                    lease.ended_by = Some(Principal::agent());
-                    ended_now.push((lease, "not approved in time".to_string()));
+                LeaseState::Pending if stored.approval_deadline.is_some_and(|d| d > now) => {
+                    self.park(Arc::unwrap_or_clone(stored));
+                    continue;
                 }
-                continue;
-            }
-            if lease.state != LeaseState::Active {
-                if lease.ended_at.is_some_and(|t| t >= cutoff) {
-                    ended.push(lease);
+                LeaseState::Pending => (LeaseState::Expired, "not approved in time".to_string()),
+                _ => {
+                    if stored.ended_at.is_some_and(|t| t >= cutoff) {
+                        ended.push(Arc::unwrap_or_clone(stored));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let gone = bound_processes(&lease.selectors)
-                .into_iter()
-                .find(|&(pid, start)| crate::attest::process_start_time(pid).ok() != Some(start));
-            let (state, why) = if lease.expires_at <= now {
-                (
-                    LeaseState::Expired,
-                    "expired while the agent was down".to_string(),
-                )
-            } else if let Some((pid, _)) = gone {
-                (
-                    LeaseState::ProcessExited,
-                    format!("bound process {pid} exited while the agent was down"),
-                )
-            } else {
-                active.push(lease);
-                continue;
             };
+            let mut lease = Arc::unwrap_or_clone(stored);
             lease.state = state;
             lease.ended_at = Some(now);
             lease.ended_by = Some(Principal::agent());
