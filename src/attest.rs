@@ -779,26 +779,23 @@ fn parse_status(status: &str) -> Option<StatusCreds> {
 /// access, ENOENT for kernel threads) or not UTF-8. A lossy conversion could
 /// make two different paths produce the same selector, so non-UTF-8 paths
 /// are omitted. A trailing " (deleted)" is kept: it is what the kernel says.
-/// Reads a `/proc` file in one read when it fits 4 KiB (the files read here do). A `/proc`
-/// file reports size 0, so `fs::read_to_string` starts with a 32-byte read and doubles from
-/// there: ten system calls for `/proc/PID/status` instead of four, on every RPC.
+/// Reads a `/proc` file in one read when it fits 4 KiB (the files read here do), into a string
+/// of its exact size (an attestation keeps some of them as long as its stream is open). A
+/// `/proc` file reports size 0, so `fs::read_to_string` starts with a 32-byte read and doubles
+/// from there: ten system calls for `/proc/PID/status` instead of four, on every RPC.
 fn read_proc(path: &str) -> io::Result<String> {
     let mut file = File::open(path)?;
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
+    let mut chunk = [0u8; 4096];
+    let mut text = Vec::new();
     loop {
-        if len == buf.len() {
-            buf.resize(len * 2, 0);
-        }
-        match file.read(&mut buf[len..]) {
+        match file.read(&mut chunk) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => text.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    buf.truncate(len);
-    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    String::from_utf8(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn read_exe_path(pid: i32) -> Option<String> {
@@ -905,6 +902,7 @@ mod tests {
         }
         let me = read_proc(&format!("/proc/{}/status", std::process::id())).unwrap();
         assert!(me.contains("\nUid:\t") && me.ends_with('\n'), "{me}");
+        assert_eq!(me.capacity(), me.len(), "no slack kept");
         let missing = dir.path().join("missing");
         let err = read_proc(missing.to_str().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
