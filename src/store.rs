@@ -910,6 +910,82 @@ mod tests {
         serde_json::to_vec(&record).unwrap()
     }
 
+    /// A lease with every field set, for the frozen records below.
+    fn frozen_lease() -> Lease {
+        let created = UNIX_EPOCH + Duration::new(1_763_900_000, 123_456_789);
+        let person = |uid: u32, pid: i32, name: &str| Principal {
+            uid,
+            gid: uid,
+            pid: Some(pid),
+            user: Some(name.to_owned()),
+        };
+        Lease {
+            id: LeaseId::parse("9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c").unwrap(),
+            task_id: "report-42".into(),
+            delegator: "user/alice".into(),
+            agent: "reporter".into(),
+            spiffe_id: SpiffeId::new(
+                "spiffe://example.org/agent/reporter/task/report-42/delegator/user/alice",
+            )
+            .unwrap(),
+            selectors: vec!["unix:pid:77:12345".into(), "unix:uid:1000".into()],
+            created_at: created,
+            expires_at: created + Duration::from_secs(600),
+            max_expires_at: created + Duration::from_secs(3600),
+            svid_ttl: Duration::from_secs(300),
+            jwt_ttl: Duration::from_secs(120),
+            audiences: vec!["db".into()],
+            reason: "weekly report".into(),
+            granted_by: person(1000, 4242, "alice"),
+            state: LeaseState::Revoked,
+            ended_at: Some(created + Duration::from_secs(60)),
+            ended_by: Some(Principal {
+                uid: 0,
+                gid: 0,
+                pid: None,
+                user: None,
+            }),
+            approval_deadline: Some(created + Duration::from_secs(30)),
+            approved_at: Some(created + Duration::from_secs(10)),
+            approved_by: Some(person(1001, 99, "bob")),
+        }
+    }
+
+    /// `frozen_lease` as format 1 wrote it. Stored records outlive the code that wrote them:
+    /// these bytes must decode the same forever.
+    const FROZEN_FORMAT_1: &str = r#"{"v":1,"id":"9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c","task_id":"report-42","delegator":"user/alice","agent":"reporter","spiffe_id":"spiffe://example.org/agent/reporter/task/report-42/delegator/user/alice","selectors":["unix:pid:77:12345","unix:uid:1000"],"created_at":1763900000123456789,"expires_at":1763900600123456789,"max_expires_at":1763903600123456789,"svid_ttl_nanos":300000000000,"jwt_ttl_nanos":120000000000,"audiences":["db"],"reason":"weekly report","granted_by":{"uid":1000,"gid":1000,"pid":4242,"user":"alice"},"state":"revoked","ended_at":1763900060123456789,"ended_by":{"uid":0,"gid":0,"pid":null,"user":null},"approval_deadline":1763900030123456789,"approved_at":1763900010123456789,"approved_by":{"uid":1001,"gid":1001,"pid":99,"user":"bob"}}"#;
+
+    /// `frozen_lease` in format 2 (hex). Postcard has no field names: any change to
+    /// `LeaseRecord` changes these bytes, and needs a format 3.
+    const FROZEN_FORMAT_2: &str = concat!(
+        "02203966326334653661386230643166336535613763396231643366356537613963097265706f72742d3432",
+        "0a757365722f616c696365087265706f72746572477370696666653a2f2f6578616d706c652e6f72672f6167",
+        "656e742f7265706f727465722f7461736b2f7265706f72742d34322f64656c656761746f722f757365722f61",
+        "6c6963650211756e69783a7069643a37373a31323334350d756e69783a7569643a31303030aab4dcea8bedd0",
+        "fa30aaf4a7978290d1fa30aab4a1f6d1bed2fa3080f092cbdd080180e0ba84bf03010264620d7765656b6c79",
+        "207265706f7274e807e80701a4420105616c696365077265766f6b656401aa9497efcaf0d0fa300100000000",
+        "01aae4f9acebeed0fa3001aac4bbabd6edd0fa3001e907e90701c6010103626f62",
+    );
+
+    #[test]
+    fn frozen_records_of_both_formats_decode_and_format_2_is_what_is_written() {
+        let dir = tempdir();
+        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let want = frozen_lease();
+        let key = want.id.as_str();
+        let format_2 = hex::decode(FROZEN_FORMAT_2).unwrap();
+        assert_eq!(
+            hex::encode(store.encode(&want).unwrap()),
+            FROZEN_FORMAT_2,
+            "the format 2 encoding changed: that is a new format version"
+        );
+        for bytes in [FROZEN_FORMAT_1.as_bytes(), &format_2] {
+            let got = store.decode(key, bytes).unwrap();
+            assert!(same(&got, &want), "got {got:?}\nwant {want:?}");
+        }
+        assert!(format_2.len() * 2 < FROZEN_FORMAT_1.len());
+    }
+
     #[test]
     fn format_1_records_still_load_and_are_rewritten_as_format_2() {
         let dir = tempdir();

@@ -165,7 +165,6 @@ fn matched<'a>(inner: &'a Inner, caller: &'a [String]) -> impl Iterator<Item = &
         })
 }
 
-/// The selector a lease is indexed under: the kind that narrows callers most.
 /// Why a lease stored as active cannot resume after a restart, if it cannot: it expired, or a
 /// process it is bound to is gone (checked against the start time, so a reused PID is gone).
 fn stale(lease: &Lease, now: SystemTime) -> Option<(LeaseState, String)> {
@@ -184,6 +183,7 @@ fn stale(lease: &Lease, now: SystemTime) -> Option<(LeaseState, String)> {
     ))
 }
 
+/// The selector a lease is indexed under: the kind that narrows callers most.
 fn index_key(selectors: &[String]) -> String {
     const ORDER: [&str; 8] = [
         "unix:pid:",
