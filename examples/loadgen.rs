@@ -17,6 +17,11 @@
 //!   --expiry-reps N       `teardown` expiries per stream count (default 3)
 //!   --leases N            leases for `memory` and `startup` (default 10000)
 //!   --interval-ms MS      `fetch`: each client starts a fetch every MS (default: back to back)
+//!   --wrap "CMD ARGS"     run the agent under a wrapper, e.g. `heaptrack -o /tmp/ht` or
+//!                         `perf record -g -o /tmp/perf.data --`; RSS and CPU figures then
+//!                         describe the wrapper's process, not the agent
+//!   --hold-secs N         `memory`: keep the agent, its leases and streams N seconds after the
+//!                         last measurement (a profiler can attach, or stop the agent, meanwhile)
 //!
 //! Every scenario starts its own agent on a temp dir (sockets, data, audit log) with
 //! `--health-addr 127.0.0.1:0`, and stops it with SIGTERM. The loadgen's leases are bound to
@@ -57,6 +62,10 @@ struct Opts {
     leases: usize,
     /// Fetch scenario: each client waits this long between fetch starts (None: back to back).
     interval: Option<Duration>,
+    /// A command (and its arguments) the agent runs under, for profiling.
+    wrap: Vec<String>,
+    /// Memory scenario: how long to keep everything open after the last measurement.
+    hold: Duration,
 }
 
 fn parse_args() -> Res<(String, Opts)> {
@@ -73,6 +82,8 @@ fn parse_args() -> Res<(String, Opts)> {
         reps: None,
         expiry_reps: 3,
         leases: 10_000,
+        wrap: Vec::new(),
+        hold: Duration::ZERO,
         interval: None,
     };
     let list = |s: String| -> Res<Vec<usize>> {
@@ -94,6 +105,8 @@ fn parse_args() -> Res<(String, Opts)> {
             "--interval-ms" => {
                 o.interval = Some(Duration::from_secs_f64(val()?.parse::<f64>()? / 1e3))
             }
+            "--wrap" => o.wrap = val()?.split_whitespace().map(String::from).collect(),
+            "--hold-secs" => o.hold = Duration::from_secs(val()?.parse()?),
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -141,8 +154,15 @@ struct AgentProc {
     admin_socket: PathBuf,
 }
 
-fn agent_command(bin: &Path, dir: &Path, health: &str) -> Command {
-    let mut cmd = Command::new(bin);
+fn agent_command(o: &Opts, dir: &Path, health: &str) -> Command {
+    let mut cmd = match o.wrap.split_first() {
+        Some((wrapper, args)) => {
+            let mut cmd = Command::new(wrapper);
+            cmd.args(args).arg(&o.agent_bin);
+            cmd
+        }
+        None => Command::new(&o.agent_bin),
+    };
     cmd.arg("agent")
         .arg("--socket")
         .arg(dir.join("workload.sock"))
@@ -191,8 +211,8 @@ fn health_from_stdout(child: &mut Child) -> Res<SocketAddr> {
 }
 
 impl AgentProc {
-    async fn start(bin: &Path, dir: &Path) -> Res<AgentProc> {
-        let mut child = agent_command(bin, dir, "127.0.0.1:0").spawn()?;
+    async fn start(o: &Opts, dir: &Path) -> Res<AgentProc> {
+        let mut child = agent_command(o, dir, "127.0.0.1:0").spawn()?;
         let health = tokio::task::block_in_place(|| health_from_stdout(&mut child))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready(health) {
@@ -432,7 +452,7 @@ fn summary(
 /// Cached X.509 fetches by `c` concurrent clients, each on its own connection.
 async fn fetch(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
-    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let agent = AgentProc::start(o, dir.path()).await?;
     let mut admin = agent.admin().await?;
     grant(&mut admin, "fetch", my_selectors(), HOUR).await?;
     for &c in &o.clients {
@@ -503,7 +523,7 @@ async fn fetch(o: &Opts) -> Res<()> {
 /// Grant returning → first fetch that carries the new lease's SPIFFE ID.
 async fn grant_to_svid(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
-    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let agent = AgentProc::start(o, dir.path()).await?;
     let mut admin = agent.admin().await?;
     for fresh in [false, true] {
         let mut reused = Some(WorkloadApiClient::connect_to(agent.endpoint()).await?);
@@ -625,7 +645,7 @@ fn kinds_str(k: &std::collections::BTreeMap<End, usize>) -> String {
 /// Revoke (and expiry) → every open stream on the lease told.
 async fn teardown(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
-    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let agent = AgentProc::start(o, dir.path()).await?;
     let mut admin = agent.admin().await?;
     let reps = o.reps.unwrap_or(10);
     let mut seq = 0;
@@ -716,7 +736,7 @@ async fn teardown(o: &Opts) -> Res<()> {
 /// Agent RSS idle, with many leases, and with many open streams.
 async fn memory(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
-    let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+    let agent = AgentProc::start(o, dir.path()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = |what: &str, [rss, hwm, anon, file]: [u64; 4]| {
         let mib = |k: u64| k as f64 / 1024.0;
@@ -747,6 +767,14 @@ async fn memory(o: &Opts) -> Res<()> {
     let set = open_streams(&clients).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     report(&format!("leases={} streams={n}", o.leases), agent.rss_kib());
+    if !o.hold.is_zero() {
+        eprintln!(
+            "holding for {:?}: agent (or its wrapper) is pid {}",
+            o.hold,
+            agent.pid()
+        );
+        tokio::time::sleep(o.hold).await;
+    }
     drop(set);
     drop(clients);
     agent.stop()
@@ -757,7 +785,7 @@ async fn startup(o: &Opts) -> Res<()> {
     let reps = o.reps.unwrap_or(10);
     for leases in [0, o.leases] {
         let dir = temp_dir()?;
-        let agent = AgentProc::start(&o.agent_bin, dir.path()).await?;
+        let agent = AgentProc::start(o, dir.path()).await?;
         if leases > 0 {
             grant_many(&agent, leases, "start", 24 * HOUR).await?;
         }
@@ -766,7 +794,7 @@ async fn startup(o: &Opts) -> Res<()> {
         for _ in 0..reps {
             let addr = free_port()?;
             let t0 = Instant::now();
-            let mut cmd = agent_command(&o.agent_bin, dir.path(), &addr.to_string());
+            let mut cmd = agent_command(o, dir.path(), &addr.to_string());
             let mut child = cmd.stdout(Stdio::null()).spawn()?;
             let took = tokio::task::block_in_place(|| {
                 while !ready(addr) {
