@@ -775,10 +775,6 @@ fn parse_status(status: &str) -> Option<StatusCreds> {
     })
 }
 
-/// The executable path, or `None` if unreadable (EACCES when we lack ptrace
-/// access, ENOENT for kernel threads) or not UTF-8. A lossy conversion could
-/// make two different paths produce the same selector, so non-UTF-8 paths
-/// are omitted. A trailing " (deleted)" is kept: it is what the kernel says.
 /// Reads a `/proc` file in one read when it fits 4 KiB (the files read here do), into a string
 /// of its exact size (an attestation keeps some of them as long as its stream is open). A
 /// `/proc` file reports size 0, so `fs::read_to_string` starts with a 32-byte read and doubles
@@ -798,6 +794,10 @@ fn read_proc(path: &str) -> io::Result<String> {
     String::from_utf8(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// The executable path, or `None` if unreadable (EACCES when we lack ptrace
+/// access, ENOENT for kernel threads) or not UTF-8. A lossy conversion could
+/// make two different paths produce the same selector, so non-UTF-8 paths
+/// are omitted. A trailing " (deleted)" is kept: it is what the kernel says.
 fn read_exe_path(pid: i32) -> Option<String> {
     match std::fs::read_link(format!("/proc/{pid}/exe")) {
         Ok(p) => match p.into_os_string().into_string() {

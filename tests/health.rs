@@ -119,18 +119,33 @@ async fn a_stream_the_caller_drops_is_released() {
     use futures::StreamExt;
     let t = start().await;
     let addr = t.agent.as_ref().unwrap().health_addr;
-    t.grant_me("dropped", Duration::from_secs(600), None).await;
+    let mine = [format!("unix:uid:{}", my_uid())];
+    t.grant("dropped", &mine, Duration::from_secs(600), None)
+        .await;
     let x509 = t.workload().await;
     let mut svids = x509.stream_x509_svids().await.unwrap();
     svids.next().await.unwrap().unwrap();
-    let bundles = t.workload().await;
-    let mut jwks = bundles.stream_jwt_bundles().await.unwrap();
-    jwks.next().await.unwrap().unwrap();
+    // A workload in another process, which will die without a word.
+    let mut watch = tokio::process::Command::new(t.bin())
+        .args(["svid", "watch", "--socket"])
+        .arg(&t.socket)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut out = tokio::io::BufReader::new(watch.stdout.take().unwrap());
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut first)
+        .await
+        .unwrap();
+    assert!(first.contains("/task/dropped/"), "{first}");
     open_streams_become(addr, 2).await;
-    // One stream cancelled on a live connection, one connection closed outright.
+    // Cancelled by its caller, on a connection that stays open.
     drop(svids);
     open_streams_become(addr, 1).await;
-    drop(jwks);
-    drop(bundles);
+    // Its process killed: the kernel closes the connection, nobody cancels the stream.
+    watch.start_kill().unwrap();
+    watch.wait().await.unwrap();
     open_streams_become(addr, 0).await;
+    drop(x509);
 }
