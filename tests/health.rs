@@ -100,18 +100,13 @@ async fn open_streams(addr: std::net::SocketAddr) -> u64 {
 
 /// Waits (bounded) until the gauge shows `want`.
 async fn open_streams_become(addr: std::net::SocketAddr, want: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = open_streams(addr).await;
-        if now == want {
-            return;
+    eventually(Duration::from_secs(10), async || {
+        match open_streams(addr).await {
+            now if now == want => Ok(()),
+            now => Err(format!("open streams stayed at {now}, expected {want}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "open streams stayed at {now}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]

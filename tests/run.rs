@@ -68,18 +68,11 @@ async fn state(t: &TestAgent, lease_id: &str) -> String {
 }
 
 async fn wait_state(t: &TestAgent, lease_id: &str, want: &str, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let s = state(t, lease_id).await;
-        if s == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "lease is {s}, wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(within, async || match state(t, lease_id).await {
+        s if s == want => Ok(()),
+        s => Err(format!("lease is {s}, wanted {want}")),
+    })
+    .await
 }
 
 #[tokio::test]
@@ -171,16 +164,15 @@ async fn the_agent_ends_the_lease_when_an_orphaned_child_exits() {
     let t = start().await;
     let (mut run, lease_id, child_pid) = spawn_run(&t, "orphan", &["sleep", "30"]).await;
     // Once the command runs (it has exec'd), kill the wrapper.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{child_pid}/comm")).unwrap_or_default()
-        != "sleep\n"
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let comm = format!("/proc/{child_pid}/comm");
+    eventually(Duration::from_secs(10), async || {
+        if std::fs::read_to_string(&comm).unwrap_or_default() == "sleep\n" {
+            Ok(())
+        } else {
+            Err("the command never started".to_owned())
+        }
+    })
+    .await;
     run.start_kill().unwrap(); // SIGKILL: the wrapper cannot complete anything
     run.wait().await.unwrap();
     assert_eq!(state(&t, &lease_id).await, "active", "the child still runs");

@@ -60,6 +60,19 @@ pub async fn start_in(dir: tempfile::TempDir, edit: impl FnOnce(&mut FileConfig)
     }
 }
 
+/// Polls `check` every 20 ms until it returns `Ok`; once `within` has passed, fails the test
+/// with the last `Err`.
+pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) => assert!(tokio::time::Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn my_uid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
