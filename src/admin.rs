@@ -26,6 +26,16 @@ pub struct AdminApi {
     approval_timeout: std::time::Duration,
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
+    /// Told to every client in each lease, so `mayfly run` points its command here.
+    workload_socket: String,
+}
+
+/// The admin server's settings from the configuration.
+pub struct AdminOptions<'a> {
+    pub approval_timeout: std::time::Duration,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub workload_socket: &'a std::path::Path,
 }
 
 impl AdminApi {
@@ -34,19 +44,29 @@ impl AdminApi {
         attestor: Arc<Attestor>,
         audit: AuditLog,
         policy: Arc<PolicyEngine>,
-        approval_timeout: std::time::Duration,
-        allowed_uids: Vec<u32>,
-        allowed_gids: Vec<u32>,
+        options: AdminOptions<'_>,
     ) -> TasksServer<Self> {
+        let socket = options.workload_socket;
         TasksServer::new(AdminApi {
             registry,
             attestor,
             audit,
             policy,
-            approval_timeout,
-            allowed_uids,
-            allowed_gids,
+            approval_timeout: options.approval_timeout,
+            allowed_uids: options.allowed_uids,
+            allowed_gids: options.allowed_gids,
+            workload_socket: std::path::absolute(socket)
+                .unwrap_or_else(|_| socket.to_owned())
+                .to_string_lossy()
+                .into_owned(),
         })
+    }
+
+    fn lease(&self, l: &Lease) -> pb::Lease {
+        pb::Lease {
+            workload_socket: self.workload_socket.clone(),
+            ..lease_to_pb(l)
+        }
     }
 
     /// Authenticates the caller from its peer credentials (primary and supplementary groups
@@ -256,6 +276,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         approval_deadline: l.approval_deadline.map(to_timestamp),
         approved_at: l.approved_at.map(to_timestamp),
         approved_by: l.approved_by.as_ref().map(principal),
+        workload_socket: String::new(),
     }
 }
 
@@ -292,14 +313,14 @@ impl Tasks for AdminApi {
                 .map_err(status)?,
             _ => self.registry.grant(lease).await.map_err(status)?,
         };
-        Ok(Response::new(lease_to_pb(&lease)))
+        Ok(Response::new(self.lease(&lease)))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Lease>, Status> {
         self.authorize(&request, "Get").await?;
         let id = lease_id(&request.get_ref().lease_id)?;
         let lease = self.registry.get(&id).await.map_err(status)?;
-        Ok(Response::new(lease_to_pb(&lease)))
+        Ok(Response::new(self.lease(&lease)))
     }
 
     async fn list(
@@ -313,7 +334,7 @@ impl Tasks for AdminApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListResponse {
-            leases: leases.iter().map(lease_to_pb).collect(),
+            leases: leases.iter().map(|l| self.lease(l)).collect(),
         }))
     }
 
@@ -337,7 +358,7 @@ impl Tasks for AdminApi {
             )));
         }
         let lease = self.registry.renew(&id, ttl).await.map_err(status)?;
-        Ok(Response::new(lease_to_pb(&lease)))
+        Ok(Response::new(self.lease(&lease)))
     }
 
     async fn revoke(
@@ -362,7 +383,7 @@ impl Tasks for AdminApi {
             .end(&id, LeaseState::Revoked, by, &r.reason)
             .await
             .map_err(status)?;
-        Ok(Response::new(lease_to_pb(&lease)))
+        Ok(Response::new(self.lease(&lease)))
     }
 
     async fn approve(
@@ -394,7 +415,7 @@ impl Tasks for AdminApi {
             }
         }
         let lease = self.registry.approve(&id, by).await.map_err(status)?;
-        Ok(Response::new(lease_to_pb(&lease)))
+        Ok(Response::new(self.lease(&lease)))
     }
 
     async fn complete(
@@ -408,7 +429,7 @@ impl Tasks for AdminApi {
             .end(&id, LeaseState::Completed, by, "task completed")
             .await
             .map_err(status)?;
-        Ok(Response::new(lease_to_pb(&lease)))
+        Ok(Response::new(self.lease(&lease)))
     }
 }
 

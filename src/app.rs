@@ -43,10 +43,13 @@ pub enum StartError {
     Kubernetes(#[from] crate::k8s::K8sError),
     #[error("JWT signing keys: {0}")]
     Jwt(#[from] crate::jwt::JwtError),
-    #[error("health endpoint {addr}: {source}")]
+    #[error(
+        "health endpoint {addr}: {source} (is another agent using it? choose another with \
+         --health-addr, or health_addr in the config)"
+    )]
     Health {
-        addr: String,
-        source: std::io::Error,
+        addr: crate::telemetry::HealthAddr,
+        source: crate::telemetry::HealthBindError,
     },
     #[error("workload socket: {0}")]
     Workload(crate::listen::BindError),
@@ -58,7 +61,7 @@ pub struct Agent {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
-    pub health_addr: std::net::SocketAddr,
+    pub health_addr: crate::telemetry::HealthAddr,
     pub policy: Arc<PolicyEngine>,
     pub registry: Arc<Registry>,
     pub manager: Arc<Manager>,
@@ -79,7 +82,7 @@ impl Agent {
                 addr: config.health_addr.clone(),
                 source,
             })?;
-        let health_addr = health.addr;
+        let health_addr = health.addr.clone();
         let readiness = Arc::new(Readiness::default());
         let mut prom = PromRegistry::default();
         let metrics = Metrics::new(&mut prom);
@@ -187,9 +190,12 @@ impl Agent {
             attestor,
             audit.clone(),
             policy.clone(),
-            config.approval_timeout,
-            config.allowed_uids.clone(),
-            config.allowed_gids.clone(),
+            crate::admin::AdminOptions {
+                approval_timeout: config.approval_timeout,
+                allowed_uids: config.allowed_uids.clone(),
+                allowed_gids: config.allowed_gids.clone(),
+                workload_socket: &config.socket,
+            },
         );
 
         let token = shutdown.clone();

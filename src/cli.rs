@@ -39,8 +39,10 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Exit 0 when the agent at --health-addr is ready (for probes).
     Healthcheck {
-        #[arg(long, default_value = crate::telemetry::DEFAULT_HEALTH_ADDR)]
-        health_addr: String,
+        /// Health endpoint, IP:PORT or unix:/path (default: as `mayfly agent` chooses for
+        /// this user: 127.0.0.1:9095 for root, else $XDG_RUNTIME_DIR/mayfly/health.sock).
+        #[arg(long)]
+        health_addr: Option<String>,
     },
     /// Internal: the child side of `mayfly run` (waits for the lease, then execs).
     #[command(name = "__exec", hide = true)]
@@ -62,7 +64,7 @@ pub enum JwtCommand {
         /// Which of the caller's identities (default: the first).
         #[arg(long)]
         spiffe_id: Option<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
     },
     /// Validate a JWT-SVID for an audience; prints its SPIFFE ID and claims.
@@ -70,7 +72,7 @@ pub enum JwtCommand {
         #[arg(long)]
         audience: String,
         token: String,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
     },
 }
@@ -136,10 +138,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub grant: GrantArgs,
     /// Admin socket (default: $MAYFLY_ADMIN_SOCKET, else the default path).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::parse_socket)]
     pub admin_socket: Option<PathBuf>,
-    /// Workload socket handed to the command (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
-    #[arg(long)]
+    /// Workload socket handed to the command (default: the socket of the agent that granted the lease).
+    #[arg(long, value_parser = crate::config::parse_socket)]
     pub socket: Option<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true)]
@@ -154,10 +156,10 @@ pub struct AgentArgs {
     #[arg(long)]
     pub trust_domain: Option<String>,
     /// Workload API socket path.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::parse_socket)]
     pub socket: Option<PathBuf>,
     /// Admin API socket path.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::parse_socket)]
     pub admin_socket: Option<PathBuf>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -176,7 +178,7 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct AdminConn {
     /// Admin socket (default: $MAYFLY_ADMIN_SOCKET, else the default path).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::parse_socket)]
     pub admin_socket: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -278,7 +280,7 @@ pub enum SvidCommand {
     /// Fetch the caller's X.509-SVIDs once.
     Fetch {
         /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
         /// Write svid.pem, key.pem (0600) and bundle.pem into this directory.
         #[arg(long)]
@@ -288,7 +290,7 @@ pub enum SvidCommand {
     },
     /// Print every update of the caller's X.509-SVIDs until the stream ends.
     Watch {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
     },
 }

@@ -143,7 +143,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
-    pub health_addr: String,
+    pub health_addr: crate::telemetry::HealthAddr,
     pub limits: LeaseLimits,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
@@ -210,10 +210,43 @@ impl Defaults {
     pub fn admin_socket(&self) -> PathBuf {
         self.runtime_dir.join("admin.sock")
     }
+
+    /// Root: `127.0.0.1:9095`. Anyone else: a socket in their own runtime directory.
+    pub fn health_addr(&self) -> crate::telemetry::HealthAddr {
+        use crate::telemetry::{HealthAddr, ROOT_HEALTH_ADDR};
+        if rustix::process::geteuid().is_root() {
+            HealthAddr::parse(ROOT_HEALTH_ADDR).expect("a valid address")
+        } else {
+            HealthAddr::Unix(self.runtime_dir.join("health.sock"))
+        }
+    }
 }
 
 /// The workload socket a client uses when none is given: the caller's own default if an agent
 /// listens there, else the system agent's.
+/// A socket address in any form `SPIFFE_ENDPOINT_SOCKET` takes: `unix:///path`, `unix:/path`,
+/// or a plain path.
+pub fn socket_path(v: &str) -> PathBuf {
+    let path = v
+        .strip_prefix("unix://")
+        .or_else(|| v.strip_prefix("unix:"))
+        .unwrap_or(v);
+    PathBuf::from(path)
+}
+
+/// `--socket` and `--admin-socket`: the forms of `socket_path`; anything else (another
+/// scheme, an empty path) is refused here, naming the forms.
+pub fn parse_socket(v: &str) -> Result<PathBuf, String> {
+    let path = socket_path(v);
+    let s = path.to_string_lossy();
+    if s.is_empty() || (s.contains("://") && !v.starts_with("unix:")) {
+        return Err(format!(
+            "{v:?} is not a Unix socket: give a path, unix:///path or unix:/path"
+        ));
+    }
+    Ok(path)
+}
+
 pub fn client_socket(
     explicit: Option<&Path>,
     env_var: &str,
@@ -223,12 +256,7 @@ pub fn client_socket(
         return p.to_owned();
     }
     if let Some(v) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
-        let v = v.to_string_lossy();
-        let path = v
-            .strip_prefix("unix://")
-            .or_else(|| v.strip_prefix("unix:"))
-            .unwrap_or(&v);
-        return PathBuf::from(path);
+        return socket_path(&v.to_string_lossy());
     }
     let mine = pick(&Defaults::for_current_user());
     if mine.exists() {
@@ -449,14 +477,14 @@ impl Config {
         if socket == admin_socket {
             errors.push("socket and admin_socket must differ".into());
         }
+        let default_health = defaults.health_addr();
         let data_dir = o.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir);
-        let health_addr = o
-            .health_addr
-            .or(file.health_addr)
-            .unwrap_or_else(|| crate::telemetry::DEFAULT_HEALTH_ADDR.to_owned());
-        if health_addr.parse::<std::net::SocketAddr>().is_err() {
-            errors.push(format!("health_addr {health_addr:?}: must be IP:PORT"));
-        }
+        let health_addr = match o.health_addr.or(file.health_addr) {
+            None => Some(default_health),
+            Some(a) => crate::telemetry::HealthAddr::parse(&a)
+                .map_err(|e| errors.push(format!("health_addr {e}")))
+                .ok(),
+        };
 
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
@@ -466,7 +494,7 @@ impl Config {
             socket,
             admin_socket,
             data_dir,
-            health_addr,
+            health_addr: health_addr.expect("checked above"),
             limits: LeaseLimits {
                 trust_domain,
                 template: template.expect("checked above"),

@@ -51,7 +51,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     );
     println!("  data dir        {}", agent.data_dir.display());
     println!(
-        "  health/metrics  http://{}/healthz/ready  /metrics",
+        "  health/metrics  {}  (/healthz/ready, /metrics; mayfly healthcheck)",
         agent.health_addr
     );
     let agent = std::sync::Arc::new(agent);
@@ -108,7 +108,9 @@ async fn run(cli: Cli) {
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),
         },
-        Command::Healthcheck { health_addr } => mayfly::telemetry::healthcheck(&health_addr).await,
+        Command::Healthcheck { health_addr } => {
+            mayfly::telemetry::healthcheck(health_addr.as_deref()).await
+        }
         Command::Jwt(cmd) => mayfly::client::jwt(cmd).await,
         Command::Run(args) => std::process::exit(mayfly::run::run(args).await),
         Command::Exec { sync, command } => std::process::exit(mayfly::run::exec(&sync, &command)),

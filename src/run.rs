@@ -2,14 +2,16 @@
 //!
 //! The child is started as `mayfly __exec`, which blocks on a private FIFO before it execs the
 //! command. Meanwhile the wrapper reads the child's PID and start time (both survive exec),
-//! grants a lease bound to them (`unix:pid:PID:START`), and only then lets the child go: the
-//! command's first fetch can never be denied. The wrapper forwards SIGINT, SIGTERM, SIGHUP and
-//! SIGQUIT, completes the lease when the command exits, and exits with the command's status
+//! grants a lease bound to them (`unix:pid:PID:START`), and only then lets the child go, telling
+//! it the workload socket of the agent that holds the lease: the command's first fetch can never
+//! be denied, nor go to another agent. A command that cannot be found is refused before any
+//! grant. The wrapper forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT from its start (one that
+//! arrives before the command starts withdraws the lease), completes the lease when it exits, and exits with the command's status
 //! (128 + signal when it was killed). Should the wrapper itself die, the agent still sees the
 //! bound process exit (it watches the pidfd) and ends the lease as `process_exited`.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -67,30 +69,33 @@ pub async fn run(args: RunArgs) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mayfly run: {e:#}");
-            WRAPPER_FAILED
+            if e.is::<NotRunnable>() {
+                127
+            } else {
+                WRAPPER_FAILED
+            }
         }
     }
 }
 
 async fn run_inner(args: RunArgs) -> Result<i32> {
+    // Signals are forwarded from the very start: one that arrives while the lease is being
+    // granted or waits for approval withdraws it, rather than killing the wrapper outright.
+    let mut signals = Signals::install()?;
+    let program = find_program(&args.command[0])?;
     let admin_path = client_socket(
         args.admin_socket.as_deref(),
         "MAYFLY_ADMIN_SOCKET",
         Defaults::admin_socket,
     );
-    let workload = client_socket(
-        args.socket.as_deref(),
-        "SPIFFE_ENDPOINT_SOCKET",
-        Defaults::socket,
-    );
-    let workload = std::path::absolute(&workload).unwrap_or(workload);
     let mut admin = crate::admin::connect(&admin_path)
         .await
         .with_context(|| format!("connecting to the admin socket {}", admin_path.display()))?;
 
     let sync = SyncDir::create()?;
-    // Read-write, so opening never blocks and the FIFO keeps its byte until the child reads
-    // it, however late the child opens its end. Close-on-exec: the child does not inherit it.
+    // Read-write, so opening never blocks and the FIFO keeps its message until the child
+    // reads it, however late the child opens its end. Close-on-exec: the child does not
+    // inherit it.
     let mut go = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -103,52 +108,67 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
         .arg("--sync")
         .arg(sync.fifo())
         .arg("--")
-        .args(&args.command)
-        .env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", workload.display()),
-        )
+        .arg(&program)
+        .args(&args.command[1..])
         .spawn()
         .with_context(|| format!("starting {:?}", args.command[0]))?;
     let pid = child.id().context("child exited at once")? as i32;
 
-    let granted = match grant(&mut admin, &args, pid).await {
-        Ok(lease) => until_active(&mut admin, lease).await,
-        Err(e) => Err(e),
+    let granted = tokio::select! {
+        r = grant(&mut admin, &args, pid) => r,
+        sig = signals.next() => {
+            let _ = child.kill().await;
+            eprintln!("mayfly run: interrupted by signal {sig} before the lease was granted");
+            return Ok(128 + sig);
+        }
     };
-    let lease = match granted {
+    let pending = match granted {
         Ok(lease) => lease,
         Err(e) => {
             let _ = child.kill().await;
             return Err(e);
         }
     };
-    go.write_all(b"1").context("releasing the child")?;
+    let active = tokio::select! {
+        r = until_active(&mut admin, pending.clone()) => r,
+        sig = signals.next() => {
+            let _ = child.kill().await;
+            withdraw(&mut admin, &pending.lease_id).await;
+            eprintln!(
+                "mayfly run: interrupted by signal {sig}; lease {} withdrawn, the command was not started",
+                pending.lease_id
+            );
+            return Ok(128 + sig);
+        }
+    };
+    let lease = match active {
+        Ok(lease) => lease,
+        Err(e) => {
+            let _ = child.kill().await;
+            return Err(e);
+        }
+    };
+    // The command is pointed at the agent that holds its lease, whatever the environment
+    // says, unless --socket names another socket explicitly.
+    let workload = match &args.socket {
+        Some(s) => std::path::absolute(s).unwrap_or_else(|_| s.clone()),
+        None if !lease.workload_socket.is_empty() => PathBuf::from(&lease.workload_socket),
+        None => anyhow::bail!("the agent did not say where its workload socket is"),
+    };
+    let mut message = b"1".to_vec();
+    message.extend_from_slice(format!("unix://{}", workload.display()).as_bytes());
+    message.push(0);
+    go.write_all(&message).context("releasing the child")?;
     eprintln!(
         "mayfly run: lease {} for {} (pid {pid})",
         lease.lease_id, lease.spiffe_id
     );
 
-    let mut signals = Vec::new();
-    for kind in [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-        SignalKind::quit(),
-    ] {
-        signals.push((kind, signal(kind).context("installing signal handlers")?));
-    }
     let status = loop {
-        let forwarded = async {
-            let waits = signals
-                .iter_mut()
-                .map(|(k, s)| Box::pin(async move { s.recv().await.map(|_| *k) }));
-            futures::future::select_all(waits).await.0
-        };
         tokio::select! {
             status = child.wait() => break status.context("waiting for the child")?,
-            Some(kind) = forwarded => {
-                if let Ok(sig) = Signal::try_from(kind.as_raw_value()) {
+            sig = signals.next() => {
+                if let Ok(sig) = Signal::try_from(sig) {
                     let _ = kill(Pid::from_raw(pid), sig);
                 }
             }
@@ -177,6 +197,80 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
         _ => WRAPPER_FAILED,
     })
 }
+
+/// The signals `mayfly run` forwards (SIGINT, SIGTERM, SIGHUP, SIGQUIT), caught from the start.
+struct Signals(Vec<(SignalKind, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        let mut all = Vec::new();
+        for kind in [
+            SignalKind::interrupt(),
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+            SignalKind::quit(),
+        ] {
+            all.push((kind, signal(kind).context("installing signal handlers")?));
+        }
+        Ok(Signals(all))
+    }
+
+    /// The number of the next signal to arrive.
+    async fn next(&mut self) -> i32 {
+        let waits = self
+            .0
+            .iter_mut()
+            .map(|(k, s)| Box::pin(async move { s.recv().await.map(|_| k.as_raw_value()) }));
+        match futures::future::select_all(waits).await.0 {
+            Some(sig) => sig,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Revokes a lease the command will never use; best effort (the wrapper is exiting).
+async fn withdraw(
+    admin: &mut pb::tasks_client::TasksClient<tonic::transport::Channel>,
+    lease_id: &str,
+) {
+    let r = admin
+        .revoke(pb::RevokeRequest {
+            lease_id: lease_id.to_owned(),
+            reason: "mayfly run interrupted before the command started".into(),
+        })
+        .await;
+    if let Err(s) = r {
+        if s.code() != tonic::Code::FailedPrecondition {
+            eprintln!("mayfly run: withdrawing lease {lease_id}: {}", s.message());
+        }
+    }
+}
+
+/// The command's executable, found as execvp would find it, so that a missing command is
+/// refused before any lease exists.
+fn find_program(name: &std::ffi::OsStr) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let path = Path::new(name);
+    if path.as_os_str().as_encoded_bytes().contains(&b'/') {
+        if runnable(path) {
+            return Ok(path.to_owned());
+        }
+        return Err(NotRunnable(path.display().to_string()).into());
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(name))
+        .find(|p| runnable(p))
+        .ok_or_else(|| NotRunnable(path.display().to_string()).into())
+}
+
+/// The command does not exist or cannot be executed: exit 127, as a shell does.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: command not found or not executable; no lease was granted")]
+pub struct NotRunnable(String);
 
 /// A lease held for approval: the command waits (unstarted) until someone approves it.
 async fn until_active(
@@ -240,16 +334,31 @@ fn open_sync(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+fn read_release(f: std::fs::File) -> std::io::Result<OsString> {
+    use std::io::BufRead;
+    use std::os::unix::ffi::OsStringExt;
+    let mut message = Vec::new();
+    std::io::BufReader::new(f).read_until(0, &mut message)?;
+    if message.pop() != Some(0) {
+        // End of file first: the wrapper is gone.
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    match message.split_first() {
+        Some((b'1', endpoint)) if !endpoint.is_empty() => Ok(OsString::from_vec(endpoint.to_vec())),
+        _ => Err(std::io::ErrorKind::InvalidData.into()),
+    }
+}
+
 /// The child side: wait for the wrapper's go, then become the command (same PID).
+/// The wrapper's message is `1`, the workload socket's address, and a NUL.
 pub fn exec(sync: &Path, command: &[OsString]) -> i32 {
-    let mut byte = [0u8; 1];
-    let released = open_sync(sync).and_then(|mut f| f.read_exact(&mut byte));
-    if released.is_err() || byte[0] != b'1' {
+    let Ok(endpoint) = open_sync(sync).and_then(read_release) else {
         // The wrapper gave up (it reports why) or is gone: never run without a lease.
         return WRAPPER_FAILED;
-    }
+    };
     let err = std::process::Command::new(&command[0])
         .args(&command[1..])
+        .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
         .exec();
     eprintln!("mayfly run: cannot run {:?}: {err}", command[0]);
     if err.kind() == std::io::ErrorKind::NotFound {

@@ -22,7 +22,53 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio_util::sync::CancellationToken;
 
-pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9095";
+/// Root's agent (a DaemonSet, a systemd unit) serves health on this TCP address by default.
+/// Any other user's agent serves it on a Unix socket in its own runtime directory instead
+/// (`Defaults::health_addr`): two users' agents never compete for one port, and a user's
+/// `mayfly healthcheck` never hears another user's agent.
+pub const ROOT_HEALTH_ADDR: &str = "127.0.0.1:9095";
+
+/// Where the health endpoint listens: `IP:PORT`, or a Unix socket (`unix:/path`,
+/// `unix:///path`, or an absolute path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthAddr {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl HealthAddr {
+    pub fn parse(s: &str) -> Result<HealthAddr, String> {
+        if s.starts_with("unix:") || s.starts_with('/') {
+            let path = crate::config::socket_path(s);
+            if path.is_absolute() {
+                return Ok(HealthAddr::Unix(path));
+            }
+        }
+        s.parse()
+            .map(HealthAddr::Tcp)
+            .map_err(|_| format!("{s:?}: must be IP:PORT or unix:/absolute/path"))
+    }
+
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            HealthAddr::Tcp(a) => Some(*a),
+            HealthAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for HealthAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HealthAddr::Tcp(a) => write!(f, "{a}"),
+            HealthAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Every health answer names the uid the agent runs as, so `mayfly healthcheck` can tell
+/// its own user's agent from someone else's.
+const UID_HEADER: &str = "mayfly-agent-uid";
 
 /// What is still starting up.
 #[derive(Default)]
@@ -229,15 +275,46 @@ struct HealthState {
 /// The health server, bound before anything else starts so probes get answers (503 while
 /// starting) from the first moment.
 pub struct HealthServer {
-    listener: tokio::net::TcpListener,
-    pub addr: SocketAddr,
+    listener: HealthListener,
+    pub addr: HealthAddr,
+}
+
+enum HealthListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthBindError {
+    #[error("{0}")]
+    Tcp(std::io::Error),
+    #[error("{0}")]
+    Unix(crate::listen::BindError),
 }
 
 impl HealthServer {
-    pub async fn bind(addr: &str) -> std::io::Result<HealthServer> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        Ok(HealthServer { listener, addr })
+    /// Binds now (a taken address fails start-up); port 0 picks a free port, shown in `addr`.
+    /// A Unix socket is for its owner only (mode 0600).
+    pub async fn bind(addr: &HealthAddr) -> Result<HealthServer, HealthBindError> {
+        match addr {
+            HealthAddr::Tcp(a) => {
+                let listener = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(HealthBindError::Tcp)?;
+                let addr = HealthAddr::Tcp(listener.local_addr().map_err(HealthBindError::Tcp)?);
+                Ok(HealthServer {
+                    listener: HealthListener::Tcp(listener),
+                    addr,
+                })
+            }
+            HealthAddr::Unix(path) => {
+                let listener = crate::listen::bind(path, 0o600).map_err(HealthBindError::Unix)?;
+                Ok(HealthServer {
+                    listener: HealthListener::Unix(listener),
+                    addr: addr.clone(),
+                })
+            }
+        }
     }
 
     pub async fn serve(
@@ -256,14 +333,33 @@ impl HealthServer {
             .route("/healthz/live", get(|| async { "live\n" }))
             .route("/healthz/ready", get(ready))
             .route("/metrics", get(metrics))
+            .layer(axum::middleware::map_response(add_uid))
             .with_state(state);
-        let r = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let stop = async move { shutdown.cancelled().await };
+        let r = match self.listener {
+            HealthListener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+            HealthListener::Unix(l) => {
+                let path = match &self.addr {
+                    HealthAddr::Unix(p) => Some(p.clone()),
+                    HealthAddr::Tcp(_) => None,
+                };
+                let r = axum::serve(l, app).with_graceful_shutdown(stop).await;
+                if let Some(p) = path {
+                    let _ = std::fs::remove_file(p);
+                }
+                r
+            }
+        };
         if let Err(e) = r {
             tracing::error!(error = %e, "health server failed");
         }
     }
+}
+
+async fn add_uid(mut r: axum::response::Response) -> axum::response::Response {
+    let uid = rustix::process::geteuid().as_raw();
+    r.headers_mut().insert(UID_HEADER, uid.into());
+    r
 }
 
 async fn ready(State(s): State<Arc<HealthState>>) -> (StatusCode, String) {
@@ -301,24 +397,52 @@ async fn metrics(
 }
 
 /// `mayfly healthcheck`: asks `/healthz/ready` over plain HTTP/1.1; Ok when ready.
-pub async fn healthcheck(addr: &str) -> anyhow::Result<()> {
+/// `mayfly healthcheck`: exits 0 when the agent at `addr` is ready. Without an explicit
+/// address it asks this user's default one and refuses an answer from an agent of another uid.
+pub async fn healthcheck(explicit: Option<&str>) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = match explicit {
+        Some(a) => HealthAddr::parse(a).map_err(|e| anyhow::anyhow!("--health-addr {e}"))?,
+        None => crate::config::Defaults::for_current_user().health_addr(),
+    };
+    let request = b"GET /healthz/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET /healthz/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
         let mut body = String::new();
-        s.read_to_string(&mut body).await?;
+        match &addr {
+            HealthAddr::Tcp(a) => {
+                let mut s = tokio::net::TcpStream::connect(a).await?;
+                s.write_all(request).await?;
+                s.read_to_string(&mut body).await?;
+            }
+            HealthAddr::Unix(p) => {
+                let mut s = tokio::net::UnixStream::connect(p).await?;
+                s.write_all(request).await?;
+                s.read_to_string(&mut body).await?;
+            }
+        }
         Ok::<_, std::io::Error>(body)
     };
     let body = tokio::time::timeout(Duration::from_secs(5), fut)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 5s"))??;
-    let status = body.lines().next().unwrap_or_default();
-    let text = body.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 5s"))?
+        .map_err(|e| anyhow::anyhow!("no agent answers at {addr}: {e}"))?;
+    let (head, text) = body.split_once("\r\n\r\n").unwrap_or((&body, ""));
+    let status = head.lines().next().unwrap_or_default();
+    let agent_uid = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(UID_HEADER)
+            .then(|| v.trim().parse::<u32>().ok())
+            .flatten()
+    });
+    let me = rustix::process::geteuid().as_raw();
+    if explicit.is_none() && agent_uid != Some(me) {
+        anyhow::bail!(
+            "the agent answering at {addr} runs as uid {}, not as you (uid {me}); \
+             pass --health-addr to ask it anyway",
+            agent_uid.map_or("unknown".to_owned(), |u| u.to_string())
+        );
+    }
+    let text = text.trim();
     if status.contains(" 200 ") {
         println!("{text}");
         Ok(())
@@ -345,7 +469,9 @@ mod tests {
 
     #[tokio::test]
     async fn ready_endpoint_reports_pending_steps() {
-        let server = HealthServer::bind("127.0.0.1:0").await.unwrap();
+        let server = HealthServer::bind(&HealthAddr::parse("127.0.0.1:0").unwrap())
+            .await
+            .unwrap();
         let addr = server.addr.to_string();
         let readiness = Arc::new(Readiness::default());
         let guard = readiness.register("lease store");
@@ -356,10 +482,30 @@ mod tests {
             Box::new(|| {}),
             shutdown.clone(),
         ));
-        let err = healthcheck(&addr).await.unwrap_err().to_string();
+        let err = healthcheck(Some(&addr)).await.unwrap_err().to_string();
         assert!(err.contains("503") && err.contains("lease store"), "{err}");
         drop(guard);
-        healthcheck(&addr).await.unwrap();
+        healthcheck(Some(&addr)).await.unwrap();
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_unix_health_socket_is_the_owners_and_names_its_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("health.sock");
+        let addr = HealthAddr::parse(&format!("unix://{}", path.display())).unwrap();
+        let server = HealthServer::bind(&addr).await.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(server.serve(
+            Arc::new(Readiness::default()),
+            PromRegistry::default(),
+            Box::new(|| {}),
+            shutdown.clone(),
+        ));
+        healthcheck(Some(&addr.to_string())).await.unwrap();
         shutdown.cancel();
     }
 }

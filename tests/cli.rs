@@ -220,65 +220,133 @@ fn grant_fetch_write_watch_revoke() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("task_id"));
 }
 
-#[test]
-fn agent_starts_on_embedded_defaults_for_any_user() {
-    if rustix::process::geteuid().as_raw() != 0 {
-        eprintln!("skipping: needs root to run the agent as another user with setpriv");
-        return;
-    }
-    // A fresh user environment for uid 65534: its own runtime dir and home.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let runtime = dir.path().join("run");
-    let home = dir.path().join("home");
+/// A fresh user environment for `uid`: its own runtime dir and home, both under `dir`.
+fn user_env(dir: &Path, uid: u32) -> (std::path::PathBuf, std::path::PathBuf) {
+    let runtime = dir.join(format!("run-{uid}"));
+    let home = dir.join(format!("home-{uid}"));
     for d in [&runtime, &home] {
         std::fs::create_dir(d).unwrap();
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
         rustix::fs::chown(
             d,
-            Some(rustix::process::Uid::from_raw(65534)),
-            Some(rustix::process::Gid::from_raw(65534)),
+            Some(rustix::process::Uid::from_raw(uid)),
+            Some(rustix::process::Gid::from_raw(uid)),
         )
         .unwrap();
     }
-    let child = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
-            BIN,
-            "agent",
-        ])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", &home)
-        .env("XDG_RUNTIME_DIR", &runtime)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut agent = Running(child);
-    // The agent prints where it listens once it is serving; read until the last such line.
-    let mut printed = String::new();
-    {
-        use std::io::BufRead;
-        let stdout = agent.0.stdout.take().unwrap();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            printed.push_str(&line);
-            printed.push('\n');
-            if line.contains("data dir") {
-                break;
+    (runtime, home)
+}
+
+/// `mayfly ARGS` as `uid` in its own user environment, environment otherwise empty.
+fn as_user(uid: u32, runtime: &Path, home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+        "--".into(),
+        BIN.into(),
+    ])
+    .args(args)
+    .env_clear()
+    .env("PATH", "/usr/bin:/bin")
+    .env("HOME", home)
+    .env("XDG_RUNTIME_DIR", runtime);
+    c
+}
+
+/// Two users each run `mayfly agent` with no flags, at once, beside whatever agent (root's, on
+/// its defaults) already runs here: both start, each prints where it is, and each user's
+/// `mayfly healthcheck` hears its own agent.
+#[test]
+fn agent_starts_on_embedded_defaults_for_any_user() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipping: needs root to run the agent as other users with setpriv");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut agents = Vec::new();
+    for uid in [65534, 65533] {
+        let (runtime, home) = user_env(dir.path(), uid);
+        let stderr = std::fs::File::create(dir.path().join(format!("agent-{uid}.log"))).unwrap();
+        let child = as_user(uid, &runtime, &home, &["agent"])
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        agents.push((uid, Running(child), runtime, home));
+    }
+    for (uid, agent, runtime, home) in &mut agents {
+        // The agent prints where it listens once it is serving; read until the last such line.
+        let mut printed = String::new();
+        {
+            use std::io::BufRead;
+            let stdout = agent.0.stdout.take().unwrap();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                printed.push_str(&line);
+                printed.push('\n');
+                if line.contains("health") {
+                    break;
+                }
             }
         }
+        let log = std::fs::read_to_string(dir.path().join(format!("agent-{uid}.log"))).unwrap();
+        let socket = runtime.join("mayfly/workload.sock");
+        assert!(
+            printed.contains(socket.to_str().unwrap()),
+            "uid {uid} printed:\n{printed}\nlogged:\n{log}"
+        );
+        assert!(printed.contains("admin.sock"), "{printed}");
+        assert!(printed.contains("health.sock"), "{printed}");
+        assert!(socket.exists());
+        assert!(runtime.join("mayfly/admin.sock").exists());
+        assert!(home.join(".local/share/mayfly/ca/ca.pem").exists());
+        let check = as_user(*uid, runtime, home, &["healthcheck"])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "uid {uid}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
     }
-    let socket = runtime.join("mayfly/workload.sock");
-    assert!(printed.contains(socket.to_str().unwrap()), "{printed}");
-    assert!(printed.contains("admin.sock"), "{printed}");
-    assert!(socket.exists());
-    assert!(runtime.join("mayfly/admin.sock").exists());
-    assert!(home.join(".local/share/mayfly/ca/ca.pem").exists());
+    // A user without an agent hears nobody else's.
+    let (runtime, home) = user_env(dir.path(), 65532);
+    let lonely = as_user(65532, &runtime, &home, &["healthcheck"])
+        .output()
+        .unwrap();
+    assert!(!lonely.status.success());
+    assert!(
+        String::from_utf8_lossy(&lonely.stderr).contains("health.sock"),
+        "{}",
+        String::from_utf8_lossy(&lonely.stderr)
+    );
+}
+
+/// A health port another process holds fails start-up with a message naming the flag.
+#[test]
+fn a_taken_health_port_names_the_flag_to_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "--health-addr", &addr])
+        .arg("--socket")
+        .arg(dir.path().join("w.sock"))
+        .arg("--admin-socket")
+        .arg(dir.path().join("a.sock"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&addr) && err.contains("--health-addr"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn live_ready_and_metrics() {
     let t = start().await;
-    let addr = t.agent.as_ref().unwrap().health_addr;
+    let addr = t.agent.as_ref().unwrap().health_addr.tcp().unwrap();
     assert_eq!(http_get(addr, "/healthz/live").await.0, 200);
     let (code, body) = http_get(addr, "/healthz/ready").await;
     assert_eq!((code, body.trim()), (200, "ready"));
@@ -113,7 +113,7 @@ async fn open_streams_become(addr: std::net::SocketAddr, want: u64) {
 async fn a_stream_the_caller_drops_is_released() {
     use futures::StreamExt;
     let t = start().await;
-    let addr = t.agent.as_ref().unwrap().health_addr;
+    let addr = t.agent.as_ref().unwrap().health_addr.tcp().unwrap();
     let mine = [format!("unix:uid:{}", my_uid())];
     t.grant("dropped", &mine, Duration::from_secs(600), None)
         .await;

@@ -443,3 +443,45 @@ async fn mayfly_run_waits_for_approval_before_starting_the_command() {
         .unwrap()
         .contains("/task/gated-run/"));
 }
+
+/// A signal while `mayfly run` waits for approval withdraws the pending lease and exits
+/// 128 + signal; the command never starts.
+#[tokio::test]
+async fn interrupting_a_pending_run_withdraws_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = strict_agent(dir.path(), "1h").await;
+    let marker = dir.path().join("ran");
+    let mut run = tokio::process::Command::new(t.bin())
+        .args(["run", "--task-id", "gated-int", "--delegator", "user/carol"])
+        .args(["--agent", "runner", "--ttl", "30m", "--"])
+        .args(["touch", marker.to_str().unwrap()])
+        .env("MAYFLY_ADMIN_SOCKET", &t.admin_socket)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    assert!(line.contains("needs approval"), "{line}");
+    let lease_id = line.split_whitespace().nth(3).unwrap().to_owned();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .expect("the wrapper exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + 2));
+    let lease = t
+        .admin()
+        .await
+        .get(pb::GetRequest { lease_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.state, "revoked");
+    assert!(!marker.exists(), "the command must not have run");
+}

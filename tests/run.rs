@@ -55,6 +55,16 @@ async fn spawn_run(t: &TestAgent, task: &str, command: &[&str]) -> (Child, Strin
     (child, lease_id, pid)
 }
 
+async fn all_leases(t: &TestAgent) -> Vec<pb::Lease> {
+    t.admin()
+        .await
+        .list(pb::ListRequest { all: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+}
+
 async fn state(t: &TestAgent, lease_id: &str) -> String {
     t.admin()
         .await
@@ -92,14 +102,7 @@ async fn the_child_gets_its_task_svid_and_the_lease_completes() {
         svids[0]["spiffe_id"],
         "spiffe://example.org/agent/runner/task/run-1/delegator/user/carol"
     );
-    let leases = t
-        .admin()
-        .await
-        .list(pb::ListRequest { all: true })
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let leases = all_leases(&t).await;
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].state, "completed");
     assert!(leases[0]
@@ -121,11 +124,94 @@ async fn exit_status_comes_back() {
         .await
         .unwrap();
     assert_eq!(s.code(), Some(128 + 15));
-    let s = run_cmd(&t, "missing", &["/nonexistent/program"])
-        .status()
+}
+
+/// A command that does not exist is refused before anything is granted or audited.
+#[tokio::test]
+async fn a_missing_command_grants_nothing() {
+    let t = start().await;
+    for missing in ["/nonexistent/program", "no-such-command-anywhere"] {
+        let out = run_cmd(&t, "missing", &[missing]).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(127));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not found"), "{err}");
+    }
+    let leases = all_leases(&t).await;
+    assert!(leases.is_empty(), "{leases:?}");
+    let audit = mayfly::audit::read_all(&t.data_dir().join("audit")).unwrap();
+    assert!(
+        !audit.iter().any(|r| r["event"] == "lease_granted"),
+        "{audit:?}"
+    );
+}
+
+/// With only --admin-socket (and a SPIFFE_ENDPOINT_SOCKET naming some other agent), the
+/// command is pointed at the workload socket of the agent that granted its lease.
+#[tokio::test]
+async fn the_command_talks_to_the_agent_that_granted_its_lease() {
+    let t = start().await;
+    let out = Command::new(t.bin())
+        .args(["run", "--task-id", "where", "--delegator", "user/carol"])
+        .args(["--agent", "runner", "--ttl", "5m"])
+        .arg("--admin-socket")
+        .arg(&t.admin_socket)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$SPIFFE_ENDPOINT_SOCKET\"; exec \"$0\" svid fetch --output json",
+        ])
+        .arg(t.bin())
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            "unix:///nonexistent/other-agent.sock",
+        )
+        .env_remove("MAYFLY_ADMIN_SOCKET")
+        .output()
         .await
         .unwrap();
-    assert_eq!(s.code(), Some(127));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = stdout.lines().next().unwrap();
+    assert_eq!(first, t.endpoint());
+    assert!(stdout.contains("/task/where/"), "{stdout}");
+}
+
+/// `--socket` and `--admin-socket` take every form SPIFFE_ENDPOINT_SOCKET takes.
+#[tokio::test]
+async fn socket_flags_take_unix_urls() {
+    let t = start().await;
+    for (admin, workload) in [
+        (format!("unix://{}", t.admin_socket.display()), t.endpoint()),
+        (
+            format!("unix:{}", t.admin_socket.display()),
+            format!("unix:{}", t.socket.display()),
+        ),
+        (
+            t.admin_socket.display().to_string(),
+            t.socket.display().to_string(),
+        ),
+    ] {
+        let out = Command::new(t.bin())
+            .args(["run", "--task-id", "urls", "--delegator", "user/carol"])
+            .args(["--agent", "runner", "--ttl", "5m"])
+            .args(["--admin-socket", &admin, "--socket", &workload])
+            .args(["--", t.bin(), "svid", "fetch", "--socket", &workload])
+            .env_remove("MAYFLY_ADMIN_SOCKET")
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{admin} {workload}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test]

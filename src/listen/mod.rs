@@ -1,5 +1,10 @@
 //! Unix socket listeners for both servers: binding (stale sockets, modes), and accepted
-//! connections that carry the peer's kernel facts captured at accept time.
+//! connections that carry the peer's kernel facts captured at accept time and hand h2 the
+//! client's bytes with `:authority` removed (see `authority`).
+
+pub mod authority;
+pub mod hpack;
+mod huffman;
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,6 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 
 use crate::attest::PeerInfo;
+use authority::Rewriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -93,10 +99,26 @@ fn check_dir(dir: &Path) -> Result<(), BindError> {
 }
 
 /// An accepted connection plus its peer's kernel facts, handed to tonic; the facts reach each
-/// request as the `PeerInfo` extension.
+/// request as the `PeerInfo` extension. Reads go through the authority rewriter.
 pub struct PeerStream {
     io: UnixStream,
     peer: PeerInfo,
+    rewriter: Rewriter,
+    /// Rewritten bytes h2 has not read yet, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+impl PeerStream {
+    pub fn new(io: UnixStream, peer: PeerInfo) -> PeerStream {
+        PeerStream {
+            io,
+            peer,
+            rewriter: Rewriter::default(),
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
 }
 
 impl Connected for PeerStream {
@@ -109,11 +131,58 @@ impl Connected for PeerStream {
 
 impl AsyncRead for PeerStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.out_pos < this.out.len() {
+                let n = buf.remaining().min(this.out.len() - this.out_pos);
+                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.out.len() {
+                    this.out_pos = 0;
+                    // Idle connections are many: keep no large buffer between requests.
+                    if this.out.capacity() > 4 * 1024 {
+                        this.out = Vec::new();
+                    } else {
+                        this.out.clear();
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            }
+            // Read straight into h2's buffer; what passes through unchanged stays there.
+            let start = buf.filled().len();
+            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            let read = buf.filled().len() - start;
+            if read == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let kept = this.rewriter.verbatim_prefix(read);
+            this.rewriter.pass(kept);
+            if kept == read {
+                return Poll::Ready(Ok(()));
+            }
+            let rest = start + kept;
+            let r = this.rewriter.feed(&buf.filled()[rest..], &mut this.out);
+            buf.set_filled(rest);
+            if let Err(e) = r {
+                tracing::warn!(
+                    pid = this.peer.pid(),
+                    uid = this.peer.uid(),
+                    error = %e,
+                    "closing connection: malformed HTTP/2 from the client"
+                );
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+            }
+            if kept > 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
     }
 }
 
@@ -155,7 +224,7 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
             match listener.accept().await {
                 Ok((io, _)) => {
                     let peer = PeerInfo::from_unix_stream(&io);
-                    return Some((Ok(PeerStream { io, peer }), listener));
+                    return Some((Ok(PeerStream::new(io, peer)), listener));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -1,0 +1,127 @@
+//! Clients we did not write, against a real agent: py-spiffe (gRPC C-core) unchanged, grpcio
+//! with each `:authority` form, a bare HTTP/2 client built from Python's `hyperframe` and
+//! `hpack`, and an orchestrator's admin client in Python (`tests/python/clients.py`).
+//!
+//! The clients come from PyPI into a venv under the target dir, made on first use from
+//! `tests/python/requirements.txt` (or set `MAYFLY_PYTHON` to an interpreter that has them).
+//! Without python3 or PyPI the tests say why and skip, except in CI (`CI` set), where they fail.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const REQUIREMENTS: &str = include_str!("python/requirements.txt");
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/clients.py")
+}
+
+/// The venv's interpreter, made once per test run; `Err` says why there is none.
+fn python() -> Result<PathBuf, String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON.get_or_init(make_venv).clone()
+}
+
+fn make_venv() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MAYFLY_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyclients");
+    let python = venv.join("bin/python");
+    let stamp = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(REQUIREMENTS) {
+        return Ok(python);
+    }
+    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+        let out = cmd
+            .output()
+            .map_err(|e| format!("{what}: cannot run: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    )?;
+    run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/requirements.txt")),
+        "pip install -r tests/python/requirements.txt",
+    )?;
+    std::fs::write(&stamp, REQUIREMENTS).map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
+/// Runs one check of `clients.py` against a fresh agent.
+async fn check(name: &str) {
+    let python = match python() {
+        Ok(p) => p,
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping the {name} client check: no Python clients: {why}");
+            return;
+        }
+        Err(why) => panic!("the Python clients are required in CI: {why}"),
+    };
+    let agent = common::start().await;
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(script())
+        .arg(name)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("--admin-socket")
+        .arg(&agent.admin_socket)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{name}: no result within 180 s"))
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "{name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    println!("{stdout}");
+    agent.agent.unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn py_spiffe_unchanged_x509_rotation_revoke_and_jwt() {
+    check("py-spiffe").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcio_with_every_authority_form() {
+    check("grpcio-authority").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_http2_with_a_real_hpack_encoder() {
+    check("raw-h2").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_orchestrator_on_the_admin_api() {
+    check("admin").await;
+}
