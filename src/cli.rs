@@ -82,7 +82,12 @@ pub enum PolicyCommand {
     /// Evaluate one request against a policy set and print the decision and the policies
     /// that decided. Exit status: 0 allow, 2 approval required, 1 deny.
     Check {
-        /// Policy file or directory of *.cedar files (repeatable; default: the embedded policy).
+        /// The agent's configuration: its [policy] files and its lease limits and defaults
+        /// decide, as in the agent (default: the agent's embedded defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Policy file or directory of *.cedar files (repeatable; default: the --config
+        /// file's [policy] files, else the embedded policy).
         #[arg(long = "policy")]
         policies: Vec<PathBuf>,
         /// Cedar schema (default: the embedded one).
@@ -91,24 +96,34 @@ pub enum PolicyCommand {
         /// The request as JSON (see the README); `-` reads stdin. Flags below override it.
         #[arg(long)]
         request: Option<PathBuf>,
+        /// grant, renew, revoke or approve (default: grant).
         #[arg(long)]
         action: Option<String>,
+        /// The caller's uid (default: yours, with your user name and groups).
         #[arg(long)]
         uid: Option<u32>,
+        /// The caller's user name.
         #[arg(long)]
         user: Option<String>,
+        /// A group the caller is in (repeatable; added to the caller's groups).
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// The lease's agent name.
         #[arg(long)]
         agent: Option<String>,
+        /// The lease's task ID.
         #[arg(long)]
         task_id: Option<String>,
+        /// The lease's delegator.
         #[arg(long)]
         delegator: Option<String>,
+        /// The lease TTL asked for.
         #[arg(long, value_parser = duration)]
         ttl: Option<Duration>,
+        /// A JWT audience of the lease (repeatable).
         #[arg(long = "audience")]
         audiences: Vec<String>,
+        /// A selector of the lease (repeatable).
         #[arg(long = "selector")]
         selectors: Vec<String>,
     },

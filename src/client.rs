@@ -459,6 +459,7 @@ pub async fn jwt(cmd: crate::cli::JwtCommand) -> Result<()> {
 pub fn policy_check(cmd: crate::cli::PolicyCommand) -> Result<i32> {
     use crate::policy::{Action, Decision, PolicyEngine, PolicyRequest, PolicySource};
     let crate::cli::PolicyCommand::Check {
+        config,
         policies,
         schema,
         request,
@@ -473,6 +474,8 @@ pub fn policy_check(cmd: crate::cli::PolicyCommand) -> Result<i32> {
         audiences,
         selectors,
     } = cmd;
+    let agent_config = crate::config::Config::load(config.as_deref(), Default::default())?;
+    let from_file = request.is_some();
     let mut req: PolicyRequest = match request {
         None => PolicyRequest::default(),
         Some(path) => {
@@ -489,8 +492,20 @@ pub fn policy_check(cmd: crate::cli::PolicyCommand) -> Result<i32> {
         req.action = serde_json::from_value::<Action>(Value::String(a.clone()))
             .map_err(|_| anyhow::anyhow!("--action {a:?}: one of grant, renew, revoke, approve"))?;
     }
+    if !from_file && uid.is_none() {
+        // The caller is whoever runs the dry run, as the agent would see them.
+        req.principal = crate::policy::PrincipalAttrs::of_this_process();
+        req.context.grantor_uid = req.principal.uid;
+        req.context.agent_uid = req.principal.uid;
+    }
     if let Some(u) = uid {
         req.principal.uid = u;
+        req.principal.name.clear();
+        req.principal.groups.clear();
+        req.principal.gids.clear();
+        if !from_file {
+            req.context.grantor_uid = u;
+        }
     }
     if let Some(u) = user {
         req.principal.name = u;
@@ -510,16 +525,36 @@ pub fn policy_check(cmd: crate::cli::PolicyCommand) -> Result<i32> {
     }
     req.context.audiences.extend(audiences);
     req.context.selectors.extend(selectors);
+    // What the agent fills in from its configuration, unless the request says otherwise.
+    let limits = &agent_config.limits;
+    let c = &mut req.context;
+    if c.max_ttl_limit_secs == 0 {
+        c.max_ttl_limit_secs = limits.max_ttl.as_secs();
+    }
+    if c.max_ttl_secs == 0 {
+        c.max_ttl_secs = c.ttl_secs;
+    }
+    if c.svid_ttl_secs == 0 {
+        c.svid_ttl_secs = limits.default_svid_ttl.as_secs();
+    }
+    if c.jwt_ttl_secs == 0 {
+        c.jwt_ttl_secs = limits.default_jwt_ttl.as_secs();
+    }
     if req.context.now == 0 {
         req.context.now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
     }
-    let engine = PolicyEngine::load(PolicySource {
-        policy_files: policies,
-        schema_file: schema,
-    })?;
+    let source = if policies.is_empty() && schema.is_none() {
+        agent_config.policy.clone()
+    } else {
+        PolicySource {
+            policy_files: policies,
+            schema_file: schema,
+        }
+    };
+    let engine = PolicyEngine::load(source)?;
     let decision = engine.evaluate(&req);
     let (name, code, errors) = match &decision {
         Decision::Allow { .. } => ("allow", 0, Vec::new()),

@@ -164,6 +164,34 @@ pub struct PrincipalAttrs {
     pub gids: Vec<u32>,
 }
 
+impl PrincipalAttrs {
+    /// This process as the admin API would see it calling: effective uid, its user name, its
+    /// primary and supplementary groups (ids and names).
+    pub fn of_this_process() -> PrincipalAttrs {
+        use nix::unistd::{getegid, geteuid, getgroups, Group, User};
+        let uid = geteuid();
+        let mut gids = vec![getegid()];
+        for g in getgroups().unwrap_or_default() {
+            if !gids.contains(&g) {
+                gids.push(g);
+            }
+        }
+        PrincipalAttrs {
+            uid: uid.as_raw(),
+            name: User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_default(),
+            groups: gids
+                .iter()
+                .filter_map(|g| Group::from_gid(*g).ok().flatten().map(|g| g.name))
+                .collect(),
+            gids: gids.iter().map(|g| g.as_raw()).collect(),
+        }
+    }
+}
+
 /// Attributes of the identity being leased (`Mayfly::Identity`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]

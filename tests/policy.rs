@@ -485,3 +485,39 @@ async fn interrupting_a_pending_run_withdraws_its_lease() {
     assert_eq!(lease.state, "revoked");
     assert!(!marker.exists(), "the command must not have run");
 }
+
+/// The dry run answers as the agent would: the embedded default policy grants what the agent
+/// grants, the agent's --config limits apply, and the README's strict example is gated.
+#[test]
+fn policy_check_answers_as_the_agent_would() {
+    let check = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(["policy", "check"])
+            .args(args)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        (
+            out.status.code(),
+            v["decision"].as_str().unwrap().to_owned(),
+        )
+    };
+    let grant = ["--action", "grant", "--delegator", "user/a", "--ttl", "30m"];
+    assert_eq!(check(&grant), (Some(0), "allow".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mayfly.toml");
+    std::fs::write(&config, "[leases]\nmax_ttl = \"10m\"\n").unwrap();
+    let with_config = [&["--config", config.to_str().unwrap()][..], &grant].concat();
+    assert_eq!(check(&with_config), (Some(1), "deny".into()));
+    let strict = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/examples/strict.cedar"
+    );
+    let readme = [
+        &["--policy", strict, "--group", "mayfly-admins"][..],
+        &grant,
+    ]
+    .concat();
+    assert_eq!(check(&readme), (Some(2), "approval_required".into()));
+}

@@ -495,3 +495,31 @@ async fn renewal_extends_up_to_the_ceiling_and_the_next_svid_uses_it() {
     assert!(na > not_after(first.leaf().as_bytes()));
     assert!(na <= expires_at(&renewed));
 }
+
+/// An SVID nobody watches is not rotated; the next fetch of a stale one gets a fresh one.
+#[tokio::test]
+async fn nobody_listening_means_no_rotation() {
+    let t = start().await;
+    t.grant_me("quiet", HOUR, Some(Duration::from_secs(2)))
+        .await;
+    let first = t.workload().await.fetch_x509_svid().await.unwrap();
+    // Two half-lives: a watched SVID would have rotated at least twice by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let issued = |trigger: &str| {
+        mayfly::audit::read_all(&t.data_dir().join("audit"))
+            .unwrap()
+            .into_iter()
+            .filter(|r| r["event"] == "svid_issued" && r["trigger"] == trigger)
+            .count()
+    };
+    assert_eq!(issued("rotation"), 0);
+    assert_eq!(issued("fetch"), 1);
+    // Past its half-life, a one-shot fetch mints a fresh SVID rather than the stale one.
+    let second = t.workload().await.fetch_x509_svid().await.unwrap();
+    assert_ne!(
+        serial(second.leaf().as_bytes()),
+        serial(first.leaf().as_bytes())
+    );
+    assert_eq!(issued("fetch"), 2);
+    assert_eq!(issued("rotation"), 0);
+}

@@ -11,8 +11,9 @@
 //! - each header block (HEADERS plus its CONTINUATIONs, padding and priority included) is
 //!   decoded with the client's own dynamic table, and re-encoded without `:authority` as
 //!   literals that h2 does not index, so h2's table stays empty and the two never drift;
-//! - anything that is not a valid header block ends the connection, as h2 would end it
-//!   (COMPRESSION_ERROR or PROTOCOL_ERROR are connection errors, RFC 9113 §4.3, §6.10).
+//! - anything that is not a valid header block ends the connection, which h2 would end too
+//!   (COMPRESSION_ERROR or PROTOCOL_ERROR are connection errors, RFC 9113 §4.3, §6.10); the
+//!   client sees it close without the GOAWAY h2 would send, since only h2 writes frames.
 //!
 //! A stream that does not start with the HTTP/2 preface is passed on verbatim, for h2 to refuse.
 //! Frames h2 sends are not touched.

@@ -64,6 +64,16 @@ struct Entry {
     current: watch::Sender<SvidCell>,
     /// Serializes issuance for one lease, so concurrent first fetches share one SVID.
     issuing: tokio::sync::Mutex<()>,
+    /// Told whenever a caller subscribes to `current`: the rotation task, idle while nobody
+    /// watches, wakes to rotate for the new watcher.
+    watched: tokio::sync::Notify,
+}
+
+impl Entry {
+    /// Whether an open stream holds this lease's SVID (the rotation task holds one receiver).
+    fn is_watched(&self) -> bool {
+        self.current.receiver_count() > 1
+    }
 }
 
 pub struct Manager {
@@ -181,10 +191,12 @@ impl Manager {
                 continue;
             };
             let mut rx = entry.current.subscribe();
+            let now = SystemTime::now();
+            let expires_at = *entry.lease.expires_at.borrow();
             let fresh = rx
                 .borrow_and_update()
                 .clone()
-                .filter(|s| s.issued.not_after > SystemTime::now());
+                .filter(|s| !self.is_stale(s, expires_at, now));
             let svid = match fresh {
                 Some(s) => Some(s),
                 None => {
@@ -197,6 +209,9 @@ impl Manager {
             if let Some(svid) = svid {
                 svids.push(svid);
             }
+            // After the fetch above made the SVID fresh, so the rotation task schedules from it
+            // rather than racing it.
+            entry.watched.notify_one();
             cells.push(rx);
         }
         Ok((svids, cells))
@@ -217,6 +232,7 @@ impl Manager {
             lease,
             current: watch::channel(None).0,
             issuing: tokio::sync::Mutex::new(()),
+            watched: tokio::sync::Notify::new(),
         });
         entries.insert(entry.lease.lease.id.clone(), entry.clone());
         let me = self.me.upgrade().expect("manager alive while used");
@@ -232,8 +248,9 @@ impl Manager {
         let now = SystemTime::now();
         let lease = &entry.lease.lease;
         if who.is_some() {
+            let expires_at = *entry.lease.expires_at.borrow();
             if let Some(s) = entry.current.borrow().as_ref() {
-                if s.issued.not_after > now {
+                if !self.is_stale(s, expires_at, now) {
                     return Issued::Yes;
                 }
             }
@@ -341,6 +358,27 @@ impl Manager {
         Some(svid.issued_at + life.mul_f64(share))
     }
 
+    /// Past half its life, an SVID that a new one could outlive is stale: a caller that
+    /// arrives then gets a fresh one (rotation happens only while a stream watches).
+    fn is_stale(&self, svid: &X509Svid, expires_at: SystemTime, now: SystemTime) -> bool {
+        let cap = floor_secs(expires_at).min(self.ca.not_after());
+        if svid.issued.not_after <= now {
+            return true;
+        }
+        if svid.issued.not_after >= cap {
+            return false;
+        }
+        let life = svid
+            .issued
+            .not_after
+            .duration_since(svid.issued_at)
+            .unwrap_or(Duration::ZERO);
+        now >= svid.issued_at + life / 2
+    }
+
+    /// Rotates the entry's SVID on schedule while a stream watches it; with nobody watching
+    /// it waits for a watcher instead (a later one-shot fetch of a stale SVID mints a fresh
+    /// one itself), and ends the entry when the lease ends.
     async fn run_entry(self: Arc<Self>, entry: Arc<Entry>) {
         let mut expires = entry.lease.expires_at.clone();
         let mut current = entry.current.subscribe();
@@ -364,6 +402,13 @@ impl Manager {
                 r = expires.changed() => if r.is_err() { break },
                 r = current.changed() => if r.is_err() { break },
                 _ = sleep => {
+                    if !entry.is_watched() {
+                        tokio::select! {
+                            _ = entry.lease.ended.cancelled() => break,
+                            _ = entry.watched.notified() => {}
+                        }
+                        continue;
+                    }
                     // Never spin on a failing signer: wait a second before the next try.
                     if !matches!(self.issue(&entry, None).await, Issued::Yes) {
                         tokio::select! {

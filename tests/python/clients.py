@@ -25,12 +25,13 @@ is bounded; a watchdog ends a check that hangs anyway.
 """
 
 import argparse
+import atexit
 import base64
 import faulthandler
 import importlib
-import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,7 @@ def _gen_dir():
     global _GEN_DIR
     if _GEN_DIR is None:
         _GEN_DIR = tempfile.mkdtemp(prefix="mayfly-pyclients-")
+        atexit.register(shutil.rmtree, _GEN_DIR, ignore_errors=True)
         sys.path.insert(0, _GEN_DIR)
     return _GEN_DIR
 
@@ -654,8 +656,8 @@ JWT_REQ = b"\x0a\x07svc.raw"
 GRPC_BODY = b"\x00" + len(JWT_REQ).to_bytes(4, "big") + JWT_REQ
 
 
-class ConnectionClosed(Exception):
-    pass
+class ConnectionClosed(CheckFailed):
+    """The server closed (or reset) the connection."""
 
 
 class RawH2:
@@ -671,6 +673,8 @@ class RawH2:
         self.sock.connect(path)
         self.buf = bytearray()
         self.decoder = hpack.Decoder()
+        # One encoder per connection: its dynamic table mirrors the server's decoder.
+        self.encoder = hpack.Encoder()
         self.server_settings = {}
         self.got_settings = False
         self.our_settings_acked = False
@@ -682,7 +686,12 @@ class RawH2:
 
     # -- writing --------------------------------------------------------------------------
     def send(self, data):
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self.eof = True
+            raise ConnectionClosed(f"{self.label}: the server closed the connection while we wrote: {e}"
+                              f"{'' if self.goaway is None else f' (after GOAWAY {self.goaway})'}")
 
     def start(self):
         from hyperframe.frame import SettingsFrame, WindowUpdateFrame
@@ -726,6 +735,9 @@ class RawH2:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise socket.timeout(f"{self.label}: nothing from the server in time "
+                                     f"(waiting for {n - len(self.buf)} more byte(s))")
             except (ConnectionResetError, BrokenPipeError) as e:
                 self.eof = True
                 raise ConnectionClosed(f"{self.label}: connection reset: {e}")
@@ -812,7 +824,12 @@ class RawH2:
                                   f"{[s for s in sids if not self.stream(s)['done']]}: "
                                   f"code {self.goaway[0]}, last stream {self.goaway[1]}, "
                                   f"debug {self.goaway[2]!r}")
-            self.handle(self.read_frame(deadline))
+            try:
+                self.handle(self.read_frame(deadline))
+            except ConnectionClosed as e:
+                raise CheckFailed(f"{e} while waiting for streams "
+                                  f"{[s for s in sids if not self.stream(s)['done']]}"
+                                  f"{'' if self.goaway is None else f' (after GOAWAY {self.goaway})'}")
 
     def check_response(self, sid, spiffe_id):
         st = self.stream(sid)
@@ -848,7 +865,7 @@ def split_evenly(block, pieces):
     return out or [b""]
 
 
-def build_request(conn, encoder, sid, opt):
+def build_request(conn, sid, opt):
     """The frames of one unary FetchJWTSVID call, as bytes."""
     import hpack
     from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
@@ -867,7 +884,7 @@ def build_request(conn, encoder, sid, opt):
     if opt.get("big"):
         headers.append(("x-big", opt["big"]))
     headers.append(("grpc-timeout", "10S"))
-    block = encoder.encode(headers, huffman=opt.get("huffman", True))
+    block = conn.encoder.encode(headers, huffman=opt.get("huffman", True))
 
     overhead = (18 if opt.get("padded") else 0) + (5 if opt.get("priority") else 0)
     if opt.get("chunk"):
@@ -919,7 +936,7 @@ def check_raw_h2(args, admin):
 
     conn = RawH2(sock_path, "conn#1").start()
     log(f"server SETTINGS: {conn.server_settings} (max frame {conn.max_frame_size})")
-    encoder = hpack.Encoder()
+    encoder = conn.encoder
     rnd = random.Random(4242)
     big_value = base64.b64encode(rnd.randbytes(9000)).decode()  # 12000 bytes
     assert len(big_value) == 12000
@@ -990,7 +1007,7 @@ def check_raw_h2(args, admin):
             for size in table_changes.get(j, []):
                 encoder.header_table_size = size
                 stats["size_updates"] += 1
-            data, nframes, _ = build_request(conn, encoder, sid, opt)
+            data, nframes, _ = build_request(conn, sid, opt)
             wire += data
             sids.append(sid)
             sid += 2
@@ -1030,7 +1047,7 @@ def check_raw_h2(args, admin):
     from hyperframe.frame import HeadersFrame
 
     other = RawH2(sock_path, "conn#2").start()
-    data, _, _ = build_request(other, hpack.Encoder(), 1, {"authority": percent})
+    data, _, _ = build_request(other, 1, {"authority": percent})
     other.send(data)
     other.wait([1])
     other.check_response(1, lease.spiffe_id)
@@ -1063,14 +1080,13 @@ def check_raw_h2(args, admin):
     log(f"conn#bad: a HEADERS with hpack block b'\\x80' closed the connection: {closed_how}")
 
     # The connection that was open meanwhile still works, and so does a new one.
-    enc2 = hpack.Encoder()
-    data, _, _ = build_request(other, enc2, 3, {"authority": sock_path})
+    data, _, _ = build_request(other, 3, {"authority": sock_path, "huffman": False})
     other.send(data)
     other.wait([3])
     other.check_response(3, lease.spiffe_id)
     other.close()
     fresh = RawH2(sock_path, "conn#3").start()
-    data, _, _ = build_request(fresh, hpack.Encoder(), 1, {})
+    data, _, _ = build_request(fresh, 1, {})
     fresh.send(data)
     fresh.wait([1])
     fresh.check_response(1, lease.spiffe_id)
@@ -1096,7 +1112,18 @@ CHECKS = {
 def run_one(name, args):
     global CHECK_NAME
     CHECK_NAME = name
-    faulthandler.dump_traceback_later(CHECK_WATCHDOG, exit=True)
+    # Watchdog: at CHECK_WATCHDOG, print every thread's stack and raise SystemExit in the main
+    # thread (so the leases are still revoked); 15 s later, exit hard.
+    def watchdog():
+        print(f"[{name}] FAIL: watchdog: no result within {CHECK_WATCHDOG:.0f} s",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    dog = threading.Timer(CHECK_WATCHDOG, watchdog)
+    dog.daemon = True
+    dog.start()
+    faulthandler.dump_traceback_later(CHECK_WATCHDOG + 15, exit=True)
     ensure(os.path.exists(args.socket), f"workload socket {args.socket} does not exist")
     ensure(os.path.exists(args.admin_socket), f"admin socket {args.admin_socket} does not exist")
     admin = Admin(args.admin_socket)
@@ -1110,6 +1137,7 @@ def run_one(name, args):
     finally:
         leftovers = admin.cleanup()
         admin.close()
+    dog.cancel()
     faulthandler.cancel_dump_traceback_later()
     if failure is not None:
         msg = str(failure) or type(failure).__name__
@@ -1131,9 +1159,19 @@ def run_all(args):
     for name in CHECKS:
         cmd = [sys.executable, str(Path(__file__).resolve()), name,
                "--socket", args.socket, "--admin-socket", args.admin_socket]
+        child = subprocess.Popen(cmd)
         try:
-            rc = subprocess.run(cmd, timeout=CHECK_WATCHDOG + 15).returncode
-        except subprocess.TimeoutExpired:
+            rc = child.wait(timeout=CHECK_WATCHDOG + 25)
+        except BaseException as e:
+            # Timed out, or we were told to stop: let the child revoke its leases first.
+            child.terminate()
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            if not isinstance(e, subprocess.TimeoutExpired):
+                raise
             rc = "timeout"
         if rc != 0:
             failed.append(f"{name} ({rc})")
