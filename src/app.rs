@@ -135,9 +135,9 @@ impl Agent {
         tracing::info!(
             event = "store_loaded",
             leases = count,
-            open_ms = opened.as_secs_f64() * 1e3,
-            load_ms = (loaded - opened).as_secs_f64() * 1e3,
-            restore_ms = (started.elapsed() - loaded).as_secs_f64() * 1e3,
+            open_ms = millis(opened),
+            load_ms = millis(loaded - opened),
+            restore_ms = millis(started.elapsed() - loaded),
             "lease store opened, read and restored"
         );
         drop(ready_audit);
@@ -336,6 +336,11 @@ fn server() -> tonic::transport::Server {
         .concurrency_limit_per_connection(64)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
+/// Milliseconds to a tenth, for logs people read.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {

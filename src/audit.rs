@@ -138,7 +138,7 @@ pub struct VerifySummary {
 /// The first problem [`verify`] (or [`read_all`]) found. `line` is 1-based; 0 means the problem
 /// concerns the file as a whole.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: record {seq:?}: {problem}")]
+#[error("{}:{line}: {}{problem}", file.display(), seq.map(|s| format!("record {s}: ")).unwrap_or_default())]
 pub struct VerifyError {
     pub file: PathBuf,
     pub line: u64,
@@ -1197,7 +1197,11 @@ mod tests {
             (path.as_path(), 3, Some(3))
         );
         assert!(err.problem.contains("hash mismatch"), "{err}");
-        assert!(err.to_string().contains("audit-00000001.jsonl:3:"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("audit-00000001.jsonl:3: record 3: hash mismatch"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

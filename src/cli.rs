@@ -47,8 +47,10 @@ pub enum Command {
     /// Internal: the child side of `mayfly run` (waits for the lease, then execs).
     #[command(name = "__exec", hide = true)]
     Exec {
+        /// The wrapper's sync FIFO.
         #[arg(long)]
         sync: PathBuf,
+        /// The command to exec once released.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
     },
@@ -64,14 +66,21 @@ pub enum JwtCommand {
         /// Which of the caller's identities (default: the first).
         #[arg(long)]
         spiffe_id: Option<String>,
+        /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
         #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
+        /// text: the token alone; json: token, SPIFFE ID, audiences, expiry and claims.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Validate a JWT-SVID for an audience; prints its SPIFFE ID and claims.
     Validate {
+        /// The audience the token must be for.
         #[arg(long)]
         audience: String,
+        /// The token (JWS compact serialization).
         token: String,
+        /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
         #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
     },
@@ -139,10 +148,13 @@ pub enum AuditCommand {
     },
     /// Print audit records as JSON lines, optionally only those of one task or lease.
     Show {
+        /// The agent's data directory (default: the agent's default for this user).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Only the records of this task ID.
         #[arg(long = "task")]
         task_id: Option<String>,
+        /// Only the records of this lease ID.
         #[arg(long = "lease")]
         lease_id: Option<String>,
     },
@@ -168,19 +180,25 @@ pub struct AgentArgs {
     /// TOML configuration file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The SPIFFE trust domain to issue in (default: mayfly.internal).
     #[arg(long)]
     pub trust_domain: Option<String>,
-    /// Workload API socket path.
-    #[arg(long, value_parser = crate::config::parse_socket)]
+    #[arg(long, value_parser = crate::config::parse_socket, help = default_help("Workload API socket", |d| d.socket().display().to_string()))]
     pub socket: Option<PathBuf>,
-    /// Admin API socket path.
-    #[arg(long, value_parser = crate::config::parse_socket)]
+    #[arg(long, value_parser = crate::config::parse_socket, help = default_help("Admin API socket", |d| d.admin_socket().display().to_string()))]
     pub admin_socket: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, help = default_help("Data directory: CA, leases, audit log", |d| d.data_dir.display().to_string()))]
     pub data_dir: Option<PathBuf>,
-    /// Health and metrics endpoint (default 127.0.0.1:9095).
-    #[arg(long)]
+    #[arg(long, help = default_help("Health and metrics endpoint, IP:PORT or unix:/path", |d| d.health_addr().to_string()))]
     pub health_addr: Option<String>,
+}
+
+/// Help naming this user's default, as `mayfly agent` would pick it.
+fn default_help(what: &str, pick: fn(&crate::config::Defaults) -> String) -> String {
+    format!(
+        "{what} (default for you: {})",
+        pick(&crate::config::Defaults::for_current_user())
+    )
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
@@ -195,6 +213,7 @@ pub struct AdminConn {
     /// Admin socket (default: $MAYFLY_ADMIN_SOCKET, else the default path).
     #[arg(long, value_parser = crate::config::parse_socket)]
     pub admin_socket: Option<PathBuf>,
+    /// text for people, json for programs (one object; `task list`: an array).
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -205,6 +224,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct GrantArgs {
+    /// The task, one SPIFFE path segment ([A-Za-z0-9._-]).
     #[arg(long)]
     pub task_id: String,
     /// Who approved the task, e.g. user/alice.
@@ -231,6 +251,7 @@ pub struct GrantArgs {
     /// JWT audience the task may use (repeatable).
     #[arg(long = "audience")]
     pub audiences: Vec<String>,
+    /// Why the task needs this identity, for the lease and the audit log.
     #[arg(long, default_value = "")]
     pub reason: String,
 }
@@ -246,12 +267,14 @@ pub enum TaskCommand {
     },
     /// Show one lease.
     Get {
+        /// The lease's ID (lease_id).
         lease_id: String,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// List active leases (with --all, ended ones too).
     List {
+        /// Ended leases too (kept for the retention period).
         #[arg(long)]
         all: bool,
         #[command(flatten)]
@@ -259,7 +282,9 @@ pub enum TaskCommand {
     },
     /// Extend a lease to now + TTL, up to its max TTL.
     Renew {
+        /// The lease's ID (lease_id).
         lease_id: String,
+        /// New lifetime from now, e.g. 10m.
         #[arg(long, value_parser = duration)]
         ttl: Duration,
         #[command(flatten)]
@@ -267,6 +292,7 @@ pub enum TaskCommand {
     },
     /// End a lease now; its identity is torn down.
     Revoke {
+        /// The lease's ID (lease_id).
         lease_id: String,
         /// Why, for the log.
         #[arg(long, default_value = "")]
@@ -276,7 +302,9 @@ pub enum TaskCommand {
     },
     /// Approve a lease that a policy holds as pending (not your own grant).
     Approve {
+        /// The lease's ID (lease_id).
         lease_id: String,
+        /// Why, for the log.
         #[arg(long, default_value = "")]
         reason: String,
         #[command(flatten)]
@@ -284,6 +312,7 @@ pub enum TaskCommand {
     },
     /// Mark a task done; its identity is torn down.
     Complete {
+        /// The lease's ID (lease_id).
         lease_id: String,
         #[command(flatten)]
         conn: AdminConn,
@@ -300,12 +329,59 @@ pub enum SvidCommand {
         /// Write svid.pem, key.pem (0600) and bundle.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// text for people; json: an array of the SVIDs (SPIFFE ID, serial, validity).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Print every update of the caller's X.509-SVIDs until the stream ends.
     Watch {
+        /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
         #[arg(long, value_parser = crate::config::parse_socket)]
         socket: Option<PathBuf>,
+        /// text: a line per SVID per update; json: one object per update, one per line.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "mayfly", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn agent_help_shows_the_default_paths() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("agent")
+            .unwrap()
+            .render_help()
+            .to_string();
+        let d = crate::config::Defaults::for_current_user();
+        for path in [d.socket(), d.admin_socket(), d.data_dir.clone()] {
+            assert!(help.contains(&*path.to_string_lossy()), "{help}");
+        }
+    }
 }

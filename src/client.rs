@@ -96,6 +96,63 @@ fn print_lease_text(l: &pb::Lease) {
     if let Value::String(d) = &v["approval_deadline"] {
         println!("{:<15} {d}", "approve_by");
     }
+    if let Value::String(d) = &v["ended_at"] {
+        println!("{:<15} {d}", "ended_at");
+    }
+    if let Some(p) = &l.ended_by {
+        println!(
+            "{:<15} uid={} gid={} pid={} user={}",
+            "ended_by", p.uid, p.gid, p.pid, p.user
+        );
+    }
+}
+
+/// `task list` as a table whose columns fit their widest value.
+fn print_lease_table(leases: &[pb::Lease], all: bool) {
+    let text = |t: &Option<prost_types::Timestamp>| {
+        ts(t)
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![vec![
+        "LEASE".to_owned(),
+        "STATE".into(),
+        "TASK".into(),
+        "EXPIRES".into(),
+    ]];
+    if all {
+        rows[0].push("ENDED".into());
+    }
+    rows[0].push("SPIFFE ID".into());
+    for l in leases {
+        let mut row = vec![
+            l.lease_id.clone(),
+            l.state.clone(),
+            l.task_id.clone(),
+            text(&l.expires_at),
+        ];
+        if all {
+            row.push(text(&l.ended_at));
+        }
+        row.push(l.spiffe_id.clone());
+        rows.push(row);
+    }
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == cols {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        println!("{line}");
+    }
 }
 
 fn print_lease(l: &pb::Lease, output: Output) {
@@ -179,23 +236,7 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
                 Output::Json => {
                     println!("{}", Value::Array(leases.iter().map(lease_json).collect()))
                 }
-                Output::Text => {
-                    println!(
-                        "{:<32}  {:<14}  {:<20}  {:<20}  SPIFFE ID",
-                        "LEASE", "STATE", "TASK", "EXPIRES"
-                    );
-                    for l in &leases {
-                        let exp = ts(&l.expires_at);
-                        println!(
-                            "{:<32}  {:<14}  {:<20}  {:<20}  {}",
-                            l.lease_id,
-                            l.state,
-                            l.task_id,
-                            exp.as_str().unwrap_or("-"),
-                            l.spiffe_id
-                        );
-                    }
-                }
+                Output::Text => print_lease_table(&leases, all),
             }
         }
         TaskCommand::Renew { lease_id, ttl, .. } => {
@@ -252,14 +293,26 @@ async fn workload_client(socket: Option<&Path>) -> Result<spiffe::WorkloadApiCli
         .with_context(|| format!("connecting to the Workload API at {}", path.display()))
 }
 
+/// A Workload API error as one line: a gRPC status is its message (the agent's messages say
+/// what went wrong), not the client library's rendering of the whole status.
+fn workload_error(e: spiffe::WorkloadApiError) -> anyhow::Error {
+    use spiffe::transport::TransportError;
+    match &e {
+        spiffe::WorkloadApiError::Transport(TransportError::Status(s)) => {
+            anyhow::anyhow!("{}", s.message())
+        }
+        _ => e.into(),
+    }
+}
+
 /// Facts about one certificate for printing.
 fn describe(svid: &spiffe::X509Svid) -> Value {
     let leaf = svid.leaf().as_bytes();
     let (serial, not_before, not_after) = match x509_parser::parse_x509_certificate(leaf) {
         Ok((_, cert)) => (
             crate::ca::serial_hex(cert.raw_serial()),
-            cert.validity().not_before.to_rfc2822().unwrap_or_default(),
-            cert.validity().not_after.to_rfc2822().unwrap_or_default(),
+            asn1_rfc3339(cert.validity().not_before),
+            asn1_rfc3339(cert.validity().not_after),
         ),
         Err(_) => Default::default(),
     };
@@ -269,6 +322,11 @@ fn describe(svid: &spiffe::X509Svid) -> Value {
         "not_before": not_before,
         "not_after": not_after,
     })
+}
+
+fn asn1_rfc3339(t: x509_parser::time::ASN1Time) -> String {
+    let secs = t.timestamp().max(0) as u64;
+    rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 fn pem_blocks(tag: &str, ders: impl IntoIterator<Item = Vec<u8>>) -> String {
@@ -326,7 +384,7 @@ pub async fn svid_fetch(
     output: Output,
 ) -> Result<()> {
     let client = workload_client(socket.as_deref()).await?;
-    let ctx = client.fetch_x509_context().await?;
+    let ctx = client.fetch_x509_context().await.map_err(workload_error)?;
     if let Some(dir) = &write {
         write_svid(dir, &ctx)?;
     }
@@ -350,12 +408,22 @@ pub async fn svid_fetch(
     Ok(())
 }
 
-pub async fn svid_watch(socket: Option<PathBuf>) -> Result<()> {
+/// Prints every update: text lines, or with `--output json` one JSON object per update
+/// (`time`, `svids`), one per line.
+pub async fn svid_watch(socket: Option<PathBuf>, output: Output) -> Result<()> {
     let client = workload_client(socket.as_deref()).await?;
-    let mut stream = client.stream_x509_contexts().await?;
+    let mut stream = client
+        .stream_x509_contexts()
+        .await
+        .map_err(workload_error)?;
     while let Some(update) = stream.next().await {
-        let ctx = update?;
+        let ctx = update.map_err(workload_error)?;
         let now = rfc3339(std::time::SystemTime::now());
+        if let Output::Json = output {
+            let svids: Vec<Value> = ctx.svids().iter().map(|s| describe(s)).collect();
+            println!("{}", json!({ "time": now, "svids": svids }));
+            continue;
+        }
         for s in ctx.svids() {
             let d = describe(s);
             println!(
@@ -380,8 +448,13 @@ pub fn audit(cmd: crate::cli::AuditCommand) -> Result<()> {
     match cmd {
         AuditCommand::Verify { data_dir } => {
             let dir = audit_dir(data_dir);
-            if !dir.is_dir() {
-                bail!("no audit log at {}", dir.display());
+            match std::fs::metadata(&dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => bail!("{} is not a directory", dir.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    bail!("no audit log at {}", dir.display())
+                }
+                Err(e) => bail!("cannot read the audit log at {}: {e}", dir.display()),
             }
             let summary = crate::audit::verify(&dir)
                 .map_err(|e| anyhow::anyhow!("audit log is NOT intact: {e}"))?;
@@ -412,6 +485,21 @@ pub fn audit(cmd: crate::cli::AuditCommand) -> Result<()> {
     Ok(())
 }
 
+/// The claims of a compact JWS, unverified (for printing what the agent issued or validated).
+fn jwt_claims(token: &str) -> Value {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
 pub async fn jwt(cmd: crate::cli::JwtCommand) -> Result<()> {
     use crate::cli::JwtCommand;
     match cmd {
@@ -419,13 +507,35 @@ pub async fn jwt(cmd: crate::cli::JwtCommand) -> Result<()> {
             audiences,
             spiffe_id,
             socket,
+            output,
         } => {
             let client = workload_client(socket.as_deref()).await?;
             let id = spiffe_id
                 .map(|s| spiffe::SpiffeId::new(&s).with_context(|| format!("--spiffe-id {s:?}")))
                 .transpose()?;
-            let token = client.fetch_jwt_token(&audiences, id.as_ref()).await?;
-            println!("{token}");
+            let token = client
+                .fetch_jwt_token(&audiences, id.as_ref())
+                .await
+                .map_err(workload_error)?;
+            match output {
+                Output::Text => println!("{token}"),
+                Output::Json => {
+                    let claims = jwt_claims(&token);
+                    let exp = claims["exp"].as_u64().map(|e| {
+                        rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e))
+                    });
+                    println!(
+                        "{}",
+                        json!({
+                            "token": token,
+                            "spiffe_id": claims["sub"],
+                            "audiences": claims["aud"],
+                            "expires_at": exp,
+                            "claims": claims,
+                        })
+                    );
+                }
+            }
         }
         JwtCommand::Validate {
             audience,
@@ -433,19 +543,12 @@ pub async fn jwt(cmd: crate::cli::JwtCommand) -> Result<()> {
             socket,
         } => {
             let client = workload_client(socket.as_deref()).await?;
-            let svid = client.validate_jwt_token(&audience, &token).await?;
+            let svid = client
+                .validate_jwt_token(&audience, &token)
+                .await
+                .map_err(workload_error)?;
             // The agent has validated it; show everything the token says.
-            let claims = token
-                .split('.')
-                .nth(1)
-                .and_then(|p| {
-                    use base64::Engine;
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD
-                        .decode(p)
-                        .ok()
-                })
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .unwrap_or(Value::Null);
+            let claims = jwt_claims(&token);
             println!(
                 "{}",
                 json!({ "spiffe_id": svid.spiffe_id().to_string(), "claims": claims })

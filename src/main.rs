@@ -8,9 +8,15 @@ use mayfly::cli::{AgentArgs, Cli, Command, SvidCommand};
 use mayfly::config::{Config, LogFormat, Overrides};
 
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_env("MAYFLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal (never in a file or the journal), and never
+    // when NO_COLOR is set (no-color.org).
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -102,7 +108,9 @@ async fn run(cli: Cli) {
             write,
             output,
         }) => mayfly::client::svid_fetch(socket, write, output).await,
-        Command::Svid(SvidCommand::Watch { socket }) => mayfly::client::svid_watch(socket).await,
+        Command::Svid(SvidCommand::Watch { socket, output }) => {
+            mayfly::client::svid_watch(socket, output).await
+        }
         Command::Audit(cmd) => mayfly::client::audit(cmd),
         Command::Policy(cmd) => match mayfly::client::policy_check(cmd) {
             Ok(code) => std::process::exit(code),
@@ -116,7 +124,21 @@ async fn run(cli: Cli) {
         Command::Exec { sync, command } => std::process::exit(mayfly::run::exec(&sync, &command)),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", report(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each cause once: many errors already name their
+/// cause in their own message, and repeating it helps nobody.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }

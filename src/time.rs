@@ -41,3 +41,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration like 90s, 5m or 1h: {e}"))
 }
+
+/// Rounds down to the whole second. Lease deadlines are whole seconds, so the deadline a lease
+/// shows (RFC 3339, seconds) is the instant it ends; X.509 validity has second precision too,
+/// so a certificate capped this way never outlives `t`.
+pub fn floor_secs(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    UNIX_EPOCH + Duration::from_secs(secs)
+}

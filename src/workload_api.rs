@@ -140,7 +140,7 @@ async fn deny(manager: &Manager, rpc: &'static str, att: &Attestation) -> Status
         rpc,
         pid = att.pid,
         uid = att.uid,
-        selectors = ?att.selectors,
+        selectors = %att.selectors.join(" "),
         reason = NO_IDENTITY,
         "no lease matches the caller"
     );

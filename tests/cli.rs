@@ -131,6 +131,28 @@ fn grant_fetch_write_watch_revoke() {
     ])))
     .unwrap();
     assert_eq!(fetched[0]["spiffe_id"], granted["spiffe_id"]);
+    // One time format everywhere: RFC 3339, UTC.
+    for key in ["not_before", "not_after"] {
+        let t = fetched[0][key].as_str().unwrap();
+        assert!(
+            t.len() == 20 && t.ends_with('Z') && &t[10..11] == "T",
+            "{key}: {t}"
+        );
+    }
+    let jwt: Value = serde_json::from_str(&ok(mayfly(&[
+        "jwt",
+        "fetch",
+        "--audience",
+        "svc",
+        "--socket",
+        sock_s,
+        "--output",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(jwt["spiffe_id"], granted["spiffe_id"]);
+    assert_eq!(jwt["token"].as_str().unwrap().split('.').count(), 3);
+    assert!(jwt["expires_at"].as_str().unwrap().ends_with('Z'));
     let key_mode = std::fs::metadata(out_dir.join("key.pem"))
         .unwrap()
         .permissions()
@@ -157,7 +179,7 @@ fn grant_fetch_write_watch_revoke() {
 
     // A watch sees the SVID, then ends with "no identity issued" once the lease is revoked.
     let mut watch = Command::new(BIN)
-        .args(["svid", "watch", "--socket", sock_s])
+        .args(["svid", "watch", "--socket", sock_s, "--output", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -170,7 +192,12 @@ fn grant_fetch_write_watch_revoke() {
             .read_line(&mut first_line)
             .unwrap();
     }
-    assert!(first_line.contains("/task/cli-1/"), "{first_line}");
+    let update: Value = serde_json::from_str(&first_line).unwrap();
+    assert_eq!(update["svids"][0]["spiffe_id"], granted["spiffe_id"]);
+    assert!(update["svids"][0]["not_after"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
     let revoked: Value = serde_json::from_str(&ok(mayfly(&[
         "task",
         "revoke",
@@ -199,6 +226,50 @@ fn grant_fetch_write_watch_revoke() {
     ])))
     .unwrap();
     assert_eq!(all[0]["state"], "revoked");
+    // Text output shows how the lease ended, and columns hold for long task IDs.
+    let got = ok(mayfly(&[
+        "task",
+        "get",
+        &lease_id,
+        "--admin-socket",
+        admin_s,
+    ]));
+    assert!(
+        got.contains("ended_at") && got.contains("ended_by"),
+        "{got}"
+    );
+    let long = "a-task-id-much-longer-than-twenty-characters";
+    ok(mayfly(&[
+        "task",
+        "grant",
+        "--task-id",
+        long,
+        "--delegator",
+        "user/bob",
+        "--agent",
+        "writer",
+        "--ttl",
+        "10m",
+        "--selector",
+        &selector,
+        "--admin-socket",
+        admin_s,
+    ]));
+    let table = ok(mayfly(&[
+        "task",
+        "list",
+        "--all",
+        "--admin-socket",
+        admin_s,
+    ]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("ENDED"), "{table}");
+    let col = |line: &str, word: &str| line.find(word).unwrap();
+    let spiffe_col = col(lines[0], "SPIFFE ID");
+    for line in &lines[1..] {
+        assert_eq!(col(line, "spiffe://"), spiffe_col, "{table}");
+    }
+    assert!(table.contains(long), "{table}");
 
     let bad = mayfly(&[
         "task",
@@ -361,7 +432,7 @@ fn sigterm_stops_the_agent_cleanly() {
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--health-addr", "127.0.0.1:0"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
         .spawn()
         .unwrap();
     wait_for(&admin);
@@ -373,10 +444,54 @@ fn sigterm_stops_the_agent_cleanly() {
     let status = agent.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists() && !admin.exists(), "sockets left behind");
+    // Logs into a file carry no colour codes, and no Rust debug rendering of options.
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("mayfly agent ready"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a file:\n{log}");
+    assert!(!log.contains("Some("), "{log}");
     let out = mayfly(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// What a user reads says each thing once: no cause repeated, no Rust debug rendering.
+#[test]
+fn errors_say_each_thing_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-agent.sock");
+    for args in [
+        vec!["task", "list", "--admin-socket", missing.to_str().unwrap()],
+        vec!["svid", "fetch", "--socket", missing.to_str().unwrap()],
+    ] {
+        let out = mayfly(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+        assert!(!err.contains("Some("), "{err}");
+    }
+    // A directory the user cannot read is named as such, not as a missing log.
+    if rustix::process::geteuid().as_raw() == 0 {
+        let data = dir.path().join("private");
+        std::fs::create_dir_all(data.join("audit")).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                BIN,
+            ])
+            .args(["audit", "verify", "--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Permission denied"), "{err}");
+        assert!(!err.contains("no audit log"), "{err}");
+    } else {
+        eprintln!("skipping the unreadable-directory check: needs root to switch users");
+    }
 }

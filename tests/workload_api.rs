@@ -523,3 +523,34 @@ async fn nobody_listening_means_no_rotation() {
     assert_eq!(issued("fetch"), 2);
     assert_eq!(issued("rotation"), 0);
 }
+
+/// The deadline a lease shows is the one it keeps: whole seconds, stored as shown, and the
+/// lease ends (its stream told) no earlier than that instant.
+#[tokio::test]
+async fn the_shown_deadline_is_the_kept_deadline() {
+    let t = start().await;
+    let lease = t.grant_me("deadline", Duration::from_secs(2), None).await;
+    let shown = lease.expires_at.unwrap();
+    assert_eq!(shown.nanos, 0, "{shown:?}");
+    assert_eq!(lease.max_expires_at.as_ref().unwrap().nanos, 0);
+    let client = t.workload().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+    let ended = SystemTime::now();
+    assert!(matches!(end, Ok(Some(Err(_))) | Ok(None)), "{end:?}");
+    assert!(ended >= expires_at(&lease));
+    let got = t
+        .admin()
+        .await
+        .get(mayfly::proto::admin::GetRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, "expired");
+    assert_eq!(got.expires_at.unwrap(), shown);
+    let ended_at = mayfly::time::from_timestamp(got.ended_at.as_ref().unwrap()).unwrap();
+    assert!(ended_at >= expires_at(&lease));
+}

@@ -555,8 +555,9 @@ pub fn validate_grant(
         spiffe_id,
         selectors,
         created_at: now,
-        expires_at: now + ttl,
-        max_expires_at: now + max_ttl,
+        // Whole seconds: the deadline shown is the instant the lease ends.
+        expires_at: crate::time::floor_secs(now + ttl),
+        max_expires_at: crate::time::floor_secs(now + max_ttl),
         svid_ttl,
         jwt_ttl,
         audiences,

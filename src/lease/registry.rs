@@ -311,10 +311,10 @@ impl Registry {
             delegator = %lease.delegator,
             agent = %lease.agent,
             spiffe_id = %lease.spiffe_id,
-            selectors = ?lease.selectors,
+            selectors = %lease.selectors.join(" "),
             expires_at = %crate::time::rfc3339(lease.expires_at),
             granted_by_uid = lease.granted_by.uid,
-            granted_by_pid = ?lease.granted_by.pid,
+            granted_by_pid = lease.granted_by.pid,
             reason = %lease.reason,
             "lease granted"
         );
@@ -339,7 +339,7 @@ impl Registry {
             event = "lease_pending",
             lease_id = %lease.id,
             task_id = %lease.task_id,
-            gates = ?gates,
+            gates = %gates.join(", "),
             "lease held for approval"
         );
         self.park(lease.clone());
@@ -414,8 +414,8 @@ impl Registry {
         }
         let now = SystemTime::now();
         let shift = now.duration_since(lease.created_at).unwrap_or_default();
-        lease.expires_at += shift;
-        lease.max_expires_at += shift;
+        lease.expires_at = crate::time::floor_secs(lease.expires_at + shift);
+        lease.max_expires_at = crate::time::floor_secs(lease.max_expires_at + shift);
         lease.state = LeaseState::Active;
         lease.approved_at = Some(now);
         lease.approved_by = Some(approver);
@@ -691,7 +691,7 @@ impl Registry {
                 message: "must be at least 1s".into(),
             });
         }
-        let wanted = SystemTime::now() + ttl;
+        let wanted = crate::time::floor_secs(SystemTime::now() + ttl);
         let mut lease = match self.get_active(id) {
             Some(l) => l,
             None => return Err(self.not_active(id).await),
@@ -824,7 +824,7 @@ impl Registry {
             lease_id = %lease.id,
             task_id = %lease.task_id,
             state = %lease.state,
-            ended_by_uid = ?lease.ended_by.as_ref().map(|p| p.uid),
+            ended_by_uid = lease.ended_by.as_ref().map(|p| p.uid),
             reason,
             "lease ended"
         );
@@ -1174,20 +1174,27 @@ mod tests {
             async move { grant(r, "many", &[u.as_str()], second).await }
         }))
         .await;
-        // From a deadline at ~2s to one at ~3s: the old deadline must not end it.
-        r.renew(&renewed.id, 3 * second).await.unwrap();
+        // From a deadline at ~2s to one at ~3s: the old deadline must not end it. Deadlines
+        // are whole seconds, so the checks are timed from the deadlines the leases show.
+        let renewed_until = r.renew(&renewed.id, 3 * second).await.unwrap().expires_at;
         let state = |id: LeaseId| {
             let r = r.clone();
             async move { r.get(&id).await.unwrap().state }
         };
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let until = |t: SystemTime| {
+            tokio::time::sleep(t.duration_since(SystemTime::now()).unwrap_or_default())
+        };
+        let half = Duration::from_millis(500);
+        let last_short = many.iter().map(|l| l.expires_at).max().unwrap();
+        until(last_short.max(plain.expires_at) + half).await;
         assert_eq!(state(plain.id.clone()).await, LeaseState::Expired);
         for l in &many {
             assert_eq!(state(l.id.clone()).await, LeaseState::Expired);
         }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(renewed_until > renewed.expires_at);
+        until(renewed.expires_at + half).await;
         assert_eq!(state(renewed.id.clone()).await, LeaseState::Active);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        until(renewed_until + half).await;
         assert_eq!(state(renewed.id.clone()).await, LeaseState::Expired);
         assert!(r.inner.read().unwrap().deadlines.is_empty());
     }

@@ -181,7 +181,7 @@ impl Manager {
             event = "jwt_issued",
             jti = %jti,
             spiffe_id = %l.spiffe_id,
-            audiences = ?audiences,
+            audiences = %audiences.join(","),
             expires_at = %crate::time::rfc3339(expires_at),
             lease_id = %l.id,
             pid = who.pid,

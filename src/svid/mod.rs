@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::sync::watch;
@@ -345,7 +345,7 @@ impl Manager {
     /// wakes us.
     fn next_refresh(&self, current: &SvidCell, expires_at: SystemTime) -> Option<SystemTime> {
         let svid = current.as_ref()?;
-        let cap = floor_secs(expires_at).min(self.ca.not_after());
+        let cap = crate::time::floor_secs(expires_at).min(self.ca.not_after());
         if svid.issued.not_after >= cap {
             return None;
         }
@@ -361,7 +361,7 @@ impl Manager {
     /// Past half its life, an SVID that a new one could outlive is stale: a caller that
     /// arrives then gets a fresh one (rotation happens only while a stream watches).
     fn is_stale(&self, svid: &X509Svid, expires_at: SystemTime, now: SystemTime) -> bool {
-        let cap = floor_secs(expires_at).min(self.ca.not_after());
+        let cap = crate::time::floor_secs(expires_at).min(self.ca.not_after());
         if svid.issued.not_after <= now {
             return true;
         }
@@ -444,10 +444,4 @@ impl Manager {
             "identity torn down"
         );
     }
-}
-
-/// X.509 validity has second precision: round down so the certificate never outlives `t`.
-fn floor_secs(t: SystemTime) -> SystemTime {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    UNIX_EPOCH + Duration::from_secs(secs)
 }
