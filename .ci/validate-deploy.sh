@@ -7,9 +7,14 @@
 #   * the Helm chart deploy/helm/mayfly: Chart.yaml/values.yaml parsed, then rendered offline with
 #     Helm's own Go engine (helm-python-sdk, a PyPI wheel bundling libhelm, no helm binary) for
 #     several value sets, linted, and every rendered resource schema-checked like the above;
+#   * the README's Helm commands run through Helm's install and upgrade actions (the same SDK)
+#     against a stand-in API server in this process: they install, into a namespace that admits
+#     the agent's pods; `--create-namespace` and unlabelled or baseline namespaces are refused
+#     before anything is created;
 #   * the agent's TOML configs (the ConfigMap's, the chart's, deploy/systemd/mayfly.toml): parsed
 #     with tomllib and held to the keys the agent accepts (it refuses unknown ones);
-#   * policy the manifests must keep (hostPID, capabilities, probes, hostPaths, RBAC verbs...);
+#   * policy the manifests must keep (hostPID, capabilities, probes, hostPaths, RBAC verbs, a
+#     Namespace enforcing Pod Security "privileged" where one is rendered...);
 #   * deploy/systemd/mayfly.service with systemd-analyze verify when that is installed;
 #   * deploy/Dockerfile: static checks only; it is NOT built (no container engine here).
 # Installs its tools itself, from PyPI only, into a cached virtualenv; needs python3 >= 3.11.
@@ -57,22 +62,37 @@ if ! have helm-python-sdk "$HELM_PYTHON_SDK_VERSION"; then
   fi
 fi
 
+# The Helm SDK's client caches (discovery, HTTP) and Helm's own directories go to a scratch
+# directory, not to ~/.kube or ~/.cache/helm; the script removes it when it ends. Set here: the
+# SDK's Go runtime takes its environment when it loads.
+MAYFLY_HELM_HOME="$(mktemp -d "${TMPDIR:-/tmp}/mayfly-validate-helm.XXXXXX")"
+export MAYFLY_HELM_HOME KUBECACHEDIR="$MAYFLY_HELM_HOME/kube-cache" \
+  HELM_CACHE_HOME="$MAYFLY_HELM_HOME/cache" HELM_CONFIG_HOME="$MAYFLY_HELM_HOME/config" \
+  HELM_DATA_HOME="$MAYFLY_HELM_HOME/data"
 export KV_BIN="$VENV/bin/kubernetes-validate" K8S_VERSIONS HELM_UNAVAILABLE
 exec "$VENV/bin/python" - <<'PY'
+import atexit
+import base64
+import http.server
 import ipaddress
+import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
+import urllib.parse
 
 import yaml
 
 T0 = time.monotonic()
+atexit.register(shutil.rmtree, os.environ["MAYFLY_HELM_HOME"], True)
 DEPLOY = pathlib.Path("deploy")
 KV_BIN = os.environ["KV_BIN"]
 K8S_VERSIONS = os.environ["K8S_VERSIONS"].split()
@@ -242,12 +262,31 @@ def kubernetes_validate(paths, where):
 ALLOWED_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH"}
 
 
+PSA_MODES = ("enforce", "warn", "audit")
+
+
+def namespace_problems(ns, name):
+    """What keeps Namespace object ns (None: absent) from admitting the agent's pods."""
+    if ns is None:
+        return [f"no Namespace {name} (the DaemonSet's)"]
+    labels = ns.get("metadata", {}).get("labels") or {}
+    return [f"Namespace {name}: pod-security.kubernetes.io/{m} must be privileged, is "
+            f"{labels.get(f'pod-security.kubernetes.io/{m}')!r}"
+            for m in PSA_MODES if labels.get(f"pod-security.kubernetes.io/{m}") != "privileged"]
+
+
 def check_policy(docs, where, socket_dir="/run/mayfly", admin_dir="/run/mayfly-admin",
-                 data_dir="/var/lib/mayfly", kubelet=True):
+                 data_dir="/var/lib/mayfly", kubelet=True, namespace=False):
+    """namespace: the documents must hold the DaemonSet's Namespace, labelled for Pod Security
+    "privileged" (hostPID, hostPath and SYS_PTRACE are refused by baseline and restricted)."""
     by_kind = {}
     for d in docs:
         by_kind.setdefault(d.get("kind"), []).append(d)
     problems = []
+    if namespace and len(by_kind.get("DaemonSet", [])) == 1:
+        ns_name = by_kind["DaemonSet"][0]["metadata"].get("namespace")
+        problems += namespace_problems(
+            next((n for n in by_kind.get("Namespace", []) if n["metadata"]["name"] == ns_name), None), ns_name)
     ds = by_kind.get("DaemonSet", [])
     if len(ds) != 1:
         problems.append(f"expected 1 DaemonSet, found {len(ds)}")
@@ -316,8 +355,13 @@ def check_policy(docs, where, socket_dir="/run/mayfly", admin_dir="/run/mayfly-a
                     problems.append(f"pod {pod['metadata']['name']} must not mount the admin socket dir")
                 if hp == socket_dir and not m.get("readOnly"):
                     problems.append(f"pod {pod['metadata']['name']} must mount {socket_dir} read-only")
-    check(not problems, f"{where}: deployment policy (hostPID, capabilities, probes, hostPaths, RBAC)",
-          "; ".join(problems))
+    check(not problems, f"{where}: deployment policy (hostPID, capabilities, probes, hostPaths, RBAC"
+          f"{', privileged Namespace' if namespace else ''})", "; ".join(problems))
+
+
+def container_resources(docs):
+    return {c["name"]: c.get("resources") for d in docs if d.get("kind") == "DaemonSet"
+            for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"]["containers"]}
 
 
 def configmap_toml(docs):
@@ -347,7 +391,7 @@ for p in files:
     else:
         plain_docs += docs
 kubernetes_validate(manifests, str(kdir))
-check_policy(plain_docs, str(kdir))
+check_policy(plain_docs, str(kdir), namespace=True)
 plain_toml = configmap_toml(plain_docs)
 plain_cfg = None
 if check(plain_toml is not None, f"{kdir}/configmap.yaml: holds mayfly.toml"):
@@ -391,6 +435,7 @@ else:
                                                   "keyFile": "/etc/mayfly-ca/ca-key.pem",
                                                   "ttl": "8760h"}}}, False),
     }
+    with_namespace = {"namespace+example"}
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mayfly-helm-"))
     render_failures = 0
     try:
@@ -414,7 +459,7 @@ else:
                 rendered = tmp / f"{label}.yaml"
                 rendered.write_text(yaml.safe_dump_all(docs, sort_keys=False))
                 kubernetes_validate([rendered], where)
-                check_policy(docs, where, kubelet=kubelet)
+                check_policy(docs, where, kubelet=kubelet, namespace=label in with_namespace)
                 toml_text = configmap_toml(docs)
                 if check(toml_text is not None, f"{where}: ConfigMap holds mayfly.toml"):
                     cfg = check_config(toml_text, f"{where} mayfly.toml", kubernetes=kubelet)
@@ -427,9 +472,402 @@ else:
                         ns_plain = [n for n in plain if not n.startswith(("Namespace/", "Pod/", "ServiceAccount/reporter"))]
                         check(names == ns_plain, f"{where}: same resources as deploy/kubernetes (less namespace and example)",
                               f"{names} != {ns_plain}")
+                        got_res, want_res = container_resources(docs), container_resources(plain_docs)
+                        check(got_res == want_res, f"{where}: container resources equal deploy/kubernetes/daemonset.yaml's",
+                              f"chart {got_res} != plain {want_res}")
         chart_rendered = render_failures == 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+# ================================================================ helm install (stand-in API server)
+# Helm's own install and upgrade actions (the Go SDK inside helm-python-sdk) run against a small
+# API server in this process: discovery, the OpenAPI v3 documents Helm's validation asks for, and
+# create/get/list/apply/update of the kinds the chart holds, with the answers of a real API server
+# that matter here (404 for an object in a missing namespace, 409 for an existing one). No pod runs:
+# "admitted" is Pod Security admission's rule for the agent's pods (hostPID, hostPath, SYS_PTRACE):
+# the namespace's enforce label, or the cluster's default level when it has none (taken to be
+# "restricted"), must be "privileged".
+FAKE_RESOURCES = [  # group, version, resource, kind, namespaced
+    ("", "v1", "namespaces", "Namespace", False),
+    ("", "v1", "secrets", "Secret", True),
+    ("", "v1", "configmaps", "ConfigMap", True),
+    ("", "v1", "serviceaccounts", "ServiceAccount", True),
+    ("", "v1", "pods", "Pod", True),
+    ("apps", "v1", "daemonsets", "DaemonSet", True),
+    ("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+]
+
+
+def _pb_varint(buf, i):
+    shift = val = 0
+    while True:
+        b = buf[i]
+        i += 1
+        val |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return val, i
+
+
+def _pb_fields(buf):
+    i, out = 0, []
+    while i < len(buf):
+        key, i = _pb_varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            val, i = _pb_varint(buf, i)
+        elif wire == 2:
+            n, i = _pb_varint(buf, i)
+            val, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            val, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        out.append((num, val))
+    return out
+
+
+def _pb_map(entries):
+    return {dict(_pb_fields(e)).get(1, b"").decode(): dict(_pb_fields(e)).get(2, b"") for e in entries}
+
+
+def decode_secret_protobuf(raw):
+    """client-go's typed clients (Helm's release storage) send Secrets as Kubernetes protobuf:
+    "k8s\\0" + runtime.Unknown{typeMeta{apiVersion, kind}, raw Secret}. Decodes what a Secret holds."""
+    env = dict(_pb_fields(raw[4:]))
+    type_meta = dict(_pb_fields(env[1]))
+    if type_meta.get(2) != b"Secret":
+        raise ValueError(f"protobuf {type_meta.get(2)!r}: only Secrets are expected")
+    obj = {"apiVersion": "v1", "kind": "Secret", "metadata": {}}
+    for num, val in _pb_fields(env[2]):
+        if num == 1:  # ObjectMeta: name 1, namespace 3, labels 11
+            meta = _pb_fields(val)
+            for n, key in ((1, "name"), (3, "namespace")):
+                v = next((v for m, v in meta if m == n), None)
+                if v:
+                    obj["metadata"][key] = v.decode()
+            labels = _pb_map([v for m, v in meta if m == 11])
+            if labels:
+                obj["metadata"]["labels"] = {k: v.decode() for k, v in labels.items()}
+        elif num == 2:  # data
+            obj.setdefault("data", {}).update({k: base64.b64encode(v).decode() for k, v in _pb_map([val]).items()})
+        elif num == 3:
+            obj["type"] = val.decode()
+    return obj
+
+
+class FakeKube:
+    def __init__(self):
+        self.objects = {}  # (group, resource, namespace, name) -> object
+        self.writes = []   # (method, path) of every request that is not a GET
+        self.rv = 0
+        self.lock = threading.Lock()
+        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
+            self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.dispatch("GET")
+
+            def do_POST(self):
+                self.dispatch("POST")
+
+            def do_PUT(self):
+                self.dispatch("PUT")
+
+            def do_PATCH(self):
+                self.dispatch("PATCH")
+
+            def do_DELETE(self):
+                self.dispatch("DELETE")
+
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def failure(self, code, reason, message):
+                self.reply(code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                  "message": message, "reason": reason, "code": code})
+
+            def dispatch(self, method):
+                url = urllib.parse.urlsplit(self.path)
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                with server.lock:
+                    if method != "GET":
+                        server.writes.append((method, url.path))
+                    try:
+                        code, answer = server.handle(method, [p for p in url.path.split("/") if p],
+                                                     urllib.parse.parse_qs(url.query), body,
+                                                     self.headers.get("Content-Type", ""))
+                    except Exception as e:  # a bug here, not in the chart
+                        code, answer = 500, ("InternalError", f"stand-in API server: {e!r}")
+                if isinstance(answer, tuple):
+                    self.failure(code, *answer)
+                else:
+                    self.reply(code, answer)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def store(self, group, resource, namespace, obj):
+        self.rv += 1
+        meta = obj.setdefault("metadata", {})
+        meta.update(resourceVersion=str(self.rv), uid=meta.get("uid") or f"uid-{self.rv}",
+                    creationTimestamp=meta.get("creationTimestamp") or "2026-01-01T00:00:00Z")
+        if namespace:
+            meta["namespace"] = namespace
+        if resource == "namespaces":
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+            obj["status"] = {"phase": "Active"}
+        self.objects[(group, resource, namespace, meta["name"])] = obj
+        return obj
+
+    def apply(self, doc):
+        """`kubectl apply` of one object."""
+        group = doc["apiVersion"].rpartition("/")[0]
+        g, v, resource, kind, namespaced = next(r for r in FAKE_RESOURCES if (r[0], r[3]) == (group, doc["kind"]))
+        ns = doc["metadata"].get("namespace", "default") if namespaced else ""
+        return self.store(group, resource, ns, json.loads(json.dumps(doc)))
+
+    def find(self, kind, name="", namespace=None):
+        group, _, resource, *_ = next(r for r in FAKE_RESOURCES if r[3] == kind)
+        return [o for (g, r, ns, n), o in self.objects.items() if (g, r) == (group, resource)
+                and (not name or n == name) and (namespace is None or ns == namespace)]
+
+    def admitted(self, default_level="restricted"):
+        """Whether Pod Security admission lets every DaemonSet's pods in, and why not."""
+        problems = []
+        for ds in self.find("DaemonSet"):
+            ns = ds["metadata"]["namespace"]
+            found = self.find("Namespace", ns)
+            labels = found[0]["metadata"].get("labels", {}) if found else {}
+            level = labels.get("pod-security.kubernetes.io/enforce", default_level)
+            if level != "privileged":
+                problems.append(f"DaemonSet {ns}/{ds['metadata']['name']}: namespace enforces {level!r}"
+                                + ("" if "pod-security.kubernetes.io/enforce" in labels else " (no label: the cluster default)"))
+        return problems
+
+    def handle(self, method, parts, query, body, content_type):
+        if parts == ["version"]:
+            return 200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}
+        if parts == ["api"]:
+            return 200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+        if parts == ["apis"]:
+            groups = sorted({r[0] for r in FAKE_RESOURCES if r[0]})
+            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in groups]}
+        if parts[:2] == ["openapi", "v3"]:
+            return 200, self.openapi("/".join(parts[2:]))
+        if parts[:1] == ["api"] and len(parts) >= 2:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            return 404, ("NotFound", f"no such path /{'/'.join(parts)}")
+        if not rest:
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1",
+                         "groupVersion": f"{group}/{version}" if group else version, "resources": [
+                             {"name": r, "singularName": k.lower(), "namespaced": nsd, "kind": k,
+                              "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                             for g, v, r, k, nsd in FAKE_RESOURCES if (g, v) == (group, version)]}
+        ns = ""
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            ns, rest = rest[1], rest[2:]
+        resource, name = rest[0], (rest[1] if len(rest) > 1 else "")
+        known = next((r for r in FAKE_RESOURCES if (r[0], r[2]) == (group, resource)), None)
+        if known is None:
+            return 404, ("NotFound", f"the server could not find the requested resource ({resource})")
+        kind, namespaced = known[3], known[4]
+        key = (group, resource, ns, name)
+        if method == "GET" and not name:
+            selector = dict(kv.split("=", 1) for kv in query.get("labelSelector", [""])[0].split(",") if "=" in kv)
+            items = [o for (g, r, n, _), o in self.objects.items() if (g, r) == (group, resource)
+                     and (not ns or n == ns)
+                     and all(o["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())]
+            return 200, {"kind": kind + "List", "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)},
+                         "items": items}
+        if method in ("GET", "DELETE"):
+            obj = self.objects.get(key) if method == "GET" else self.objects.pop(key, None)
+            return (200, obj) if obj is not None else (404, ("NotFound", f'{resource} "{name}" not found'))
+        obj = decode_secret_protobuf(body) if body.startswith(b"k8s\0") else (yaml.safe_load(body) or {})
+        if namespaced and ("", "namespaces", "", ns) not in self.objects:
+            return 404, ("NotFound", f'namespaces "{ns}" not found')
+        if method == "POST":
+            key = (group, resource, ns, obj["metadata"]["name"])
+            if key in self.objects:
+                return 409, ("AlreadyExists", f'{resource} "{key[3]}" already exists')
+            return 201, self.store(group, resource, ns, obj)
+        if method == "PUT":
+            if key not in self.objects:
+                return 404, ("NotFound", f'{resource} "{name}" not found')
+            return 200, self.store(group, resource, ns, obj)
+        if method == "PATCH" and "apply-patch" in content_type:
+            # Server-side apply, simplified: maps merge key by key, anything else is replaced, and
+            # fields that an applier stops setting stay (no managedFields).
+            old = self.objects.get(key)
+            merged = obj if old is None else deep_merge(json.loads(json.dumps(old)), obj)
+            return (200 if old else 201), self.store(group, resource, ns, merged)
+        return 405, ("MethodNotAllowed", f"{method} {content_type}")
+
+    @staticmethod
+    def openapi(path):
+        """OpenAPI v3: the root, and per group-version the PATCH operations that tell client-go the
+        server validates fields itself (fieldValidation), which is all Helm's validation reads."""
+        gv = lambda g, v: f"api/{v}" if not g else f"apis/{g}/{v}"
+        if not path:
+            return {"paths": {gv(g, v): {"serverRelativeURL": f"/openapi/v3/{gv(g, v)}?hash=0"}
+                              for g, v, *_ in FAKE_RESOURCES}}
+        paths = {}
+        for g, v, r, k, namespaced in FAKE_RESOURCES:
+            if gv(g, v) == path:
+                route = f"/{path}/namespaces/{{namespace}}/{r}/{{name}}" if namespaced else f"/{path}/{r}/{{name}}"
+                paths[route] = {"patch": {
+                    "operationId": f"patch{k}", "x-kubernetes-group-version-kind": {"group": g, "version": v, "kind": k},
+                    "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "OK"}}}}
+        return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"},
+                "paths": paths, "components": {"schemas": {}}}
+
+
+def deep_merge(into, patch):
+    for k, v in patch.items():
+        into[k] = deep_merge(into[k], v) if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+    return into
+
+
+helm_installs = 0
+
+
+def helm_install(fake, chart, name, namespace, values=None, create_namespace=False, upgrade=False):
+    """`helm install` (or upgrade) through the SDK; returns None or the error's text."""
+    global helm_installs
+    helm_installs += 1
+    kubeconfig = yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+        "users": [{"name": "fake", "user": {}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}]})
+    with helm.Config(kubeconfig_content=kubeconfig, namespace=namespace, storage_driver="secret") as cfg:
+        try:
+            if upgrade:
+                cfg.upgrade(chart, name, values or {}, namespace=namespace)
+            else:
+                cfg.install(chart, name, values or {}, namespace=namespace, create_namespace=create_namespace)
+        except helm.HelmError as e:
+            return str(e)
+    return None
+
+
+def run_readme_block(fake, lines):
+    """Runs the README's Helm block: `kubectl apply -f FILE` and `helm install NAME CHART -n NS
+    [--create-namespace]` are what it may hold. Returns (namespace, name, error) of the install."""
+    installed = None
+    for line in lines:
+        argv = shlex.split(line)
+        if argv[:3] == ["kubectl", "apply", "-f"] and len(argv) == 4:
+            for doc in yaml.safe_load_all(pathlib.Path(argv[3]).read_text()):
+                if doc:
+                    fake.apply(doc)
+        elif argv[:2] == ["helm", "install"]:
+            args, ns, create = argv[2:], "default", False
+            positional = []
+            while args:
+                a = args.pop(0)
+                if a in ("-n", "--namespace"):
+                    ns = args.pop(0)
+                elif a == "--create-namespace":
+                    create = True
+                elif a.startswith("-"):
+                    raise ValueError(f"README: helm flag {a} unknown to this check")
+                else:
+                    positional.append(a)
+            release, chart = positional
+            installed = (ns, release, helm_install(fake, chart, release, ns, create_namespace=create))
+        else:
+            raise ValueError(f"README: command unknown to this check: {line}")
+    return installed
+
+
+if not helm_reason:
+    print("== helm install (Helm SDK install/upgrade against a stand-in API server)")
+    readme = pathlib.Path("README.md").read_text()
+    section = re.search(r"^## Deployment\n(.*?)(?=^## )", readme, re.M | re.S)
+    blocks = re.findall(r"```sh\n(.*?)\n\s*```", section.group(1) if section else "", re.S)
+    block = next((b for b in blocks if "helm install" in b), None)
+    lines = [l.split("#", 1)[0].strip() for l in (block or "").splitlines()]
+    lines = [l for l in lines if l]
+    if check(block is not None, "README.md Deployment: a ```sh block with the helm install command"):
+        check(not any("--create-namespace" in l for l in lines),
+              "README.md Deployment: no --create-namespace (Helm would make the namespace without Pod Security labels)")
+        fake = FakeKube()
+        try:
+            ns, release, err = run_readme_block(fake, lines)
+            ok_install = check(err is None, f"README commands ({'; '.join(lines)}): install", err or "")
+            if ok_install:
+                problems = fake.admitted()
+                if not fake.find("DaemonSet", namespace=ns):
+                    problems.append(f"no DaemonSet in {ns}")
+                if not fake.find("Secret", f"sh.helm.release.v1.{release}.v1", ns):
+                    problems.append(f"no release record in {ns}")
+                check(not problems, f"README commands: DaemonSet and release in {ns}, pods admitted "
+                      "(namespace enforces privileged)", "; ".join(problems))
+                err = helm_install(fake, str(chart_dir), release, ns, upgrade=True)
+                check(err is None, "README commands, then helm upgrade: upgrades", err or "")
+        except (ValueError, TypeError) as e:
+            bad(f"README commands: {e}")
+        finally:
+            fake.close()
+
+    def refused(label, prepare=None, create_namespace=False, want="", values=None):
+        fake = FakeKube()
+        try:
+            if prepare:
+                fake.apply(prepare)
+            err = helm_install(fake, str(chart_dir), "mayfly", "mayfly-system", values, create_namespace)
+            check(err is not None and want in err and not fake.writes,
+                  f"helm install {label}: refused before anything is created",
+                  f"error {err!r}, requests that write: {fake.writes}")
+        finally:
+            fake.close()
+
+    unlabelled = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mayfly-system"}}
+    baseline = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "mayfly-system", "labels": {"pod-security.kubernetes.io/enforce": "baseline"}}}
+    refused("-n mayfly-system --create-namespace (the old README command)", create_namespace=True,
+            want='namespace "mayfly-system" does not exist')
+    refused("-n mayfly-system, namespace missing", want='namespace "mayfly-system" does not exist')
+    refused("-n mayfly-system, namespace made by `kubectl create namespace`", prepare=unlabelled,
+            want="has no pod-security.kubernetes.io/enforce label")
+    refused("-n mayfly-system, namespace enforcing baseline", prepare=baseline, want='enforces Pod Security "baseline"')
+    # What the check prevents: with it off, the old command installs and the pods are refused.
+    fake = FakeKube()
+    try:
+        err = helm_install(fake, str(chart_dir), "mayfly", "mayfly-system",
+                           {"namespace": {"requirePrivileged": False}}, create_namespace=True)
+        problems = fake.admitted()
+        check(err is None and problems, "helm install --create-namespace with namespace.requirePrivileged=false: "
+              "installs, and the pods would be refused (the defect the check stops)",
+              f"error {err!r}, admission {problems or 'admits'}")
+    finally:
+        fake.close()
 
 # ================================================================ deploy/systemd
 print("== deploy/systemd")
@@ -515,7 +953,8 @@ notes.append("deploy/Dockerfile is not built here (no container engine)")
 # ================================================================ summary
 secs = time.monotonic() - T0
 status = "PASS" if failed == 0 else "FAIL"
-chart = ("rendered (3 value sets), linted and schema-validated" if chart_rendered
+chart = (f"rendered (3 value sets), linted, schema-validated, and put through {helm_installs} "
+         "installs/upgrades against a stand-in API server" if chart_rendered
          else "NOT rendered (see note)" if helm_reason else "FAILED to render")
 print()
 for n in notes:

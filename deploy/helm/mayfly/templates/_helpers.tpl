@@ -115,3 +115,29 @@ insecure_skip_verify = {{ .Values.kubelet.insecureSkipVerify }}
 node_name = "@NODE_NAME@"
 {{- end }}
 {{- end -}}
+
+{{/*
+Stops `helm install` and `helm upgrade` unless the release namespace enforces Pod Security
+"privileged" (namespace.requirePrivileged). lookup answers only when Helm talks to the cluster
+(install, upgrade, --dry-run=server); offline (helm template, helm lint) it returns nothing, even
+for "default", which every cluster has, so nothing is checked there. Helm renders before it
+creates the namespace for --create-namespace and before it stores the release, so a namespace
+that is missing (about to be made without labels, or not at all) fails here, before anything is
+created.
+*/}}
+{{- define "mayfly.checkNamespace" -}}
+{{- if and .Values.namespace.requirePrivileged (not .Values.namespace.create) (lookup "v1" "Namespace" "" "default") -}}
+{{- $name := .Release.Namespace -}}
+{{- $labels := "pod-security.kubernetes.io/enforce=privileged pod-security.kubernetes.io/warn=privileged pod-security.kubernetes.io/audit=privileged" -}}
+{{- $skip := "(or set namespace.requirePrivileged=false if the pods are admitted some other way)" -}}
+{{- $ns := lookup "v1" "Namespace" "" $name -}}
+{{- if not $ns -}}
+{{- fail (printf "namespace %q does not exist. The agent's pods (hostPID, hostPath, SYS_PTRACE) need a namespace that enforces Pod Security \"privileged\", and --create-namespace makes one without that label. Create it first, then install without --create-namespace: kubectl create namespace %s && kubectl label namespace %s %s %s" $name $name $name $labels $skip) -}}
+{{- end -}}
+{{- $level := dig "metadata" "labels" "pod-security.kubernetes.io/enforce" "" $ns -}}
+{{- if ne $level "privileged" -}}
+{{- $now := ternary "has no pod-security.kubernetes.io/enforce label (the cluster's default level applies)" (printf "enforces Pod Security %q" $level) (eq $level "") -}}
+{{- fail (printf "namespace %q %s. The agent's pods (hostPID, hostPath, SYS_PTRACE) need \"privileged\": kubectl label --overwrite namespace %s %s %s" $name $now $name $labels $skip) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
