@@ -194,12 +194,14 @@ fn health_from_stdout(child: &mut Child) -> Res<SocketAddr> {
         let mut tx = Some(tx);
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if line.contains("health/metrics") {
-                if let Some(rest) = line.split("http://").nth(1) {
-                    let addr = rest.split('/').next().unwrap_or_default().to_owned();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
+            // "health/metrics  127.0.0.1:PORT  (...)"; agents before 2026-12 printed
+            // "health/metrics  http://127.0.0.1:PORT/healthz/ready  /metrics".
+            if let Some(rest) = line.split("health/metrics").nth(1) {
+                let word = rest.split_whitespace().next().unwrap_or_default();
+                let addr = word.trim_start_matches("http://");
+                let addr = addr.split('/').next().unwrap_or_default().to_owned();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
                 }
             }
         }

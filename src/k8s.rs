@@ -122,8 +122,10 @@ pub fn parse_cgroup(text: &str) -> Option<PodRef> {
             Some(prev) if *prev == pod => {}
             Some(prev) => {
                 tracing::warn!(
-                    first = ?prev,
-                    other = ?pod,
+                    first_pod_uid = %prev.pod_uid,
+                    first_container_id = %prev.container_id,
+                    other_pod_uid = %pod.pod_uid,
+                    other_container_id = %pod.container_id,
                     "cgroup hierarchies disagree about the pod; ignoring"
                 );
                 return None;

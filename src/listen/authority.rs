@@ -33,20 +33,31 @@ const PRIORITY: u8 = 0x20;
 /// exceed it.
 pub const MAX_FRAME: usize = 16_384;
 
-/// Bounds on one header block, so a client cannot make the rewriter hold or build much: the
-/// compressed block as received, and the decoded header list. Both sit well above what the
-/// servers accept (16 KiB of header list), so h2 still answers a merely large request itself.
+/// Bounds, so that a client cannot make the rewriter hold or build much.
+///
+/// Re-encoding turns a one-byte reference to the client's dynamic table into a full literal,
+/// so a block's output can be far larger than its input. Hence the decoded list is held near
+/// what the servers accept anyway (h2 answers a list over 16 KiB with 431), and one `feed`
+/// stops producing once `max_output` is reached, keeping the rest of its input for later.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// The compressed block, as received across HEADERS and CONTINUATION frames.
     pub max_block: usize,
+    /// The decoded header list (RFC 9113 §6.5.2 sizing).
     pub max_list: usize,
+    /// CONTINUATION frames in one block (h2 itself allows a handful; it never sees them).
+    pub max_continuations: usize,
+    /// Output produced by one `feed` before the rest of the input waits.
+    pub max_output: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_block: 64 * 1024,
-            max_list: 64 * 1024,
+            max_block: 32 * 1024,
+            max_list: 20 * 1024,
+            max_continuations: 16,
+            max_output: 64 * 1024,
         }
     }
 }
@@ -57,6 +68,8 @@ pub enum RewriteError {
     FrameTooLarge(usize),
     #[error("header block exceeds {0} bytes")]
     BlockTooLarge(usize),
+    #[error("header block split into more than {0} CONTINUATION frames")]
+    TooManyContinuations(usize),
     #[error("frame of type {0:#x} inside an unfinished header block")]
     ExpectedContinuation(u8),
     #[error("CONTINUATION without a header block open on its stream")]
@@ -86,6 +99,7 @@ struct OpenBlock {
     end_stream: bool,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    continuations: usize,
 }
 
 /// The rewriter of one connection's client-to-server bytes, independent of any socket.
@@ -99,6 +113,9 @@ pub struct Rewriter {
     skip: usize,
     block: Option<OpenBlock>,
     encoded: Vec<u8>,
+    /// Input not yet looked at because `max_output` was reached; it comes before any new
+    /// input.
+    backlog: Vec<u8>,
 }
 
 impl Default for Rewriter {
@@ -117,12 +134,27 @@ impl Rewriter {
             skip: 0,
             block: None,
             encoded: Vec::new(),
+            backlog: Vec::new(),
         }
+    }
+
+    /// Whether input is waiting (see `Limits::max_output`): call `resume` before feeding more.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Continues with the waiting input, up to `max_output` more output.
+    pub fn resume(&mut self, out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        let backlog = std::mem::take(&mut self.backlog);
+        self.feed(&backlog, out)
     }
 
     /// How many of the next `n` input bytes pass through unchanged as they are, so that a
     /// caller holding them in place need not copy them. Call `pass` for the ones it keeps.
     pub fn verbatim_prefix(&self, n: usize) -> usize {
+        if self.has_backlog() {
+            return 0;
+        }
         match self.phase {
             Phase::Verbatim => n,
             Phase::Frames if self.pending.is_empty() => n.min(self.skip),
@@ -141,24 +173,45 @@ impl Rewriter {
         }
     }
 
-    /// Takes bytes read from the client and appends what h2 is to read to `out`. After an
-    /// error the connection must be closed; every later call fails too.
+    /// Takes bytes read from the client and appends what h2 is to read to `out`. Once this
+    /// call has produced `max_output`, the rest of `input` waits in the backlog (see
+    /// `has_backlog`). After an error the connection must be closed; every later call fails.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
-        let r = self.feed_inner(&mut input, out);
-        if r.is_err() {
-            self.phase = Phase::Failed;
-            self.pending = Vec::new();
-            self.block = None;
+        // New input after waiting input would reorder the stream.
+        debug_assert!(self.backlog.is_empty(), "resume before feeding more");
+        let limit = out.len() + self.limits.max_output;
+        let r = self.feed_inner(&mut input, out, limit);
+        match r {
+            Ok(()) => {
+                if !input.is_empty() {
+                    self.backlog.extend_from_slice(input);
+                }
+            }
+            Err(_) => {
+                self.phase = Phase::Failed;
+                self.pending = Vec::new();
+                self.block = None;
+                self.backlog = Vec::new();
+            }
         }
         r
     }
 
-    fn feed_inner(&mut self, input: &mut &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+    fn feed_inner(
+        &mut self,
+        input: &mut &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), RewriteError> {
         loop {
+            if out.len() >= limit {
+                return Ok(());
+            }
             match self.phase {
                 Phase::Failed => return Err(RewriteError::Closed),
                 Phase::Verbatim => {
                     out.extend_from_slice(input);
+                    *input = &[];
                     return Ok(());
                 }
                 Phase::Preface(matched) => {
@@ -211,10 +264,14 @@ impl Rewriter {
                     if !self.take(input, FRAME_HEADER + len) {
                         return Ok(());
                     }
-                    let frame = std::mem::take(&mut self.pending);
+                    let mut frame = std::mem::take(&mut self.pending);
                     let r = self.header_frame(kind, flags, stream, &frame[FRAME_HEADER..], out);
-                    self.pending = frame;
-                    self.pending.clear();
+                    // Keep a small buffer for the next frame, not a large one: idle
+                    // connections are many.
+                    if frame.capacity() <= 4 * 1024 {
+                        frame.clear();
+                        self.pending = frame;
+                    }
                     r?;
                 }
             }
@@ -268,11 +325,19 @@ impl Rewriter {
                 end_stream: flags & END_STREAM != 0,
                 priority,
                 fragment: Vec::new(),
+                continuations: 0,
             });
             self.extend_block(fragment)?;
         } else {
-            match &self.block {
-                Some(b) if b.stream == stream => {}
+            match &mut self.block {
+                Some(b) if b.stream == stream => {
+                    b.continuations += 1;
+                    if b.continuations > self.limits.max_continuations {
+                        return Err(RewriteError::TooManyContinuations(
+                            self.limits.max_continuations,
+                        ));
+                    }
+                }
                 _ => return Err(RewriteError::UnexpectedContinuation),
             }
             self.extend_block(payload)?;
@@ -549,6 +614,7 @@ mod tests {
         let mut r = Rewriter::new(Limits {
             max_block: 1 << 20,
             max_list: 1 << 20,
+            ..Limits::default()
         });
         let mut out = Vec::new();
         r.feed(&input, &mut out).unwrap();
@@ -623,7 +689,51 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(err, Some(RewriteError::BlockTooLarge(64 * 1024)));
+        assert_eq!(err, Some(RewriteError::BlockTooLarge(32 * 1024)));
+        // Empty CONTINUATIONs never grow the block; their number is bounded instead.
+        let mut r = Rewriter::default();
+        r.feed(PREFACE, &mut out).unwrap();
+        r.feed(&frame(HEADERS, 0, 1, &[0x82]), &mut out).unwrap();
+        let empty = frame(CONTINUATION, 0, 1, &[]);
+        let got = (0..20).find_map(|_| r.feed(&empty, &mut out).err());
+        assert_eq!(got, Some(RewriteError::TooManyContinuations(16)));
+    }
+
+    /// One-byte references to a 4 KiB table entry re-encode as 4 KiB literals: a read of
+    /// such blocks must not turn into megabytes at once. Output per call is bounded, the rest
+    /// waits, and nothing is lost or reordered.
+    #[test]
+    fn amplified_output_is_produced_in_bounded_steps() {
+        // Fill the table with one entry of 4096 bytes (1 + 4063 + 32).
+        let mut fill = vec![0x40, 0x01, b'x', 0x7f, 0xe0, 0x1e];
+        fill.extend(vec![b'v'; 4063]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &fill));
+        // Four references per block: 4 * 4096 = 16 KiB, under the list bound.
+        for i in 0..300u32 {
+            input.extend(frame(HEADERS, END_HEADERS, 3 + 2 * i, &[0xbe; 4]));
+        }
+        let limits = Limits::default();
+        let mut r = Rewriter::new(limits);
+        let mut all = Vec::new();
+        let mut out = Vec::new();
+        r.feed(&input, &mut out).unwrap();
+        let mut calls = 1;
+        loop {
+            // One call overshoots its bound by at most one block's frames.
+            assert!(out.len() <= limits.max_output + limits.max_list + 2 * (9 + 5));
+            all.append(&mut out);
+            if !r.has_backlog() {
+                break;
+            }
+            assert_eq!(r.verbatim_prefix(10), 0, "waiting input comes first");
+            r.resume(&mut out).unwrap();
+            calls += 1;
+        }
+        assert!(calls > 10, "{calls}");
+        let (_, blocks) = parse_output(&all);
+        assert_eq!(blocks.len(), 301);
+        assert!(blocks[1..].iter().all(|b| b.len() == 4 && b[0].0 == "x"));
     }
 
     #[test]

@@ -69,10 +69,21 @@ impl Decoder {
 
     /// Decodes one complete header block, calling `f` with each field in order. After an
     /// error the table may be out of step with the peer's: the connection must end.
-    pub fn decode(
+    pub fn decode(&mut self, block: &[u8], mut f: impl FnMut(Field<'_>)) -> Result<(), HpackError> {
+        let r = self.decode_fields(block, &mut f);
+        // Keep no large scratch buffer on an idle connection.
+        for buf in [&mut self.name, &mut self.value] {
+            if buf.capacity() > 4 * 1024 {
+                *buf = Vec::new();
+            }
+        }
+        r
+    }
+
+    fn decode_fields(
         &mut self,
         mut block: &[u8],
-        mut f: impl FnMut(Field<'_>),
+        f: &mut impl FnMut(Field<'_>),
     ) -> Result<(), HpackError> {
         let mut fields_seen = false;
         let mut list = 0usize;
@@ -177,17 +188,18 @@ fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, HpackError> {
     let max = (1usize << prefix) - 1;
     let (&first, rest) = block.split_first().ok_or(HpackError::Truncated)?;
     *block = rest;
-    let mut value = first as usize & max;
-    if value < max {
-        return Ok(value);
+    let mut value = (first as usize & max) as u64;
+    if value < max as u64 {
+        return Ok(value as usize);
     }
     let mut shift = 0u32;
     loop {
         let (&b, rest) = block.split_first().ok_or(HpackError::Truncated)?;
         *block = rest;
-        value += ((b & 0x7f) as usize) << shift;
+        // At most 7 * 5 = 35 bits: a u64 holds it on any target; usize may not.
+        value += ((b & 0x7f) as u64) << shift;
         if b & 0x80 == 0 {
-            return Ok(value);
+            return usize::try_from(value).map_err(|_| HpackError::IntegerOverflow);
         }
         shift += 7;
         if shift > 28 {

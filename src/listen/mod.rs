@@ -110,6 +110,17 @@ pub struct PeerStream {
 }
 
 impl PeerStream {
+    /// The error that ends a connection whose client sent what the rewriter refuses.
+    fn malformed(&self, e: authority::RewriteError) -> io::Error {
+        tracing::warn!(
+            pid = self.peer.pid(),
+            uid = self.peer.uid(),
+            error = %e,
+            "closing connection: malformed HTTP/2 from the client"
+        );
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
     pub fn new(io: UnixStream, peer: PeerInfo) -> PeerStream {
         PeerStream {
             io,
@@ -155,6 +166,13 @@ impl AsyncRead for PeerStream {
                 }
                 return Poll::Ready(Ok(()));
             }
+            // Input the rewriter set aside (its output per call is bounded) comes first.
+            if this.rewriter.has_backlog() {
+                if let Err(e) = this.rewriter.resume(&mut this.out) {
+                    return Poll::Ready(Err(this.malformed(e)));
+                }
+                continue;
+            }
             // Read straight into h2's buffer; what passes through unchanged stays there.
             let start = buf.filled().len();
             std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
@@ -171,13 +189,7 @@ impl AsyncRead for PeerStream {
             let r = this.rewriter.feed(&buf.filled()[rest..], &mut this.out);
             buf.set_filled(rest);
             if let Err(e) = r {
-                tracing::warn!(
-                    pid = this.peer.pid(),
-                    uid = this.peer.uid(),
-                    error = %e,
-                    "closing connection: malformed HTTP/2 from the client"
-                );
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                return Poll::Ready(Err(this.malformed(e)));
             }
             if kept > 0 {
                 return Poll::Ready(Ok(()));
