@@ -495,3 +495,31 @@ fn errors_say_each_thing_once() {
         eprintln!("skipping the unreadable-directory check: needs root to switch users");
     }
 }
+
+/// Logs are coloured for a person at a terminal, and not when NO_COLOR is set. (`script`,
+/// from util-linux, gives the agent a terminal.)
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    for (no_color, want_colour) in [(None, true), (Some("1"), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let agent = format!(
+            "timeout -s INT 2 {BIN} agent --socket {d}/w.sock --admin-socket {d}/a.sock \
+             --data-dir {d}/data --health-addr 127.0.0.1:0"
+        );
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &agent, "/dev/null"])
+            .env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("mayfly agent ready"), "{text}");
+        assert_eq!(
+            text.contains("\x1b["),
+            want_colour,
+            "NO_COLOR={no_color:?}:\n{text}"
+        );
+    }
+}
