@@ -344,7 +344,27 @@ impl Manager {
     /// longer (it already runs to the lease's end or the CA's), in which case only a renewal
     /// wakes us.
     fn next_refresh(&self, current: &SvidCell, expires_at: SystemTime) -> Option<SystemTime> {
-        let svid = current.as_ref()?;
+        let share = rand::rng().random_range(0.45..0.55);
+        self.replace_at(current.as_ref()?, expires_at, share)
+    }
+
+    /// Past half its life, an SVID that a new one could outlive is stale: a caller that
+    /// arrives then gets a fresh one (rotation happens only while a stream watches).
+    fn is_stale(&self, svid: &X509Svid, expires_at: SystemTime, now: SystemTime) -> bool {
+        svid.issued.not_after <= now
+            || self
+                .replace_at(svid, expires_at, 0.5)
+                .is_some_and(|at| now >= at)
+    }
+
+    /// The instant `share` of the SVID's life has passed, or `None` when no new SVID could
+    /// outlive it (it already runs to the lease's end, whole seconds, or the CA's).
+    fn replace_at(
+        &self,
+        svid: &X509Svid,
+        expires_at: SystemTime,
+        share: f64,
+    ) -> Option<SystemTime> {
         let cap = crate::time::floor_secs(expires_at).min(self.ca.not_after());
         if svid.issued.not_after >= cap {
             return None;
@@ -354,26 +374,7 @@ impl Manager {
             .not_after
             .duration_since(svid.issued_at)
             .unwrap_or(Duration::ZERO);
-        let share = rand::rng().random_range(0.45..0.55);
         Some(svid.issued_at + life.mul_f64(share))
-    }
-
-    /// Past half its life, an SVID that a new one could outlive is stale: a caller that
-    /// arrives then gets a fresh one (rotation happens only while a stream watches).
-    fn is_stale(&self, svid: &X509Svid, expires_at: SystemTime, now: SystemTime) -> bool {
-        let cap = crate::time::floor_secs(expires_at).min(self.ca.not_after());
-        if svid.issued.not_after <= now {
-            return true;
-        }
-        if svid.issued.not_after >= cap {
-            return false;
-        }
-        let life = svid
-            .issued
-            .not_after
-            .duration_since(svid.issued_at)
-            .unwrap_or(Duration::ZERO);
-        now >= svid.issued_at + life / 2
     }
 
     /// Rotates the entry's SVID on schedule while a stream watches it; with nobody watching
