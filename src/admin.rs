@@ -273,6 +273,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         state: l.state.to_string(),
         ended_at: l.ended_at.map(to_timestamp),
         ended_by: l.ended_by.as_ref().map(principal),
+        end_reason: l.end_reason.clone(),
         approval_deadline: l.approval_deadline.map(to_timestamp),
         approved_at: l.approved_at.map(to_timestamp),
         approved_by: l.approved_by.as_ref().map(principal),

@@ -294,7 +294,7 @@ pub enum TaskCommand {
     Revoke {
         /// The lease's ID (lease_id).
         lease_id: String,
-        /// Why, for the log.
+        /// Why; kept with the lease as its end_reason, and in the audit log.
         #[arg(long, default_value = "")]
         reason: String,
         #[command(flatten)]

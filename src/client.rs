@@ -49,6 +49,7 @@ pub fn lease_json(l: &pb::Lease) -> Value {
         "granted_by": principal_json(&l.granted_by),
         "ended_at": ts(&l.ended_at),
         "ended_by": principal_json(&l.ended_by),
+        "end_reason": l.end_reason,
         "approval_deadline": ts(&l.approval_deadline),
         "approved_at": ts(&l.approved_at),
         "approved_by": principal_json(&l.approved_by),
@@ -104,6 +105,9 @@ fn print_lease_text(l: &pb::Lease) {
             "{:<15} uid={} gid={} pid={} user={}",
             "ended_by", p.uid, p.gid, p.pid, p.user
         );
+    }
+    if !l.end_reason.is_empty() {
+        println!("{:<15} {}", "end_reason", l.end_reason);
     }
 }
 

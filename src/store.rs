@@ -8,11 +8,12 @@
 //! versioned copy of [`Lease`] so that the in-memory model can change without silently changing
 //! what is on disk: a record this version does not understand is refused, never guessed at.
 //!
-//! Format 2 (written now) is the record in postcard, a compact binary serde format, whose
-//! first field is the version (varint 2, so the first byte is `0x02`). Format 1 is the same
-//! record as a JSON object (first byte `{`); it is still read, and a lease is rewritten in
-//! format 2 at its next change. Format 2 is about 2.5 times smaller, which makes start-up with
-//! many leases faster three ways: less to integrity-check, less to read, and cheaper decoding.
+//! Format 3 (written now) is the record in postcard, a compact binary serde format, whose
+//! first field is the version (varint 3, so the first byte is `0x03`). Format 2 is the same
+//! without the last field, the end reason. Format 1 is the record as a JSON object (first byte
+//! `{`). Both are still read, and a lease is rewritten in format 3 at its next change. Postcard
+//! is about 2.5 times smaller than JSON, which makes start-up with many leases faster three
+//! ways: less to integrity-check, less to read, and cheaper decoding.
 
 use std::fs::{OpenOptions, Permissions};
 use std::io;
@@ -32,10 +33,13 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// The record format written by this version. Bump it (and keep reading the old one) whenever the
 /// meaning of a field or the encoding changes.
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 
 /// Format 1: the record as JSON.
 const FORMAT_JSON: u32 = 1;
+
+/// Format 2: postcard, as format 3 without its last field (`end_reason`).
+const FORMAT_2: u32 = 2;
 
 /// redb caches pages up to this size; its default (1 GiB) is far beyond what lease records need,
 /// and the agent should stay small on the node. Leases are read from the store only at start-up
@@ -320,9 +324,11 @@ impl LeaseStore {
         let unknown = |v: u32| {
             fail(match v {
                 FORMAT_JSON => format!("format version {v} in binary (format {v} is JSON)"),
-                FORMAT_VERSION => format!("format version {v} in JSON (format {v} is binary)"),
+                FORMAT_2 | FORMAT_VERSION => {
+                    format!("format version {v} in JSON (format {v} is binary)")
+                }
                 _ => format!(
-                    "unknown format version {v} (this agent reads {FORMAT_JSON} and {FORMAT_VERSION})"
+                    "unknown format version {v} (this agent reads {FORMAT_JSON} to {FORMAT_VERSION})"
                 ),
             })
         };
@@ -345,9 +351,17 @@ impl LeaseStore {
             // out as this agent expects.
             let (v, _) = postcard::take_from_bytes::<u32>(bytes)
                 .map_err(|e| fail(format!("invalid record: no format version ({e})")))?;
-            if v != FORMAT_VERSION {
-                return Err(unknown(v));
-            }
+            // Format 3 only appended an `Option`; postcard writes `None` as one zero byte, so a
+            // format 2 record with that byte after it is the same lease in format 3.
+            let padded;
+            let bytes = match v {
+                FORMAT_VERSION => bytes,
+                FORMAT_2 => {
+                    padded = [bytes, &[0]].concat();
+                    &padded[..]
+                }
+                _ => return Err(unknown(v)),
+            };
             match postcard::take_from_bytes::<LeaseRecord>(bytes) {
                 Ok((record, [])) => record,
                 Ok((_, rest)) => {
@@ -372,9 +386,9 @@ struct Version {
     v: u32,
 }
 
-/// The on-disk form of a [`Lease`], in format 1 (JSON) or 2 (postcard). Times are signed
+/// The on-disk form of a [`Lease`], in format 1 (JSON) or 2 and 3 (postcard). Times are signed
 /// nanoseconds since the Unix epoch and durations nanoseconds, so every value round-trips
-/// exactly. Postcard writes the fields in this order, without names: in format 2 every field
+/// exactly. Postcard writes the fields in this order, without names: in format 3 every field
 /// is present, and a change to this struct is a new format version.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -406,6 +420,9 @@ struct LeaseRecord {
     approved_at: Option<i128>,
     #[serde(default)]
     approved_by: Option<PrincipalRecord>,
+    /// Added in format 3; absent (and `None` in older records) means no reason was recorded.
+    #[serde(default)]
+    end_reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -441,6 +458,7 @@ impl From<&Lease> for LeaseRecord {
             approval_deadline: l.approval_deadline.map(time_to_nanos),
             approved_at: l.approved_at.map(time_to_nanos),
             approved_by: l.approved_by.as_ref().map(PrincipalRecord::from),
+            end_reason: (!l.end_reason.is_empty()).then(|| l.end_reason.clone()),
         }
     }
 }
@@ -485,6 +503,7 @@ impl LeaseRecord {
                 .map(|n| time("approved_at", n))
                 .transpose()?,
             approved_by: self.approved_by.map(Principal::from),
+            end_reason: self.end_reason.unwrap_or_default(),
         })
     }
 }
@@ -593,6 +612,7 @@ mod tests {
             approval_deadline: None,
             approved_at: None,
             approved_by: None,
+            end_reason: String::new(),
         }
     }
 
@@ -645,6 +665,7 @@ mod tests {
         gone.audiences.clear();
         gone.reason.clear();
         gone.granted_by.pid = None;
+        gone.end_reason = "bound process 4242 exited".into();
         let mut early = lease("t-3");
         // A clock set before the epoch still round-trips.
         early.created_at = UNIX_EPOCH - Duration::new(5, 7);
@@ -948,6 +969,7 @@ mod tests {
             approval_deadline: Some(created + Duration::from_secs(30)),
             approved_at: Some(created + Duration::from_secs(10)),
             approved_by: Some(person(1001, 99, "bob")),
+            end_reason: String::new(),
         }
     }
 
@@ -967,27 +989,65 @@ mod tests {
         "01aae4f9acebeed0fa3001aac4bbabd6edd0fa3001e907e90701c6010103626f62",
     );
 
+    /// `frozen_lease` ended for a reason, in format 3 (hex): format 2 with the reason after it.
+    /// Any change to `LeaseRecord` changes these bytes, and needs a format 4.
+    const FROZEN_FORMAT_3: &str = concat!(
+        "03203966326334653661386230643166336535613763396231643366356537613963097265706f72742d3432",
+        "0a757365722f616c696365087265706f72746572477370696666653a2f2f6578616d706c652e6f72672f6167",
+        "656e742f7265706f727465722f7461736b2f7265706f72742d34322f64656c656761746f722f757365722f61",
+        "6c6963650211756e69783a7069643a37373a31323334350d756e69783a7569643a31303030aab4dcea8bedd0",
+        "fa30aaf4a7978290d1fa30aab4a1f6d1bed2fa3080f092cbdd080180e0ba84bf03010264620d7765656b6c79",
+        "207265706f7274e807e80701a4420105616c696365077265766f6b656401aa9497efcaf0d0fa300100000000",
+        "01aae4f9acebeed0fa3001aac4bbabd6edd0fa3001e907e90701c6010103626f62",
+        "010d706f6c696379206368616e6765",
+    );
+
     #[test]
-    fn frozen_records_of_both_formats_decode_and_format_2_is_what_is_written() {
+    fn frozen_records_of_every_format_decode_and_format_3_is_what_is_written() {
         let dir = tempdir();
         let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
         let want = frozen_lease();
         let key = want.id.as_str();
         let format_2 = hex::decode(FROZEN_FORMAT_2).unwrap();
+        let mut want_3 = want.clone();
+        want_3.end_reason = "policy change".into();
+        assert_eq!(
+            hex::encode(store.encode(&want_3).unwrap()),
+            FROZEN_FORMAT_3,
+            "the format 3 encoding changed: that is a new format version"
+        );
+        // With no reason, format 3 is format 2 with a `None` after it.
         assert_eq!(
             hex::encode(store.encode(&want).unwrap()),
-            FROZEN_FORMAT_2,
-            "the format 2 encoding changed: that is a new format version"
+            format!("03{}00", &FROZEN_FORMAT_2[2..])
         );
         for bytes in [FROZEN_FORMAT_1.as_bytes(), &format_2] {
             let got = store.decode(key, bytes).unwrap();
             assert!(same(&got, &want), "got {got:?}\nwant {want:?}");
         }
+        let got = store
+            .decode(key, &hex::decode(FROZEN_FORMAT_3).unwrap())
+            .unwrap();
+        assert!(same(&got, &want_3), "got {got:?}\nwant {want_3:?}");
         assert!(format_2.len() * 2 < FROZEN_FORMAT_1.len());
     }
 
     #[test]
-    fn format_1_records_still_load_and_are_rewritten_as_format_2() {
+    fn a_format_2_record_with_bytes_after_its_end_is_still_damage() {
+        let dir = tempdir();
+        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let want = frozen_lease();
+        let mut bytes = hex::decode(FROZEN_FORMAT_2).unwrap();
+        bytes.push(0);
+        let err = store
+            .decode(want.id.as_str(), &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1 bytes after its end"), "{err}");
+    }
+
+    #[test]
+    fn format_1_records_still_load_and_are_rewritten_as_format_3() {
         let dir = tempdir();
         let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
         let old = ended("old", LeaseState::Revoked, SystemTime::now());
@@ -1006,6 +1066,7 @@ mod tests {
             "approval_deadline",
             "approved_at",
             "approved_by",
+            "end_reason",
         ] {
             fields.remove(added_later);
         }
@@ -1024,12 +1085,12 @@ mod tests {
         assert_eq!(bare.jwt_ttl, DEFAULT_JWT_TTL);
         assert_eq!(bare.approval_deadline, None);
 
-        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 2);
+        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 3);
         assert_eq!(get_raw(&store, renewed.id.as_str())[0], b'{');
         renewed.expires_at += Duration::from_secs(60);
         store.put(&renewed).unwrap();
         let rewritten = get_raw(&store, renewed.id.as_str());
-        assert_eq!(rewritten[0], 2, "a changed lease is written in format 2");
+        assert_eq!(rewritten[0], 3, "a changed lease is written in format 3");
         assert!(rewritten.len() * 2 < as_format_1(&renewed).len());
         assert!(same(&by_id(store.load().unwrap(), &renewed.id), &renewed));
     }
@@ -1054,8 +1115,9 @@ mod tests {
         let encoded = store.encode(&good).unwrap();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"{not json".to_vec(), "invalid JSON"),
-            (as_json(&|v| v["v"] = 3.into()), "unknown format version 3"),
+            (as_json(&|v| v["v"] = 4.into()), "unknown format version 4"),
             (as_json(&|v| v["v"] = 2.into()), "format version 2 in JSON"),
+            (as_json(&|v| v["v"] = 3.into()), "format version 3 in JSON"),
             (
                 as_json(&|v| v["spiffe_id"] = "http://nope".into()),
                 "spiffe_id",
@@ -1068,7 +1130,7 @@ mod tests {
             ),
             (Vec::new(), "no format version"),
             (vec![0xff], "no format version"),
-            (as_postcard(&|r| r.v = 3), "unknown format version 3"),
+            (as_postcard(&|r| r.v = 4), "unknown format version 4"),
             (as_postcard(&|r| r.v = 1), "format version 1 in binary"),
             (encoded[..encoded.len() - 3].to_vec(), "invalid record"),
             ([&encoded[..], &[0]].concat(), "1 bytes after its end"),

@@ -202,6 +202,8 @@ fn grant_fetch_write_watch_revoke() {
         "task",
         "revoke",
         &lease_id,
+        "--reason",
+        "key leaked",
         "--admin-socket",
         admin_s,
         "--output",
@@ -209,6 +211,7 @@ fn grant_fetch_write_watch_revoke() {
     ])))
     .unwrap();
     assert_eq!(revoked["state"], "revoked");
+    assert_eq!(revoked["end_reason"], "key leaked");
     let out = watch.wait_with_output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no identity issued"));
@@ -236,6 +239,11 @@ fn grant_fetch_write_watch_revoke() {
     ]));
     assert!(
         got.contains("ended_at") && got.contains("ended_by"),
+        "{got}"
+    );
+    assert!(
+        got.lines()
+            .any(|l| l.starts_with("end_reason") && l.ends_with(" key leaked")),
         "{got}"
     );
     let long = "a-task-id-much-longer-than-twenty-characters";

@@ -28,6 +28,15 @@ async fn a_restart_keeps_the_ca_and_active_leases_and_ends_expired_ones() {
     let t = start().await;
     let keep = t.grant_me("keep", HOUR, None).await;
     let brief = t.grant_me("brief", Duration::from_secs(2), None).await;
+    let revoked = t.grant_me("revoked", HOUR, None).await;
+    t.admin()
+        .await
+        .revoke(pb::RevokeRequest {
+            lease_id: revoked.lease_id.clone(),
+            reason: "key leaked".into(),
+        })
+        .await
+        .unwrap();
     let before = t.workload().await.fetch_x509_context().await.unwrap();
     let td = spiffe::TrustDomain::new("example.org").unwrap();
     let bundle_before = before.bundle_set().get(&td).unwrap().authorities().to_vec();
@@ -52,6 +61,16 @@ async fn a_restart_keeps_the_ca_and_active_leases_and_ends_expired_ones() {
         .unwrap()
         .into_inner();
     assert_eq!(ended.state, "expired");
+    assert_eq!(ended.end_reason, "expired while the agent was down");
+    assert_eq!(kept.end_reason, "");
+    // Why a lease ended is kept with it, across the restart.
+    let revoked = admin
+        .get(get(revoked.lease_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.state, "revoked");
+    assert_eq!(revoked.end_reason, "key leaked");
 
     let after = t.workload().await.fetch_x509_context().await.unwrap();
     assert_eq!(
@@ -96,6 +115,13 @@ async fn a_restart_ends_leases_whose_process_is_gone() {
         .unwrap()
         .into_inner();
     assert_eq!(got.state, "process_exited");
+    assert_eq!(
+        got.end_reason,
+        format!(
+            "bound process {} exited while the agent was down",
+            child.id()
+        )
+    );
     assert!(events(&t.data_dir(), &lease.lease_id).contains(&"lease_process_exited".to_string()));
 }
 

@@ -149,6 +149,9 @@ pub struct Lease {
     pub state: LeaseState,
     pub ended_at: Option<SystemTime>,
     pub ended_by: Option<Principal>,
+    /// Why it ended, in words (the reason given to revoke, or what the agent saw); empty
+    /// while the lease lives.
+    pub end_reason: String,
     /// A pending lease not approved by then ends as `expired`.
     pub approval_deadline: Option<SystemTime>,
     pub approved_at: Option<SystemTime>,
@@ -156,6 +159,15 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Marks this lease ended: in `state`, now, by `by`, for `reason`.
+    pub fn mark_ended(&mut self, state: LeaseState, by: Principal, reason: &str) {
+        debug_assert_ne!(state, LeaseState::Active);
+        self.state = state;
+        self.ended_at = Some(SystemTime::now());
+        self.ended_by = Some(by);
+        self.end_reason = reason.to_owned();
+    }
+
     /// The lifetime asked for at grant (an approved lease's deadline also includes the wait
     /// for approval, so this is meant for new and pending leases).
     pub fn ttl(&self) -> Duration {
@@ -566,6 +578,7 @@ pub fn validate_grant(
         state: LeaseState::Active,
         ended_at: None,
         ended_by: None,
+        end_reason: String::new(),
         approval_deadline: None,
         approved_at: None,
         approved_by: None,

@@ -380,11 +380,13 @@ impl Registry {
             .pending
             .remove(id);
         if let Some((mut lease, _)) = taken {
-            lease.state = LeaseState::Expired;
-            lease.ended_at = Some(SystemTime::now());
-            lease.ended_by = Some(Principal::agent());
+            lease.mark_ended(
+                LeaseState::Expired,
+                Principal::agent(),
+                "not approved in time",
+            );
             self.remember_ended(lease.clone());
-            self.record_end(&lease, "not approved in time").await;
+            self.record_end(&lease).await;
         }
     }
 
@@ -586,11 +588,16 @@ impl Registry {
                 break;
             }
             for (at, id) in due {
-                match self.end_now(&id, LeaseState::Expired, Principal::agent()) {
+                match self.end_now(
+                    &id,
+                    LeaseState::Expired,
+                    Principal::agent(),
+                    "expires_at reached",
+                ) {
                     Some(lease) => {
                         let Some(me) = self.me.upgrade() else { break };
                         self.spawn(async move {
-                            me.record_end(&lease, "expires_at reached").await;
+                            me.record_end(&lease).await;
                         });
                     }
                     // Not active (cannot happen: ends remove their deadline); never spin on it.
@@ -764,28 +771,29 @@ impl Registry {
         by: Principal,
         reason: &str,
     ) -> Result<Lease, LeaseError> {
-        let Some(lease) = self.end_now(id, state, by) else {
+        let Some(lease) = self.end_now(id, state, by, reason) else {
             return Err(self.not_active(id).await);
         };
-        self.record_end(&lease, reason).await;
+        self.record_end(&lease).await;
         Ok(lease)
     }
 
     /// The in-memory half of [`Registry::end`]: from here on the lease matches nobody.
-    fn end_now(&self, id: &LeaseId, state: LeaseState, by: Principal) -> Option<Lease> {
-        debug_assert_ne!(state, LeaseState::Active);
+    fn end_now(
+        &self,
+        id: &LeaseId,
+        state: LeaseState,
+        by: Principal,
+        reason: &str,
+    ) -> Option<Lease> {
         let lease = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             let inner = &mut *inner;
-            let ended_at = Some(SystemTime::now());
-            let lease = match inner.active.remove(id) {
+            let mut lease = match inner.active.remove(id) {
                 // A pending lease can be ended too (revoked before anyone approved it).
                 None => {
-                    let (mut lease, timer) = inner.pending.remove(id)?;
+                    let (lease, timer) = inner.pending.remove(id)?;
                     timer.cancel();
-                    lease.state = state;
-                    lease.ended_at = ended_at;
-                    lease.ended_by = Some(by);
                     lease
                 }
                 Some(slot) => {
@@ -799,13 +807,10 @@ impl Registry {
                     }
                     inner.deadlines.remove(&(slot.lease.expires_at, id.clone()));
                     slot.ended.cancel();
-                    let mut lease = Arc::unwrap_or_clone(slot.lease);
-                    lease.state = state;
-                    lease.ended_at = ended_at;
-                    lease.ended_by = Some(by);
-                    lease
+                    Arc::unwrap_or_clone(slot.lease)
                 }
             };
+            lease.mark_ended(state, by, reason);
             if inner.ended.len() >= ENDED_KEPT {
                 inner.ended.pop_front();
             }
@@ -818,7 +823,8 @@ impl Registry {
 
     /// Logs and persists an end that has already taken effect. A failure cannot undo it (the
     /// identity is gone either way), so it is reported as loudly as we can.
-    async fn record_end(&self, lease: &Lease, reason: &str) {
+    async fn record_end(&self, lease: &Lease) {
+        let reason = lease.end_reason.as_str();
         tracing::info!(
             event = "lease_ended",
             lease_id = %lease.id,
@@ -890,10 +896,8 @@ impl Registry {
                 }
             };
             let mut lease = Arc::unwrap_or_clone(stored);
-            lease.state = state;
-            lease.ended_at = Some(now);
-            lease.ended_by = Some(Principal::agent());
-            ended_now.push((lease, why));
+            lease.mark_ended(state, Principal::agent(), &why);
+            ended_now.push(lease);
         }
         self.activate_all(active);
         ended.sort_by_key(|l| l.ended_at);
@@ -903,7 +907,7 @@ impl Registry {
                 inner.ended.push_back(l);
             }
         }
-        for (lease, why) in ended_now {
+        for lease in ended_now {
             {
                 let mut inner = self.inner.write().expect("lease lock poisoned");
                 if inner.ended.len() >= ENDED_KEPT {
@@ -911,7 +915,7 @@ impl Registry {
                 }
                 inner.ended.push_back(lease.clone());
             }
-            self.record_end(&lease, &why).await;
+            self.record_end(&lease).await;
         }
         tracing::info!(
             event = "leases_restored",
