@@ -155,7 +155,7 @@ STR, INT, BOOL, DUR, INTS = "string", "integer", "boolean", "duration", "list of
 ALLOWED = {
     None: {"trust_domain": STR, "socket": STR, "admin_socket": STR, "data_dir": STR,
            "log_format": STR, "health_addr": STR,
-           # also accepted by src/config.rs, not used by these files
+           # also accepted by src/config/mod.rs, not used by these files
            "spiffe_id_template": STR},
     "leases": {k: DUR for k in ("max_ttl", "default_svid_ttl", "max_svid_ttl",
                                 "default_jwt_ttl", "max_jwt_ttl", "retention")},

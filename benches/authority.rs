@@ -1,4 +1,4 @@
-//! The cost of the `:authority` rewrite (`mayfly::listen::authority::Rewriter`), per request,
+//! The cost of the `:authority` rewrite (`mayfly::server::listen::authority::Rewriter`), per request,
 //! in-process, next to a plain copy of the same bytes (what the layer must at least do).
 //!
 //! Run: `cargo bench --bench authority` (about 20 s). One element is one gRPC request (its
@@ -13,7 +13,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mayfly::listen::authority::Rewriter;
+use mayfly::server::listen::authority::Rewriter;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mayfly::audit::{AuditLog, AuditOptions};
-use mayfly::ca::{CaSource, SigningCa};
+use mayfly::authority::x509::{CaSource, SigningCa};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use serde_json::{Map, Value};
@@ -52,7 +52,7 @@ fn svid_fields(serial: &str, id: &SpiffeId, not_after: SystemTime) -> Map<String
     }
 }
 
-fn issue(ca: &SigningCa, id: &SpiffeId) -> mayfly::ca::IssuedX509 {
+fn issue(ca: &SigningCa, id: &SpiffeId) -> mayfly::authority::x509::IssuedX509 {
     ca.issue_x509_svid(id, SystemTime::now() + Duration::from_secs(300))
         .expect("issue")
 }

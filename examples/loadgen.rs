@@ -239,7 +239,7 @@ impl AgentProc {
     }
 
     async fn admin(&self) -> Res<TasksClient<Channel>> {
-        Ok(mayfly::admin::connect(&self.admin_socket).await?)
+        Ok(mayfly::cli::connect::connect(&self.admin_socket).await?)
     }
 
     /// (VmRSS, VmHWM) in KiB.

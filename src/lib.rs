@@ -1,27 +1,22 @@
 //! mayfly: a node-local SPIFFE workload identity agent for task-based workloads.
 //!
-//! Data flows one way: request → attestation (`attest`) → selectors → matching leases
-//! (`lease`) → SVID cache (`svid`, signing with `ca`) → response (`workload_api`). Lease
-//! changes flow back as signals: registry → cache → open streams.
+//! Data flows one way: request (`server`) → attestation (`attest`) → selectors → matching
+//! leases (`lease`) → SVID cache (`svid`, signing with `authority`) → response (`server`).
+//! Lease changes flow back as signals: registry → cache → open streams. `agent` wires it all
+//! together; `cli` is the command line and the clients it uses.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod app;
+pub mod agent;
 pub mod attest;
 pub mod audit;
-pub mod ca;
+pub mod authority;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod jwt;
-pub mod k8s;
 pub mod lease;
-pub mod listen;
 pub mod policy;
 pub mod proto;
-pub mod run;
+pub mod server;
 pub mod store;
 pub mod svid;
 pub mod telemetry;
 pub mod time;
-pub mod workload_api;

@@ -42,7 +42,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let agent = mayfly::app::Agent::start(config.clone()).await?;
+    let agent = mayfly::agent::Agent::start(config.clone()).await?;
     println!("mayfly agent running");
     println!("  trust domain    {}", config.limits.trust_domain);
     println!(
@@ -102,26 +102,28 @@ fn main() {
 async fn run(cli: Cli) {
     let result = match cli.command {
         Command::Agent(args) => agent(args).await,
-        Command::Task(cmd) => mayfly::client::task(cmd).await,
+        Command::Task(cmd) => mayfly::cli::task::task(cmd).await,
         Command::Svid(SvidCommand::Fetch {
             socket,
             write,
             output,
-        }) => mayfly::client::svid_fetch(socket, write, output).await,
+        }) => mayfly::cli::workload::svid_fetch(socket, write, output).await,
         Command::Svid(SvidCommand::Watch { socket, output }) => {
-            mayfly::client::svid_watch(socket, output).await
+            mayfly::cli::workload::svid_watch(socket, output).await
         }
-        Command::Audit(cmd) => mayfly::client::audit(cmd),
-        Command::Policy(cmd) => match mayfly::client::policy_check(cmd) {
+        Command::Audit(cmd) => mayfly::cli::local::audit(cmd),
+        Command::Policy(cmd) => match mayfly::cli::local::policy_check(cmd) {
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),
         },
         Command::Healthcheck { health_addr } => {
-            mayfly::telemetry::healthcheck(health_addr.as_deref()).await
+            mayfly::cli::healthcheck::healthcheck(health_addr.as_deref()).await
         }
-        Command::Jwt(cmd) => mayfly::client::jwt(cmd).await,
-        Command::Run(args) => std::process::exit(mayfly::run::run(args).await),
-        Command::Exec { sync, command } => std::process::exit(mayfly::run::exec(&sync, &command)),
+        Command::Jwt(cmd) => mayfly::cli::workload::jwt(cmd).await,
+        Command::Run(args) => std::process::exit(mayfly::cli::run::run(args).await),
+        Command::Exec { sync, command } => {
+            std::process::exit(mayfly::cli::run::exec(&sync, &command))
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {}", report(&e));

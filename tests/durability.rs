@@ -247,7 +247,7 @@ async fn kill_9_during_issuance_loses_no_audited_serial() {
             while !killed.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
                 let round = async {
-                    let mut admin = mayfly::admin::connect(&admin_socket)
+                    let mut admin = mayfly::cli::connect::connect(&admin_socket)
                         .await
                         .map_err(|e| format!("admin connect: {e}"))?;
                     admin

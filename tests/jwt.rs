@@ -95,7 +95,7 @@ async fn the_validate_response_carries_all_claims() {
     grant_with(&t, "claims", HOUR, &[], None).await;
     let client = t.workload().await;
     let token = client.fetch_jwt_token(["svc"], None).await.unwrap();
-    let channel = mayfly::admin::unix_channel(&t.socket).await.unwrap();
+    let channel = mayfly::cli::connect::unix_channel(&t.socket).await.unwrap();
     let mut raw =
         mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let mut req = tonic::Request::new(mayfly::proto::workload::ValidateJwtsvidRequest {

@@ -73,7 +73,7 @@ async fn svid_never_outlives_a_short_lease() {
 async fn missing_security_header_is_invalid_argument() {
     let t = start().await;
     t.grant_me("hdr", HOUR, None).await;
-    let channel = mayfly::admin::unix_channel(&t.socket).await.unwrap();
+    let channel = mayfly::cli::connect::unix_channel(&t.socket).await.unwrap();
     let mut raw = SpiffeWorkloadApiClient::new(channel);
     let err = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -93,7 +93,7 @@ async fn caller_without_a_lease_gets_permission_denied() {
 #[tokio::test]
 async fn unimplemented_profiles_say_so() {
     let t = start().await;
-    let channel = mayfly::admin::unix_channel(&t.socket).await.unwrap();
+    let channel = mayfly::cli::connect::unix_channel(&t.socket).await.unwrap();
     let mut raw = SpiffeWorkloadApiClient::new(channel);
     let mut req = tonic::Request::new(mayfly::proto::workload::WitsvidRequest::default());
     req.metadata_mut()

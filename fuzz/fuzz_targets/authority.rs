@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mayfly::listen::authority::{Rewriter, MAX_FRAME};
-use mayfly::listen::hpack::Decoder;
+use mayfly::server::listen::authority::{Rewriter, MAX_FRAME};
+use mayfly::server::listen::hpack::Decoder;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         while r.has_backlog() {
             r.resume(out)?;
         }
-        Ok::<_, mayfly::listen::authority::RewriteError>(())
+        Ok::<_, mayfly::server::listen::authority::RewriteError>(())
     };
     if feed(&input[..at], &mut out).is_err() || feed(&input[at..], &mut out).is_err() {
         return;

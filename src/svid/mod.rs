@@ -21,8 +21,8 @@ mod jwt;
 pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
 
 use crate::audit::AuditLog;
-use crate::ca::{IssuedX509, SigningCa};
-use crate::jwt::JwtKeys;
+use crate::authority::jwt_keys::JwtKeys;
+use crate::authority::x509::{IssuedX509, SigningCa};
 use crate::lease::{ActiveLease, Changes, LeaseId, Registry};
 use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 

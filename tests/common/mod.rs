@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use mayfly::app::Agent;
+use mayfly::agent::Agent;
 use mayfly::config::{Config, FileConfig, Overrides};
 use mayfly::proto::admin as pb;
 use mayfly::proto::admin::tasks_client::TasksClient;
@@ -89,7 +89,9 @@ impl TestAgent {
     }
 
     pub async fn admin(&self) -> TasksClient<Channel> {
-        mayfly::admin::connect(&self.admin_socket).await.unwrap()
+        mayfly::cli::connect::connect(&self.admin_socket)
+            .await
+            .unwrap()
     }
 
     pub async fn workload(&self) -> spiffe::WorkloadApiClient {
@@ -161,7 +163,7 @@ pub fn not_after(der: &[u8]) -> SystemTime {
 /// The serial as mayfly prints and audits it.
 pub fn serial(der: &[u8]) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-    mayfly::ca::serial_hex(cert.raw_serial())
+    mayfly::authority::x509::serial_hex(cert.raw_serial())
 }
 
 /// Verifies `chain` (leaf first) to the roots in `bundle` with rustls-webpki, for client and

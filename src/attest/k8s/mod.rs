@@ -959,7 +959,7 @@ mod tests {
     use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::net::TcpListener;
 
-    const PODS_JSON: &str = include_str!("../testdata/k8s/pods.json");
+    const PODS_JSON: &str = include_str!("../../../testdata/k8s/pods.json");
 
     // Pod "shop/web-7d4b9c8f6d-x2kq9" (Burstable) in testdata/k8s/pods.json.
     const WEB_UID: &str = "3a5b1f2e-0c1d-4e5f-8a9b-0c1d2e3f4a5b";

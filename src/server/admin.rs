@@ -2,7 +2,6 @@
 //! task leases. Every call is checked against the allowlist of uids/gids using the caller's
 //! kernel credentials, and the caller is recorded as the grantor. Status codes are chosen here.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -432,29 +431,4 @@ impl Tasks for AdminApi {
             .map_err(status)?;
         Ok(Response::new(self.lease(&lease)))
     }
-}
-
-/// A gRPC channel over a Unix socket, for the CLI and tests.
-pub async fn unix_channel(
-    path: &Path,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let path = path.to_owned();
-    tonic::transport::Endpoint::from_static("http://mayfly.local")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let io = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
-            }
-        }))
-        .await
-}
-
-/// Connects to the admin socket.
-pub async fn connect(
-    path: &Path,
-) -> Result<pb::tasks_client::TasksClient<tonic::transport::Channel>, tonic::transport::Error> {
-    Ok(pb::tasks_client::TasksClient::new(
-        unix_channel(path).await?,
-    ))
 }

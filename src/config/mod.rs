@@ -1,13 +1,17 @@
 //! Agent configuration: a TOML file (unknown keys refused) overridden by command-line flags,
 //! resolved into typed values by one `resolve()` that reports every problem it finds.
 
+mod addr;
+
+pub use addr::{HealthAddr, ROOT_HEALTH_ADDR};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
-use crate::ca::CaSource;
+use crate::authority::x509::CaSource;
 use crate::lease::{IdTemplate, LeaseLimits, DEFAULT_TEMPLATE};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "mayfly.internal";
@@ -143,7 +147,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
-    pub health_addr: crate::telemetry::HealthAddr,
+    pub health_addr: crate::config::HealthAddr,
     pub limits: LeaseLimits,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
@@ -154,7 +158,7 @@ pub struct Config {
     pub retention: Duration,
     pub audit_segment_bytes: u64,
     pub jwt_key_rotation: Duration,
-    pub kubelet: Option<crate::k8s::KubeletConfig>,
+    pub kubelet: Option<crate::attest::k8s::KubeletConfig>,
     pub policy: crate::policy::PolicySource,
     pub approval_timeout: Duration,
 }
@@ -212,8 +216,8 @@ impl Defaults {
     }
 
     /// Root: `127.0.0.1:9095`. Anyone else: a socket in their own runtime directory.
-    pub fn health_addr(&self) -> crate::telemetry::HealthAddr {
-        use crate::telemetry::{HealthAddr, ROOT_HEALTH_ADDR};
+    pub fn health_addr(&self) -> crate::config::HealthAddr {
+        use addr::{HealthAddr, ROOT_HEALTH_ADDR};
         if rustix::process::geteuid().is_root() {
             HealthAddr::parse(ROOT_HEALTH_ADDR).expect("a valid address")
         } else {
@@ -403,8 +407,8 @@ impl Config {
         }
         let k = &file.kubernetes;
         let kubelet = k.kubelet_url.clone().map(|url| {
-            let d = crate::k8s::KubeletConfig::default();
-            crate::k8s::KubeletConfig {
+            let d = crate::attest::k8s::KubeletConfig::default();
+            crate::attest::k8s::KubeletConfig {
                 url,
                 token_file: k.token_file.clone(),
                 ca_file: k.ca_file.clone(),
@@ -481,7 +485,7 @@ impl Config {
         let data_dir = o.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir);
         let health_addr = match o.health_addr.or(file.health_addr) {
             None => Some(default_health),
-            Some(a) => crate::telemetry::HealthAddr::parse(&a)
+            Some(a) => crate::config::HealthAddr::parse(&a)
                 .map_err(|e| errors.push(format!("health_addr {e}")))
                 .ok(),
         };
@@ -590,13 +594,13 @@ mod shipped_configs {
 
     #[test]
     fn the_systemd_example_config_is_valid() {
-        resolve(include_str!("../deploy/systemd/mayfly.toml"));
+        resolve(include_str!("../../deploy/systemd/mayfly.toml"));
     }
 
     #[test]
     fn the_daemonset_config_is_valid() {
         // The TOML block of the ConfigMap, with the init container's placeholders filled in.
-        let yaml = include_str!("../deploy/kubernetes/configmap.yaml");
+        let yaml = include_str!("../../deploy/kubernetes/configmap.yaml");
         let start = yaml.find("mayfly.toml: |").expect("config block") + "mayfly.toml: |".len();
         let block: String = yaml[start..]
             .lines()

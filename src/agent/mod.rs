@@ -8,17 +8,18 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
 use crate::audit::{AuditLog, AuditOptions};
-use crate::ca::SigningCa;
+use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
+use crate::authority::x509::SigningCa;
 use crate::config::Config;
-use crate::jwt::{JwtKeys, KeyPolicy};
-use crate::k8s::K8sAttestor;
 use crate::lease::{Durable, Registry};
 use crate::policy::PolicyEngine;
+use crate::server::health::HealthServer;
 use crate::store::LeaseStore;
 use crate::svid::Manager;
-use crate::telemetry::{HealthServer, Metrics, Readiness, StateLabel};
+use crate::telemetry::{Metrics, Readiness, StateLabel};
 use prometheus_client::registry::Registry as PromRegistry;
 
 /// How long open streams get to drain on shutdown.
@@ -32,7 +33,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("signing CA: {0}")]
-    Ca(#[from] crate::ca::CaError),
+    Ca(#[from] crate::authority::x509::CaError),
     #[error("lease store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("audit log: {0}")]
@@ -40,28 +41,28 @@ pub enum StartError {
     #[error("policies: {0}")]
     Policy(#[from] crate::policy::PolicyError),
     #[error("kubernetes attestation: {0}")]
-    Kubernetes(#[from] crate::k8s::K8sError),
+    Kubernetes(#[from] crate::attest::k8s::K8sError),
     #[error("JWT signing keys: {0}")]
-    Jwt(#[from] crate::jwt::JwtError),
+    Jwt(#[from] crate::authority::jwt_keys::JwtError),
     #[error(
         "health endpoint {addr}: {source} (is another agent using it? choose another with \
          --health-addr, or health_addr in the config)"
     )]
     Health {
-        addr: crate::telemetry::HealthAddr,
-        source: crate::telemetry::HealthBindError,
+        addr: crate::config::HealthAddr,
+        source: crate::server::health::HealthBindError,
     },
     #[error("workload socket: {0}")]
-    Workload(crate::listen::BindError),
+    Workload(crate::server::listen::BindError),
     #[error("admin socket: {0}")]
-    Admin(crate::listen::BindError),
+    Admin(crate::server::listen::BindError),
 }
 
 pub struct Agent {
     pub socket: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
-    pub health_addr: crate::telemetry::HealthAddr,
+    pub health_addr: crate::config::HealthAddr,
     pub policy: Arc<PolicyEngine>,
     pub registry: Arc<Registry>,
     pub manager: Arc<Manager>,
@@ -102,8 +103,10 @@ impl Agent {
         drop(ready_ca);
         raise_fd_limit();
 
-        let workload = crate::listen::bind(&config.socket, 0o666).map_err(StartError::Workload)?;
-        let admin = crate::listen::bind(&config.admin_socket, 0o660).map_err(StartError::Admin)?;
+        let workload =
+            crate::server::listen::bind(&config.socket, 0o666).map_err(StartError::Workload)?;
+        let admin =
+            crate::server::listen::bind(&config.admin_socket, 0o660).map_err(StartError::Admin)?;
 
         let audit = AuditLog::open(
             &config.data_dir.join("audit"),
@@ -179,18 +182,18 @@ impl Agent {
         };
         tasks.spawn(health.serve(readiness.clone(), prom, refresh, shutdown.clone()));
 
-        let workload_api = crate::workload_api::WorkloadApi::new(
+        let workload_api = crate::server::workload_api::WorkloadApi::new(
             manager.clone(),
             attestor.clone(),
             k8s,
             shutdown.clone(),
         );
-        let admin_api = crate::admin::AdminApi::new(
+        let admin_api = crate::server::admin::AdminApi::new(
             registry.clone(),
             attestor,
             audit.clone(),
             policy.clone(),
-            crate::admin::AdminOptions {
+            crate::server::admin::AdminOptions {
                 approval_timeout: config.approval_timeout,
                 allowed_uids: config.allowed_uids.clone(),
                 allowed_gids: config.allowed_gids.clone(),
@@ -202,7 +205,10 @@ impl Agent {
         tasks.spawn(async move {
             let r = server()
                 .add_service(workload_api)
-                .serve_with_incoming_shutdown(crate::listen::incoming(workload), token.cancelled())
+                .serve_with_incoming_shutdown(
+                    crate::server::listen::incoming(workload),
+                    token.cancelled(),
+                )
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "workload API server failed");
@@ -212,7 +218,10 @@ impl Agent {
         tasks.spawn(async move {
             let r = server()
                 .add_service(admin_api)
-                .serve_with_incoming_shutdown(crate::listen::incoming(admin), token.cancelled())
+                .serve_with_incoming_shutdown(
+                    crate::server::listen::incoming(admin),
+                    token.cancelled(),
+                )
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "admin API server failed");

@@ -88,7 +88,7 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
         "MAYFLY_ADMIN_SOCKET",
         Defaults::admin_socket,
     );
-    let mut admin = crate::admin::connect(&admin_path)
+    let mut admin = crate::cli::connect::connect(&admin_path)
         .await
         .with_context(|| format!("connecting to the admin socket {}", admin_path.display()))?;
 
@@ -314,7 +314,7 @@ async fn grant(
         format!("unix:uid:{}", rustix::process::geteuid().as_raw()),
     ];
     let lease = admin
-        .grant(crate::client::grant_request(&args.grant, bind))
+        .grant(crate::cli::task::grant_request(&args.grant, bind))
         .await
         .map_err(|s| anyhow::anyhow!("granting the lease: {:?}: {}", s.code(), s.message()))?;
     Ok(lease.into_inner())

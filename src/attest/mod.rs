@@ -60,6 +60,8 @@
 //! read is omitted; since a lease requires all of its selectors to match,
 //! omission can only ever deny, never grant.
 
+pub mod k8s;
+
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Read};

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::attest::k8s::K8sAttestor;
 use crate::attest::{Attestation, Attestor, PeerInfo};
-use crate::k8s::K8sAttestor;
 use crate::lease::Changes;
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{

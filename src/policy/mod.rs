@@ -108,9 +108,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// The embedded default policy (used when no policy files are configured).
-pub const DEFAULT_POLICY: &str = include_str!("../policies/default.cedar");
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.cedar");
 /// The embedded Cedar schema (used when no schema file is configured).
-pub const DEFAULT_SCHEMA: &str = include_str!("../policies/mayfly.cedarschema");
+pub const DEFAULT_SCHEMA: &str = include_str!("../../policies/mayfly.cedarschema");
 
 const DEFAULT_POLICY_NAME: &str = "<embedded default.cedar>";
 const DEFAULT_SCHEMA_NAME: &str = "<embedded mayfly.cedarschema>";

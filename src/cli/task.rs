@@ -1,0 +1,283 @@
+//! `mayfly task ...`: leases over the admin socket, printed as text or JSON.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::cli::{AdminConn, GrantArgs, Output, TaskCommand};
+use crate::config::{client_socket, Defaults};
+use crate::proto::admin as pb;
+use crate::time::{from_timestamp, rfc3339, to_duration};
+
+fn ts(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref()
+        .and_then(from_timestamp)
+        .map(|t| Value::String(rfc3339(t)))
+        .unwrap_or(Value::Null)
+}
+
+fn principal_json(p: &Option<pb::Principal>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(p) => json!({ "uid": p.uid, "gid": p.gid, "pid": p.pid, "user": p.user }),
+    }
+}
+
+pub fn lease_json(l: &pb::Lease) -> Value {
+    json!({
+        "lease_id": l.lease_id,
+        "task_id": l.task_id,
+        "delegator": l.delegator,
+        "agent": l.agent,
+        "spiffe_id": l.spiffe_id,
+        "selectors": l.selectors,
+        "state": l.state,
+        "created_at": ts(&l.created_at),
+        "expires_at": ts(&l.expires_at),
+        "max_expires_at": ts(&l.max_expires_at),
+        "svid_ttl": l.svid_ttl.as_ref().and_then(crate::time::from_duration)
+            .map(|d| humantime::format_duration(d).to_string()),
+        "jwt_ttl": l.jwt_ttl.as_ref().and_then(crate::time::from_duration)
+            .map(|d| humantime::format_duration(d).to_string()),
+        "audiences": l.audiences,
+        "reason": l.reason,
+        "granted_by": principal_json(&l.granted_by),
+        "ended_at": ts(&l.ended_at),
+        "ended_by": principal_json(&l.ended_by),
+        "end_reason": l.end_reason,
+        "approval_deadline": ts(&l.approval_deadline),
+        "approved_at": ts(&l.approved_at),
+        "approved_by": principal_json(&l.approved_by),
+    })
+}
+
+fn print_lease_text(l: &pb::Lease) {
+    let v = lease_json(l);
+    for key in [
+        "lease_id",
+        "task_id",
+        "delegator",
+        "agent",
+        "spiffe_id",
+        "state",
+        "created_at",
+        "expires_at",
+        "max_expires_at",
+        "svid_ttl",
+    ] {
+        match &v[key] {
+            Value::String(s) => println!("{key:<15} {s}"),
+            Value::Null => {}
+            other => println!("{key:<15} {other}"),
+        }
+    }
+    println!("{:<15} {}", "selectors", l.selectors.join(" "));
+    if !l.audiences.is_empty() {
+        println!("{:<15} {}", "audiences", l.audiences.join(" "));
+    }
+    if !l.reason.is_empty() {
+        println!("{:<15} {}", "reason", l.reason);
+    }
+    for (key, p) in [
+        ("granted_by", &l.granted_by),
+        ("approved_by", &l.approved_by),
+    ] {
+        if let Some(p) = p {
+            println!(
+                "{key:<15} uid={} gid={} pid={} user={}",
+                p.uid, p.gid, p.pid, p.user
+            );
+        }
+    }
+    if let Value::String(d) = &v["approval_deadline"] {
+        println!("{:<15} {d}", "approve_by");
+    }
+    if let Value::String(d) = &v["ended_at"] {
+        println!("{:<15} {d}", "ended_at");
+    }
+    if let Some(p) = &l.ended_by {
+        println!(
+            "{:<15} uid={} gid={} pid={} user={}",
+            "ended_by", p.uid, p.gid, p.pid, p.user
+        );
+    }
+    if !l.end_reason.is_empty() {
+        println!("{:<15} {}", "end_reason", l.end_reason);
+    }
+}
+
+/// `task list` as a table whose columns fit their widest value.
+fn print_lease_table(leases: &[pb::Lease], all: bool) {
+    let text = |t: &Option<prost_types::Timestamp>| {
+        ts(t)
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![vec![
+        "LEASE".to_owned(),
+        "STATE".into(),
+        "TASK".into(),
+        "EXPIRES".into(),
+    ]];
+    if all {
+        rows[0].push("ENDED".into());
+    }
+    rows[0].push("SPIFFE ID".into());
+    for l in leases {
+        let mut row = vec![
+            l.lease_id.clone(),
+            l.state.clone(),
+            l.task_id.clone(),
+            text(&l.expires_at),
+        ];
+        if all {
+            row.push(text(&l.ended_at));
+        }
+        row.push(l.spiffe_id.clone());
+        rows.push(row);
+    }
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == cols {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        println!("{line}");
+    }
+}
+
+fn print_lease(l: &pb::Lease, output: Output) {
+    match output {
+        Output::Json => println!("{}", lease_json(l)),
+        Output::Text => print_lease_text(l),
+    }
+}
+
+/// The admin request for grant flags; `bind` selectors (e.g. `mayfly run`'s process) first.
+pub fn grant_request(g: &GrantArgs, bind: Vec<String>) -> pb::GrantRequest {
+    let mut selectors = bind;
+    selectors.extend(g.selectors.iter().cloned());
+    pb::GrantRequest {
+        task_id: g.task_id.clone(),
+        delegator: g.delegator.clone(),
+        agent: g.agent.clone(),
+        ttl: Some(to_duration(g.ttl)),
+        max_ttl: g.max_ttl.map(to_duration),
+        svid_ttl: g.svid_ttl.map(to_duration),
+        jwt_ttl: g.jwt_ttl.map(to_duration),
+        selectors,
+        audiences: g.audiences.clone(),
+        reason: g.reason.clone(),
+    }
+}
+
+fn admin_socket(conn: &AdminConn) -> PathBuf {
+    client_socket(
+        conn.admin_socket.as_deref(),
+        "MAYFLY_ADMIN_SOCKET",
+        Defaults::admin_socket,
+    )
+}
+
+/// gRPC status → a one-line error a person can act on.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn task(cmd: TaskCommand) -> Result<()> {
+    let conn = match &cmd {
+        TaskCommand::Grant { conn, .. }
+        | TaskCommand::Get { conn, .. }
+        | TaskCommand::List { conn, .. }
+        | TaskCommand::Renew { conn, .. }
+        | TaskCommand::Revoke { conn, .. }
+        | TaskCommand::Approve { conn, .. }
+        | TaskCommand::Complete { conn, .. } => conn,
+    };
+    let path = admin_socket(conn);
+    let output = conn.output;
+    let mut client = crate::cli::connect::connect(&path)
+        .await
+        .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
+    match cmd {
+        TaskCommand::Grant { grant, .. } => {
+            let lease = client
+                .grant(grant_request(&grant, Vec::new()))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Get { lease_id, .. } => {
+            let lease = client
+                .get(pb::GetRequest { lease_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::List { all, .. } => {
+            let leases = client
+                .list(pb::ListRequest { all })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .leases;
+            match output {
+                Output::Json => {
+                    println!("{}", Value::Array(leases.iter().map(lease_json).collect()))
+                }
+                Output::Text => print_lease_table(&leases, all),
+            }
+        }
+        TaskCommand::Renew { lease_id, ttl, .. } => {
+            let lease = client
+                .renew(pb::RenewRequest {
+                    lease_id,
+                    ttl: Some(to_duration(ttl)),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Revoke {
+            lease_id, reason, ..
+        } => {
+            let lease = client
+                .revoke(pb::RevokeRequest { lease_id, reason })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Approve {
+            lease_id, reason, ..
+        } => {
+            let lease = client
+                .approve(pb::ApproveRequest { lease_id, reason })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+        TaskCommand::Complete { lease_id, .. } => {
+            let lease = client
+                .complete(pb::CompleteRequest { lease_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_lease(&lease, output);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! Everything that speaks a wire protocol to callers: the Unix socket listeners (`listen`),
+//! the SPIFFE Workload API (`workload_api`), the admin API (`admin`) and the health endpoint
+//! (`health`). Protocol types stay here; each server chooses its status codes in one place.
+
+pub mod admin;
+pub mod health;
+pub mod listen;
+pub mod workload_api;

@@ -1,0 +1,5 @@
+//! Where leases are kept: the embedded redb store under the data dir (`redb`).
+
+pub mod redb;
+
+pub use self::redb::{LeaseStore, StoreError};
