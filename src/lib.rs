@@ -12,6 +12,7 @@ pub mod audit;
 pub mod authority;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod lease;
 pub mod policy;
 pub mod proto;

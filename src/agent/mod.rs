@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::lease::{Durable, Registry};
 use crate::policy::PolicyEngine;
 use crate::server::health::HealthServer;
-use crate::store::LeaseStore;
+use crate::store::RedbStore;
 use crate::svid::Manager;
 use crate::telemetry::{Metrics, Readiness, StateLabel};
 use prometheus_client::registry::Registry as PromRegistry;
@@ -35,7 +35,7 @@ pub enum StartError {
     #[error("signing CA: {0}")]
     Ca(#[from] crate::authority::x509::CaError),
     #[error("lease store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::store::RedbError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("policies: {0}")]
@@ -115,7 +115,7 @@ impl Agent {
             },
         )?;
         let started = std::time::Instant::now();
-        let store = Arc::new(LeaseStore::open(&config.data_dir.join("leases.redb"))?);
+        let store = Arc::new(RedbStore::open(&config.data_dir.join("leases.redb"))?);
         let opened = started.elapsed();
         let stored = {
             let store = store.clone();
@@ -124,7 +124,7 @@ impl Agent {
                 .expect("loading leases")?
         };
         drop(ready_store);
-        let registry = Registry::durable(
+        let registry = Registry::new(
             config.limits.clone(),
             Durable {
                 store,
@@ -156,7 +156,7 @@ impl Agent {
             ca.clone(),
             jwt_keys.clone(),
             registry.clone(),
-            Some(audit.clone()),
+            audit.clone(),
             metrics.clone(),
         );
         let policy = Arc::new(PolicyEngine::load(config.policy.clone())?);
@@ -182,12 +182,18 @@ impl Agent {
         };
         tasks.spawn(health.serve(readiness.clone(), prom, refresh, shutdown.clone()));
 
-        let workload_api = crate::server::workload_api::WorkloadApi::new(
-            manager.clone(),
-            attestor.clone(),
+        let identities = crate::identity::IdentitySource::new(crate::identity::Parts {
+            manager: manager.clone(),
+            registry: registry.clone(),
+            ca: ca.clone(),
+            jwt_keys: jwt_keys.clone(),
+            audit: audit.clone(),
+            attestor: attestor.clone(),
             k8s,
-            shutdown.clone(),
-        );
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let workload_api = crate::server::workload_api::WorkloadApi::new(identities);
         let admin_api = crate::server::admin::AdminApi::new(
             registry.clone(),
             attestor,

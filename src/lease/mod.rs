@@ -6,8 +6,10 @@
 //! names the field that was wrong.
 
 mod registry;
+pub mod store;
 
 pub use registry::{bound_processes, ActiveLease, Changes, Durable, Registry};
+pub use store::{LeaseStore, StoreChange, StoreError, StoreWatch};
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

@@ -1,6 +1,6 @@
 //! The lease registry: active leases indexed for matching, ended leases kept for
-//! `task list --all`, one expiry timer per lease, a change signal for open streams, and (when
-//! durable) every change written to the lease store and the audit log.
+//! `task list --all`, one expiry timer per lease, a change signal for open streams, and every
+//! change written to the lease store and the audit log.
 //!
 //! Write order is chosen for failing closed: a grant or renewal takes effect only after its
 //! audit record and store write are durable; an end takes effect in memory at once (identity
@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
-use crate::store::LeaseStore;
 
 use super::{
-    validate_grant, GrantInput, Lease, LeaseError, LeaseId, LeaseLimits, LeaseState, Principal,
+    validate_grant, GrantInput, Lease, LeaseError, LeaseId, LeaseLimits, LeaseState, LeaseStore,
+    Principal,
 };
 
 /// Ended leases kept in memory for `task list --all` (durable retention comes with the store).
@@ -84,7 +84,7 @@ struct Inner {
 /// Where lease changes are made durable.
 #[derive(Clone)]
 pub struct Durable {
-    pub store: Arc<LeaseStore>,
+    pub store: Arc<dyn LeaseStore>,
     pub audit: AuditLog,
     pub metrics: crate::telemetry::Metrics,
 }
@@ -132,7 +132,7 @@ impl Drop for Changes {
 
 pub struct Registry {
     limits: LeaseLimits,
-    durable: Option<Durable>,
+    durable: Durable,
     inner: RwLock<Inner>,
     /// Who to wake when a lease indexed under a selector changes.
     listeners: Mutex<Listeners>,
@@ -203,18 +203,9 @@ fn index_key(selectors: &[String]) -> String {
 }
 
 impl Registry {
-    /// A registry that keeps leases in memory only (for tests of the matching logic).
-    pub fn new(limits: LeaseLimits) -> Arc<Self> {
-        Self::build(limits, None)
-    }
-
     /// A registry whose every change is stored and audited before (or, for ends, right after)
     /// it takes effect.
-    pub fn durable(limits: LeaseLimits, durable: Durable) -> Arc<Self> {
-        Self::build(limits, Some(durable))
-    }
-
-    fn build(limits: LeaseLimits, durable: Option<Durable>) -> Arc<Self> {
+    pub fn new(limits: LeaseLimits, durable: Durable) -> Arc<Self> {
         Arc::new_cyclic(|me| Registry {
             limits,
             durable,
@@ -491,9 +482,7 @@ impl Registry {
 
     /// Writes the audit record, then the store. Either failing refuses the change.
     async fn persist(&self, event: &str, lease: &Lease, reason: &str) -> Result<(), LeaseError> {
-        let Some(d) = &self.durable else {
-            return Ok(());
-        };
+        let d = &self.durable;
         let mut fields = audit_fields(lease);
         if !reason.is_empty() {
             fields.insert("reason_for_change".into(), Value::String(reason.into()));
@@ -647,12 +636,9 @@ impl Registry {
         inner.ended.iter().find(|l| &l.id == id).cloned()
     }
 
-    /// Every lease in the store (nothing when not durable).
+    /// Every lease in the store.
     async fn stored(&self) -> Result<Vec<Arc<Lease>>, LeaseError> {
-        let Some(d) = &self.durable else {
-            return Ok(Vec::new());
-        };
-        let store = d.store.clone();
+        let store = self.durable.store.clone();
         tokio::task::spawn_blocking(move || store.load())
             .await
             .map_err(|e| LeaseError::Unavailable(format!("lease store: {e}")))?
@@ -661,30 +647,23 @@ impl Registry {
 
     /// Active leases (and, with `all`, ended ones still retained), oldest first.
     pub async fn list(&self, all: bool) -> Result<Vec<Lease>, LeaseError> {
-        let (mut out, ended): (Vec<Lease>, Vec<Lease>) = {
+        let mut out: Vec<Lease> = {
             let inner = self.inner.read().expect("lease lock poisoned");
-            (
-                inner
-                    .active
-                    .values()
-                    .map(|s| Lease::clone(&s.lease))
-                    .chain(inner.pending.values().map(|(l, _)| l.clone()))
-                    .collect(),
-                inner.ended.iter().cloned().collect(),
-            )
+            inner
+                .active
+                .values()
+                .map(|s| Lease::clone(&s.lease))
+                .chain(inner.pending.values().map(|(l, _)| l.clone()))
+                .collect()
         };
         if all {
-            if self.durable.is_some() {
-                out.extend(
-                    self.stored()
-                        .await?
-                        .into_iter()
-                        .filter(|l| !matches!(l.state, LeaseState::Active | LeaseState::Pending))
-                        .map(Arc::unwrap_or_clone),
-                );
-            } else {
-                out.extend(ended);
-            }
+            out.extend(
+                self.stored()
+                    .await?
+                    .into_iter()
+                    .filter(|l| !matches!(l.state, LeaseState::Active | LeaseState::Pending))
+                    .map(Arc::unwrap_or_clone),
+            );
         }
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -834,14 +813,13 @@ impl Registry {
             reason,
             "lease ended"
         );
-        if let Some(d) = &self.durable {
-            d.metrics
-                .lease_ends
-                .get_or_create(&crate::telemetry::StateLabel {
-                    state: lease.state.to_string(),
-                })
-                .inc();
-        }
+        self.durable
+            .metrics
+            .lease_ends
+            .get_or_create(&crate::telemetry::StateLabel {
+                state: lease.state.to_string(),
+            })
+            .inc();
         let event = format!("lease_{}", lease.state);
         if let Err(e) = self.persist(&event, lease, reason).await {
             tracing::error!(
@@ -934,18 +912,16 @@ impl Registry {
             .expect("lease lock poisoned")
             .ended
             .retain(|l| l.ended_at.is_some_and(|t| t >= cutoff));
-        if let Some(d) = &self.durable {
-            let store = d.store.clone();
-            match tokio::task::spawn_blocking(move || store.compact(cutoff)).await {
-                Ok(Ok(n)) if n > 0 => tracing::info!(
-                    event = "leases_compacted",
-                    removed = n,
-                    "ended leases compacted"
-                ),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "compacting the lease store failed"),
-                Err(e) => tracing::warn!(error = %e, "compacting the lease store failed"),
-            }
+        let store = self.durable.store.clone();
+        match tokio::task::spawn_blocking(move || store.compact(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(
+                event = "leases_compacted",
+                removed = n,
+                "ended leases compacted"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "compacting the lease store failed"),
+            Err(e) => tracing::warn!(error = %e, "compacting the lease store failed"),
         }
     }
 
@@ -1048,8 +1024,18 @@ mod tests {
     use crate::lease::{IdTemplate, DEFAULT_TEMPLATE};
     use spiffe::TrustDomain;
 
-    fn registry() -> Arc<Registry> {
-        Registry::new(LeaseLimits {
+    /// A registry on a store in memory and a real audit log in a temporary directory (kept
+    /// while the registry is used).
+    fn registry() -> (Arc<Registry>, tempfile::TempDir) {
+        registry_on(crate::store::MemoryStore::new())
+    }
+
+    fn registry_on(store: Arc<dyn LeaseStore>) -> (Arc<Registry>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(dir.path(), Default::default()).unwrap();
+        let metrics =
+            crate::telemetry::Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let limits = LeaseLimits {
             trust_domain: TrustDomain::new("example.org").unwrap(),
             template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
             max_ttl: Duration::from_secs(3600),
@@ -1057,7 +1043,13 @@ mod tests {
             max_svid_ttl: Duration::from_secs(3600),
             default_jwt_ttl: Duration::from_secs(300),
             max_jwt_ttl: Duration::from_secs(3600),
-        })
+        };
+        let durable = Durable {
+            store,
+            audit,
+            metrics,
+        };
+        (Registry::new(limits, durable), dir)
     }
 
     async fn grant(r: &Registry, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
@@ -1079,7 +1071,7 @@ mod tests {
 
     #[tokio::test]
     async fn matching_needs_every_selector() {
-        let r = registry();
+        let (r, _dir) = registry();
         let hour = Duration::from_secs(1800);
         let a = grant(&r, "a", &["unix:uid:1000"], hour).await;
         let b = grant(&r, "b", &["unix:uid:1000", "unix:path:/bin/x"], hour).await;
@@ -1101,7 +1093,7 @@ mod tests {
 
     #[tokio::test]
     async fn thousands_of_leases_match_through_the_index() {
-        let r = registry();
+        let (r, _dir) = registry();
         for i in 0..5000 {
             grant(
                 &r,
@@ -1118,7 +1110,7 @@ mod tests {
 
     #[tokio::test]
     async fn end_stops_matching_and_signals() {
-        let r = registry();
+        let (r, _dir) = registry();
         let caller = ["unix:uid:7".to_string(), "unix:gid:7".to_string()];
         let mine = r.changes(&caller);
         let other = r.changes(&["unix:uid:8".to_string()]);
@@ -1157,7 +1149,7 @@ mod tests {
 
     #[tokio::test]
     async fn expiry_fires_without_anyone_asking() {
-        let r = registry();
+        let (r, _dir) = registry();
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(1)).await;
         let m = r.matching(&["unix:uid:7".to_string()]);
         tokio::time::timeout(Duration::from_secs(5), m[0].ended.cancelled())
@@ -1168,7 +1160,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_task_expires_each_lease_at_its_own_deadline() {
-        let r = registry();
+        let (r, _dir) = registry();
         let second = Duration::from_secs(1);
         let renewed = grant(&r, "renewed", &["unix:uid:1"], 2 * second).await;
         let plain = grant(&r, "plain", &["unix:uid:2"], second).await;
@@ -1205,11 +1197,51 @@ mod tests {
 
     #[tokio::test]
     async fn renewal_is_capped_by_max_expires_at() {
-        let r = registry();
+        let (r, _dir) = registry();
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
         let renewed = r.renew(&l.id, Duration::from_secs(100)).await.unwrap();
         assert!(renewed.expires_at > l.expires_at);
         let err = r.renew(&l.id, Duration::from_secs(200)).await.unwrap_err();
         assert!(matches!(err, LeaseError::InvalidField { field: "ttl", .. }));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_refuses_writes_refuses_the_grant_and_the_renewal() {
+        let store = crate::store::MemoryStore::new();
+        let (r, _dir) = registry_on(store.clone());
+        let mut changes = store.watch();
+        let kept = grant(&r, "kept", &["unix:uid:7"], Duration::from_secs(60)).await;
+        match changes.try_recv() {
+            Ok(crate::lease::StoreChange::Put(l)) => assert_eq!(l.id, kept.id),
+            other => panic!("expected the grant in the store's watch, got {other:?}"),
+        }
+        store.fail_writes(Some("disk full"));
+        let refused = r
+            .grant_input(
+                GrantInput {
+                    task_id: "refused".into(),
+                    delegator: "alice".into(),
+                    agent: "a".into(),
+                    ttl: Some(Duration::from_secs(60)),
+                    selectors: vec!["unix:uid:8".into()],
+                    ..Default::default()
+                },
+                Principal::agent(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, LeaseError::Unavailable(m) if m.contains("disk full")),
+            "{refused:?}"
+        );
+        assert!(r.matching(&["unix:uid:8".to_string()]).is_empty());
+        let err = r
+            .renew(&kept.id, Duration::from_secs(90))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::Unavailable(_)), "{err:?}");
+        assert_eq!(r.get(&kept.id).await.unwrap().expires_at, kept.expires_at);
+        store.fail_writes(None);
+        r.renew(&kept.id, Duration::from_secs(90)).await.unwrap();
     }
 }

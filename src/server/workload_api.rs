@@ -1,56 +1,50 @@
-//! The SPIFFE Workload API server (`SpiffeWorkloadAPI`) on the workload socket.
+//! The SPIFFE Workload API server (`SpiffeWorkloadAPI`) on the workload socket: a thin
+//! adapter between the wire and the identity source (`crate::identity`), which attests every
+//! caller and follows its identities.
 //!
-//! Every RPC (and every stream, again before it is handed anything new) is attested from the
-//! caller's kernel facts; a stream is told its identity is gone without that wait. Streams wake
-//! only for changes to leases they could match (see `Registry::changes`). The status codes of
-//! this server are chosen here and nowhere else: missing `workload.spiffe.io: true` header →
-//! `InvalidArgument`; attestation failed or the agent shutting down → `Unavailable`; attested
-//! but no active lease → `PermissionDenied` "no identity issued".
+//! The status codes of this server are chosen in `status` and nowhere else: missing
+//! `workload.spiffe.io: true` header or bad input → `InvalidArgument`; attestation failed,
+//! audit log unavailable or the agent shutting down → `Unavailable`; attested but no active
+//! lease (or no longer one) → `PermissionDenied` "no identity issued".
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::attest::k8s::K8sAttestor;
-use crate::attest::{Attestation, Attestor, PeerInfo};
-use crate::lease::Changes;
+use crate::attest::PeerInfo;
+use crate::identity::{BundleKind, IdentityError, IdentitySource};
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use crate::svid::{AuditUnavailable, JwtFetchError, Manager, Requester, Watcher, X509Svid};
-use crate::telemetry::{Metrics, ResultLabel, StreamGuard};
-
-const NO_IDENTITY: &str = "no identity issued";
+use crate::svid::X509Svid;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 pub struct WorkloadApi {
-    manager: Arc<Manager>,
-    attestor: Arc<Attestor>,
-    k8s: Arc<K8sAttestor>,
-    shutdown: CancellationToken,
+    source: Arc<IdentitySource>,
 }
 
 impl WorkloadApi {
-    pub fn new(
-        manager: Arc<Manager>,
-        attestor: Arc<Attestor>,
-        k8s: Arc<K8sAttestor>,
-        shutdown: CancellationToken,
-    ) -> SpiffeWorkloadApiServer<Self> {
-        SpiffeWorkloadApiServer::new(WorkloadApi {
-            manager,
-            attestor,
-            k8s,
-            shutdown,
-        })
+    pub fn new(source: Arc<IdentitySource>) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(WorkloadApi { source })
+    }
+}
+
+/// The one place this server turns a refusal into a status.
+fn status(e: IdentityError) -> Status {
+    match e {
+        IdentityError::NoIdentity | IdentityError::Ended | IdentityError::NotAllowed(_) => {
+            Status::permission_denied(e.to_string())
+        }
+        IdentityError::InvalidToken(_) => Status::invalid_argument(e.to_string()),
+        IdentityError::NotAttested(_)
+        | IdentityError::Audit(_)
+        | IdentityError::Signing(_)
+        | IdentityError::ShuttingDown => Status::unavailable(e.to_string()),
     }
 }
 
@@ -63,121 +57,8 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// Attests the process behind a request.
-async fn attest(
-    attestor: &Arc<Attestor>,
-    k8s: &K8sAttestor,
-    metrics: &Metrics,
-    peer: Option<PeerInfo>,
-    rpc: &'static str,
-) -> Result<Attestation, Status> {
-    let mut result = attest_inner(attestor, peer, rpc).await;
-    // Pod facts come from the cgroup file read (and proven) with the unix facts; the kubelet
-    // only adds what it says about that pod and container.
-    if let Ok(att) = &mut result {
-        if let Some(cgroup) = &att.cgroup {
-            let pod = k8s.selectors_for(cgroup).await;
-            if !pod.is_empty() {
-                att.selectors.extend(pod);
-                att.selectors.sort();
-                att.selectors.dedup();
-            }
-        }
-    }
-    let label = ResultLabel {
-        result: if result.is_ok() { "ok" } else { "failed" }.into(),
-    };
-    metrics.attestations.get_or_create(&label).inc();
-    result
-}
-
-async fn attest_inner(
-    attestor: &Arc<Attestor>,
-    peer: Option<PeerInfo>,
-    rpc: &'static str,
-) -> Result<Attestation, Status> {
-    let Some(peer) = peer else {
-        return Err(Status::unavailable(
-            "caller could not be attested: no peer credentials",
-        ));
-    };
-    // Inline when the executable's digest is cached (the usual case: a few /proc reads); a
-    // hand-off to the blocking pool costs more than that. Hashing a new executable blocks.
-    let result = match attestor.attest_cached(&peer) {
-        Some(r) => (peer, r),
-        None => {
-            let attestor = attestor.clone();
-            tokio::task::spawn_blocking(move || {
-                let r = attestor.attest(&peer);
-                (peer, r)
-            })
-            .await
-            .map_err(|_| Status::unavailable("attestation failed"))?
-        }
-    };
-    match result {
-        (_, Ok(att)) => Ok(att),
-        (peer, Err(e)) => {
-            tracing::warn!(
-                event = "attestation_failed",
-                rpc,
-                pid = peer.pid(),
-                uid = peer.uid(),
-                error = %e,
-                "caller could not be attested"
-            );
-            Err(Status::unavailable(format!(
-                "caller could not be attested: {e}"
-            )))
-        }
-    }
-}
-
-/// Refuses a caller that holds no identity; the denial is logged and audited.
-async fn deny(manager: &Manager, rpc: &'static str, att: &Attestation) -> Status {
-    tracing::info!(
-        event = "request_denied",
-        rpc,
-        pid = att.pid,
-        uid = att.uid,
-        selectors = %att.selectors.join(" "),
-        reason = NO_IDENTITY,
-        "no lease matches the caller"
-    );
-    if let Some(audit) = manager.audit() {
-        let fields = serde_json::json!({
-            "rpc": rpc,
-            "pid": att.pid,
-            "uid": att.uid,
-            "exe_sha256": att.exe_sha256,
-            "selectors": att.selectors,
-            "reason": NO_IDENTITY,
-        });
-        if let serde_json::Value::Object(fields) = fields {
-            if let Err(e) = audit.append("request_denied", fields).await {
-                tracing::error!(error = %e, "could not audit a denial");
-            }
-        }
-    }
-    Status::permission_denied(NO_IDENTITY)
-}
-
-/// Ends an open stream whose caller no longer holds any identity (its lease ended). Not
-/// audited per stream: the lease's end is the audited event, and one revocation can close
-/// thousands of streams.
-fn identity_ended(rpc: &'static str, att: &Attestation) -> Status {
-    tracing::debug!(
-        event = "stream_ended",
-        rpc,
-        pid = att.pid,
-        uid = att.uid,
-        "identity gone, stream closed"
-    );
-    Status::permission_denied(NO_IDENTITY)
-}
-
-fn audit_unavailable(e: AuditUnavailable) -> Status {
-    Status::unavailable(e.to_string())
+fn peer<T>(req: &Request<T>) -> Option<PeerInfo> {
+    req.extensions().get::<PeerInfo>().cloned()
 }
 
 fn x509_response(svids: &[Arc<X509Svid>], bundle: &[u8]) -> pb::X509svidResponse {
@@ -197,186 +78,48 @@ fn x509_response(svids: &[Arc<X509Svid>], bundle: &[u8]) -> pb::X509svidResponse
     }
 }
 
-fn serials(svids: &[Arc<X509Svid>]) -> Vec<String> {
-    svids.iter().map(|s| s.issued.serial_hex.clone()).collect()
-}
-
-fn x509_bundles(m: &Manager) -> HashMap<String, Vec<u8>> {
-    let ca = m.ca();
-    HashMap::from([(
-        format!("spiffe://{}", ca.trust_domain()),
-        ca.bundle_der().to_vec(),
-    )])
-}
-
-/// The part of a server stream after its first message. It runs only while the connection
-/// polls the response body: no task or channel per stream, and a caller that goes away drops it.
-trait Follow: Send + 'static {
-    type Item: Send + 'static;
-
-    /// Waits for the next message: `Some(Err(_))` ends the stream with that status, `None`
-    /// ends it without one.
-    fn next(&mut self) -> impl Future<Output = Option<Result<Self::Item, Status>>> + Send;
-}
-
-/// A response stream: `first` at once, then what `follower` yields, until its first error.
-fn follow<F: Follow>(first: F::Item, follower: F) -> ResponseStream<F::Item> {
-    let rest = futures::stream::unfold(Some(follower), |follower| async move {
-        let mut follower = follower?;
-        let item = follower.next().await?;
-        let follower = item.is_ok().then_some(follower);
-        Some((item, follower))
+/// A response stream: `first` at once, then whatever `next` yields until its first error
+/// (sent as the stream's status) or its end. It runs only while the connection polls the
+/// response body: no task or channel per stream, and a caller that goes away drops it.
+fn follow<S, T, F, Fut>(first: T, state: S, next: F) -> ResponseStream<T>
+where
+    S: Send + 'static,
+    T: Send + 'static,
+    F: Fn(S) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<(Result<T, Status>, Option<S>)>> + Send + 'static,
+{
+    let rest = futures::stream::unfold(Some(state), move |state| {
+        let step = state.map(&next);
+        async move { step?.await }
     });
     Box::pin(futures::stream::once(std::future::ready(Ok(first))).chain(rest))
 }
 
-fn shutting_down() -> Status {
-    Status::unavailable("agent shutting down")
-}
-
-/// A bundle stream after its first message: another whenever `refresh` changes, and
-/// `PermissionDenied` as soon as the caller no longer holds any identity.
-struct BundleFollower<M> {
-    rpc: &'static str,
-    manager: Arc<Manager>,
-    att: Attestation,
-    leases: Changes,
-    refresh: Option<watch::Receiver<u64>>,
-    make: M,
-    shutdown: CancellationToken,
-    _open: StreamGuard,
-}
-
-impl<T, M> Follow for BundleFollower<M>
-where
-    T: Send + 'static,
-    M: Fn(&Manager) -> T + Send + Sync + 'static,
-{
-    type Item = T;
-
-    async fn next(&mut self) -> Option<Result<T, Status>> {
-        loop {
-            let refreshed = async {
-                match self.refresh.as_mut() {
-                    Some(r) => r.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Some(Err(shutting_down())),
-                _ = self.leases.changed() => {
-                    if !self.manager.registry().matches_any(&self.att.selectors) {
-                        return Some(Err(identity_ended(self.rpc, &self.att)));
-                    }
-                }
-                alive = refreshed => {
-                    // The sender goes only with the agent.
-                    return alive.then(|| Ok((self.make)(&self.manager)));
-                }
-            }
-        }
-    }
-}
-
-/// A FetchX509SVID stream after its first message: the caller's SVIDs again whenever they
-/// change, and `PermissionDenied` as soon as it no longer holds any identity.
-struct X509Follower {
-    manager: Arc<Manager>,
-    attestor: Arc<Attestor>,
-    k8s: Arc<K8sAttestor>,
-    peer: Option<PeerInfo>,
-    att: Attestation,
-    who: Requester,
-    watcher: Watcher,
-    bundle: Vec<u8>,
-    sent: Vec<String>,
-    shutdown: CancellationToken,
-    _open: StreamGuard,
-}
-
-impl X509Follower {
-    const RPC: &'static str = "FetchX509SVID";
-}
-
-impl Follow for X509Follower {
-    type Item = pb::X509svidResponse;
-
-    async fn next(&mut self) -> Option<Result<pb::X509svidResponse, Status>> {
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Some(Err(shutting_down())),
-                _ = self.watcher.changed() => {}
-            }
-            // Telling a caller its identity is gone needs no attestation, and must not wait
-            // for one: with a thousand streams on one lease, this is the fan-out.
-            if !self.watcher.holds_any() {
-                return Some(Err(identity_ended(Self::RPC, &self.att)));
-            }
-            // The process may have exec'd something else since it opened the stream: attest
-            // again before handing it anything new. Boxed, like `current` below: the stream
-            // lives long, and its state would otherwise hold room for these rarely run
-            // futures inline (~5 KiB per open stream instead of under 1 KiB).
-            let attested = Box::pin(attest(
-                &self.attestor,
-                &self.k8s,
-                self.manager.metrics(),
-                self.peer.clone(),
-                Self::RPC,
-            ));
-            let now = match attested.await {
-                Ok(now) => now,
-                Err(status) => return Some(Err(status)),
-            };
-            if now.selectors != self.att.selectors {
-                self.watcher = self
-                    .manager
-                    .watcher(now.selectors.clone(), self.who.clone());
-            }
-            self.att = now;
-            let svids = match Box::pin(self.watcher.current()).await {
-                Ok(svids) => svids,
-                Err(e) => return Some(Err(audit_unavailable(e))),
-            };
-            if svids.is_empty() {
-                return Some(Err(identity_ended(Self::RPC, &self.att)));
-            }
-            let serials = serials(&svids);
-            if serials != self.sent {
-                self.sent = serials;
-                return Some(Ok(x509_response(&svids, &self.bundle)));
-            }
-        }
-    }
-}
-
 impl WorkloadApi {
-    /// A bundle stream: the first message at once, then see [`BundleFollower`].
+    /// A bundle stream: the bundle at once, again whenever it may have changed, and
+    /// `PermissionDenied` as soon as the caller no longer holds any identity.
     async fn bundle_stream<T: Send + 'static>(
         &self,
+        peer: Option<PeerInfo>,
         rpc: &'static str,
-        att: Attestation,
-        mut refresh: Option<watch::Receiver<u64>>,
-        make: impl Fn(&Manager) -> T + Send + Sync + 'static,
+        kind: BundleKind,
+        make: impl Fn(&IdentitySource) -> T + Send + Sync + 'static,
     ) -> Result<ResponseStream<T>, Status> {
-        let leases = self.manager.registry().changes(&att.selectors);
-        if let Some(r) = refresh.as_mut() {
-            r.borrow_and_update();
-        }
-        if !self.manager.registry().matches_any(&att.selectors) {
-            return Err(deny(&self.manager, rpc, &att).await);
-        }
-        let first = make(&self.manager);
-        let follower = BundleFollower {
-            rpc,
-            manager: self.manager.clone(),
-            att,
-            leases,
-            refresh,
-            make,
-            shutdown: self.shutdown.clone(),
-            _open: StreamGuard::new(&self.manager.metrics().open_streams),
-        };
-        Ok(follow(first, follower))
+        let att = self.source.attest(peer, rpc).await.map_err(status)?;
+        let updates = self.source.bundles(att, rpc, kind).await.map_err(status)?;
+        let first = make(&self.source);
+        let source = self.source.clone();
+        let make = Arc::new(make);
+        Ok(follow(first, updates, move |mut updates| {
+            let (source, make) = (source.clone(), make.clone());
+            async move {
+                match updates.next().await {
+                    Ok(true) => Some((Ok(make(&source)), Some(updates))),
+                    Ok(false) => None,
+                    Err(e) => Some((Err(status(e)), None)),
+                }
+            }
+        }))
     }
 }
 
@@ -388,43 +131,28 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        const RPC: &str = X509Follower::RPC;
         check_header(&request)?;
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(
-            &self.attestor,
-            &self.k8s,
-            self.manager.metrics(),
-            peer.clone(),
-            RPC,
-        )
-        .await?;
-        let who = Requester {
-            pid: att.pid,
-            uid: att.uid,
-            exe_sha256: att.exe_sha256.clone(),
-        };
-        let mut watcher = self.manager.watcher(att.selectors.clone(), who.clone());
-        let first = watcher.current().await.map_err(audit_unavailable)?;
-        if first.is_empty() {
-            return Err(deny(&self.manager, RPC, &att).await);
-        }
-        let bundle = self.manager.ca().bundle_der().to_vec();
+        let (first, updates) = self
+            .source
+            .x509_svids(peer(&request), "FetchX509SVID")
+            .await
+            .map_err(status)?;
+        let (_, bundle) = self.source.x509_bundle();
         let response = x509_response(&first, &bundle);
-        let follower = X509Follower {
-            manager: self.manager.clone(),
-            attestor: self.attestor.clone(),
-            k8s: self.k8s.clone(),
-            peer,
-            att,
-            who,
-            watcher,
-            bundle,
-            sent: serials(&first),
-            shutdown: self.shutdown.clone(),
-            _open: StreamGuard::new(&self.manager.metrics().open_streams),
-        };
-        Ok(Response::new(follow(response, follower)))
+        let bundle = Arc::new(bundle);
+        Ok(Response::new(follow(
+            response,
+            updates,
+            move |mut updates| {
+                let bundle = bundle.clone();
+                async move {
+                    match updates.next().await {
+                        Ok(svids) => Some((Ok(x509_response(&svids, &bundle)), Some(updates))),
+                        Err(e) => Some((Err(status(e)), None)),
+                    }
+                }
+            },
+        )))
     }
 
     type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
@@ -433,16 +161,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        const RPC: &str = "FetchX509Bundles";
         check_header(&request)?;
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
-        // The X.509 trust bundle does not change while the agent runs: no refresh signal.
         let stream = self
-            .bundle_stream(RPC, att, None, |m: &Manager| pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles: x509_bundles(m),
-            })
+            .bundle_stream(
+                peer(&request),
+                "FetchX509Bundles",
+                BundleKind::X509,
+                |s: &IdentitySource| pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: HashMap::from([s.x509_bundle()]),
+                },
+            )
             .await?;
         Ok(Response::new(stream))
     }
@@ -453,7 +182,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         const RPC: &str = "FetchJWTSVID";
         check_header(&request)?;
-        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let peer = peer(&request);
         let req = request.into_inner();
         let mut audiences: Vec<String> =
             req.audience.into_iter().filter(|a| !a.is_empty()).collect();
@@ -462,36 +191,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         audiences.sort();
         audiences.dedup();
-        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
-        let who = Requester {
-            pid: att.pid,
-            uid: att.uid,
-            exe_sha256: att.exe_sha256.clone(),
-        };
+        let att = self.source.attest(peer, RPC).await.map_err(status)?;
         let wanted = Some(req.spiffe_id.as_str()).filter(|s| !s.is_empty());
-        match self
-            .manager
-            .jwt_svids(&att.selectors, &who, &audiences, wanted)
+        let svids = self
+            .source
+            .jwt_svids(&att, RPC, &audiences, wanted)
             .await
-        {
-            Ok(svids) => Ok(Response::new(pb::JwtsvidResponse {
-                svids: svids
-                    .iter()
-                    .map(|s| pb::Jwtsvid {
-                        spiffe_id: s.spiffe_id.clone(),
-                        svid: s.token.clone(),
-                        hint: String::new(),
-                    })
-                    .collect(),
-            })),
-            Err(JwtFetchError::NoIdentity) => Err(deny(&self.manager, RPC, &att).await),
-            Err(e @ (JwtFetchError::NotHeld(_) | JwtFetchError::AudienceNotAllowed(_))) => {
-                tracing::info!(event = "request_denied", rpc = RPC, pid = att.pid, uid = att.uid, reason = %e, "jwt-svid refused");
-                Err(Status::permission_denied(e.to_string()))
-            }
-            Err(JwtFetchError::Audit(e)) => Err(audit_unavailable(e)),
-            Err(e @ JwtFetchError::Signing(_)) => Err(Status::unavailable(e.to_string())),
-        }
+            .map_err(status)?;
+        Ok(Response::new(pb::JwtsvidResponse {
+            svids: svids
+                .iter()
+                .map(|s| pb::Jwtsvid {
+                    spiffe_id: s.spiffe_id.clone(),
+                    svid: s.token.clone(),
+                    hint: String::new(),
+                })
+                .collect(),
+        }))
     }
 
     type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
@@ -500,18 +216,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        const RPC: &str = "FetchJWTBundles";
         check_header(&request)?;
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
-        let keys = self.manager.jwt_keys().subscribe();
         let stream = self
-            .bundle_stream(RPC, att, Some(keys), |m: &Manager| pb::JwtBundlesResponse {
-                bundles: HashMap::from([(
-                    format!("spiffe://{}", m.ca().trust_domain()),
-                    m.jwt_keys().jwks(),
-                )]),
-            })
+            .bundle_stream(
+                peer(&request),
+                "FetchJWTBundles",
+                BundleKind::Jwt,
+                |s: &IdentitySource| pb::JwtBundlesResponse {
+                    bundles: HashMap::from([s.jwt_bundle()]),
+                },
+            )
             .await?;
         Ok(Response::new(stream))
     }
@@ -520,9 +234,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        const RPC: &str = "ValidateJWTSVID";
         check_header(&request)?;
-        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let peer = peer(&request);
         let req = request.into_inner();
         if req.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -531,24 +244,24 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         // Any local process may validate, but it must be one we can name in the log.
-        let att = attest(&self.attestor, &self.k8s, self.manager.metrics(), peer, RPC).await?;
-        match self.manager.validate_jwt(&req.svid, &req.audience) {
-            Ok(claims) => {
-                let spiffe_id = claims
-                    .get("sub")
-                    .and_then(serde_json::Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                Ok(Response::new(pb::ValidateJwtsvidResponse {
-                    spiffe_id,
-                    claims: Some(json_struct(claims)),
-                }))
-            }
-            Err(e) => {
-                tracing::info!(event = "jwt_invalid", pid = att.pid, uid = att.uid, reason = %e, "jwt-svid validation failed");
-                Err(Status::invalid_argument(format!("invalid JWT-SVID: {e}")))
-            }
-        }
+        let att = self
+            .source
+            .attest(peer, "ValidateJWTSVID")
+            .await
+            .map_err(status)?;
+        let claims = self
+            .source
+            .validate_jwt(&att, &req.svid, &req.audience)
+            .map_err(status)?;
+        let spiffe_id = claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id,
+            claims: Some(json_struct(claims)),
+        }))
     }
 
     type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;

@@ -26,7 +26,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use spiffe::SpiffeId;
 
-use crate::lease::{Lease, LeaseId, LeaseState, Principal};
+use tokio::sync::broadcast;
+
+use crate::lease::store::WATCH_CAPACITY;
+use crate::lease::{
+    Lease, LeaseId, LeaseState, LeaseStore, Principal, StoreChange, StoreError, StoreWatch,
+};
 
 /// Lease ID → encoded `LeaseRecord`.
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -75,13 +80,15 @@ const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
 /// The lease database. Every write is one redb transaction committed with
 /// [`redb::Durability::Immediate`] (the default), so it is on disk when the call returns.
 #[derive(Debug)]
-pub struct LeaseStore {
+pub struct RedbStore {
     db: Database,
     path: PathBuf,
+    /// Told of every committed change (a local store has no other writer).
+    changes: broadcast::Sender<StoreChange>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum RedbError {
     #[error("lease store {path}: cannot {op}: {source}")]
     Io {
         op: &'static str,
@@ -118,15 +125,15 @@ pub enum StoreError {
     },
 }
 
-impl LeaseStore {
+impl RedbStore {
     /// Opens the database at `path` (e.g. `<data_dir>/leases.redb`), creating it if missing.
     ///
     /// The file is created mode 0600, and tightened to 0600 if an existing one is more open: it
     /// holds who may hold which identity. The whole file is integrity-checked on open, so a
     /// corrupt file is an error naming the path rather than a panic later.
-    pub fn open(path: &Path) -> Result<LeaseStore, StoreError> {
+    pub fn open(path: &Path) -> Result<RedbStore, RedbError> {
         let io_err = |op: &'static str| {
-            move |source: io::Error| StoreError::Io {
+            move |source: io::Error| RedbError::Io {
                 op,
                 path: path.to_owned(),
                 source,
@@ -152,7 +159,7 @@ impl LeaseStore {
             file.set_permissions(Permissions::from_mode(0o600))
                 .map_err(io_err("set the file mode to 0600"))?;
         }
-        let open_err = |source| StoreError::Open {
+        let open_err = |source| RedbError::Open {
             path: path.to_owned(),
             source: Box::new(source),
         };
@@ -164,9 +171,10 @@ impl LeaseStore {
             .set_check_integrity_on_open(true)
             .create_with_backend(backend)
             .map_err(open_err)?;
-        let store = LeaseStore {
+        let store = RedbStore {
             db,
             path: path.to_owned(),
+            changes: broadcast::channel(WATCH_CAPACITY).0,
         };
         // Create the table up front so that readers never meet a missing table.
         let txn = store
@@ -180,18 +188,18 @@ impl LeaseStore {
     }
 
     /// Inserts or replaces the lease with this ID; durable when it returns.
-    pub fn put(&self, lease: &Lease) -> Result<(), StoreError> {
+    pub fn put(&self, lease: &Lease) -> Result<(), RedbError> {
         self.put_all(std::slice::from_ref(lease))
     }
 
     /// Inserts or replaces several leases in one transaction: all or none are stored, with one
     /// disk sync instead of one per lease.
-    pub fn put_all(&self, leases: &[Lease]) -> Result<(), StoreError> {
+    pub fn put_all(&self, leases: &[Lease]) -> Result<(), RedbError> {
         // Encode first so an encoding error never leaves a transaction to abort.
         let encoded = leases
             .iter()
             .map(|l| Ok((l.id.as_str(), self.encode(l)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .collect::<Result<Vec<_>, RedbError>>()?;
         let txn = self
             .db
             .begin_write()
@@ -206,7 +214,13 @@ impl LeaseStore {
                     .map_err(self.db_err("insert a lease"))?;
             }
         }
-        txn.commit().map_err(self.db_err("commit"))
+        txn.commit().map_err(self.db_err("commit"))?;
+        if self.changes.receiver_count() > 0 {
+            for lease in leases {
+                let _ = self.changes.send(StoreChange::Put(Arc::new(lease.clone())));
+            }
+        }
+        Ok(())
     }
 
     /// Every stored lease, active and ended, in no particular order.
@@ -215,7 +229,7 @@ impl LeaseStore {
     /// leases, so the key space is split into ranges decoded on up to [`LOAD_THREADS`] threads.
     /// Each lease is decoded straight into its `Arc`: the registry keeps it there, and a lease
     /// is ~500 bytes that would otherwise be copied from vector to vector at start-up.
-    pub fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError> {
+    pub fn load(&self) -> Result<Vec<Arc<Lease>>, RedbError> {
         let txn = self
             .db
             .begin_read()
@@ -230,7 +244,7 @@ impl LeaseStore {
             .min(count.div_ceil(LOAD_CHUNK_MIN))
             .max(1);
         let ranges = key_ranges(threads);
-        let parts: Vec<Result<Vec<Arc<Lease>>, StoreError>> = std::thread::scope(|scope| {
+        let parts: Vec<Result<Vec<Arc<Lease>>, RedbError>> = std::thread::scope(|scope| {
             let table = &table;
             let handles: Vec<_> = ranges
                 .iter()
@@ -266,7 +280,7 @@ impl LeaseStore {
 
     /// Deletes ended leases whose `ended_at` is before `cutoff` and returns how many went.
     /// Active leases are never deleted, whatever their times say.
-    pub fn compact(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
+    pub fn compact(&self, cutoff: SystemTime) -> Result<usize, RedbError> {
         let txn = self
             .db
             .begin_write()
@@ -292,30 +306,35 @@ impl LeaseStore {
                     .remove(key.as_str())
                     .map_err(self.db_err("delete a lease"))?;
             }
-            removed = doomed.len();
+            removed = doomed;
         }
         txn.commit().map_err(self.db_err("commit"))?;
-        Ok(removed)
+        for key in &removed {
+            if let Ok(id) = LeaseId::parse(key) {
+                let _ = self.changes.send(StoreChange::Removed(id));
+            }
+        }
+        Ok(removed.len())
     }
 
-    fn db_err<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> StoreError + '_ {
-        move |e| StoreError::Db {
+    fn db_err<E: Into<redb::Error>>(&self, op: &'static str) -> impl FnOnce(E) -> RedbError + '_ {
+        move |e| RedbError::Db {
             op,
             path: self.path.clone(),
             source: Box::new(e.into()),
         }
     }
 
-    fn encode(&self, lease: &Lease) -> Result<Vec<u8>, StoreError> {
-        postcard::to_stdvec(&LeaseRecord::from(lease)).map_err(|e| StoreError::Encode {
+    fn encode(&self, lease: &Lease) -> Result<Vec<u8>, RedbError> {
+        postcard::to_stdvec(&LeaseRecord::from(lease)).map_err(|e| RedbError::Encode {
             path: self.path.clone(),
             key: lease.id.to_string(),
             reason: e.to_string(),
         })
     }
 
-    fn decode(&self, key: &str, bytes: &[u8]) -> Result<Lease, StoreError> {
-        let fail = |reason: String| StoreError::Decode {
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<Lease, RedbError> {
+        let fail = |reason: String| RedbError::Decode {
             path: self.path.clone(),
             key: key.to_owned(),
             reason,
@@ -378,6 +397,24 @@ impl LeaseStore {
             return Err(fail(format!("holds lease {}", lease.id)));
         }
         Ok(lease)
+    }
+}
+
+impl LeaseStore for RedbStore {
+    fn put_all(&self, leases: &[Lease]) -> Result<(), StoreError> {
+        RedbStore::put_all(self, leases).map_err(StoreError::new)
+    }
+
+    fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError> {
+        RedbStore::load(self).map_err(StoreError::new)
+    }
+
+    fn compact(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
+        RedbStore::compact(self, cutoff).map_err(StoreError::new)
+    }
+
+    fn watch(&self) -> StoreWatch {
+        self.changes.subscribe()
     }
 }
 
@@ -647,14 +684,14 @@ mod tests {
     #[test]
     fn store_is_send_and_sync() {
         fn check<T: Send + Sync + 'static>() {}
-        check::<LeaseStore>();
-        check::<StoreError>();
+        check::<RedbStore>();
+        check::<RedbError>();
     }
 
     #[test]
     fn put_then_load_round_trips_every_field() {
         let dir = tempdir();
-        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let active = lease("t-1");
         let mut gone = ended(
             "t-2",
@@ -709,7 +746,7 @@ mod tests {
         };
         let lease = validate_grant(input, &limits, SystemTime::now(), Principal::agent()).unwrap();
         let dir = tempdir();
-        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         store.put(&lease).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.len(), 1);
@@ -720,7 +757,7 @@ mod tests {
     fn put_of_the_same_id_updates() {
         let dir = tempdir();
         let path = dir.path().join("leases.redb");
-        let store = LeaseStore::open(&path).unwrap();
+        let store = RedbStore::open(&path).unwrap();
         let mut l = lease("t-1");
         store.put(&l).unwrap();
         l.state = LeaseState::Revoked;
@@ -729,7 +766,7 @@ mod tests {
         store.put(&l).unwrap();
         drop(store);
 
-        let loaded = LeaseStore::open(&path).unwrap().load().unwrap();
+        let loaded = RedbStore::open(&path).unwrap().load().unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].state, LeaseState::Revoked);
         assert!(same(&loaded[0], &l));
@@ -744,10 +781,10 @@ mod tests {
             ended("b", LeaseState::Completed, SystemTime::now()),
         ];
         {
-            let store = LeaseStore::open(&path).unwrap();
+            let store = RedbStore::open(&path).unwrap();
             store.put_all(&leases).unwrap();
         }
-        let store = LeaseStore::open(&path).unwrap();
+        let store = RedbStore::open(&path).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.len(), 2);
         for want in &leases {
@@ -758,7 +795,7 @@ mod tests {
     #[test]
     fn compact_deletes_only_old_ended_leases() {
         let dir = tempdir();
-        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let cutoff = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
         let before = cutoff - Duration::from_nanos(1);
         let old_revoked = ended("old-r", LeaseState::Revoked, before);
@@ -811,10 +848,10 @@ mod tests {
             })
             .collect();
         {
-            let store = LeaseStore::open(&path).unwrap();
+            let store = RedbStore::open(&path).unwrap();
             store.put_all(&leases).unwrap();
         }
-        let mut loaded: Vec<String> = LeaseStore::open(&path)
+        let mut loaded: Vec<String> = RedbStore::open(&path)
             .unwrap()
             .load()
             .unwrap()
@@ -859,13 +896,13 @@ mod tests {
     fn file_mode_is_0600() {
         let dir = tempdir();
         let path = dir.path().join("leases.redb");
-        drop(LeaseStore::open(&path).unwrap());
+        drop(RedbStore::open(&path).unwrap());
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&path), 0o600);
 
         // An existing file that is too open is tightened.
         fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
-        drop(LeaseStore::open(&path).unwrap());
+        drop(RedbStore::open(&path).unwrap());
         assert_eq!(mode(&path), 0o600);
     }
 
@@ -877,7 +914,7 @@ mod tests {
         let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + 13) as u8).collect();
         for bytes in [&b"not a database"[..], &garbage[..]] {
             fs::write(&path, bytes).unwrap();
-            let err = LeaseStore::open(&path).unwrap_err();
+            let err = RedbStore::open(&path).unwrap_err();
             assert!(
                 err.to_string().contains(&path.display().to_string()),
                 "{err}"
@@ -887,7 +924,7 @@ mod tests {
         // A real database with its data pages overwritten.
         fs::remove_file(&path).unwrap();
         {
-            let store = LeaseStore::open(&path).unwrap();
+            let store = RedbStore::open(&path).unwrap();
             store
                 .put_all(
                     &(0..200)
@@ -902,7 +939,7 @@ mod tests {
             *b ^= 0x5a;
         }
         fs::write(&path, &bytes).unwrap();
-        let err = LeaseStore::open(&path).unwrap_err();
+        let err = RedbStore::open(&path).unwrap_err();
         assert!(
             err.to_string().contains(&path.display().to_string()),
             "{err}"
@@ -911,13 +948,13 @@ mod tests {
 
     /// Writes `value` under `key`, bypassing the encoder (records as another version, or
     /// damaged, would leave them).
-    fn put_raw(store: &LeaseStore, key: &str, value: &[u8]) {
+    fn put_raw(store: &RedbStore, key: &str, value: &[u8]) {
         let txn = store.db.begin_write().unwrap();
         txn.open_table(LEASES).unwrap().insert(key, value).unwrap();
         txn.commit().unwrap();
     }
 
-    fn get_raw(store: &LeaseStore, key: &str) -> Vec<u8> {
+    fn get_raw(store: &RedbStore, key: &str) -> Vec<u8> {
         let txn = store.db.begin_read().unwrap();
         let table = txn.open_table(LEASES).unwrap();
         let value = table.get(key).unwrap().expect("record present");
@@ -1005,7 +1042,7 @@ mod tests {
     #[test]
     fn frozen_records_of_every_format_decode_and_format_3_is_what_is_written() {
         let dir = tempdir();
-        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let want = frozen_lease();
         let key = want.id.as_str();
         let format_2 = hex::decode(FROZEN_FORMAT_2).unwrap();
@@ -1035,7 +1072,7 @@ mod tests {
     #[test]
     fn a_format_2_record_with_bytes_after_its_end_is_still_damage() {
         let dir = tempdir();
-        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let want = frozen_lease();
         let mut bytes = hex::decode(FROZEN_FORMAT_2).unwrap();
         bytes.push(0);
@@ -1049,7 +1086,7 @@ mod tests {
     #[test]
     fn format_1_records_still_load_and_are_rewritten_as_format_3() {
         let dir = tempdir();
-        let store = LeaseStore::open(&dir.path().join("leases.redb")).unwrap();
+        let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let old = ended("old", LeaseState::Revoked, SystemTime::now());
         let mut renewed = lease("renewed");
         put_raw(&store, old.id.as_str(), &as_format_1(&old));
@@ -1099,7 +1136,7 @@ mod tests {
     fn bad_records_are_decode_errors_naming_the_key() {
         let dir = tempdir();
         let path = dir.path().join("leases.redb");
-        let store = LeaseStore::open(&path).unwrap();
+        let store = RedbStore::open(&path).unwrap();
         let good = lease("t");
         let key = good.id.to_string();
         let as_json = |edit: &dyn Fn(&mut serde_json::Value)| {
@@ -1151,7 +1188,7 @@ mod tests {
                 store.compact(SystemTime::now()).unwrap_err(),
             ] {
                 match &err {
-                    StoreError::Decode { key: k, reason, .. } => {
+                    RedbError::Decode { key: k, reason, .. } => {
                         assert_eq!(k, &key);
                         assert!(reason.contains(why), "{reason} should mention {why}");
                     }

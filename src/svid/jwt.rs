@@ -146,7 +146,8 @@ impl Manager {
             .sign(&claims)
             .map_err(|e| JwtFetchError::Signing(e.to_string()))?;
         let expires_at = UNIX_EPOCH + Duration::from_secs(exp);
-        if let Some(audit) = &self.audit {
+        {
+            let audit = &self.audit;
             let fields = json!({
                 "jti": jti,
                 "audiences": audiences,

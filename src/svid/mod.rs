@@ -80,7 +80,7 @@ pub struct Manager {
     ca: Arc<SigningCa>,
     jwt_keys: Arc<JwtKeys>,
     registry: Arc<Registry>,
-    audit: Option<AuditLog>,
+    audit: AuditLog,
     metrics: Metrics,
     jwt_cache: jwt::JwtCache,
     entries: Mutex<HashMap<LeaseId, Arc<Entry>>>,
@@ -127,13 +127,12 @@ impl Watcher {
 }
 
 impl Manager {
-    /// `audit`: where every issuance is recorded before the SVID is handed out; `None` only
-    /// in tests of the cache itself.
+    /// `audit`: where every issuance is recorded before the SVID is handed out.
     pub fn new(
         ca: Arc<SigningCa>,
         jwt_keys: Arc<JwtKeys>,
         registry: Arc<Registry>,
-        audit: Option<AuditLog>,
+        audit: AuditLog,
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Manager {
@@ -146,26 +145,6 @@ impl Manager {
             entries: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
-    }
-
-    pub fn ca(&self) -> &SigningCa {
-        &self.ca
-    }
-
-    pub fn jwt_keys(&self) -> &JwtKeys {
-        &self.jwt_keys
-    }
-
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
-    pub fn audit(&self) -> Option<&AuditLog> {
-        self.audit.as_ref()
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
     }
 
     pub fn watcher(self: &Arc<Self>, selectors: Vec<String>, who: Requester) -> Watcher {
@@ -273,7 +252,8 @@ impl Manager {
             }
         };
         let trigger = if who.is_some() { "fetch" } else { "rotation" };
-        if let Some(audit) = &self.audit {
+        {
+            let audit = &self.audit;
             let fields = serde_json::json!({
                 "serial": issued.serial_hex,
                 "spiffe_id": lease.spiffe_id.to_string(),

@@ -1,0 +1,413 @@
+//! The identity source: what every server on the workload socket needs, whatever its wire
+//! protocol. It attests a caller from its kernel facts, hands it the identities its leases give
+//! it (X.509-SVIDs, JWT-SVIDs, bundles), follows them as they rotate, change or end, and refuses
+//! a caller that holds none with an audit record.
+//!
+//! Errors are [`IdentityError`]s; each server turns them into its own status codes.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::attest::k8s::K8sAttestor;
+use crate::attest::{Attestation, Attestor, PeerInfo};
+use crate::audit::AuditLog;
+use crate::authority::jwt_keys::JwtKeys;
+use crate::authority::x509::SigningCa;
+use crate::lease::{Changes, Registry};
+use crate::svid::{
+    AuditUnavailable, JwtFetchError, JwtSvid, Manager, Requester, Watcher, X509Svid,
+};
+use crate::telemetry::{Metrics, ResultLabel, StreamGuard};
+
+const NO_IDENTITY: &str = "no identity issued";
+
+/// Why a caller gets no identity (or no more of it).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The caller's kernel facts could not be read (or it came without any).
+    #[error("caller could not be attested: {0}")]
+    NotAttested(String),
+    /// Attested, but no active lease covers the caller (refused, audited).
+    #[error("{NO_IDENTITY}")]
+    NoIdentity,
+    /// The caller held an identity and no longer does: its lease ended.
+    #[error("{NO_IDENTITY}")]
+    Ended,
+    /// The caller asked for an identity it does not hold, or an audience its lease does not
+    /// allow.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// Issuance is refused while its audit record cannot be made durable (fail closed).
+    #[error(transparent)]
+    Audit(#[from] AuditUnavailable),
+    /// Signing failed.
+    #[error("{0}")]
+    Signing(String),
+    /// A token presented for validation is not a valid JWT-SVID.
+    #[error("invalid JWT-SVID: {0}")]
+    InvalidToken(String),
+    #[error("agent shutting down")]
+    ShuttingDown,
+}
+
+/// Which trust bundle a caller follows.
+#[derive(Clone, Copy, Debug)]
+pub enum BundleKind {
+    X509,
+    Jwt,
+}
+
+/// The parts of the agent an identity server draws on.
+pub struct Parts {
+    pub manager: Arc<Manager>,
+    pub registry: Arc<Registry>,
+    pub ca: Arc<SigningCa>,
+    pub jwt_keys: Arc<JwtKeys>,
+    pub audit: AuditLog,
+    pub attestor: Arc<Attestor>,
+    pub k8s: Arc<K8sAttestor>,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+}
+
+pub struct IdentitySource {
+    parts: Parts,
+}
+
+impl IdentitySource {
+    pub fn new(parts: Parts) -> Arc<Self> {
+        Arc::new(IdentitySource { parts })
+    }
+
+    /// Attests the process behind a request: unix facts from the kernel, then what the
+    /// kubelet says about the pod and container whose cgroup it is in.
+    pub async fn attest(
+        &self,
+        peer: Option<PeerInfo>,
+        rpc: &'static str,
+    ) -> Result<Attestation, IdentityError> {
+        let p = &self.parts;
+        let mut result = attest_unix(&p.attestor, peer, rpc).await;
+        // Pod facts come from the cgroup file read (and proven) with the unix facts; the
+        // kubelet only adds what it says about that pod and container.
+        if let Ok(att) = &mut result {
+            if let Some(cgroup) = &att.cgroup {
+                let pod = p.k8s.selectors_for(cgroup).await;
+                if !pod.is_empty() {
+                    att.selectors.extend(pod);
+                    att.selectors.sort();
+                    att.selectors.dedup();
+                }
+            }
+        }
+        let label = ResultLabel {
+            result: if result.is_ok() { "ok" } else { "failed" }.into(),
+        };
+        p.metrics.attestations.get_or_create(&label).inc();
+        result
+    }
+
+    /// Refuses a caller that holds no identity; the denial is logged and audited.
+    pub async fn deny(&self, rpc: &'static str, att: &Attestation) -> IdentityError {
+        tracing::info!(
+            event = "request_denied",
+            rpc,
+            pid = att.pid,
+            uid = att.uid,
+            selectors = %att.selectors.join(" "),
+            reason = NO_IDENTITY,
+            "no lease matches the caller"
+        );
+        let fields = serde_json::json!({
+            "rpc": rpc,
+            "pid": att.pid,
+            "uid": att.uid,
+            "exe_sha256": att.exe_sha256,
+            "selectors": att.selectors,
+            "reason": NO_IDENTITY,
+        });
+        if let serde_json::Value::Object(fields) = fields {
+            if let Err(e) = self.parts.audit.append("request_denied", fields).await {
+                tracing::error!(error = %e, "could not audit a denial");
+            }
+        }
+        IdentityError::NoIdentity
+    }
+
+    /// The caller's X.509-SVIDs now (issued if missing), and a follower for what comes next.
+    /// A caller that holds none is refused (and audited).
+    pub async fn x509_svids(
+        self: &Arc<Self>,
+        peer: Option<PeerInfo>,
+        rpc: &'static str,
+    ) -> Result<(Vec<Arc<X509Svid>>, X509Updates), IdentityError> {
+        let att = self.attest(peer.clone(), rpc).await?;
+        let who = requester(&att);
+        let mut watcher = self
+            .parts
+            .manager
+            .watcher(att.selectors.clone(), who.clone());
+        let first = watcher.current().await?;
+        if first.is_empty() {
+            return Err(self.deny(rpc, &att).await);
+        }
+        let updates = X509Updates {
+            source: self.clone(),
+            rpc,
+            peer,
+            att,
+            who,
+            watcher,
+            sent: serials(&first),
+            _open: StreamGuard::new(&self.parts.metrics.open_streams),
+        };
+        Ok((first, updates))
+    }
+
+    /// Follows a trust bundle for an attested caller. A caller that holds no identity is
+    /// refused (and audited); one whose identity ends is told so.
+    pub async fn bundles(
+        self: &Arc<Self>,
+        att: Attestation,
+        rpc: &'static str,
+        kind: BundleKind,
+    ) -> Result<BundleUpdates, IdentityError> {
+        let p = &self.parts;
+        let leases = p.registry.changes(&att.selectors);
+        let refresh = match kind {
+            // The X.509 trust bundle does not change while the agent runs: no refresh signal.
+            BundleKind::X509 => None,
+            BundleKind::Jwt => {
+                let mut keys = p.jwt_keys.subscribe();
+                keys.borrow_and_update();
+                Some(keys)
+            }
+        };
+        if !p.registry.matches_any(&att.selectors) {
+            return Err(self.deny(rpc, &att).await);
+        }
+        Ok(BundleUpdates {
+            source: self.clone(),
+            rpc,
+            att,
+            leases,
+            refresh,
+            _open: StreamGuard::new(&p.metrics.open_streams),
+        })
+    }
+
+    /// JWT-SVIDs for an attested caller (every identity it holds, or only `spiffe_id`), for
+    /// `audiences` (sorted, deduplicated, non-empty).
+    pub async fn jwt_svids(
+        &self,
+        att: &Attestation,
+        rpc: &'static str,
+        audiences: &[String],
+        spiffe_id: Option<&str>,
+    ) -> Result<Vec<Arc<JwtSvid>>, IdentityError> {
+        let who = requester(att);
+        match self
+            .parts
+            .manager
+            .jwt_svids(&att.selectors, &who, audiences, spiffe_id)
+            .await
+        {
+            Ok(svids) => Ok(svids),
+            Err(JwtFetchError::NoIdentity) => Err(self.deny(rpc, att).await),
+            Err(e @ (JwtFetchError::NotHeld(_) | JwtFetchError::AudienceNotAllowed(_))) => {
+                tracing::info!(event = "request_denied", rpc, pid = att.pid, uid = att.uid, reason = %e, "jwt-svid refused");
+                Err(IdentityError::NotAllowed(e.to_string()))
+            }
+            Err(JwtFetchError::Audit(e)) => Err(IdentityError::Audit(e)),
+            Err(e @ JwtFetchError::Signing(_)) => Err(IdentityError::Signing(e.to_string())),
+        }
+    }
+
+    /// Checks a JWT-SVID for `audience` against this trust domain's keys; its claims if valid.
+    pub fn validate_jwt(
+        &self,
+        att: &Attestation,
+        token: &str,
+        audience: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, IdentityError> {
+        self.parts
+            .manager
+            .validate_jwt(token, audience)
+            .map_err(|e| {
+                tracing::info!(event = "jwt_invalid", pid = att.pid, uid = att.uid, reason = %e, "jwt-svid validation failed");
+                IdentityError::InvalidToken(e)
+            })
+    }
+
+    /// This trust domain's X.509 bundle: its ID (`spiffe://td`) and the CA certificates, DER.
+    pub fn x509_bundle(&self) -> (String, Vec<u8>) {
+        let ca = &self.parts.ca;
+        (
+            format!("spiffe://{}", ca.trust_domain()),
+            ca.bundle_der().to_vec(),
+        )
+    }
+
+    /// This trust domain's JWT bundle: its ID and the JWKS document.
+    pub fn jwt_bundle(&self) -> (String, Vec<u8>) {
+        (
+            format!("spiffe://{}", self.parts.ca.trust_domain()),
+            self.parts.jwt_keys.jwks(),
+        )
+    }
+}
+
+fn requester(att: &Attestation) -> Requester {
+    Requester {
+        pid: att.pid,
+        uid: att.uid,
+        exe_sha256: att.exe_sha256.clone(),
+    }
+}
+
+fn serials(svids: &[Arc<X509Svid>]) -> Vec<String> {
+    svids.iter().map(|s| s.issued.serial_hex.clone()).collect()
+}
+
+async fn attest_unix(
+    attestor: &Arc<Attestor>,
+    peer: Option<PeerInfo>,
+    rpc: &'static str,
+) -> Result<Attestation, IdentityError> {
+    let Some(peer) = peer else {
+        return Err(IdentityError::NotAttested("no peer credentials".into()));
+    };
+    // Inline when the executable's digest is cached (the usual case: a few /proc reads); a
+    // hand-off to the blocking pool costs more than that. Hashing a new executable blocks.
+    let result = match attestor.attest_cached(&peer) {
+        Some(r) => (peer, r),
+        None => {
+            let attestor = attestor.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = attestor.attest(&peer);
+                (peer, r)
+            })
+            .await
+            .map_err(|_| IdentityError::NotAttested("attestation failed".into()))?
+        }
+    };
+    match result {
+        (_, Ok(att)) => Ok(att),
+        (peer, Err(e)) => {
+            tracing::warn!(
+                event = "attestation_failed",
+                rpc,
+                pid = peer.pid(),
+                uid = peer.uid(),
+                error = %e,
+                "caller could not be attested"
+            );
+            Err(IdentityError::NotAttested(e.to_string()))
+        }
+    }
+}
+
+/// Ends what a caller follows once it no longer holds any identity (its lease ended). Not
+/// audited per stream: the lease's end is the audited event, and one revocation can close
+/// thousands of streams.
+fn ended(rpc: &'static str, att: &Attestation) -> IdentityError {
+    tracing::debug!(
+        event = "stream_ended",
+        rpc,
+        pid = att.pid,
+        uid = att.uid,
+        "identity gone, stream closed"
+    );
+    IdentityError::Ended
+}
+
+/// A caller's X.509-SVIDs after the first answer. It does its work only while polled: no task
+/// per caller, and a caller that goes away drops it.
+pub struct X509Updates {
+    source: Arc<IdentitySource>,
+    rpc: &'static str,
+    peer: Option<PeerInfo>,
+    att: Attestation,
+    who: Requester,
+    watcher: Watcher,
+    sent: Vec<String>,
+    _open: StreamGuard,
+}
+
+impl X509Updates {
+    /// The caller's SVIDs the next time they differ from the last ones handed out; an error
+    /// once it holds none (or cannot be attested again), after which the caller is done.
+    pub async fn next(&mut self) -> Result<Vec<Arc<X509Svid>>, IdentityError> {
+        loop {
+            tokio::select! {
+                _ = self.source.parts.shutdown.cancelled() => return Err(IdentityError::ShuttingDown),
+                _ = self.watcher.changed() => {}
+            }
+            // Telling a caller its identity is gone needs no attestation, and must not wait
+            // for one: with a thousand streams on one lease, this is the fan-out.
+            if !self.watcher.holds_any() {
+                return Err(ended(self.rpc, &self.att));
+            }
+            // The process may have exec'd something else since it opened the stream: attest
+            // again before handing it anything new. Boxed, like `current` below: the stream
+            // lives long, and its state would otherwise hold room for these rarely run
+            // futures inline (~5 KiB per open stream instead of under 1 KiB).
+            let now = Box::pin(self.source.attest(self.peer.clone(), self.rpc)).await?;
+            if now.selectors != self.att.selectors {
+                self.watcher = self
+                    .source
+                    .parts
+                    .manager
+                    .watcher(now.selectors.clone(), self.who.clone());
+            }
+            self.att = now;
+            let svids = Box::pin(self.watcher.current()).await?;
+            if svids.is_empty() {
+                return Err(ended(self.rpc, &self.att));
+            }
+            let serials = serials(&svids);
+            if serials != self.sent {
+                self.sent = serials;
+                return Ok(svids);
+            }
+        }
+    }
+}
+
+/// A bundle a caller follows, after the first answer.
+pub struct BundleUpdates {
+    source: Arc<IdentitySource>,
+    rpc: &'static str,
+    att: Attestation,
+    leases: Changes,
+    refresh: Option<watch::Receiver<u64>>,
+    _open: StreamGuard,
+}
+
+impl BundleUpdates {
+    /// Resolves when the bundle may have changed (`Ok(true)`), when nothing will ever change
+    /// it again (`Ok(false)`: the agent is going), or with an error once the caller holds no
+    /// identity.
+    pub async fn next(&mut self) -> Result<bool, IdentityError> {
+        loop {
+            let refreshed = async {
+                match self.refresh.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.source.parts.shutdown.cancelled() => return Err(IdentityError::ShuttingDown),
+                _ = self.leases.changed() => {
+                    if !self.source.parts.registry.matches_any(&self.att.selectors) {
+                        return Err(ended(self.rpc, &self.att));
+                    }
+                }
+                // The sender goes only with the agent.
+                alive = refreshed => return Ok(alive),
+            }
+        }
+    }
+}
