@@ -194,18 +194,18 @@ impl Agent {
             shutdown: shutdown.clone(),
         });
         let workload_api = crate::server::workload_api::WorkloadApi::new(identities);
-        let admin_api = crate::server::admin::AdminApi::new(
+        let tasks_service = crate::lease::TaskService::new(
             registry.clone(),
-            attestor,
             audit.clone(),
             policy.clone(),
-            crate::server::admin::AdminOptions {
-                approval_timeout: config.approval_timeout,
-                allowed_uids: config.allowed_uids.clone(),
-                allowed_gids: config.allowed_gids.clone(),
-                workload_socket: &config.socket,
+            crate::lease::Allowlist {
+                uids: config.allowed_uids.clone(),
+                gids: config.allowed_gids.clone(),
             },
+            config.approval_timeout,
         );
+        let admin_api =
+            crate::server::admin::AdminApi::new(tasks_service, attestor, &config.socket);
 
         let token = shutdown.clone();
         tasks.spawn(async move {

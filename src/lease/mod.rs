@@ -6,9 +6,11 @@
 //! names the field that was wrong.
 
 mod registry;
+pub mod service;
 pub mod store;
 
 pub use registry::{bound_processes, ActiveLease, Changes, Durable, Registry};
+pub use service::{Admitted, Allowlist, Caller, TaskError, TaskService};
 pub use store::{LeaseStore, StoreChange, StoreError, StoreWatch};
 
 use std::fmt;

@@ -1,0 +1,329 @@
+//! The task use cases: grant, get, list, renew, revoke, approve and complete, each in the same
+//! order: the allowlist, then the policies, then the change to the registry, with every refusal
+//! audited. Servers only convert their wire types to these calls and the errors to their own
+//! status codes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::attest::Attestation;
+use crate::audit::AuditLog;
+use crate::policy::{
+    Action, ContextAttrs, Decision, PolicyEngine, PolicyRequest, PrincipalAttrs, ResourceAttrs,
+};
+
+use super::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Principal, Registry};
+
+/// Why a task call was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The caller is not on the admin allowlist.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// A policy denied the call (or a gate asked for approval where none can be waited for).
+    #[error("{0}")]
+    Denied(String),
+    /// The lease is not in the state the call needs (say, approving a lease not pending).
+    #[error("{0}")]
+    WrongState(String),
+}
+
+/// Who may call at all: uids, and gids (primary or supplementary).
+#[derive(Clone, Debug, Default)]
+pub struct Allowlist {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+/// A caller of the task API, from its kernel facts.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub principal: Principal,
+    /// As the policies see it.
+    pub attrs: PrincipalAttrs,
+    /// The attestation it came from, for the audit record of a refusal.
+    selectors: Vec<String>,
+}
+
+impl Caller {
+    /// The caller an attestation describes: its uid and gid, its user and group names, and
+    /// every group it is in.
+    pub fn from_attestation(att: &Attestation) -> Caller {
+        let values = |kinds: &[&str]| -> Vec<&str> {
+            att.selectors
+                .iter()
+                .filter_map(|s| kinds.iter().find_map(|k| s.strip_prefix(k)))
+                .collect()
+        };
+        let user = values(&["unix:user:"]).first().map(|s| s.to_string());
+        let attrs = PrincipalAttrs {
+            uid: att.uid,
+            name: user.clone().unwrap_or_default(),
+            groups: values(&["unix:group:", "unix:supplementary_group:"])
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            gids: values(&["unix:gid:", "unix:supplementary_gid:"])
+                .into_iter()
+                .filter_map(|g| g.parse().ok())
+                .collect(),
+        };
+        Caller {
+            principal: Principal {
+                uid: att.uid,
+                gid: att.gid,
+                pid: Some(att.pid),
+                user,
+            },
+            attrs,
+            selectors: att.selectors.clone(),
+        }
+    }
+}
+
+/// A caller the allowlist admitted: what every use case takes, so none can run without the
+/// check (made by [`TaskService::admit`], and only there).
+#[derive(Debug)]
+pub struct Admitted(Caller);
+
+impl Admitted {
+    pub fn caller(&self) -> &Caller {
+        &self.0
+    }
+}
+
+pub struct TaskService {
+    registry: Arc<Registry>,
+    audit: AuditLog,
+    policy: Arc<PolicyEngine>,
+    allowlist: Allowlist,
+    approval_timeout: Duration,
+}
+
+impl TaskService {
+    pub fn new(
+        registry: Arc<Registry>,
+        audit: AuditLog,
+        policy: Arc<PolicyEngine>,
+        allowlist: Allowlist,
+        approval_timeout: Duration,
+    ) -> Self {
+        TaskService {
+            registry,
+            audit,
+            policy,
+            allowlist,
+            approval_timeout,
+        }
+    }
+
+    /// Refuses (and audits) a caller outside the allowlist.
+    pub async fn admit(&self, caller: Caller, rpc: &'static str) -> Result<Admitted, TaskError> {
+        let a = &self.allowlist;
+        if a.uids.contains(&caller.principal.uid)
+            || caller.attrs.gids.iter().any(|g| a.gids.contains(g))
+        {
+            return Ok(Admitted(caller));
+        }
+        let p = &caller.principal;
+        tracing::warn!(
+            event = "admin_denied",
+            rpc,
+            uid = p.uid,
+            gid = p.gid,
+            pid = p.pid,
+            "admin call from a caller outside the allowlist"
+        );
+        let fields = serde_json::json!({
+            "rpc": rpc, "uid": p.uid, "gid": p.gid, "pid": p.pid,
+            "selectors": caller.selectors, "reason": "caller not in the admin allowlist",
+        });
+        if let serde_json::Value::Object(fields) = fields {
+            if let Err(e) = self.audit.append("admin_denied", fields).await {
+                tracing::error!(error = %e, "could not audit an admin denial");
+            }
+        }
+        Err(TaskError::NotAllowed(format!(
+            "uid {} is not allowed to use the admin API (allowed uids {:?}, gids {:?})",
+            p.uid, a.uids, a.gids
+        )))
+    }
+
+    /// Grants a lease, or holds it pending approval when a policy says so.
+    pub async fn grant(&self, caller: &Admitted, input: GrantInput) -> Result<Lease, TaskError> {
+        let lease = self
+            .registry
+            .prepare(input, caller.0.principal.clone())
+            .inspect_err(
+                |e| tracing::info!(event = "grant_refused", error = %e, "grant refused"),
+            )?;
+        let ttl = lease.ttl();
+        Ok(
+            match self.judge(Action::Grant, caller, &lease, ttl).await? {
+                Decision::RequireApproval { policies } => {
+                    self.registry
+                        .hold(lease, self.approval_timeout, &policies)
+                        .await?
+                }
+                _ => self.registry.grant(lease).await?,
+            },
+        )
+    }
+
+    /// Reading needs only admission; no policy judges reads.
+    pub async fn get(&self, _: &Admitted, id: &LeaseId) -> Result<Lease, TaskError> {
+        Ok(self.registry.get(id).await?)
+    }
+
+    pub async fn list(&self, _: &Admitted, all: bool) -> Result<Vec<Lease>, TaskError> {
+        Ok(self.registry.list(all).await?)
+    }
+
+    /// Moves an active lease's deadline to `ttl` from now (within its `max_expires_at`).
+    pub async fn renew(
+        &self,
+        caller: &Admitted,
+        id: &LeaseId,
+        ttl: Duration,
+    ) -> Result<Lease, TaskError> {
+        let lease = self.registry.get(id).await?;
+        // A renewal that a gate would hold cannot wait for approval: it is refused.
+        if let Decision::RequireApproval { policies } =
+            self.judge(Action::Renew, caller, &lease, ttl).await?
+        {
+            return Err(TaskError::Denied(format!(
+                "renewal requires approval by policy {}; grant a new lease instead",
+                policies.join(", ")
+            )));
+        }
+        Ok(self.registry.renew(id, ttl).await?)
+    }
+
+    pub async fn revoke(
+        &self,
+        caller: &Admitted,
+        id: &LeaseId,
+        reason: &str,
+    ) -> Result<Lease, TaskError> {
+        if reason.len() > super::MAX_REASON_LEN {
+            return Err(LeaseError::InvalidField {
+                field: "reason",
+                message: "too long".into(),
+            }
+            .into());
+        }
+        let lease = self.registry.get(id).await?;
+        let remaining = lease
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        self.judge(Action::Revoke, caller, &lease, remaining)
+            .await?;
+        Ok(self
+            .registry
+            .end(id, LeaseState::Revoked, caller.0.principal.clone(), reason)
+            .await?)
+    }
+
+    /// Approves a pending lease: only an allow approves (a gate on approval itself means
+    /// nothing).
+    pub async fn approve(&self, caller: &Admitted, id: &LeaseId) -> Result<Lease, TaskError> {
+        let lease = self.registry.get(id).await?;
+        if lease.state != LeaseState::Pending {
+            return Err(TaskError::WrongState(format!(
+                "lease {id} is {}, not pending approval",
+                lease.state
+            )));
+        }
+        let ttl = lease.ttl();
+        match self.judge(Action::Approve, caller, &lease, ttl).await? {
+            Decision::Allow { .. } => {}
+            Decision::RequireApproval { policies } | Decision::Deny { policies, .. } => {
+                return Err(TaskError::Denied(format!(
+                    "approval not allowed (policy {})",
+                    policies.join(", ")
+                )))
+            }
+        }
+        Ok(self
+            .registry
+            .approve(id, caller.0.principal.clone())
+            .await?)
+    }
+
+    pub async fn complete(&self, caller: &Admitted, id: &LeaseId) -> Result<Lease, TaskError> {
+        Ok(self
+            .registry
+            .end(
+                id,
+                LeaseState::Completed,
+                caller.0.principal.clone(),
+                "task completed",
+            )
+            .await?)
+    }
+
+    /// Asks the policies. A denial is audited with the whole request and refused naming the
+    /// policies that decided.
+    async fn judge(
+        &self,
+        action: Action,
+        caller: &Admitted,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Decision, TaskError> {
+        let secs = |d: Duration| d.as_secs();
+        let request = PolicyRequest {
+            action,
+            principal: caller.0.attrs.clone(),
+            resource: ResourceAttrs {
+                agent: lease.agent.clone(),
+                spiffe_id: lease.spiffe_id.to_string(),
+            },
+            context: ContextAttrs {
+                task_id: lease.task_id.clone(),
+                delegator: lease.delegator.clone(),
+                ttl_secs: secs(ttl),
+                max_ttl_secs: secs(lease.max_ttl()),
+                svid_ttl_secs: secs(lease.svid_ttl),
+                jwt_ttl_secs: secs(lease.jwt_ttl),
+                audiences: lease.audiences.clone(),
+                selectors: lease.selectors.clone(),
+                reason: lease.reason.clone(),
+                now: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
+                grantor_uid: lease.granted_by.uid,
+                agent_uid: rustix::process::geteuid().as_raw(),
+                max_ttl_limit_secs: secs(self.registry.limits().max_ttl),
+            },
+        };
+        let decision = self.policy.evaluate(&request);
+        if let Decision::Deny { policies, errors } = &decision {
+            let why = if policies.is_empty() {
+                format!("no policy permits this {action}")
+            } else {
+                format!("denied by policy {}", policies.join(", "))
+            };
+            tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
+            let fields = serde_json::json!({
+                "action": action.as_str(),
+                "lease_id": lease.id.as_str(),
+                "task_id": lease.task_id,
+                "policies": policies,
+                "errors": errors,
+                "request": request,
+            });
+            if let serde_json::Value::Object(fields) = fields {
+                if let Err(e) = self.audit.append("policy_denied", fields).await {
+                    tracing::error!(error = %e, "could not audit a policy denial");
+                }
+            }
+            return Err(TaskError::Denied(why));
+        }
+        Ok(decision)
+    }
+}
