@@ -66,6 +66,8 @@ mod peer;
 mod process;
 mod unix;
 
+use crate::identity::Selectors;
+
 use std::io;
 
 pub use exit::wait_exit;
@@ -104,8 +106,8 @@ pub struct Attestation {
     pub exe_sha256: Option<String>,
     /// The text of `/proc/<pid>/cgroup`, read with the other facts (for pod attestation).
     pub cgroup: Option<String>,
-    /// Sorted, deduplicated selectors, each formatted `type:key:value`.
-    pub selectors: Vec<String>,
+    /// What the facts above say, as selectors.
+    pub selectors: Selectors,
 }
 
 #[cfg(test)]

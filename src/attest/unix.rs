@@ -2,7 +2,7 @@
 //! and turns them into `unix:` selectors. It caches executable digests and user and group
 //! names, so repeated attestations of a workload stay cheap.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
@@ -19,6 +19,7 @@ use super::process::{
     user_name,
 };
 use super::{AttestError, Attestation};
+use crate::identity::{Key, Selector, UnixKey};
 
 /// Upper bound on cached digests; the cache is cleared when it fills up,
 /// which is simpler than LRU and only costs a re-hash.
@@ -195,31 +196,33 @@ impl Attestor {
         ) else {
             return Ok(None);
         };
-        let mut selectors = BTreeSet::new();
-        selectors.insert(format!("unix:uid:{}", creds.euid));
+        let fact = |key, value: &dyn std::fmt::Display| Selector::fact(Key::Unix(key), value);
+        let mut selectors = vec![
+            fact(UnixKey::Uid, &creds.euid),
+            fact(UnixKey::Gid, &creds.egid),
+            Selector::process(pid, start_time),
+        ];
         if let Some(user) = user {
-            selectors.insert(format!("unix:user:{user}"));
+            selectors.push(fact(UnixKey::User, &user));
         }
-        selectors.insert(format!("unix:gid:{}", creds.egid));
         if let Some(group) = group {
-            selectors.insert(format!("unix:group:{group}"));
+            selectors.push(fact(UnixKey::Group, &group));
         }
         for gid in &creds.groups {
-            selectors.insert(format!("unix:supplementary_gid:{gid}"));
+            selectors.push(fact(UnixKey::SupplementaryGid, gid));
             let Some(group) = name(NameKey::Group(*gid)) else {
                 return Ok(None);
             };
             if let Some(group) = group {
-                selectors.insert(format!("unix:supplementary_group:{group}"));
+                selectors.push(fact(UnixKey::SupplementaryGroup, &group));
             }
         }
         if let Some(path) = &exe_path {
-            selectors.insert(format!("unix:path:{path}"));
+            selectors.push(fact(UnixKey::Path, path));
         }
         if let Some(digest) = &exe_sha256 {
-            selectors.insert(format!("unix:sha256:{digest}"));
+            selectors.push(fact(UnixKey::Sha256, digest));
         }
-        selectors.insert(format!("unix:pid:{pid}:{start_time}"));
 
         Ok(Some(Attestation {
             pid,
@@ -391,12 +394,16 @@ mod tests {
         assert!(s.contains(&format!("unix:sha256:{digest}")));
 
         if uid == 0 {
-            assert!(s.contains(&"unix:user:root".to_string()));
+            assert!(s.contains("unix:user:root"));
         }
-        let mut sorted = s.clone();
+        let mut sorted = s.to_strings();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(&sorted, s, "selectors must be sorted and deduplicated");
+        assert_eq!(
+            sorted,
+            s.to_strings(),
+            "selectors must be sorted and deduplicated"
+        );
         assert!(s.iter().all(|x| x.starts_with("unix:")));
     }
 

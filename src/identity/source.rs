@@ -97,8 +97,6 @@ impl IdentitySource {
                 let pod = p.k8s.selectors_for(cgroup).await;
                 if !pod.is_empty() {
                     att.selectors.extend(pod);
-                    att.selectors.sort();
-                    att.selectors.dedup();
                 }
             }
         }
@@ -116,7 +114,7 @@ impl IdentitySource {
             rpc,
             pid = att.pid,
             uid = att.uid,
-            selectors = %att.selectors.join(" "),
+            selectors = %att.selectors.joined(),
             reason = NO_IDENTITY,
             "no lease matches the caller"
         );

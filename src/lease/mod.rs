@@ -9,7 +9,7 @@ mod registry;
 pub mod service;
 pub mod store;
 
-pub use registry::{bound_processes, ActiveLease, Changes, Durable, Registry};
+pub use registry::{ActiveLease, Changes, Durable, Registry};
 pub use service::{Admitted, Allowlist, Caller, TaskError, TaskService};
 pub use store::{LeaseStore, StoreChange, StoreError, StoreWatch};
 
@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use spiffe::{SpiffeId, TrustDomain};
 
+use crate::identity::{Selector, Selectors};
+
 /// Longest task ID, agent name or delegator segment we accept.
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest delegator (all segments with their `/`).
@@ -25,7 +27,6 @@ pub const MAX_DELEGATOR_LEN: usize = 255;
 /// The SPIFFE ID spec caps URIs at 2048 bytes.
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 pub const MAX_SELECTORS: usize = 32;
-pub const MAX_SELECTOR_LEN: usize = 1024;
 pub const MAX_AUDIENCES: usize = 32;
 pub const MAX_AUDIENCE_LEN: usize = 256;
 pub const MAX_REASON_LEN: usize = 1024;
@@ -139,8 +140,8 @@ pub struct Lease {
     pub delegator: String,
     pub agent: String,
     pub spiffe_id: SpiffeId,
-    /// Sorted and deduplicated; all must match the caller.
-    pub selectors: Vec<String>,
+    /// All must match the caller.
+    pub selectors: Selectors,
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
     pub max_expires_at: SystemTime,
@@ -370,103 +371,18 @@ fn check_ttl(
     Ok(())
 }
 
-/// Checks one selector and returns it in canonical form. A bare `unix:pid:PID` is bound here to
-/// the live process's start time (`unix:pid:PID:START`), so that a reused PID never matches.
-pub fn check_selector(raw: &str) -> Result<String, LeaseError> {
-    let bad = |m: String| LeaseError::invalid("selectors", format!("{raw:?}: {m}"));
-    if raw.len() > MAX_SELECTOR_LEN {
-        return Err(bad(format!("longer than {MAX_SELECTOR_LEN} bytes")));
+/// Checks one selector from a grant. A bare `unix:pid:PID` is bound here to the live process's
+/// start time (`unix:pid:PID:START`), so that a reused PID never matches.
+pub fn check_selector(raw: &str) -> Result<Selector, LeaseError> {
+    let bad = |m: String| LeaseError::invalid("selectors", m);
+    let selector = Selector::parse(raw).map_err(|e| bad(e.to_string()))?;
+    match selector.unbound_pid() {
+        None => Ok(selector),
+        Some(pid) => match crate::attest::process_start_time(pid) {
+            Ok(start) => Ok(Selector::process(pid, start)),
+            Err(e) => Err(bad(format!("{raw:?}: no such process to bind to ({e})"))),
+        },
     }
-    let mut parts = raw.splitn(3, ':');
-    let (kind, key, value) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(k), Some(key), Some(v)) => (k, key, v),
-        _ => return Err(bad("must be type:key:value".into())),
-    };
-    if kind == "k8s" {
-        const KEYS: [&str; 9] = [
-            "pod-uid",
-            "container-id",
-            "ns",
-            "sa",
-            "pod-name",
-            "pod-label",
-            "container-name",
-            "container-image",
-            "node-name",
-        ];
-        if !KEYS.contains(&key) {
-            return Err(bad(format!(
-                "unknown k8s selector {key:?} (supported: {})",
-                KEYS.join(", ")
-            )));
-        }
-        if value.is_empty() || value.chars().any(char::is_control) {
-            return Err(bad("value must not be empty".into()));
-        }
-        if key == "pod-label" && !value.contains(':') {
-            return Err(bad("pod-label value must be KEY:VALUE".into()));
-        }
-        return Ok(raw.to_owned());
-    }
-    if kind != "unix" {
-        return Err(bad(format!(
-            "unknown selector type {kind:?} (supported: unix, k8s)"
-        )));
-    }
-    let numeric = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
-    match key {
-        "uid" | "gid" | "supplementary_gid" => {
-            if !numeric(value) || value.parse::<u32>().is_err() {
-                return Err(bad("value must be a numeric id".into()));
-            }
-        }
-        "user" | "group" | "supplementary_group" => {
-            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == ':') {
-                return Err(bad("value must be a user or group name".into()));
-            }
-        }
-        "path" => {
-            if !value.starts_with('/') || value.contains('\0') {
-                return Err(bad("value must be an absolute path".into()));
-            }
-        }
-        "sha256" => {
-            if value.len() != 64
-                || !value
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
-                return Err(bad("value must be 64 lowercase hex digits".into()));
-            }
-        }
-        "pid" => {
-            let (pid, start) = match value.split_once(':') {
-                Some((p, s)) => (p, Some(s)),
-                None => (value, None),
-            };
-            let pid: i32 = match pid.parse() {
-                Ok(p) if numeric(pid) && p > 0 => p,
-                _ => return Err(bad("value must be PID or PID:START_TIME".into())),
-            };
-            return match start {
-                Some(s) if numeric(s) || (s.len() <= 20 && s.parse::<u64>().is_ok()) => {
-                    Ok(raw.to_owned())
-                }
-                Some(_) => Err(bad("start time must be a number".into())),
-                None => match crate::attest::process_start_time(pid) {
-                    Ok(start) => Ok(format!("unix:pid:{pid}:{start}")),
-                    Err(e) => Err(bad(format!("no such process to bind to ({e})"))),
-                },
-            };
-        }
-        other => {
-            return Err(bad(format!(
-                "unknown unix selector {other:?} (supported: uid, user, gid, group, \
-                 supplementary_gid, supplementary_group, path, sha256, pid)"
-            )))
-        }
-    }
-    Ok(raw.to_owned())
 }
 
 /// Checks a grant request against the limits and builds the lease. Nothing is stored here.
@@ -503,13 +419,11 @@ pub fn validate_grant(
             format!("at most {MAX_SELECTORS} allowed"),
         ));
     }
-    let mut selectors = input
+    let selectors = input
         .selectors
         .iter()
         .map(|s| check_selector(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    selectors.sort();
-    selectors.dedup();
+        .collect::<Result<Selectors, _>>()?;
 
     if input.audiences.len() > MAX_AUDIENCES {
         return Err(LeaseError::invalid(

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
+use crate::identity::{Selector, Selectors};
 
 use super::{
     validate_grant, GrantInput, Lease, LeaseError, LeaseId, LeaseLimits, LeaseState, LeaseStore,
@@ -39,17 +40,6 @@ const EXPIRY_MAX_SLEEP: Duration = Duration::from_secs(1);
 /// How long after a bound process exits the lease is ended as `process_exited`, unless its
 /// wrapper completes it first.
 const PROCESS_EXIT_GRACE: Duration = Duration::from_millis(200);
-
-/// The processes a lease is bound to: every `unix:pid:PID:START` selector.
-pub fn bound_processes(selectors: &[String]) -> Vec<(i32, u64)> {
-    selectors
-        .iter()
-        .filter_map(|s| {
-            let (pid, start) = s.strip_prefix("unix:pid:")?.split_once(':')?;
-            Some((pid.parse().ok()?, start.parse().ok()?))
-        })
-        .collect()
-}
 
 /// An active lease as seen by the SVID cache: a snapshot plus the signals that follow it.
 #[derive(Clone, Debug)]
@@ -75,7 +65,7 @@ struct Inner {
     /// Held back by an approval gate; never matched, never issued for.
     pending: HashMap<LeaseId, (Lease, CancellationToken)>,
     /// index selector -> leases indexed under it
-    index: HashMap<String, HashSet<LeaseId>>,
+    index: HashMap<Selector, HashSet<LeaseId>>,
     ended: VecDeque<Lease>,
     /// Every active lease by `expires_at`, soonest first (what the expiry task serves).
     deadlines: BTreeSet<(SystemTime, LeaseId)>,
@@ -93,7 +83,7 @@ pub struct Durable {
 #[derive(Default)]
 struct Listeners {
     next: u64,
-    by_selector: HashMap<String, HashMap<u64, Arc<Notify>>>,
+    by_selector: HashMap<Selector, HashMap<u64, Arc<Notify>>>,
 }
 
 /// Tells one listener (an open stream) that a lease it could match was granted, renewed or
@@ -101,7 +91,7 @@ struct Listeners {
 pub struct Changes {
     registry: Weak<Registry>,
     id: u64,
-    selectors: Vec<String>,
+    selectors: Selectors,
     notify: Arc<Notify>,
 }
 
@@ -120,10 +110,10 @@ impl Drop for Changes {
         };
         let mut listeners = registry.listeners.lock().expect("listeners poisoned");
         for s in &self.selectors {
-            if let Some(set) = listeners.by_selector.get_mut(s) {
+            if let Some(set) = listeners.by_selector.get_mut(s.as_str()) {
                 set.remove(&self.id);
                 if set.is_empty() {
-                    listeners.by_selector.remove(s);
+                    listeners.by_selector.remove(s.as_str());
                 }
             }
         }
@@ -147,22 +137,14 @@ pub struct Registry {
 
 /// The slots of the active, unexpired leases whose selectors are all among the caller's: each
 /// found through the index bucket of one of the caller's selectors, never by scanning.
-fn matched<'a>(inner: &'a Inner, caller: &'a [String]) -> impl Iterator<Item = &'a Slot> + 'a {
+fn matched<'a>(inner: &'a Inner, caller: &'a Selectors) -> impl Iterator<Item = &'a Slot> + 'a {
     let now = SystemTime::now();
-    let have: HashSet<&str> = caller.iter().map(String::as_str).collect();
     caller
         .iter()
         .filter_map(|s| inner.index.get(s))
         .flatten()
         .map(|id| &inner.active[id])
-        .filter(move |slot| {
-            slot.lease.expires_at > now
-                && slot
-                    .lease
-                    .selectors
-                    .iter()
-                    .all(|s| have.contains(s.as_str()))
-        })
+        .filter(move |slot| slot.lease.expires_at > now && slot.lease.selectors.all_in(caller))
 }
 
 /// Why a lease stored as active cannot resume after a restart, if it cannot: it expired, or a
@@ -174,8 +156,9 @@ fn stale(lease: &Lease, now: SystemTime) -> Option<(LeaseState, String)> {
             "expired while the agent was down".to_string(),
         ));
     }
-    let (pid, _) = bound_processes(&lease.selectors)
-        .into_iter()
+    let (pid, _) = lease
+        .selectors
+        .processes()
         .find(|&(pid, start)| crate::attest::process_start_time(pid).ok() != Some(start))?;
     Some((
         LeaseState::ProcessExited,
@@ -184,21 +167,10 @@ fn stale(lease: &Lease, now: SystemTime) -> Option<(LeaseState, String)> {
 }
 
 /// The selector a lease is indexed under: the kind that narrows callers most.
-fn index_key(selectors: &[String]) -> String {
-    const ORDER: [&str; 8] = [
-        "unix:pid:",
-        "k8s:container-id:",
-        "k8s:pod-uid:",
-        "unix:sha256:",
-        "unix:path:",
-        "unix:uid:",
-        "unix:user:",
-        "unix:gid:",
-    ];
-    ORDER
-        .iter()
-        .find_map(|p| selectors.iter().find(|s| s.starts_with(p)))
-        .unwrap_or(&selectors[0])
+fn index_key(selectors: &Selectors) -> Selector {
+    selectors
+        .index_key()
+        .expect("a lease has at least one selector")
         .clone()
 }
 
@@ -225,14 +197,12 @@ impl Registry {
 
     /// Change signals for a caller holding `selectors`: a grant, renewal or end of any lease
     /// that could match such a caller (exactly those indexed under one of its selectors).
-    pub fn changes(&self, selectors: &[String]) -> Changes {
+    pub fn changes(&self, selectors: &Selectors) -> Changes {
         let notify = Arc::new(Notify::new());
         let mut listeners = self.listeners.lock().expect("listeners poisoned");
         listeners.next += 1;
         let id = listeners.next;
-        let mut selectors = selectors.to_vec();
-        selectors.sort();
-        selectors.dedup();
+        let selectors = selectors.clone();
         for s in &selectors {
             listeners
                 .by_selector
@@ -271,7 +241,7 @@ impl Registry {
     }
 
     /// Wakes the listeners a change to a lease indexed under `key` concerns.
-    fn changed(&self, key: &str) {
+    fn changed(&self, key: &Selector) {
         let listeners = self.listeners.lock().expect("listeners poisoned");
         if let Some(set) = listeners.by_selector.get(key) {
             for notify in set.values() {
@@ -302,7 +272,7 @@ impl Registry {
             delegator = %lease.delegator,
             agent = %lease.agent,
             spiffe_id = %lease.spiffe_id,
-            selectors = %lease.selectors.join(" "),
+            selectors = %lease.selectors.joined(),
             expires_at = %crate::time::rfc3339(lease.expires_at),
             granted_by_uid = lease.granted_by.uid,
             granted_by_pid = lease.granted_by.pid,
@@ -454,7 +424,7 @@ impl Registry {
                     .or_default()
                     .insert(lease.id.clone());
                 inner.deadlines.insert((lease.expires_at, lease.id.clone()));
-                if !bound_processes(&lease.selectors).is_empty() {
+                if lease.selectors.processes().next().is_some() {
                     watched.push((lease.clone(), ended.clone()));
                 }
                 inner.active.insert(
@@ -508,7 +478,7 @@ impl Registry {
     /// process exits. The agent watches the process itself through a pidfd, so the lease ends
     /// even when whoever granted it (say, a killed `mayfly run`) is gone.
     fn spawn_process_watch(&self, lease: &Lease, ended: CancellationToken) {
-        for (pid, start) in bound_processes(&lease.selectors) {
+        for (pid, start) in lease.selectors.processes() {
             let me = self.me.clone();
             let id = lease.id.clone();
             let ended = ended.clone();
@@ -926,7 +896,7 @@ impl Registry {
     }
 
     /// The active, unexpired leases whose selectors are all among the caller's, oldest first.
-    pub fn matching(&self, caller: &[String]) -> Vec<ActiveLease> {
+    pub fn matching(&self, caller: &Selectors) -> Vec<ActiveLease> {
         let inner = self.inner.read().expect("lease lock poisoned");
         let mut out: Vec<ActiveLease> = matched(&inner, caller)
             .map(|slot| ActiveLease {
@@ -949,7 +919,7 @@ impl Registry {
 
     /// Whether any lease matches the caller: [`Registry::matching`] without building its
     /// result, for the streams that only need to know whether their identity is gone.
-    pub fn matches_any(&self, caller: &[String]) -> bool {
+    pub fn matches_any(&self, caller: &Selectors) -> bool {
         let inner = self.inner.read().expect("lease lock poisoned");
         let any = matched(&inner, caller).next().is_some();
         any
@@ -1024,6 +994,10 @@ mod tests {
     use crate::lease::{IdTemplate, DEFAULT_TEMPLATE};
     use spiffe::TrustDomain;
 
+    fn selectors(s: &[&str]) -> Selectors {
+        s.iter().map(|s| Selector::parse(s).unwrap()).collect()
+    }
+
     /// A registry on a store in memory and a real audit log in a temporary directory (kept
     /// while the registry is used).
     fn registry() -> (Arc<Registry>, tempfile::TempDir) {
@@ -1077,8 +1051,7 @@ mod tests {
         let b = grant(&r, "b", &["unix:uid:1000", "unix:path:/bin/x"], hour).await;
         let _c = grant(&r, "c", &["unix:uid:1001"], hour).await;
         let ids = |sel: &[&str]| -> Vec<LeaseId> {
-            let sel: Vec<String> = sel.iter().map(|s| s.to_string()).collect();
-            r.matching(&sel)
+            r.matching(&selectors(sel))
                 .into_iter()
                 .map(|l| l.lease.id.clone())
                 .collect()
@@ -1103,7 +1076,7 @@ mod tests {
             )
             .await;
         }
-        let m = r.matching(&["unix:uid:4242".to_string(), "unix:gid:0".to_string()]);
+        let m = r.matching(&selectors(&["unix:uid:4242", "unix:gid:0"]));
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].lease.task_id, "t4242");
     }
@@ -1111,9 +1084,9 @@ mod tests {
     #[tokio::test]
     async fn end_stops_matching_and_signals() {
         let (r, _dir) = registry();
-        let caller = ["unix:uid:7".to_string(), "unix:gid:7".to_string()];
+        let caller = selectors(&["unix:uid:7", "unix:gid:7"]);
         let mine = r.changes(&caller);
-        let other = r.changes(&["unix:uid:8".to_string()]);
+        let other = r.changes(&selectors(&["unix:uid:8"]));
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
         let granted = tokio::time::timeout(Duration::from_secs(5), mine.changed()).await;
         assert!(granted.is_ok(), "a grant that could match wakes the caller");
@@ -1136,7 +1109,7 @@ mod tests {
             .unwrap()
             .by_selector
             .contains_key("unix:gid:7"));
-        assert!(r.matching(&["unix:uid:7".to_string()]).is_empty());
+        assert!(r.matching(&selectors(&["unix:uid:7"])).is_empty());
         assert_eq!(r.get(&l.id).await.unwrap().state, LeaseState::Revoked);
         assert!(matches!(
             r.end(&l.id, LeaseState::Completed, Principal::agent(), "")
@@ -1151,7 +1124,7 @@ mod tests {
     async fn expiry_fires_without_anyone_asking() {
         let (r, _dir) = registry();
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(1)).await;
-        let m = r.matching(&["unix:uid:7".to_string()]);
+        let m = r.matching(&selectors(&["unix:uid:7"]));
         tokio::time::timeout(Duration::from_secs(5), m[0].ended.cancelled())
             .await
             .expect("lease expired within 5s");
@@ -1234,7 +1207,7 @@ mod tests {
             matches!(&refused, LeaseError::Unavailable(m) if m.contains("disk full")),
             "{refused:?}"
         );
-        assert!(r.matching(&["unix:uid:8".to_string()]).is_empty());
+        assert!(r.matching(&selectors(&["unix:uid:8"])).is_empty());
         let err = r
             .renew(&kept.id, Duration::from_secs(90))
             .await

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::attest::Attestation;
 use crate::audit::AuditLog;
+use crate::identity::{Key, Selectors, UnixKey};
 use crate::policy::{
     Action, ContextAttrs, Decision, PolicyEngine, PolicyRequest, PrincipalAttrs, ResourceAttrs,
 };
@@ -44,28 +45,26 @@ pub struct Caller {
     /// As the policies see it.
     pub attrs: PrincipalAttrs,
     /// The attestation it came from, for the audit record of a refusal.
-    selectors: Vec<String>,
+    selectors: Selectors,
 }
 
 impl Caller {
     /// The caller an attestation describes: its uid and gid, its user and group names, and
     /// every group it is in.
     pub fn from_attestation(att: &Attestation) -> Caller {
-        let values = |kinds: &[&str]| -> Vec<&str> {
-            att.selectors
-                .iter()
-                .filter_map(|s| kinds.iter().find_map(|k| s.strip_prefix(k)))
-                .collect()
+        let values = |keys: &[UnixKey]| -> Vec<&str> {
+            let keys: Vec<Key> = keys.iter().map(|k| Key::Unix(*k)).collect();
+            att.selectors.values(&keys)
         };
-        let user = values(&["unix:user:"]).first().map(|s| s.to_string());
+        let user = values(&[UnixKey::User]).first().map(|s| s.to_string());
         let attrs = PrincipalAttrs {
             uid: att.uid,
             name: user.clone().unwrap_or_default(),
-            groups: values(&["unix:group:", "unix:supplementary_group:"])
+            groups: values(&[UnixKey::Group, UnixKey::SupplementaryGroup])
                 .into_iter()
                 .map(str::to_owned)
                 .collect(),
-            gids: values(&["unix:gid:", "unix:supplementary_gid:"])
+            gids: values(&[UnixKey::Gid, UnixKey::SupplementaryGid])
                 .into_iter()
                 .filter_map(|g| g.parse().ok())
                 .collect(),
@@ -290,7 +289,7 @@ impl TaskService {
                 svid_ttl_secs: secs(lease.svid_ttl),
                 jwt_ttl_secs: secs(lease.jwt_ttl),
                 audiences: lease.audiences.clone(),
-                selectors: lease.selectors.clone(),
+                selectors: lease.selectors.to_strings(),
                 reason: lease.reason.clone(),
                 now: SystemTime::now()
                     .duration_since(UNIX_EPOCH)

@@ -112,7 +112,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         delegator: l.delegator.clone(),
         agent: l.agent.clone(),
         spiffe_id: l.spiffe_id.to_string(),
-        selectors: l.selectors.clone(),
+        selectors: l.selectors.to_strings(),
         created_at: Some(to_timestamp(l.created_at)),
         expires_at: Some(to_timestamp(l.expires_at)),
         max_expires_at: Some(to_timestamp(l.max_expires_at)),

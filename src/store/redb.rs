@@ -28,6 +28,7 @@ use spiffe::SpiffeId;
 
 use tokio::sync::broadcast;
 
+use crate::identity::Selector;
 use crate::lease::store::WATCH_CAPACITY;
 use crate::lease::{
     Lease, LeaseId, LeaseState, LeaseStore, Principal, StoreChange, StoreError, StoreWatch,
@@ -480,7 +481,7 @@ impl From<&Lease> for LeaseRecord {
             delegator: l.delegator.clone(),
             agent: l.agent.clone(),
             spiffe_id: l.spiffe_id.to_string(),
-            selectors: l.selectors.clone(),
+            selectors: l.selectors.to_strings(),
             created_at: time_to_nanos(l.created_at),
             expires_at: time_to_nanos(l.expires_at),
             max_expires_at: time_to_nanos(l.max_expires_at),
@@ -526,7 +527,11 @@ impl LeaseRecord {
             task_id: self.task_id,
             delegator: self.delegator,
             agent: self.agent,
-            selectors: self.selectors,
+            selectors: self
+                .selectors
+                .iter()
+                .map(|s| Selector::parse(s).map_err(|e| format!("selectors: {e}")))
+                .collect::<Result<_, _>>()?,
             audiences: self.audiences,
             reason: self.reason,
             granted_by: self.granted_by.into(),
@@ -634,7 +639,10 @@ mod tests {
                 "spiffe://example.org/agent/reporter/task/{task}/delegator/user/alice"
             ))
             .unwrap(),
-            selectors: vec!["unix:pid:77:12345".into(), "unix:uid:1000".into()],
+            selectors: ["unix:pid:77:12345", "unix:uid:1000"]
+                .into_iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
             created_at: created,
             expires_at: created + Duration::from_secs(60),
             max_expires_at: created + Duration::new(3600, 1),
@@ -986,7 +994,10 @@ mod tests {
                 "spiffe://example.org/agent/reporter/task/report-42/delegator/user/alice",
             )
             .unwrap(),
-            selectors: vec!["unix:pid:77:12345".into(), "unix:uid:1000".into()],
+            selectors: ["unix:pid:77:12345", "unix:uid:1000"]
+                .into_iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
             created_at: created,
             expires_at: created + Duration::from_secs(600),
             max_expires_at: created + Duration::from_secs(3600),

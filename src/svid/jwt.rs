@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use super::{AuditUnavailable, Manager, Requester};
+use crate::identity::Selectors;
 use crate::lease::{ActiveLease, LeaseId};
 
 /// Task claims carried by every JWT-SVID. Private claim names must resist collisions
@@ -54,7 +55,7 @@ impl Manager {
     /// `audiences` (sorted, deduplicated, non-empty: the caller checks).
     pub async fn jwt_svids(
         &self,
-        selectors: &[String],
+        selectors: &Selectors,
         who: &Requester,
         audiences: &[String],
         spiffe_id: Option<&str>,

@@ -23,6 +23,7 @@ pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TAS
 use crate::audit::AuditLog;
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::{IssuedX509, SigningCa};
+use crate::identity::Selectors;
 use crate::lease::{ActiveLease, Changes, LeaseId, Registry};
 use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 
@@ -90,7 +91,7 @@ pub struct Manager {
 /// What a stream currently holds, plus what to wait on for the next change.
 pub struct Watcher {
     manager: Arc<Manager>,
-    selectors: Vec<String>,
+    selectors: Selectors,
     who: Requester,
     leases: Changes,
     cells: Vec<watch::Receiver<SvidCell>>,
@@ -147,7 +148,7 @@ impl Manager {
         })
     }
 
-    pub fn watcher(self: &Arc<Self>, selectors: Vec<String>, who: Requester) -> Watcher {
+    pub fn watcher(self: &Arc<Self>, selectors: Selectors, who: Requester) -> Watcher {
         Watcher {
             manager: self.clone(),
             leases: self.registry.changes(&selectors),
@@ -160,7 +161,7 @@ impl Manager {
     #[allow(clippy::type_complexity)]
     async fn collect(
         &self,
-        selectors: &[String],
+        selectors: &Selectors,
         who: &Requester,
     ) -> Result<(Vec<Arc<X509Svid>>, Vec<watch::Receiver<SvidCell>>), AuditUnavailable> {
         let mut svids = Vec::new();

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::pods::{ContainerEntry, PodIndex, PodList};
 use super::{K8sError, KubeletConfig, PodRef};
+use crate::identity::{K8sKey, Key, Selector};
 
 /// Minimum spacing between two pod list fetches that bypass the cache.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -323,26 +324,29 @@ impl KubeletClient {
         Ok(PodIndex::build(list))
     }
 
-    pub(super) fn add_selectors(&self, entry: &ContainerEntry, out: &mut BTreeSet<String>) {
+    pub(super) fn add_selectors(&self, entry: &ContainerEntry, out: &mut BTreeSet<Selector>) {
         let pod = &entry.pod;
-        let mut add = |kind: &str, value: &str| {
+        let mut add = |key: K8sKey, value: &str| {
             if !value.is_empty() {
-                out.insert(format!("k8s:{kind}:{value}"));
+                out.insert(Selector::fact(Key::K8s(key), value));
             }
         };
-        add("ns", &pod.namespace);
-        add("sa", &pod.service_account);
-        add("pod-name", &pod.name);
-        add("container-name", &entry.name);
-        add("container-image", &entry.image);
+        add(K8sKey::Ns, &pod.namespace);
+        add(K8sKey::Sa, &pod.service_account);
+        add(K8sKey::PodName, &pod.name);
+        add(K8sKey::ContainerName, &entry.name);
+        add(K8sKey::ContainerImage, &entry.image);
         let node = if pod.node_name.is_empty() {
             self.cfg.node_name.as_deref().unwrap_or("")
         } else {
             &pod.node_name
         };
-        add("node-name", node);
+        add(K8sKey::NodeName, node);
         for (key, value) in &pod.labels {
-            out.insert(format!("k8s:pod-label:{key}:{value}"));
+            out.insert(Selector::fact(
+                Key::K8s(K8sKey::PodLabel),
+                format_args!("{key}:{value}"),
+            ));
         }
     }
 }
@@ -750,7 +754,7 @@ mod tests {
             ))
             .await;
         assert!(
-            init.contains(&"k8s:container-name:init-migrate".to_string()),
+            init.iter().any(|s| s == "k8s:container-name:init-migrate"),
             "{init:?}"
         );
         let dbg = att
@@ -759,10 +763,12 @@ mod tests {
             ))
             .await;
         assert!(
-            dbg.contains(&"k8s:container-name:debugger-7xk2p".to_string()),
+            dbg.iter().any(|s| s == "k8s:container-name:debugger-7xk2p"),
             "{dbg:?}"
         );
-        assert!(dbg.contains(&"k8s:container-image:docker.io/library/busybox:1.36".to_string()));
+        assert!(dbg
+            .iter()
+            .any(|s| s == "k8s:container-image:docker.io/library/busybox:1.36"));
 
         // Second pod, cgroup v1 cgroupfs (Guaranteed QoS).
         let p = format!("/kubepods/pod{API_UID}/{SHIPPER_CID}");
@@ -898,11 +904,8 @@ mod tests {
                 API_UID.replace('-', "_")
             ))
             .await;
-        assert!(
-            sel.contains(&"k8s:container-name:api".to_string()),
-            "{sel:?}"
-        );
-        assert!(sel.contains(&"k8s:ns:payments".to_string()), "{sel:?}");
+        assert!(sel.iter().any(|s| s == "k8s:container-name:api"), "{sel:?}");
+        assert!(sel.iter().any(|s| s == "k8s:ns:payments"), "{sel:?}");
         assert_eq!(k.requests.load(Ordering::SeqCst), 2);
         // The re-fetch respected the 250 ms spacing.
         assert!(start.elapsed() >= MIN_REFETCH_INTERVAL);

@@ -62,6 +62,8 @@ use std::time::Duration;
 pub use cgroup::{parse_cgroup, PodRef};
 use kubelet::KubeletClient;
 
+use crate::identity::{K8sKey, Key, Selector};
+
 /// Default for [`KubeletConfig::cache_ttl`].
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Default for [`KubeletConfig::retry_for`].
@@ -190,7 +192,7 @@ impl K8sAttestor {
     /// /proc/<pid>/cgroup itself (the caller has already proven the pid belongs to the
     /// connected process). Kubelet failures after the retry window → the cgroup-only
     /// selectors plus a logged warning (fail closed).
-    pub async fn selectors(&self, pid: i32) -> Vec<String> {
+    pub async fn selectors(&self, pid: i32) -> Vec<Selector> {
         if pid <= 0 {
             return Vec::new();
         }
@@ -205,13 +207,16 @@ impl K8sAttestor {
     }
 
     /// Same but from cgroup text (for tests and callers that already read the file).
-    pub async fn selectors_for(&self, cgroup_text: &str) -> Vec<String> {
+    pub async fn selectors_for(&self, cgroup_text: &str) -> Vec<Selector> {
         let Some(pod) = parse_cgroup(cgroup_text) else {
             return Vec::new();
         };
         let mut out = BTreeSet::new();
-        out.insert(format!("k8s:pod-uid:{}", pod.pod_uid));
-        out.insert(format!("k8s:container-id:{}", pod.container_id));
+        out.insert(Selector::fact(Key::K8s(K8sKey::PodUid), &pod.pod_uid));
+        out.insert(Selector::fact(
+            Key::K8s(K8sKey::ContainerId),
+            &pod.container_id,
+        ));
         if let Some(kubelet) = &self.kubelet {
             match kubelet.lookup(&pod).await {
                 Ok(entry) => kubelet.add_selectors(&entry, &mut out),
