@@ -14,7 +14,7 @@ use crate::audit::{AuditLog, AuditOptions};
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
 use crate::authority::x509::SigningCa;
 use crate::config::Config;
-use crate::lease::{Durable, Registry};
+use crate::lease::{Durable, Leases};
 use crate::policy::PolicyEngine;
 use crate::server::health::HealthServer;
 use crate::store::RedbStore;
@@ -64,7 +64,7 @@ pub struct Agent {
     pub data_dir: PathBuf,
     pub health_addr: crate::config::HealthAddr,
     pub policy: Arc<PolicyEngine>,
-    pub registry: Arc<Registry>,
+    pub registry: Arc<Leases>,
     pub manager: Arc<Manager>,
     audit: AuditLog,
     shutdown: CancellationToken,
@@ -124,7 +124,7 @@ impl Agent {
                 .expect("loading leases")?
         };
         drop(ready_store);
-        let registry = Registry::new(
+        let registry = Leases::new(
             config.limits.clone(),
             Durable {
                 store,

@@ -53,6 +53,7 @@
 //! A single process is assumed to own the directory (the agent runs once per host); two writers on the
 //! same directory would interleave and break the chain, which [`verify`] would then report.
 
+pub mod event;
 mod reader;
 mod record;
 mod segment;
@@ -69,6 +70,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use event::Event;
 pub use reader::{read_all, verify, VerifyError, VerifySummary};
 
 use segment::{
@@ -282,6 +284,11 @@ impl AuditLog {
                 syncs,
             }),
         })
+    }
+
+    /// Records one event; resolves once it is durable, like [`AuditLog::append`].
+    pub async fn record(&self, event: &Event<'_>) -> Result<Receipt, AuditError> {
+        self.append(&event.name(), event.fields()).await
     }
 
     /// Appends one record and resolves once it is durable (written and fsync'd).

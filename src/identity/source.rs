@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::attest::k8s::K8sAttestor;
 use crate::attest::{Attestation, Attestor, PeerInfo};
-use crate::audit::AuditLog;
+use crate::audit::{event, AuditLog, Event};
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::SigningCa;
-use crate::lease::{Changes, Registry};
+use crate::lease::{Changes, Leases};
 use crate::svid::{
     AuditUnavailable, JwtFetchError, JwtSvid, Manager, Requester, Watcher, X509Svid,
 };
@@ -62,7 +62,7 @@ pub enum BundleKind {
 /// The parts of the agent an identity server draws on.
 pub struct Parts {
     pub manager: Arc<Manager>,
-    pub registry: Arc<Registry>,
+    pub registry: Arc<Leases>,
     pub ca: Arc<SigningCa>,
     pub jwt_keys: Arc<JwtKeys>,
     pub audit: AuditLog,
@@ -118,18 +118,16 @@ impl IdentitySource {
             reason = NO_IDENTITY,
             "no lease matches the caller"
         );
-        let fields = serde_json::json!({
-            "rpc": rpc,
-            "pid": att.pid,
-            "uid": att.uid,
-            "exe_sha256": att.exe_sha256,
-            "selectors": att.selectors,
-            "reason": NO_IDENTITY,
-        });
-        if let serde_json::Value::Object(fields) = fields {
-            if let Err(e) = self.parts.audit.append("request_denied", fields).await {
-                tracing::error!(error = %e, "could not audit a denial");
-            }
+        let who = event::Requester {
+            rpc,
+            pid: att.pid,
+            uid: att.uid,
+            exe_sha256: att.exe_sha256.as_deref(),
+            selectors: att.selectors.iter().map(|s| s.as_str()).collect(),
+        };
+        let denied = Event::RequestDenied(who, NO_IDENTITY);
+        if let Err(e) = self.parts.audit.record(&denied).await {
+            tracing::error!(error = %e, "could not audit a denial");
         }
         IdentityError::NoIdentity
     }

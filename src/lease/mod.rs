@@ -9,7 +9,7 @@ mod registry;
 pub mod service;
 pub mod store;
 
-pub use registry::{ActiveLease, Changes, Durable, Registry};
+pub use registry::{ActiveLease, Changes, Durable, Leases};
 pub use service::{Admitted, Allowlist, Caller, TaskError, TaskService};
 pub use store::{LeaseStore, StoreChange, StoreError, StoreWatch};
 

@@ -18,12 +18,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::AuditLog;
+use crate::audit::{event, AuditLog, Event};
 use crate::identity::{Selector, Selectors};
 
 use super::{
@@ -89,7 +88,7 @@ struct Listeners {
 /// Tells one listener (an open stream) that a lease it could match was granted, renewed or
 /// ended. Dropping it unregisters.
 pub struct Changes {
-    registry: Weak<Registry>,
+    registry: Weak<Leases>,
     id: u64,
     selectors: Selectors,
     notify: Arc<Notify>,
@@ -120,7 +119,7 @@ impl Drop for Changes {
     }
 }
 
-pub struct Registry {
+pub struct Leases {
     limits: LeaseLimits,
     durable: Durable,
     inner: RwLock<Inner>,
@@ -132,7 +131,7 @@ pub struct Registry {
     /// Every per-lease task (timers, process watches, SVID rotation), stopped by `close`.
     tasks: TaskTracker,
     closing: CancellationToken,
-    me: Weak<Registry>,
+    me: Weak<Leases>,
 }
 
 /// The slots of the active, unexpired leases whose selectors are all among the caller's: each
@@ -174,11 +173,11 @@ fn index_key(selectors: &Selectors) -> Selector {
         .clone()
 }
 
-impl Registry {
+impl Leases {
     /// A registry whose every change is stored and audited before (or, for ends, right after)
     /// it takes effect.
     pub fn new(limits: LeaseLimits, durable: Durable) -> Arc<Self> {
-        Arc::new_cyclic(|me| Registry {
+        Arc::new_cyclic(|me| Leases {
             limits,
             durable,
             inner: RwLock::new(Inner::default()),
@@ -264,7 +263,7 @@ impl Registry {
     /// Makes a prepared lease durable (audit record, then store), and only then activates it.
     /// Must run inside a Tokio runtime.
     pub async fn grant(&self, lease: Lease) -> Result<Lease, LeaseError> {
-        self.persist("lease_granted", &lease, "").await?;
+        self.persist("granted", &lease, "").await?;
         tracing::info!(
             event = "lease_granted",
             lease_id = %lease.id,
@@ -294,8 +293,7 @@ impl Registry {
     ) -> Result<Lease, LeaseError> {
         lease.state = LeaseState::Pending;
         lease.approval_deadline = Some(SystemTime::now() + approval_timeout);
-        self.persist("lease_pending", &lease, &gates.join(", "))
-            .await?;
+        self.persist("pending", &lease, &gates.join(", ")).await?;
         tracing::info!(
             event = "lease_pending",
             lease_id = %lease.id,
@@ -382,7 +380,7 @@ impl Registry {
         lease.state = LeaseState::Active;
         lease.approved_at = Some(now);
         lease.approved_by = Some(approver);
-        self.persist("lease_approved", &lease, "").await?;
+        self.persist("approved", &lease, "").await?;
         let taken = self
             .inner
             .write()
@@ -451,13 +449,10 @@ impl Registry {
     }
 
     /// Writes the audit record, then the store. Either failing refuses the change.
-    async fn persist(&self, event: &str, lease: &Lease, reason: &str) -> Result<(), LeaseError> {
+    async fn persist(&self, what: &str, lease: &Lease, reason: &str) -> Result<(), LeaseError> {
         let d = &self.durable;
-        let mut fields = audit_fields(lease);
-        if !reason.is_empty() {
-            fields.insert("reason_for_change".into(), Value::String(reason.into()));
-        }
-        crate::telemetry::timed(&d.metrics.audit_write_seconds, d.audit.append(event, fields))
+        let event = Event::Lease(audit_change(what, lease, reason));
+        crate::telemetry::timed(&d.metrics.audit_write_seconds, d.audit.record(&event))
             .await
             .map_err(|e| {
             tracing::error!(event = "audit_failed", error = %e, "audit log unavailable: refusing the change");
@@ -663,7 +658,7 @@ impl Registry {
             });
         }
         lease.expires_at = lease.expires_at.max(wanted);
-        self.persist("lease_renewed", &lease, "").await?;
+        self.persist("renewed", &lease, "").await?;
         let renewed = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             let Inner {
@@ -727,7 +722,7 @@ impl Registry {
         Ok(lease)
     }
 
-    /// The in-memory half of [`Registry::end`]: from here on the lease matches nobody.
+    /// The in-memory half of [`Leases::end`]: from here on the lease matches nobody.
     fn end_now(
         &self,
         id: &LeaseId,
@@ -790,8 +785,7 @@ impl Registry {
                 state: lease.state.to_string(),
             })
             .inc();
-        let event = format!("lease_{}", lease.state);
-        if let Err(e) = self.persist(&event, lease, reason).await {
+        if let Err(e) = self.persist(lease.state.as_str(), lease, reason).await {
             tracing::error!(
                 event = "lease_end_not_recorded",
                 lease_id = %lease.id,
@@ -917,7 +911,7 @@ impl Registry {
         out
     }
 
-    /// Whether any lease matches the caller: [`Registry::matching`] without building its
+    /// Whether any lease matches the caller: [`Leases::matching`] without building its
     /// result, for the streams that only need to know whether their identity is gone.
     pub fn matches_any(&self, caller: &Selectors) -> bool {
         let inner = self.inner.read().expect("lease lock poisoned");
@@ -953,38 +947,41 @@ impl Registry {
     }
 }
 
-fn principal_json(p: &Principal) -> Value {
-    json!({ "uid": p.uid, "gid": p.gid, "pid": p.pid, "user": p.user })
+fn audit_principal(p: &Principal) -> event::Principal<'_> {
+    event::Principal {
+        uid: p.uid,
+        gid: p.gid,
+        pid: p.pid,
+        user: p.user.as_deref(),
+    }
 }
 
-/// The lease as an audit record's fields.
-fn audit_fields(l: &Lease) -> Map<String, Value> {
+/// The lease as an audit record shows it.
+fn audit_change<'a>(what: &'a str, l: &'a Lease, reason: &'a str) -> event::LeaseChange<'a> {
     let rfc = crate::time::rfc3339;
-    let v = json!({
-        "lease_id": l.id.as_str(),
-        "task_id": l.task_id,
-        "delegator": l.delegator,
-        "agent": l.agent,
-        "spiffe_id": l.spiffe_id.to_string(),
-        "selectors": l.selectors,
-        "state": l.state.as_str(),
-        "created_at": rfc(l.created_at),
-        "expires_at": rfc(l.expires_at),
-        "max_expires_at": rfc(l.max_expires_at),
-        "svid_ttl_ms": l.svid_ttl.as_millis() as u64,
-        "jwt_ttl_ms": l.jwt_ttl.as_millis() as u64,
-        "audiences": l.audiences,
-        "reason": l.reason,
-        "granted_by": principal_json(&l.granted_by),
-        "ended_at": l.ended_at.map(rfc),
-        "ended_by": l.ended_by.as_ref().map(principal_json),
-        "approval_deadline": l.approval_deadline.map(rfc),
-        "approved_at": l.approved_at.map(rfc),
-        "approved_by": l.approved_by.as_ref().map(principal_json),
-    });
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!("a json object"),
+    event::LeaseChange {
+        what,
+        lease_id: l.id.as_str(),
+        task_id: &l.task_id,
+        delegator: &l.delegator,
+        agent: &l.agent,
+        spiffe_id: l.spiffe_id.to_string(),
+        selectors: l.selectors.iter().map(|s| s.as_str()).collect(),
+        state: l.state.as_str(),
+        created_at: rfc(l.created_at),
+        expires_at: rfc(l.expires_at),
+        max_expires_at: rfc(l.max_expires_at),
+        svid_ttl_ms: l.svid_ttl.as_millis() as u64,
+        jwt_ttl_ms: l.jwt_ttl.as_millis() as u64,
+        audiences: &l.audiences,
+        reason: &l.reason,
+        granted_by: audit_principal(&l.granted_by),
+        ended_at: l.ended_at.map(rfc),
+        ended_by: l.ended_by.as_ref().map(audit_principal),
+        approval_deadline: l.approval_deadline.map(rfc),
+        approved_at: l.approved_at.map(rfc),
+        approved_by: l.approved_by.as_ref().map(audit_principal),
+        reason_for_change: reason,
     }
 }
 
@@ -1000,11 +997,11 @@ mod tests {
 
     /// A registry on a store in memory and a real audit log in a temporary directory (kept
     /// while the registry is used).
-    fn registry() -> (Arc<Registry>, tempfile::TempDir) {
+    fn registry() -> (Arc<Leases>, tempfile::TempDir) {
         registry_on(crate::store::MemoryStore::new())
     }
 
-    fn registry_on(store: Arc<dyn LeaseStore>) -> (Arc<Registry>, tempfile::TempDir) {
+    fn registry_on(store: Arc<dyn LeaseStore>) -> (Arc<Leases>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let audit = AuditLog::open(dir.path(), Default::default()).unwrap();
         let metrics =
@@ -1023,10 +1020,10 @@ mod tests {
             audit,
             metrics,
         };
-        (Registry::new(limits, durable), dir)
+        (Leases::new(limits, durable), dir)
     }
 
-    async fn grant(r: &Registry, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
+    async fn grant(r: &Leases, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
         r.grant_input(
             GrantInput {
                 task_id: task.into(),

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::attest::Attestation;
-use crate::audit::AuditLog;
+use crate::audit::{event, AuditLog, Event};
 use crate::identity::{Key, Selectors, UnixKey};
 use crate::policy::{
     Action, ContextAttrs, Decision, PolicyEngine, PolicyRequest, PrincipalAttrs, ResourceAttrs,
 };
 
-use super::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Principal, Registry};
+use super::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Leases, Principal};
 
 /// Why a task call was refused. Nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,7 @@ impl Admitted {
 }
 
 pub struct TaskService {
-    registry: Arc<Registry>,
+    registry: Arc<Leases>,
     audit: AuditLog,
     policy: Arc<PolicyEngine>,
     allowlist: Allowlist,
@@ -103,7 +103,7 @@ pub struct TaskService {
 
 impl TaskService {
     pub fn new(
-        registry: Arc<Registry>,
+        registry: Arc<Leases>,
         audit: AuditLog,
         policy: Arc<PolicyEngine>,
         allowlist: Allowlist,
@@ -135,14 +135,16 @@ impl TaskService {
             pid = p.pid,
             "admin call from a caller outside the allowlist"
         );
-        let fields = serde_json::json!({
-            "rpc": rpc, "uid": p.uid, "gid": p.gid, "pid": p.pid,
-            "selectors": caller.selectors, "reason": "caller not in the admin allowlist",
+        let denied = Event::AdminDenied(event::AdminDenied {
+            rpc,
+            uid: p.uid,
+            gid: p.gid,
+            pid: p.pid,
+            selectors: caller.selectors.iter().map(|s| s.as_str()).collect(),
+            reason: "caller not in the admin allowlist",
         });
-        if let serde_json::Value::Object(fields) = fields {
-            if let Err(e) = self.audit.append("admin_denied", fields).await {
-                tracing::error!(error = %e, "could not audit an admin denial");
-            }
+        if let Err(e) = self.audit.record(&denied).await {
+            tracing::error!(error = %e, "could not audit an admin denial");
         }
         Err(TaskError::NotAllowed(format!(
             "uid {} is not allowed to use the admin API (allowed uids {:?}, gids {:?})",
@@ -308,18 +310,16 @@ impl TaskService {
                 format!("denied by policy {}", policies.join(", "))
             };
             tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
-            let fields = serde_json::json!({
-                "action": action.as_str(),
-                "lease_id": lease.id.as_str(),
-                "task_id": lease.task_id,
-                "policies": policies,
-                "errors": errors,
-                "request": request,
+            let denied = Event::PolicyDenied(event::PolicyDenied {
+                action: action.as_str(),
+                lease_id: lease.id.as_str(),
+                task_id: &lease.task_id,
+                policies,
+                errors,
+                request: serde_json::to_value(&request).unwrap_or_default(),
             });
-            if let serde_json::Value::Object(fields) = fields {
-                if let Err(e) = self.audit.append("policy_denied", fields).await {
-                    tracing::error!(error = %e, "could not audit a policy denial");
-                }
+            if let Err(e) = self.audit.record(&denied).await {
+                tracing::error!(error = %e, "could not audit a policy denial");
             }
             return Err(TaskError::Denied(why));
         }

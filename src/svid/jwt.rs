@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use super::{AuditUnavailable, Manager, Requester};
+use crate::audit::{event, Event};
 use crate::identity::Selectors;
 use crate::lease::{ActiveLease, LeaseId};
 
@@ -149,26 +150,22 @@ impl Manager {
         let expires_at = UNIX_EPOCH + Duration::from_secs(exp);
         {
             let audit = &self.audit;
-            let fields = json!({
-                "jti": jti,
-                "audiences": audiences,
-                "spiffe_id": l.spiffe_id.to_string(),
-                "expires_at": crate::time::rfc3339(expires_at),
-                "lease_id": l.id.as_str(),
-                "task_id": l.task_id,
-                "delegator": l.delegator,
-                "kid": self.jwt_keys.active_kid(),
-                "pid": who.pid,
-                "uid": who.uid,
-                "exe_sha256": who.exe_sha256,
+            let kid = self.jwt_keys.active_kid();
+            let event = Event::JwtIssued(event::JwtIssued {
+                jti: &jti,
+                audiences,
+                spiffe_id: l.spiffe_id.to_string(),
+                expires_at: crate::time::rfc3339(expires_at),
+                lease_id: l.id.as_str(),
+                task_id: &l.task_id,
+                delegator: &l.delegator,
+                kid: &kid,
+                pid: who.pid,
+                uid: who.uid,
+                exe_sha256: who.exe_sha256.as_deref(),
             });
-            let Value::Object(fields) = fields else {
-                unreachable!("a json object")
-            };
-            let appended = crate::telemetry::timed(
-                &self.metrics.audit_write_seconds,
-                audit.append("jwt_issued", fields),
-            );
+            let appended =
+                crate::telemetry::timed(&self.metrics.audit_write_seconds, audit.record(&event));
             if let Err(e) = appended.await {
                 tracing::error!(
                     event = "jwt_not_audited",

@@ -20,11 +20,11 @@ mod jwt;
 
 pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
 
-use crate::audit::AuditLog;
+use crate::audit::{event, AuditLog, Event};
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::{IssuedX509, SigningCa};
 use crate::identity::Selectors;
-use crate::lease::{ActiveLease, Changes, LeaseId, Registry};
+use crate::lease::{ActiveLease, Changes, LeaseId, Leases};
 use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 
 /// One issued X.509-SVID as held by the cache and sent to streams.
@@ -80,7 +80,7 @@ impl Entry {
 pub struct Manager {
     ca: Arc<SigningCa>,
     jwt_keys: Arc<JwtKeys>,
-    registry: Arc<Registry>,
+    registry: Arc<Leases>,
     audit: AuditLog,
     metrics: Metrics,
     jwt_cache: jwt::JwtCache,
@@ -132,7 +132,7 @@ impl Manager {
     pub fn new(
         ca: Arc<SigningCa>,
         jwt_keys: Arc<JwtKeys>,
-        registry: Arc<Registry>,
+        registry: Arc<Leases>,
         audit: AuditLog,
         metrics: Metrics,
     ) -> Arc<Self> {
@@ -255,26 +255,20 @@ impl Manager {
         let trigger = if who.is_some() { "fetch" } else { "rotation" };
         {
             let audit = &self.audit;
-            let fields = serde_json::json!({
-                "serial": issued.serial_hex,
-                "spiffe_id": lease.spiffe_id.to_string(),
-                "not_before": crate::time::rfc3339(issued.not_before),
-                "not_after": crate::time::rfc3339(issued.not_after),
-                "lease_id": lease.id.as_str(),
-                "task_id": lease.task_id,
-                "delegator": lease.delegator,
-                "pid": who.map(|w| w.pid),
-                "uid": who.map(|w| w.uid),
-                "exe_sha256": who.and_then(|w| w.exe_sha256.clone()),
-                "trigger": trigger,
+            let event = Event::SvidIssued(event::SvidIssued {
+                serial: &issued.serial_hex,
+                spiffe_id: lease.spiffe_id.to_string(),
+                not_before: crate::time::rfc3339(issued.not_before),
+                not_after: crate::time::rfc3339(issued.not_after),
+                lease_id: lease.id.as_str(),
+                task_id: &lease.task_id,
+                delegator: &lease.delegator,
+                pid: who.map(|w| w.pid),
+                uid: who.map(|w| w.uid),
+                exe_sha256: who.and_then(|w| w.exe_sha256.as_deref()),
+                trigger,
             });
-            let serde_json::Value::Object(fields) = fields else {
-                unreachable!("a json object")
-            };
-            let appended = timed(
-                &self.metrics.audit_write_seconds,
-                audit.append("svid_issued", fields),
-            );
+            let appended = timed(&self.metrics.audit_write_seconds, audit.record(&event));
             if let Err(e) = appended.await {
                 // Fail closed: the SVID and its key are dropped (and zeroized) unused.
                 tracing::error!(
