@@ -1,10 +1,8 @@
 //! The health, readiness and metrics endpoints, and `mayfly healthcheck`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -35,14 +33,7 @@ async fn live_ready_and_metrics() {
         .fetch_jwt_token(["svc"], None)
         .await
         .unwrap();
-    t.admin()
-        .await
-        .revoke(mayfly::proto::admin::RevokeRequest {
-            lease_id: lease.lease_id,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&lease.lease_id, "").await;
     let (code, metrics) = http_get(addr, "/metrics").await;
     assert_eq!(code, 200);
     for needle in [
@@ -66,25 +57,12 @@ async fn live_ready_and_metrics() {
 async fn healthcheck_command() {
     let t = start().await;
     let addr = t.agent.as_ref().unwrap().health_addr.to_string();
-    let ok = tokio::process::Command::new(t.bin())
-        .args(["healthcheck", "--health-addr", &addr])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    ok(mayfly_async(&["healthcheck", "--health-addr", &addr]).await);
     // Nothing listening: the probe fails.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = free.local_addr().unwrap().to_string();
     drop(free);
-    let bad = tokio::process::Command::new(t.bin())
-        .args(["healthcheck", "--health-addr", &dead])
-        .output()
-        .await
-        .unwrap();
+    let bad = mayfly_async(&["healthcheck", "--health-addr", &dead]).await;
     assert!(!bad.status.success());
 }
 
@@ -121,7 +99,7 @@ async fn a_stream_the_caller_drops_is_released() {
     let mut svids = x509.stream_x509_svids().await.unwrap();
     svids.next().await.unwrap().unwrap();
     // A workload in another process, which will die without a word.
-    let mut watch = tokio::process::Command::new(t.bin())
+    let mut watch = tokio::process::Command::new(BIN)
         .args(["svid", "watch", "--socket"])
         .arg(&t.socket)
         .stdout(std::process::Stdio::piped())

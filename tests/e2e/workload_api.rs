@@ -1,18 +1,15 @@
 //! End to end through real sockets, with the `spiffe` crate as the client.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
+use mayfly::proto::admin as pb;
 use mayfly::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use mayfly::proto::workload::X509svidRequest;
-use rustls_pki_types::CertificateDer;
 use spiffe::WorkloadApiError;
 use tokio::io::AsyncWriteExt;
 
-const HOUR: Duration = Duration::from_secs(3600);
 /// Generous bound for "promptly": failing it means the push did not happen at all.
 const PROMPT: Duration = Duration::from_secs(3);
 
@@ -20,13 +17,6 @@ fn spiffe_ids(ctx: &spiffe::X509Context) -> Vec<String> {
     ctx.svids()
         .iter()
         .map(|s| s.spiffe_id().to_string())
-        .collect()
-}
-
-fn ders(certs: &[spiffe::cert::Certificate]) -> Vec<CertificateDer<'static>> {
-    certs
-        .iter()
-        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
         .collect()
 }
 
@@ -51,9 +41,7 @@ async fn fetch_after_grant_gives_a_verifiable_task_svid() {
         "spiffe://example.org/agent/reporter/task/report-42/delegator/user/alice"
     );
 
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
-    let bundle = ctx.bundle_set().get(&td).expect("own bundle");
-    verify_chain(&ders(svid.cert_chain()), &ders(bundle.authorities())).expect("chain verifies");
+    verify_chain(&ders(svid.cert_chain()), &bundle_roots(&ctx)).expect("chain verifies");
     assert!(not_after(svid.leaf().as_bytes()) <= expires_at(&lease));
 }
 
@@ -126,13 +114,7 @@ async fn another_uid_gets_only_its_own_lease() {
     let lease = t
         .grant("nobody-task", &["unix:uid:65534".into()], HOUR, None)
         .await;
-    let out = run_as(65534, &args).await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let svids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let svids = json(run_as(65534, &args).await.unwrap());
     assert_eq!(svids.as_array().unwrap().len(), 1);
     assert_eq!(svids[0]["spiffe_id"], lease.spiffe_id.as_str());
 }
@@ -147,14 +129,7 @@ async fn revoke_reaches_an_open_stream_at_once() {
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.svids().len(), 2);
 
-    t.admin()
-        .await
-        .revoke(mayfly::proto::admin::RevokeRequest {
-            lease_id: gone.lease_id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&gone.lease_id, "").await;
     let next = tokio::time::timeout(PROMPT, stream.next())
         .await
         .expect("update pushed")
@@ -162,14 +137,7 @@ async fn revoke_reaches_an_open_stream_at_once() {
         .unwrap();
     assert_eq!(spiffe_ids(&next), vec![keep.spiffe_id.clone()]);
 
-    t.admin()
-        .await
-        .revoke(mayfly::proto::admin::RevokeRequest {
-            lease_id: keep.lease_id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&keep.lease_id, "").await;
     let end = tokio::time::timeout(PROMPT, stream.next())
         .await
         .expect("teardown pushed")
@@ -217,16 +185,7 @@ async fn expiry_ends_the_stream_without_any_call() {
         "{end:?}"
     );
     assert!(SystemTime::now() >= expires_at(&lease));
-    let got = t
-        .admin()
-        .await
-        .get(mayfly::proto::admin::GetRequest {
-            lease_id: lease.lease_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.state, "expired");
+    assert_eq!(t.lease(&lease.lease_id).await.state, "expired");
 }
 
 #[tokio::test]
@@ -257,46 +216,42 @@ async fn rotation_delivers_a_new_serial_before_the_old_one_expires() {
 async fn bad_grant_input_names_the_field_and_grants_nothing() {
     let t = start().await;
     let mut admin = t.admin().await;
-    let base = || mayfly::proto::admin::GrantRequest {
-        task_id: "ok".into(),
-        delegator: "user/alice".into(),
-        agent: "reporter".into(),
-        ttl: Some(mayfly::time::to_duration(Duration::from_secs(60))),
+    let base = || pb::GrantRequest {
         selectors: vec!["unix:uid:1000".into()],
-        ..Default::default()
+        ..grant_request("ok", "user/alice", Duration::from_secs(60))
     };
-    let cases: Vec<(&str, mayfly::proto::admin::GrantRequest)> = vec![
+    let cases: Vec<(&str, pb::GrantRequest)> = vec![
         (
             "task_id",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 task_id: "has space".into(),
                 ..base()
             },
         ),
         (
             "task_id",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 task_id: "..".into(),
                 ..base()
             },
         ),
         (
             "delegator",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 delegator: "user/../x".into(),
                 ..base()
             },
         ),
         (
             "ttl",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 ttl: None,
                 ..base()
             },
         ),
         (
             "ttl",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 ttl: Some(mayfly::time::to_duration(Duration::from_secs(
                     400 * 24 * 3600,
                 ))),
@@ -305,28 +260,28 @@ async fn bad_grant_input_names_the_field_and_grants_nothing() {
         ),
         (
             "selectors",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 selectors: vec!["unix:uid:me".into()],
                 ..base()
             },
         ),
         (
             "selectors",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 selectors: vec![],
                 ..base()
             },
         ),
         (
             "reason",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 reason: "x".repeat(5000),
                 ..base()
             },
         ),
         (
             "task_id",
-            mayfly::proto::admin::GrantRequest {
+            pb::GrantRequest {
                 task_id: "t".repeat(300),
                 ..base()
             },
@@ -341,12 +296,7 @@ async fn bad_grant_input_names_the_field_and_grants_nothing() {
             err.message()
         );
     }
-    let listed = admin
-        .list(mayfly::proto::admin::ListRequest { all: true })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.leases.is_empty());
+    assert!(t.all_leases().await.is_empty());
 }
 
 #[tokio::test]
@@ -378,7 +328,7 @@ async fn admin_socket_refuses_callers_outside_the_allowlist() {
     let err = t
         .admin()
         .await
-        .list(mayfly::proto::admin::ListRequest { all: false })
+        .list(pb::ListRequest { all: false })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -406,14 +356,7 @@ async fn unrelated_changes_are_not_resent() {
     let other = t
         .grant("theirs", &["unix:uid:4242".into()], HOUR, None)
         .await;
-    t.admin()
-        .await
-        .revoke(mayfly::proto::admin::RevokeRequest {
-            lease_id: other.lease_id,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&other.lease_id, "").await;
     let quiet = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
     assert!(quiet.is_err(), "identical material was resent: {quiet:?}");
 }
@@ -425,17 +368,8 @@ async fn processes_matching_one_lease_share_its_svid() {
         .await;
     let svid = t.workload().await.fetch_x509_svid().await.unwrap();
     let socket = t.socket.display().to_string();
-    let out = tokio::process::Command::new(t.bin())
-        .args(["svid", "fetch", "--socket", &socket, "--output", "json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let other: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let other =
+        json(mayfly_async(&["svid", "fetch", "--socket", &socket, "--output", "json"]).await);
     let mine = serial(svid.leaf().as_bytes());
     assert_eq!(other[0]["serial"].as_str().unwrap(), mine);
 }
@@ -445,15 +379,10 @@ async fn renewal_extends_up_to_the_ceiling_and_the_next_svid_uses_it() {
     let t = start().await;
     let mut admin = t.admin().await;
     let lease = admin
-        .grant(mayfly::proto::admin::GrantRequest {
-            task_id: "renewable".into(),
-            delegator: "user/alice".into(),
-            agent: "reporter".into(),
-            ttl: Some(mayfly::time::to_duration(Duration::from_secs(3))),
+        .grant(pb::GrantRequest {
             max_ttl: Some(mayfly::time::to_duration(Duration::from_secs(60))),
             svid_ttl: Some(mayfly::time::to_duration(HOUR)),
-            selectors: vec![format!("unix:pid:{}", std::process::id())],
-            ..Default::default()
+            ..grant_request("renewable", "user/alice", Duration::from_secs(3))
         })
         .await
         .unwrap()
@@ -464,7 +393,7 @@ async fn renewal_extends_up_to_the_ceiling_and_the_next_svid_uses_it() {
     assert!(not_after(first.leaf().as_bytes()) <= expires_at(&lease));
 
     let too_far = admin
-        .renew(mayfly::proto::admin::RenewRequest {
+        .renew(pb::RenewRequest {
             lease_id: lease.lease_id.clone(),
             ttl: Some(mayfly::time::to_duration(Duration::from_secs(120))),
         })
@@ -478,7 +407,7 @@ async fn renewal_extends_up_to_the_ceiling_and_the_next_svid_uses_it() {
     );
 
     let renewed = admin
-        .renew(mayfly::proto::admin::RenewRequest {
+        .renew(pb::RenewRequest {
             lease_id: lease.lease_id.clone(),
             ttl: Some(mayfly::time::to_duration(Duration::from_secs(30))),
         })
@@ -506,10 +435,9 @@ async fn nobody_listening_means_no_rotation() {
     // Two half-lives: a watched SVID would have rotated at least twice by now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let issued = |trigger: &str| {
-        mayfly::audit::read_all(&t.data_dir().join("audit"))
-            .unwrap()
+        audit_events(&t.data_dir(), "svid_issued")
             .into_iter()
-            .filter(|r| r["event"] == "svid_issued" && r["trigger"] == trigger)
+            .filter(|r| r["trigger"] == trigger)
             .count()
     };
     assert_eq!(issued("rotation"), 0);
@@ -540,15 +468,7 @@ async fn the_shown_deadline_is_the_kept_deadline() {
     let ended = SystemTime::now();
     assert!(matches!(end, Ok(Some(Err(_))) | Ok(None)), "{end:?}");
     assert!(ended >= expires_at(&lease));
-    let got = t
-        .admin()
-        .await
-        .get(mayfly::proto::admin::GetRequest {
-            lease_id: lease.lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = t.lease(&lease.lease_id).await;
     assert_eq!(got.state, "expired");
     assert_eq!(got.expires_at.unwrap(), shown);
     let ended_at = mayfly::time::from_timestamp(got.ended_at.as_ref().unwrap()).unwrap();

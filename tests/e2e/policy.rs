@@ -1,12 +1,10 @@
 //! Cedar policies on the admin API, approval gates, hot reload and `mayfly policy check`.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use mayfly::proto::admin as pb;
 
 const STRICT: &str = r#"
@@ -27,17 +25,6 @@ forbid (principal, action == Mayfly::Action::"grant", resource) when { context.t
 permit (principal, action == Mayfly::Action::"approve", resource) when { principal.uid == 0 || principal.uid == 65534 };
 "#;
 
-fn request(task: &str, delegator: &str, ttl: Duration) -> pb::GrantRequest {
-    pb::GrantRequest {
-        task_id: task.into(),
-        delegator: delegator.into(),
-        agent: "reporter".into(),
-        ttl: Some(mayfly::time::to_duration(ttl)),
-        selectors: vec![format!("unix:pid:{}", std::process::id())],
-        ..Default::default()
-    }
-}
-
 async fn strict_agent(policy_dir: &Path, approval_timeout: &str) -> TestAgent {
     std::fs::write(policy_dir.join("strict.cedar"), STRICT).unwrap();
     let dir = policy_dir.to_owned();
@@ -54,25 +41,21 @@ async fn strict_agent(policy_dir: &Path, approval_timeout: &str) -> TestAgent {
     t
 }
 
-fn audit_events(t: &TestAgent, event: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    mayfly::audit::read_all(&t.data_dir().join("audit"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r["event"] == event)
-        .collect()
-}
-
 #[tokio::test]
 async fn the_default_policy_grants_within_the_configured_maximum() {
     let t = start_with(|f| f.leases.max_ttl = Some("2h".into())).await;
     let mut admin = t.admin().await;
     admin
-        .grant(request("ok", "user/alice", Duration::from_secs(3600)))
+        .grant(grant_request("ok", "user/alice", Duration::from_secs(3600)))
         .await
         .unwrap();
     // Above the maximum, validation refuses it before any policy is asked.
     let err = admin
-        .grant(request("long", "user/alice", Duration::from_secs(3 * 3600)))
+        .grant(grant_request(
+            "long",
+            "user/alice",
+            Duration::from_secs(3 * 3600),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -84,7 +67,7 @@ async fn a_stricter_policy_denies_and_names_the_policy() {
     let t = strict_agent(dir.path(), "1h").await;
     let mut admin = t.admin().await;
     let err = admin
-        .grant(request(
+        .grant(grant_request(
             "too-long",
             "user/alice",
             Duration::from_secs(2 * 3600),
@@ -98,7 +81,7 @@ async fn a_stricter_policy_denies_and_names_the_policy() {
         err.message()
     );
     let err = admin
-        .grant(request("who", "robot/x", Duration::from_secs(60)))
+        .grant(grant_request("who", "robot/x", Duration::from_secs(60)))
         .await
         .unwrap_err();
     assert!(
@@ -107,13 +90,8 @@ async fn a_stricter_policy_denies_and_names_the_policy() {
         err.message()
     );
     // Nothing was granted, and both denials are audited with the whole request.
-    let listed = admin
-        .list(pb::ListRequest { all: true })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.leases.is_empty());
-    let denials = audit_events(&t, "policy_denied");
+    assert!(t.all_leases().await.is_empty());
+    let denials = audit_events(&t.data_dir(), "policy_denied");
     assert_eq!(denials.len(), 2);
     assert_eq!(denials[1]["request"]["context"]["delegator"], "robot/x");
     assert_eq!(
@@ -122,7 +100,11 @@ async fn a_stricter_policy_denies_and_names_the_policy() {
     );
     // A short grant by a known delegator passes.
     admin
-        .grant(request("fine", "user/alice", Duration::from_secs(600)))
+        .grant(grant_request(
+            "fine",
+            "user/alice",
+            Duration::from_secs(600),
+        ))
         .await
         .unwrap();
 }
@@ -133,7 +115,11 @@ async fn approval_gates_hold_a_lease_until_someone_else_approves() {
     let t = strict_agent(dir.path(), "1h").await;
     let mut admin = t.admin().await;
     let lease = admin
-        .grant(request("gated", "user/alice", Duration::from_secs(1800)))
+        .grant(grant_request(
+            "gated",
+            "user/alice",
+            Duration::from_secs(1800),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -176,31 +162,19 @@ async fn approval_gates_hold_a_lease_until_someone_else_approves() {
     assert!(stderr.contains("PermissionDenied"), "{stderr}");
 
     // uid 65534, allowed by the policy and not the grantor, approves it.
-    let out = run_as(65534, &approve_args).await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let approved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let approved = json(run_as(65534, &approve_args).await.unwrap());
     assert_eq!(approved["state"], "active");
     assert_eq!(approved["approved_by"]["uid"], 65534);
 
-    let got = admin
-        .get(pb::GetRequest {
-            lease_id: lease.lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = t.lease(&lease.lease_id).await;
     assert_eq!(got.state, "active");
     assert_eq!(got.approved_by.unwrap().uid, 65534);
     let svid = t.workload().await.fetch_x509_svid().await.unwrap();
     assert_eq!(svid.spiffe_id().to_string(), lease.spiffe_id);
 
-    let pending = audit_events(&t, "lease_pending");
+    let pending = audit_events(&t.data_dir(), "lease_pending");
     assert_eq!(pending[0]["reason_for_change"], "long-grant-needs-approval");
-    let approvals = audit_events(&t, "lease_approved");
+    let approvals = audit_events(&t.data_dir(), "lease_approved");
     assert_eq!(approvals[0]["approved_by"]["uid"], 65534);
 }
 
@@ -210,7 +184,7 @@ async fn a_pending_lease_can_be_revoked() {
     let t = strict_agent(dir.path(), "1h").await;
     let mut admin = t.admin().await;
     let lease = admin
-        .grant(request(
+        .grant(grant_request(
             "withdrawn",
             "user/alice",
             Duration::from_secs(1800),
@@ -218,14 +192,7 @@ async fn a_pending_lease_can_be_revoked() {
         .await
         .unwrap()
         .into_inner();
-    let revoked = admin
-        .revoke(pb::RevokeRequest {
-            lease_id: lease.lease_id.clone(),
-            reason: "changed my mind".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let revoked = t.revoke(&lease.lease_id, "changed my mind").await;
     assert_eq!(revoked.state, "revoked");
     let err = admin
         .approve(pb::ApproveRequest {
@@ -243,7 +210,7 @@ async fn a_pending_lease_not_approved_in_time_expires() {
     let t = strict_agent(dir.path(), "1s").await;
     let mut admin = t.admin().await;
     let lease = admin
-        .grant(request(
+        .grant(grant_request(
             "forgotten",
             "user/alice",
             Duration::from_secs(1800),
@@ -252,25 +219,8 @@ async fn a_pending_lease_not_approved_in_time_expires() {
         .unwrap()
         .into_inner();
     assert_eq!(lease.state, "pending");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = admin
-            .get(pb::GetRequest {
-                lease_id: lease.lease_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if got.state == "expired" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {}",
-            got.state
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.wait_state(&lease.lease_id, "expired", Duration::from_secs(10))
+        .await;
     let err = admin
         .approve(pb::ApproveRequest {
             lease_id: lease.lease_id,
@@ -287,7 +237,11 @@ async fn policies_reload_on_change_and_a_broken_file_keeps_the_old_set() {
     let t = strict_agent(dir.path(), "1h").await;
     let mut admin = t.admin().await;
     admin
-        .grant(request("before", "user/alice", Duration::from_secs(60)))
+        .grant(grant_request(
+            "before",
+            "user/alice",
+            Duration::from_secs(60),
+        ))
         .await
         .unwrap();
 
@@ -299,28 +253,31 @@ async fn policies_reload_on_change_and_a_broken_file_keeps_the_old_set() {
     .unwrap();
     t.agent.as_ref().unwrap().reload_policies();
     admin
-        .grant(request("still", "user/alice", Duration::from_secs(60)))
+        .grant(grant_request(
+            "still",
+            "user/alice",
+            Duration::from_secs(60),
+        ))
         .await
         .unwrap();
 
     // A valid stricter file is picked up by the file watch, without touching existing leases.
     let stricter = STRICT.replace("context.ttl_secs > 3600", "context.ttl_secs > 30");
     std::fs::write(dir.path().join("strict.cedar"), stricter).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = admin
-            .grant(request("after", "user/alice", Duration::from_secs(60)))
-            .await;
-        match r {
-            Err(e) if e.message().contains("ttl-at-most-1h") => break,
-            Ok(_) | Err(_) => {}
+    eventually(Duration::from_secs(15), async || {
+        match admin
+            .grant(grant_request(
+                "after",
+                "user/alice",
+                Duration::from_secs(60),
+            ))
+            .await
+        {
+            Err(e) if e.message().contains("ttl-at-most-1h") => Ok(()),
+            Ok(_) | Err(_) => Err("the new policy never took effect".to_owned()),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new policy never took effect"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     let active = admin
         .list(pb::ListRequest { all: false })
         .await
@@ -338,8 +295,7 @@ async fn policy_check_dry_run() {
     let file = dir.path().join("strict.cedar");
     std::fs::write(&file, STRICT).unwrap();
     let check = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-            .args(["policy", "check", "--policy", file.to_str().unwrap()])
+        mayfly_command(&["policy", "check", "--policy", file.to_str().unwrap()])
             .args(args)
             .output()
             .unwrap()
@@ -363,19 +319,18 @@ async fn policy_check_dry_run() {
     assert_eq!(denied.status.code(), Some(1));
     // The same as JSON on stdin.
     let json = r#"{"action":"approve","principal":{"uid":65534},"context":{"grantor_uid":0}}"#;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-        .args([
-            "policy",
-            "check",
-            "--policy",
-            file.to_str().unwrap(),
-            "--request",
-            "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = mayfly_command(&[
+        "policy",
+        "check",
+        "--policy",
+        file.to_str().unwrap(),
+        "--request",
+        "-",
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     use std::io::Write;
     child
         .stdin
@@ -396,22 +351,21 @@ async fn policy_check_dry_run() {
 async fn mayfly_run_waits_for_approval_before_starting_the_command() {
     let dir = tempfile::tempdir().unwrap();
     let t = strict_agent(dir.path(), "1h").await;
-    let mut run = tokio::process::Command::new(t.bin())
-        .args(["run", "--task-id", "gated-run", "--delegator", "user/carol"])
-        .args(["--agent", "runner", "--ttl", "30m", "--"])
-        .args([t.bin(), "svid", "fetch", "--output", "json"])
-        .env("MAYFLY_ADMIN_SOCKET", &t.admin_socket)
-        .env("SPIFFE_ENDPOINT_SOCKET", t.endpoint())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut run = run_cmd(
+        &t,
+        "gated-run",
+        "30m",
+        &[BIN, "svid", "fetch", "--output", "json"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
     let line = lines.next_line().await.unwrap().unwrap();
     assert!(line.contains("needs approval"), "{line}");
-    let lease_id = line.split_whitespace().nth(3).unwrap().to_owned();
+    let lease_id = reported_lease(&line);
     let admin_socket = t.admin_socket.display().to_string();
     let Some(out) = run_as(
         65534,
@@ -427,17 +381,12 @@ async fn mayfly_run_waits_for_approval_before_starting_the_command() {
     else {
         return;
     };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(out);
     let done = tokio::time::timeout(Duration::from_secs(20), run.wait_with_output())
         .await
         .expect("the command ran after approval")
         .unwrap();
-    assert!(done.status.success());
-    let svids: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    let svids = json(done);
     assert!(svids[0]["spiffe_id"]
         .as_str()
         .unwrap()
@@ -451,20 +400,15 @@ async fn interrupting_a_pending_run_withdraws_its_lease() {
     let dir = tempfile::tempdir().unwrap();
     let t = strict_agent(dir.path(), "1h").await;
     let marker = dir.path().join("ran");
-    let mut run = tokio::process::Command::new(t.bin())
-        .args(["run", "--task-id", "gated-int", "--delegator", "user/carol"])
-        .args(["--agent", "runner", "--ttl", "30m", "--"])
-        .args(["touch", marker.to_str().unwrap()])
-        .env("MAYFLY_ADMIN_SOCKET", &t.admin_socket)
+    let mut run = run_cmd(&t, "gated-int", "30m", &["touch", marker.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
     let line = lines.next_line().await.unwrap().unwrap();
     assert!(line.contains("needs approval"), "{line}");
-    let lease_id = line.split_whitespace().nth(3).unwrap().to_owned();
+    let lease_id = reported_lease(&line);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(run.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -475,14 +419,7 @@ async fn interrupting_a_pending_run_withdraws_its_lease() {
         .expect("the wrapper exits")
         .unwrap();
     assert_eq!(status.code(), Some(128 + 2));
-    let lease = t
-        .admin()
-        .await
-        .get(pb::GetRequest { lease_id })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(lease.state, "revoked");
+    assert_eq!(t.lease(&lease_id).await.state, "revoked");
     assert!(!marker.exists(), "the command must not have run");
 }
 
@@ -491,8 +428,7 @@ async fn interrupting_a_pending_run_withdraws_its_lease() {
 #[test]
 fn policy_check_answers_as_the_agent_would() {
     let check = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-            .args(["policy", "check"])
+        let out = mayfly_command(&["policy", "check"])
             .args(args)
             .output()
             .unwrap();

@@ -1,14 +1,12 @@
 //! The command line end to end: the built `mayfly` binary as agent and as client.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
-use serde_json::Value;
+use crate::common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mayfly");
-
+/// A child process killed when dropped.
 struct Running(Child);
 
 impl Drop for Running {
@@ -18,64 +16,29 @@ impl Drop for Running {
     }
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn mayfly(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .env_remove("MAYFLY_ADMIN_SOCKET")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn grant_fetch_write_watch_revoke() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("w.sock");
-    let admin = dir.path().join("a.sock");
-    let (sock_s, admin_s) = (sock.to_str().unwrap(), admin.to_str().unwrap());
-    let data = dir.path().join("data");
+    let paths = AgentPaths::in_dir(dir.path());
+    let (sock_s, admin_s) = (
+        paths.socket.to_str().unwrap(),
+        paths.admin_socket.to_str().unwrap(),
+    );
     let _agent = Running(
-        Command::new(BIN)
-            .args(["agent", "--trust-domain", "example.org", "--socket", sock_s])
+        paths
+            .agent()
+            .args(["--trust-domain", "example.org"])
             .args(["--health-addr", "127.0.0.1:0"])
-            .args([
-                "--admin-socket",
-                admin_s,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    wait_for(&admin);
-    wait_for(&sock);
+    wait_for(&paths.admin_socket);
+    wait_for(&paths.socket);
 
-    let uid = rustix::process::geteuid().as_raw().to_string();
-    let selector = format!("unix:uid:{uid}");
-    let granted: Value = serde_json::from_str(&ok(mayfly(&[
+    let selector = format!("unix:uid:{}", my_uid());
+    let granted = json(mayfly(&[
         "task",
         "grant",
         "--task-id",
@@ -96,8 +59,7 @@ fn grant_fetch_write_watch_revoke() {
         admin_s,
         "--output",
         "json",
-    ])))
-    .unwrap();
+    ]));
     for key in [
         "lease_id",
         "task_id",
@@ -119,7 +81,7 @@ fn grant_fetch_write_watch_revoke() {
     let lease_id = granted["lease_id"].as_str().unwrap().to_owned();
 
     let out_dir = dir.path().join("out");
-    let fetched: Value = serde_json::from_str(&ok(mayfly(&[
+    let fetched = json(mayfly(&[
         "svid",
         "fetch",
         "--socket",
@@ -128,8 +90,7 @@ fn grant_fetch_write_watch_revoke() {
         out_dir.to_str().unwrap(),
         "--output",
         "json",
-    ])))
-    .unwrap();
+    ]));
     assert_eq!(fetched[0]["spiffe_id"], granted["spiffe_id"]);
     // One time format everywhere: RFC 3339, UTC.
     for key in ["not_before", "not_after"] {
@@ -139,7 +100,7 @@ fn grant_fetch_write_watch_revoke() {
             "{key}: {t}"
         );
     }
-    let jwt: Value = serde_json::from_str(&ok(mayfly(&[
+    let jwt = json(mayfly(&[
         "jwt",
         "fetch",
         "--audience",
@@ -148,8 +109,7 @@ fn grant_fetch_write_watch_revoke() {
         sock_s,
         "--output",
         "json",
-    ])))
-    .unwrap();
+    ]));
     assert_eq!(jwt["spiffe_id"], granted["spiffe_id"]);
     assert_eq!(jwt["token"].as_str().unwrap().split('.').count(), 3);
     assert!(jwt["expires_at"].as_str().unwrap().ends_with('Z'));
@@ -166,20 +126,18 @@ fn grant_fetch_write_watch_revoke() {
         .unwrap()
         .contains("BEGIN PRIVATE KEY"));
 
-    let listed: Value = serde_json::from_str(&ok(mayfly(&[
+    let listed = json(mayfly(&[
         "task",
         "list",
         "--admin-socket",
         admin_s,
         "--output",
         "json",
-    ])))
-    .unwrap();
+    ]));
     assert_eq!(listed.as_array().unwrap().len(), 1);
 
     // A watch sees the SVID, then ends with "no identity issued" once the lease is revoked.
-    let mut watch = Command::new(BIN)
-        .args(["svid", "watch", "--socket", sock_s, "--output", "json"])
+    let mut watch = mayfly_command(&["svid", "watch", "--socket", sock_s, "--output", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -192,13 +150,13 @@ fn grant_fetch_write_watch_revoke() {
             .read_line(&mut first_line)
             .unwrap();
     }
-    let update: Value = serde_json::from_str(&first_line).unwrap();
+    let update: serde_json::Value = serde_json::from_str(&first_line).unwrap();
     assert_eq!(update["svids"][0]["spiffe_id"], granted["spiffe_id"]);
     assert!(update["svids"][0]["not_after"]
         .as_str()
         .unwrap()
         .ends_with('Z'));
-    let revoked: Value = serde_json::from_str(&ok(mayfly(&[
+    let revoked = json(mayfly(&[
         "task",
         "revoke",
         &lease_id,
@@ -208,8 +166,7 @@ fn grant_fetch_write_watch_revoke() {
         admin_s,
         "--output",
         "json",
-    ])))
-    .unwrap();
+    ]));
     assert_eq!(revoked["state"], "revoked");
     assert_eq!(revoked["end_reason"], "key leaked");
     let out = watch.wait_with_output().unwrap();
@@ -218,7 +175,7 @@ fn grant_fetch_write_watch_revoke() {
 
     let err = mayfly(&["svid", "fetch", "--socket", sock_s]);
     assert!(!err.status.success());
-    let all: Value = serde_json::from_str(&ok(mayfly(&[
+    let all = json(mayfly(&[
         "task",
         "list",
         "--all",
@@ -226,8 +183,7 @@ fn grant_fetch_write_watch_revoke() {
         admin_s,
         "--output",
         "json",
-    ])))
-    .unwrap();
+    ]));
     assert_eq!(all[0]["state"], "revoked");
     // Text output shows how the lease ended, and columns hold for long task IDs.
     let got = ok(mayfly(&[
@@ -300,7 +256,7 @@ fn grant_fetch_write_watch_revoke() {
 }
 
 /// A fresh user environment for `uid`: its own runtime dir and home, both under `dir`.
-fn user_env(dir: &Path, uid: u32) -> (std::path::PathBuf, std::path::PathBuf) {
+fn user_env(dir: &Path, uid: u32) -> (PathBuf, PathBuf) {
     let runtime = dir.join(format!("run-{uid}"));
     let home = dir.join(format!("home-{uid}"));
     for d in [&runtime, &home] {
@@ -318,19 +274,12 @@ fn user_env(dir: &Path, uid: u32) -> (std::path::PathBuf, std::path::PathBuf) {
 
 /// `mayfly ARGS` as `uid` in its own user environment, environment otherwise empty.
 fn as_user(uid: u32, runtime: &Path, home: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        format!("--reuid={uid}"),
-        format!("--regid={uid}"),
-        "--clear-groups".into(),
-        "--".into(),
-        BIN.into(),
-    ])
-    .args(args)
-    .env_clear()
-    .env("PATH", "/usr/bin:/bin")
-    .env("HOME", home)
-    .env("XDG_RUNTIME_DIR", runtime);
+    let mut c = as_uid(uid);
+    c.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("XDG_RUNTIME_DIR", runtime);
     c
 }
 
@@ -339,12 +288,11 @@ fn as_user(uid: u32, runtime: &Path, home: &Path, args: &[&str]) -> Command {
 /// `mayfly healthcheck` hears its own agent.
 #[test]
 fn agent_starts_on_embedded_defaults_for_any_user() {
-    if rustix::process::geteuid().as_raw() != 0 {
+    if my_uid() != 0 {
         eprintln!("skipping: needs root to run the agent as other users with setpriv");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = shared_tempdir();
     let mut agents = Vec::new();
     for uid in [65534, 65533] {
         let (runtime, home) = user_env(dir.path(), uid);
@@ -410,14 +358,9 @@ fn a_taken_health_port_names_the_flag_to_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["agent", "--health-addr", &addr])
-        .arg("--socket")
-        .arg(dir.path().join("w.sock"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("a.sock"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
+    let out = AgentPaths::in_dir(dir.path())
+        .agent()
+        .args(["--health-addr", &addr])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -431,19 +374,15 @@ fn a_taken_health_port_names_the_flag_to_use() {
 #[test]
 fn sigterm_stops_the_agent_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("w.sock");
-    let admin = dir.path().join("a.sock");
-    let data = dir.path().join("data");
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--socket", sock.to_str().unwrap()])
-        .args(["--admin-socket", admin.to_str().unwrap()])
-        .args(["--data-dir", data.to_str().unwrap()])
+    let paths = AgentPaths::in_dir(dir.path());
+    let mut agent = paths
+        .agent()
         .args(["--health-addr", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
         .spawn()
         .unwrap();
-    wait_for(&admin);
+    wait_for(&paths.admin_socket);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -451,18 +390,21 @@ fn sigterm_stops_the_agent_cleanly() {
     .unwrap();
     let status = agent.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(!sock.exists() && !admin.exists(), "sockets left behind");
+    assert!(
+        !paths.socket.exists() && !paths.admin_socket.exists(),
+        "sockets left behind"
+    );
     // Logs into a file carry no colour codes, and no Rust debug rendering of options.
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
     assert!(log.contains("mayfly agent ready"), "{log}");
     assert!(!log.contains('\x1b'), "colour codes in a file:\n{log}");
     assert!(!log.contains("Some("), "{log}");
-    let out = mayfly(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(mayfly(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        paths.data.to_str().unwrap(),
+    ]));
 }
 
 /// What a user reads says each thing once: no cause repeated, no Rust debug rendering.
@@ -481,18 +423,11 @@ fn errors_say_each_thing_once() {
         assert!(!err.contains("Some("), "{err}");
     }
     // A directory the user cannot read is named as such, not as a missing log.
-    if rustix::process::geteuid().as_raw() == 0 {
+    if my_uid() == 0 {
         let data = dir.path().join("private");
         std::fs::create_dir_all(data.join("audit")).unwrap();
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                BIN,
-            ])
+        let out = as_uid(65534)
             .args(["audit", "verify", "--data-dir", data.to_str().unwrap()])
             .output()
             .unwrap();

@@ -2,13 +2,15 @@
 
 use mayfly::attest::{AttestError, Attestor, PeerInfo};
 
+use crate::common::*;
+
 #[tokio::test]
 async fn a_peer_that_exited_before_accept_is_not_attested() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     // Any client will do: it connects (the kernel queues the connection), then we kill it.
-    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+    let mut client = tokio::process::Command::new(BIN)
         .args(["svid", "fetch", "--socket", path.to_str().unwrap()])
         .kill_on_drop(true)
         .spawn()
@@ -43,8 +45,7 @@ async fn a_live_peer_is_attested_from_kernel_facts() {
     let peer = PeerInfo::from_unix_stream(&a);
     let att = Attestor::new(1 << 30).attest(&peer).unwrap();
     assert_eq!(att.pid, std::process::id() as i32);
-    let uid = rustix::process::geteuid().as_raw();
-    assert!(att.selectors.contains(&format!("unix:uid:{uid}")));
+    assert!(att.selectors.contains(&format!("unix:uid:{}", my_uid())));
     assert!(att
         .selectors
         .iter()

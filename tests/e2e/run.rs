@@ -1,37 +1,15 @@
 //! `mayfly run` end to end: the built binary wraps real commands against a real agent.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
-use mayfly::proto::admin as pb;
+use crate::common::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-fn run_cmd(t: &TestAgent, task: &str, command: &[&str]) -> Command {
-    let mut c = Command::new(t.bin());
-    c.args([
-        "run",
-        "--task-id",
-        task,
-        "--delegator",
-        "user/carol",
-        "--agent",
-        "runner",
-    ])
-    .args(["--ttl", "5m", "--"])
-    .args(command)
-    .env("MAYFLY_ADMIN_SOCKET", &t.admin_socket)
-    .env("SPIFFE_ENDPOINT_SOCKET", t.endpoint())
-    .kill_on_drop(true);
-    c
-}
-
 /// Starts `mayfly run` and returns it with the lease ID and child PID it reports.
 async fn spawn_run(t: &TestAgent, task: &str, command: &[&str]) -> (Child, String, i32) {
-    let mut child = run_cmd(t, task, command)
+    let mut child = run_cmd(t, task, "5m", command)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -43,7 +21,7 @@ async fn spawn_run(t: &TestAgent, task: &str, command: &[&str]) -> (Child, Strin
         .unwrap()
         .expect("wrapper reports its lease");
     // "mayfly run: lease <id> for <spiffe id> (pid <pid>)"
-    let lease_id = line.split_whitespace().nth(3).unwrap().to_owned();
+    let lease_id = reported_lease(&line);
     let pid = line
         .rsplit("pid ")
         .next()
@@ -55,54 +33,24 @@ async fn spawn_run(t: &TestAgent, task: &str, command: &[&str]) -> (Child, Strin
     (child, lease_id, pid)
 }
 
-async fn all_leases(t: &TestAgent) -> Vec<pb::Lease> {
-    t.admin()
-        .await
-        .list(pb::ListRequest { all: true })
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-}
-
-async fn state(t: &TestAgent, lease_id: &str) -> String {
-    t.admin()
-        .await
-        .get(pb::GetRequest {
-            lease_id: lease_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .state
-}
-
-async fn wait_state(t: &TestAgent, lease_id: &str, want: &str, within: Duration) {
-    eventually(within, async || match state(t, lease_id).await {
-        s if s == want => Ok(()),
-        s => Err(format!("lease is {s}, wanted {want}")),
-    })
-    .await
-}
-
 #[tokio::test]
 async fn the_child_gets_its_task_svid_and_the_lease_completes() {
     let t = start().await;
-    let out = run_cmd(&t, "run-1", &[t.bin(), "svid", "fetch", "--output", "json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let svids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = run_cmd(
+        &t,
+        "run-1",
+        "5m",
+        &[BIN, "svid", "fetch", "--output", "json"],
+    )
+    .output()
+    .await
+    .unwrap();
+    let svids = json(out);
     assert_eq!(
         svids[0]["spiffe_id"],
         "spiffe://example.org/agent/runner/task/run-1/delegator/user/carol"
     );
-    let leases = all_leases(&t).await;
+    let leases = t.all_leases().await;
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].state, "completed");
     assert!(leases[0]
@@ -114,12 +62,12 @@ async fn the_child_gets_its_task_svid_and_the_lease_completes() {
 #[tokio::test]
 async fn exit_status_comes_back() {
     let t = start().await;
-    let s = run_cmd(&t, "exit-7", &["sh", "-c", "exit 7"])
+    let s = run_cmd(&t, "exit-7", "5m", &["sh", "-c", "exit 7"])
         .status()
         .await
         .unwrap();
     assert_eq!(s.code(), Some(7));
-    let s = run_cmd(&t, "killed", &["sh", "-c", "kill -TERM $$"])
+    let s = run_cmd(&t, "killed", "5m", &["sh", "-c", "kill -TERM $$"])
         .status()
         .await
         .unwrap();
@@ -131,14 +79,17 @@ async fn exit_status_comes_back() {
 async fn a_missing_command_grants_nothing() {
     let t = start().await;
     for missing in ["/nonexistent/program", "no-such-command-anywhere"] {
-        let out = run_cmd(&t, "missing", &[missing]).output().await.unwrap();
+        let out = run_cmd(&t, "missing", "5m", &[missing])
+            .output()
+            .await
+            .unwrap();
         assert_eq!(out.status.code(), Some(127));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not found"), "{err}");
     }
-    let leases = all_leases(&t).await;
+    let leases = t.all_leases().await;
     assert!(leases.is_empty(), "{leases:?}");
-    let audit = mayfly::audit::read_all(&t.data_dir().join("audit")).unwrap();
+    let audit = audit_records(&t.data_dir());
     assert!(
         !audit.iter().any(|r| r["event"] == "lease_granted"),
         "{audit:?}"
@@ -150,7 +101,7 @@ async fn a_missing_command_grants_nothing() {
 #[tokio::test]
 async fn the_command_talks_to_the_agent_that_granted_its_lease() {
     let t = start().await;
-    let out = Command::new(t.bin())
+    let out = Command::new(BIN)
         .args(["run", "--task-id", "where", "--delegator", "user/carol"])
         .args(["--agent", "runner", "--ttl", "5m"])
         .arg("--admin-socket")
@@ -161,7 +112,7 @@ async fn the_command_talks_to_the_agent_that_granted_its_lease() {
             "-c",
             "echo \"$SPIFFE_ENDPOINT_SOCKET\"; exec \"$0\" svid fetch --output json",
         ])
-        .arg(t.bin())
+        .arg(BIN)
         .env(
             "SPIFFE_ENDPOINT_SOCKET",
             "unix:///nonexistent/other-agent.sock",
@@ -196,11 +147,11 @@ async fn socket_flags_take_unix_urls() {
             t.socket.display().to_string(),
         ),
     ] {
-        let out = Command::new(t.bin())
+        let out = Command::new(BIN)
             .args(["run", "--task-id", "urls", "--delegator", "user/carol"])
             .args(["--agent", "runner", "--ttl", "5m"])
             .args(["--admin-socket", &admin, "--socket", &workload])
-            .args(["--", t.bin(), "svid", "fetch", "--socket", &workload])
+            .args(["--", BIN, "svid", "fetch", "--socket", &workload])
             .env_remove("MAYFLY_ADMIN_SOCKET")
             .env_remove("SPIFFE_ENDPOINT_SOCKET")
             .output()
@@ -218,7 +169,7 @@ async fn socket_flags_take_unix_urls() {
 async fn a_process_outside_the_run_gets_nothing() {
     let t = start().await;
     let (mut run, lease_id, _) = spawn_run(&t, "inside", &["sleep", "30"]).await;
-    assert_eq!(state(&t, &lease_id).await, "active");
+    assert_eq!(t.lease(&lease_id).await.state, "active");
     // Same uid, different process: the lease is bound to the child's PID and start time.
     let err = t.workload().await.fetch_x509_svid().await.unwrap_err();
     assert!(
@@ -242,7 +193,7 @@ async fn signals_are_forwarded_to_the_child() {
         .expect("child ended")
         .unwrap();
     assert_eq!(status.code(), Some(128 + 15));
-    assert_eq!(state(&t, &lease_id).await, "completed");
+    assert_eq!(t.lease(&lease_id).await.state, "completed");
 }
 
 #[tokio::test]
@@ -261,11 +212,16 @@ async fn the_agent_ends_the_lease_when_an_orphaned_child_exits() {
     .await;
     run.start_kill().unwrap(); // SIGKILL: the wrapper cannot complete anything
     run.wait().await.unwrap();
-    assert_eq!(state(&t, &lease_id).await, "active", "the child still runs");
+    assert_eq!(
+        t.lease(&lease_id).await.state,
+        "active",
+        "the child still runs"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child_pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_state(&t, &lease_id, "process_exited", Duration::from_secs(5)).await;
+    t.wait_state(&lease_id, "process_exited", Duration::from_secs(5))
+        .await;
 }

@@ -1,19 +1,11 @@
 //! Leases and the audit log across restarts, crashes and tampering.
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use mayfly::proto::admin as pb;
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn audit_records(data_dir: &std::path::Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    mayfly::audit::read_all(&data_dir.join("audit")).unwrap()
-}
 
 fn events(data_dir: &std::path::Path, lease_id: &str) -> Vec<String> {
     audit_records(data_dir)
@@ -29,54 +21,28 @@ async fn a_restart_keeps_the_ca_and_active_leases_and_ends_expired_ones() {
     let keep = t.grant_me("keep", HOUR, None).await;
     let brief = t.grant_me("brief", Duration::from_secs(2), None).await;
     let revoked = t.grant_me("revoked", HOUR, None).await;
-    t.admin()
-        .await
-        .revoke(pb::RevokeRequest {
-            lease_id: revoked.lease_id.clone(),
-            reason: "key leaked".into(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&revoked.lease_id, "key leaked").await;
     let before = t.workload().await.fetch_x509_context().await.unwrap();
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
-    let bundle_before = before.bundle_set().get(&td).unwrap().authorities().to_vec();
+    let bundle_before = bundle_roots(&before);
 
     // Down across the short lease's deadline: its timer never fires in this process.
-    let mut t = t;
-    t.agent.take().unwrap().stop().await;
+    let dir = t.stop().await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let t = start_in(t.dir, |_| {}).await;
+    let t = start_in(dir, |_| {}).await;
 
-    let mut admin = t.admin().await;
-    let get = |id: String| pb::GetRequest { lease_id: id };
-    let kept = admin
-        .get(get(keep.lease_id.clone()))
-        .await
-        .unwrap()
-        .into_inner();
+    let kept = t.lease(&keep.lease_id).await;
     assert_eq!(kept.state, "active");
-    let ended = admin
-        .get(get(brief.lease_id.clone()))
-        .await
-        .unwrap()
-        .into_inner();
+    let ended = t.lease(&brief.lease_id).await;
     assert_eq!(ended.state, "expired");
     assert_eq!(ended.end_reason, "expired while the agent was down");
     assert_eq!(kept.end_reason, "");
     // Why a lease ended is kept with it, across the restart.
-    let revoked = admin
-        .get(get(revoked.lease_id.clone()))
-        .await
-        .unwrap()
-        .into_inner();
+    let revoked = t.lease(&revoked.lease_id).await;
     assert_eq!(revoked.state, "revoked");
     assert_eq!(revoked.end_reason, "key leaked");
 
     let after = t.workload().await.fetch_x509_context().await.unwrap();
-    assert_eq!(
-        after.bundle_set().get(&td).unwrap().authorities(),
-        &bundle_before[..]
-    );
+    assert_eq!(bundle_roots(&after), bundle_before);
     let ids: Vec<String> = after
         .svids()
         .iter()
@@ -100,20 +66,11 @@ async fn a_restart_ends_leases_whose_process_is_gone() {
     let lease = t
         .grant("bound", &[format!("unix:pid:{}", child.id())], HOUR, None)
         .await;
-    let mut t = t;
-    t.agent.take().unwrap().stop().await;
+    let dir = t.stop().await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let t = start_in(t.dir, |_| {}).await;
-    let got = t
-        .admin()
-        .await
-        .get(pb::GetRequest {
-            lease_id: lease.lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = start_in(dir, |_| {}).await;
+    let got = t.lease(&lease.lease_id).await;
     assert_eq!(got.state, "process_exited");
     assert_eq!(
         got.end_reason,
@@ -131,14 +88,7 @@ async fn issuance_grants_and_ends_are_audited_and_the_chain_verifies() {
     let lease = t.grant_me("audited", HOUR, None).await;
     let svid = t.workload().await.fetch_x509_svid().await.unwrap();
     let serial = serial(svid.leaf().as_bytes());
-    t.admin()
-        .await
-        .revoke(pb::RevokeRequest {
-            lease_id: lease.lease_id.clone(),
-            reason: "done early".into(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&lease.lease_id, "done early").await;
     let _ = t.workload().await.fetch_x509_svid().await.unwrap_err();
 
     let records = audit_records(&t.data_dir());
@@ -173,36 +123,25 @@ async fn an_edited_or_deleted_audit_line_is_detected() {
         t.grant_me(&format!("t{i}"), HOUR, None).await;
     }
     t.workload().await.fetch_x509_svid().await.unwrap();
-    let data = t.data_dir();
-    let mut t = t;
-    t.agent.take().unwrap().stop().await;
+    let dir = t.stop().await;
+    let data = dir.path().join("data");
 
-    let verify = |d: &std::path::Path| {
-        std::process::Command::new(t.bin())
-            .args(["audit", "verify", "--data-dir", d.to_str().unwrap()])
-            .output()
-            .unwrap()
-    };
-    let ok = verify(&data);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let verify = || mayfly(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    ok(verify());
 
     let segment = data.join("audit/audit-00000001.jsonl");
     let original = std::fs::read_to_string(&segment).unwrap();
     let edited = original.replacen("\"task_id\":\"t1\"", "\"task_id\":\"tX\"", 1);
     assert_ne!(edited, original);
     std::fs::write(&segment, &edited).unwrap();
-    let bad = verify(&data);
+    let bad = verify();
     assert!(!bad.status.success(), "an edited record went unnoticed");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("audit-00000001.jsonl:"));
 
     let mut lines: Vec<&str> = original.lines().collect();
     lines.remove(1);
     std::fs::write(&segment, lines.join("\n") + "\n").unwrap();
-    let bad = verify(&data);
+    let bad = verify();
     assert!(!bad.status.success(), "a deleted record went unnoticed");
 }
 
@@ -211,29 +150,27 @@ async fn an_edited_or_deleted_audit_line_is_detected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_during_issuance_loses_no_audited_serial() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("w.sock");
-    let admin_socket = dir.path().join("a.sock");
-    let data = dir.path().join("data");
+    let paths = AgentPaths::in_dir(dir.path());
+    let AgentPaths {
+        socket,
+        admin_socket,
+        data,
+    } = &paths;
     let spawn_agent = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-            .args(["agent", "--trust-domain", "example.org"])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin_socket)
-            .arg("--data-dir")
-            .arg(&data)
+        let mut agent = paths.agent();
+        agent
+            .args(["--trust-domain", "example.org"])
             .args(["--health-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        tokio::process::Command::from(agent)
             .kill_on_drop(true)
             .spawn()
             .unwrap()
     };
     let mut agent = spawn_agent();
-    while !socket.exists() || !admin_socket.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for(socket);
+    wait_for(admin_socket);
 
     let received = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
     let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -252,12 +189,8 @@ async fn kill_9_during_issuance_loses_no_audited_serial() {
                         .map_err(|e| format!("admin connect: {e}"))?;
                     admin
                         .grant(pb::GrantRequest {
-                            task_id: format!("burst-{w}-{i}"),
-                            delegator: "user/alice".into(),
                             agent: "burst".into(),
-                            ttl: Some(mayfly::time::to_duration(HOUR)),
-                            selectors: vec![format!("unix:pid:{}", std::process::id())],
-                            ..Default::default()
+                            ..grant_request(&format!("burst-{w}-{i}"), "user/alice", HOUR)
                         })
                         .await
                         .map_err(|e| format!("grant: {e}"))?;
@@ -288,15 +221,17 @@ async fn kill_9_during_issuance_loses_no_audited_serial() {
         }));
     }
     // Kill it mid-burst: once clients hold a good number of SVIDs (however slow the machine).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while received.lock().unwrap().len() < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the burst never got going: {:?}",
-            errors.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(120), async || {
+        if received.lock().unwrap().len() >= 20 {
+            Ok(())
+        } else {
+            Err(format!(
+                "the burst never got going: {:?}",
+                errors.lock().unwrap()
+            ))
+        }
+    })
+    .await;
     agent.start_kill().unwrap(); // SIGKILL
     agent.wait().await.unwrap();
     killed.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -308,23 +243,10 @@ async fn kill_9_during_issuance_loses_no_audited_serial() {
 
     // Restart on the same data: the torn tail (if any) is dropped, the chain continues.
     let mut agent = spawn_agent();
-    while !socket.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-        .args(["audit", "verify", "--data-dir"])
-        .arg(&data)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let audited: HashSet<String> = audit_records(&data)
+    wait_for(socket);
+    ok(mayfly_async(&["audit", "verify", "--data-dir", data.to_str().unwrap()]).await);
+    let audited: HashSet<String> = audit_events(data, "svid_issued")
         .into_iter()
-        .filter(|r| r["event"] == "svid_issued")
         .map(|r| r["serial"].as_str().unwrap().to_owned())
         .collect();
     let missing: Vec<_> = received.difference(&audited).collect();
@@ -347,14 +269,11 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_issued_or_granted() {
         let r = t
             .admin()
             .await
-            .grant(pb::GrantRequest {
-                task_id: format!("fill-{granted}"),
-                delegator: "user/alice".into(),
-                agent: "reporter".into(),
-                ttl: Some(mayfly::time::to_duration(HOUR)),
-                selectors: vec![format!("unix:pid:{}", std::process::id())],
-                ..Default::default()
-            })
+            .grant(grant_request(
+                &format!("fill-{granted}"),
+                "user/alice",
+                HOUR,
+            ))
             .await;
         match r {
             Ok(_) => granted += 1,
@@ -378,7 +297,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_issued_or_granted() {
 
 #[tokio::test]
 async fn shutdown_ends_open_streams_with_unavailable() {
-    let mut t = start().await;
+    let t = start().await;
     t.grant_me("streaming", HOUR, None).await;
     let client = t.workload().await;
     let mut stream = client.stream_x509_contexts().await.unwrap();
@@ -386,7 +305,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
         .await
         .unwrap()
         .unwrap();
-    t.agent.take().unwrap().stop().await;
+    let _dir = t.stop().await;
     let end = tokio::time::timeout(
         Duration::from_secs(5),
         futures::StreamExt::next(&mut stream),
@@ -408,22 +327,12 @@ async fn ended_leases_are_compacted_after_their_retention() {
         })
         .await
         .unwrap();
-    let all = |admin: &mut mayfly::proto::admin::tasks_client::TasksClient<_>| {
-        let mut admin = admin.clone();
-        async move {
-            admin
-                .list(pb::ListRequest { all: true })
-                .await
-                .unwrap()
-                .into_inner()
-                .leases
-                .len()
+    assert_eq!(t.all_leases().await.len(), 1);
+    eventually(Duration::from_secs(10), async || {
+        match t.all_leases().await.len() {
+            0 => Ok(()),
+            _ => Err("never compacted".to_owned()),
         }
-    };
-    assert_eq!(all(&mut admin).await, 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while all(&mut admin).await != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never compacted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }

@@ -6,17 +6,18 @@
 //! `tests/python/requirements.txt` (or set `MAYFLY_PYTHON` to an interpreter that has them).
 //! Without python3 or PyPI the tests say why and skip, except in CI (`CI` set), where they fail.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-const REQUIREMENTS: &str = include_str!("python/requirements.txt");
+const REQUIREMENTS: &str = include_str!("../python/requirements.txt");
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/clients.py")
+/// A file in `tests/python/`.
+fn python_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
 }
 
 /// The venv's interpreter, made once per test run; `Err` says why there is none.
@@ -63,7 +64,7 @@ fn make_venv() -> Result<PathBuf, String> {
                 "--disable-pip-version-check",
                 "-r",
             ])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/requirements.txt")),
+            .arg(python_file("requirements.txt")),
         "pip install -r tests/python/requirements.txt",
     )?;
     std::fs::write(&stamp, REQUIREMENTS).map_err(|e| e.to_string())?;
@@ -80,9 +81,9 @@ async fn check(name: &str) {
         }
         Err(why) => panic!("the Python clients are required in CI: {why}"),
     };
-    let agent = common::start().await;
+    let agent = crate::common::start().await;
     let mut cmd = tokio::process::Command::new(python);
-    cmd.arg(script())
+    cmd.arg(python_file("clients.py"))
         .arg(name)
         .arg("--socket")
         .arg(&agent.socket)
@@ -103,7 +104,7 @@ async fn check(name: &str) {
         out.status
     );
     println!("{stdout}");
-    agent.agent.unwrap().stop().await;
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,15 +1,11 @@
 //! JWT-SVIDs end to end with the `spiffe` crate: fetch, validate through the agent, validate
 //! offline against the fetched bundles, audience scoping, lease-bound expiry, key rotation.
 
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use mayfly::proto::admin as pb;
 use spiffe::WorkloadApiError;
-
-const HOUR: Duration = Duration::from_secs(3600);
 
 async fn grant_with(
     t: &TestAgent,
@@ -21,23 +17,20 @@ async fn grant_with(
     t.admin()
         .await
         .grant(pb::GrantRequest {
-            task_id: task.into(),
-            delegator: "user/alice".into(),
             agent: "caller".into(),
-            ttl: Some(mayfly::time::to_duration(ttl)),
             jwt_ttl: jwt_ttl.map(mayfly::time::to_duration),
-            selectors: vec![format!("unix:pid:{}", std::process::id())],
             audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
+            ..grant_request(task, "user/alice", ttl)
         })
         .await
         .unwrap()
         .into_inner()
 }
 
-fn payload(token: &str) -> serde_json::Value {
+/// Part `index` of a compact JWT (0 the header, 1 the payload), decoded.
+fn jwt_part(token: &str, index: usize) -> serde_json::Value {
     use base64::Engine;
-    let part = token.split('.').nth(1).unwrap();
+    let part = token.split('.').nth(index).unwrap();
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(part)
         .unwrap();
@@ -45,12 +38,11 @@ fn payload(token: &str) -> serde_json::Value {
 }
 
 fn header(token: &str) -> serde_json::Value {
-    use base64::Engine;
-    let part = token.split('.').next().unwrap();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .unwrap();
-    serde_json::from_slice(&bytes).unwrap()
+    jwt_part(token, 0)
+}
+
+fn payload(token: &str) -> serde_json::Value {
+    jwt_part(token, 1)
 }
 
 #[tokio::test]
@@ -187,14 +179,7 @@ async fn a_token_of_a_revoked_lease_is_refused_before_it_expires() {
     let client = t.workload().await;
     let token = client.fetch_jwt_token(["svc"], None).await.unwrap();
     client.validate_jwt_token("svc", &token).await.unwrap();
-    t.admin()
-        .await
-        .revoke(pb::RevokeRequest {
-            lease_id: lease.lease_id,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    t.revoke(&lease.lease_id, "").await;
     assert!(
         payload(&token)["exp"].as_u64().unwrap()
             > SystemTime::now()
@@ -235,7 +220,7 @@ async fn after_a_key_rotation_older_tokens_still_validate() {
     let old_kid = header(&old)["kid"].as_str().unwrap().to_owned();
     // The agent's own maintenance rotates the key (no call forces it); the bundle stream
     // pushes the new key set.
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let td = trust_domain();
     let mut stream = client.stream_jwt_bundles().await.unwrap();
     let first = futures::StreamExt::next(&mut stream)
         .await
@@ -272,11 +257,8 @@ async fn jwt_issuance_is_audited() {
         .await
         .unwrap();
     let jti = payload(&token)["jti"].as_str().unwrap().to_owned();
-    let records = mayfly::audit::read_all(&t.data_dir().join("audit")).unwrap();
-    let r = records
-        .iter()
-        .find(|r| r["event"] == "jwt_issued")
-        .expect("jwt issuance audited");
+    let records = audit_events(&t.data_dir(), "jwt_issued");
+    let r = records.first().expect("jwt issuance audited");
     assert_eq!(r["jti"], jti.as_str());
     assert_eq!(r["lease_id"], lease.lease_id.as_str());
     assert_eq!(r["audiences"], serde_json::json!(["svc"]));
@@ -289,19 +271,10 @@ async fn the_cli_fetches_and_validates() {
     t.grant("cli-jwt", &[format!("unix:uid:{}", my_uid())], HOUR, None)
         .await;
     let socket = t.socket.display().to_string();
-    let out = tokio::process::Command::new(t.bin())
-        .args(["jwt", "fetch", "--audience", "svc", "--socket", &socket])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let out = tokio::process::Command::new(t.bin())
-        .args([
+    let out = mayfly_async(&["jwt", "fetch", "--audience", "svc", "--socket", &socket]).await;
+    let token = ok(out).trim().to_owned();
+    let v = json(
+        mayfly_async(&[
             "jwt",
             "validate",
             "--audience",
@@ -310,29 +283,19 @@ async fn the_cli_fetches_and_validates() {
             "--socket",
             &socket,
         ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        .await,
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["spiffe_id"].as_str().unwrap().contains("/task/cli-jwt/"));
     assert_eq!(v["claims"][mayfly::svid::CLAIM_TASK_ID], "cli-jwt");
-    let bad = tokio::process::Command::new(t.bin())
-        .args([
-            "jwt",
-            "validate",
-            "--audience",
-            "other",
-            &token,
-            "--socket",
-            &socket,
-        ])
-        .output()
-        .await
-        .unwrap();
+    let bad = mayfly_async(&[
+        "jwt",
+        "validate",
+        "--audience",
+        "other",
+        &token,
+        "--socket",
+        &socket,
+    ])
+    .await;
     assert!(!bad.status.success());
 }

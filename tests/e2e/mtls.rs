@@ -1,12 +1,9 @@
 //! Two task SVIDs from the agent authenticate each other in a real rustls mTLS handshake, each
 //! side verifying the peer's chain to the bundle and checking the peer's SPIFFE ID.
 
-mod common;
-
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -124,18 +121,15 @@ impl ClientCertVerifier for SpiffeVerifier {
 }
 
 fn identity(svid: &spiffe::X509Svid) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let chain = svid
-        .cert_chain()
-        .iter()
-        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-        .collect();
+    let chain = ders(svid.cert_chain());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         svid.private_key().as_bytes().to_vec(),
     ));
     (chain, key)
 }
 
-/// Runs one handshake plus an echo; the client expects `server_id`, the server `client_id`.
+/// Runs one handshake plus an echo; the server accepts only a client with the SPIFFE ID
+/// `server_expects`, the client only a server with `client_expects`.
 async fn handshake(
     server: &spiffe::X509Svid,
     client: &spiffe::X509Svid,
@@ -192,9 +186,8 @@ async fn handshake(
 #[tokio::test]
 async fn two_task_svids_authenticate_each_other() {
     let t = start().await;
-    let hour = Duration::from_secs(3600);
-    let a = t.grant_me("task-a", hour, None).await;
-    let b = t.grant_me("task-b", hour, None).await;
+    let a = t.grant_me("task-a", HOUR, None).await;
+    let b = t.grant_me("task-b", HOUR, None).await;
     let ctx = t.workload().await.fetch_x509_context().await.unwrap();
     let by_id = |id: &str| {
         ctx.svids()
@@ -204,15 +197,7 @@ async fn two_task_svids_authenticate_each_other() {
             .clone()
     };
     let (svid_a, svid_b) = (by_id(&a.spiffe_id), by_id(&b.spiffe_id));
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
-    let roots: Vec<CertificateDer<'static>> = ctx
-        .bundle_set()
-        .get(&td)
-        .unwrap()
-        .authorities()
-        .iter()
-        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-        .collect();
+    let roots = bundle_roots(&ctx);
 
     handshake(&svid_a, &svid_b, roots.clone(), &b.spiffe_id, &a.spiffe_id)
         .await

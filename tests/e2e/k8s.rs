@@ -1,12 +1,10 @@
 //! A real process placed into a cgroup shaped like a Kubernetes pod's is attested with that
 //! pod's UID and container ID, and gets the SVID of a lease bound to them.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const POD_UID: &str = "5e1b7c3a-9d2f-4b6e-8a1c-0f2e3d4c5b6a";
 const CONTAINER: &str = "8c2f6a0e4b1d9f3a7c5e2b8d0a6f4c1e9b3d7a5f2c8e0b6d4a1f9c3e7b5d2a8f";
@@ -57,7 +55,7 @@ async fn a_process_in_a_pod_cgroup_gets_the_pods_identity() {
     let script = format!(
         "echo $$ > {} && exec {} svid fetch --socket {} --output json",
         procs.display(),
-        t.bin(),
+        BIN,
         t.socket.display()
     );
     let out = tokio::process::Command::new("sh")
@@ -79,12 +77,7 @@ async fn a_process_in_a_pod_cgroup_gets_the_pods_identity() {
         return;
     }
     cleanup();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let svids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let svids = json(out);
     assert_eq!(svids[0]["spiffe_id"], lease.spiffe_id.as_str());
 
     // The same client outside the pod gets nothing.

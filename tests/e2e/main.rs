@@ -1,0 +1,17 @@
+//! The end-to-end tests, as one test binary: the built `mayfly` binary and in-process agents
+//! on real sockets, against real clients. One module per area; the shared harness and fixtures
+//! are in `common`.
+
+mod common;
+
+mod attest;
+mod cli;
+mod durability;
+mod health;
+mod jwt;
+mod k8s;
+mod mtls;
+mod policy;
+mod python_clients;
+mod run;
+mod workload_api;
