@@ -12,7 +12,7 @@ use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
 use crate::audit::{AuditLog, AuditOptions};
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
-use crate::authority::x509::SigningCa;
+use crate::authority::x509::{CaHandle, SigningCa};
 use crate::config::Config;
 use crate::lease::{Durable, Leases};
 use crate::policy::PolicyEngine;
@@ -93,13 +93,13 @@ impl Agent {
         let ready_sockets = readiness.register("sockets");
 
         create_private_dir(&config.data_dir)?;
-        let ca = Arc::new(SigningCa::load_or_create(
+        let ca = CaHandle::new(SigningCa::load_or_create(
             &config.data_dir,
             &config.limits.trust_domain,
             &config.ca,
             config.ca_ttl,
         )?);
-        metrics.set_ca_not_after(ca.not_after());
+        metrics.set_ca_not_after(ca.current().not_after());
         drop(ready_ca);
         raise_fd_limit();
 

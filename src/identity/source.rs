@@ -14,7 +14,7 @@ use crate::attest::k8s::K8sAttestor;
 use crate::attest::{Attestation, Attestor, PeerInfo};
 use crate::audit::{event, AuditLog, Event};
 use crate::authority::jwt_keys::JwtKeys;
-use crate::authority::x509::SigningCa;
+use crate::authority::x509::CaHandle;
 use crate::lease::{Changes, Leases};
 use crate::svid::{
     AuditUnavailable, JwtFetchError, JwtSvid, Manager, Requester, Watcher, X509Svid,
@@ -63,7 +63,7 @@ pub enum BundleKind {
 pub struct Parts {
     pub manager: Arc<Manager>,
     pub registry: Arc<Leases>,
-    pub ca: Arc<SigningCa>,
+    pub ca: Arc<CaHandle>,
     pub jwt_keys: Arc<JwtKeys>,
     pub audit: AuditLog,
     pub attestor: Arc<Attestor>,
@@ -172,15 +172,11 @@ impl IdentitySource {
     ) -> Result<BundleUpdates, IdentityError> {
         let p = &self.parts;
         let leases = p.registry.changes(&att.selectors);
-        let refresh = match kind {
-            // The X.509 trust bundle does not change while the agent runs: no refresh signal.
-            BundleKind::X509 => None,
-            BundleKind::Jwt => {
-                let mut keys = p.jwt_keys.subscribe();
-                keys.borrow_and_update();
-                Some(keys)
-            }
+        let mut refresh = match kind {
+            BundleKind::X509 => p.ca.subscribe(),
+            BundleKind::Jwt => p.jwt_keys.subscribe(),
         };
+        refresh.borrow_and_update();
         if !p.registry.matches_any(&att.selectors) {
             return Err(self.deny(rpc, &att).await);
         }
@@ -239,7 +235,7 @@ impl IdentitySource {
 
     /// This trust domain's X.509 bundle: its ID (`spiffe://td`) and the CA certificates, DER.
     pub fn x509_bundle(&self) -> (String, Vec<u8>) {
-        let ca = &self.parts.ca;
+        let ca = self.parts.ca.current();
         (
             format!("spiffe://{}", ca.trust_domain()),
             ca.bundle_der().to_vec(),
@@ -249,7 +245,7 @@ impl IdentitySource {
     /// This trust domain's JWT bundle: its ID and the JWKS document.
     pub fn jwt_bundle(&self) -> (String, Vec<u8>) {
         (
-            format!("spiffe://{}", self.parts.ca.trust_domain()),
+            format!("spiffe://{}", self.parts.ca.current().trust_domain()),
             self.parts.jwt_keys.jwks(),
         )
     }
@@ -378,7 +374,7 @@ pub struct BundleUpdates {
     rpc: &'static str,
     att: Attestation,
     leases: Changes,
-    refresh: Option<watch::Receiver<u64>>,
+    refresh: watch::Receiver<u64>,
     _open: StreamGuard,
 }
 
@@ -388,12 +384,7 @@ impl BundleUpdates {
     /// identity.
     pub async fn next(&mut self) -> Result<bool, IdentityError> {
         loop {
-            let refreshed = async {
-                match self.refresh.as_mut() {
-                    Some(r) => r.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
+            let refreshed = self.refresh.changed();
             tokio::select! {
                 _ = self.source.parts.shutdown.cancelled() => return Err(IdentityError::ShuttingDown),
                 _ = self.leases.changed() => {
@@ -402,7 +393,7 @@ impl BundleUpdates {
                     }
                 }
                 // The sender goes only with the agent.
-                alive = refreshed => return Ok(alive),
+                alive = refreshed => return Ok(alive.is_ok()),
             }
         }
     }

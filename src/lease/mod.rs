@@ -204,6 +204,21 @@ pub struct GrantInput {
     pub reason: String,
 }
 
+/// The limits every unit test uses: trust domain `example.org`, the default template, an hour
+/// at most, five-minute SVIDs and JWTs by default.
+#[cfg(test)]
+pub(crate) fn test_limits() -> LeaseLimits {
+    LeaseLimits {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
+        max_ttl: Duration::from_secs(3600),
+        default_svid_ttl: Duration::from_secs(300),
+        max_svid_ttl: Duration::from_secs(3600),
+        default_jwt_ttl: Duration::from_secs(300),
+        max_jwt_ttl: Duration::from_secs(3600),
+    }
+}
+
 /// Bounds and defaults from the agent's configuration.
 #[derive(Clone, Debug)]
 pub struct LeaseLimits {
@@ -508,15 +523,7 @@ mod tests {
     use super::*;
 
     fn limits() -> LeaseLimits {
-        LeaseLimits {
-            trust_domain: TrustDomain::new("example.org").unwrap(),
-            template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
-            max_ttl: Duration::from_secs(3600),
-            default_svid_ttl: Duration::from_secs(300),
-            max_svid_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            max_jwt_ttl: Duration::from_secs(3600),
-        }
+        test_limits()
     }
 
     fn input() -> GrantInput {

@@ -139,15 +139,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .map_err(status)?;
         let (_, bundle) = self.source.x509_bundle();
         let response = x509_response(&first, &bundle);
-        let bundle = Arc::new(bundle);
+        let source = self.source.clone();
         Ok(Response::new(follow(
             response,
             updates,
             move |mut updates| {
-                let bundle = bundle.clone();
+                let source = source.clone();
                 async move {
                     match updates.next().await {
-                        Ok(svids) => Some((Ok(x509_response(&svids, &bundle)), Some(updates))),
+                        // The bundle as it is now: the CA may have been swapped since.
+                        Ok(svids) => {
+                            let (_, bundle) = source.x509_bundle();
+                            Some((Ok(x509_response(&svids, &bundle)), Some(updates)))
+                        }
                         Err(e) => Some((Err(status(e)), None)),
                     }
                 }

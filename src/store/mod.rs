@@ -16,15 +16,7 @@ mod contract {
     use crate::lease::{Lease, LeaseState, LeaseStore, Principal, StoreChange};
 
     fn lease(task: &str, state: LeaseState, ended_at: Option<SystemTime>) -> Lease {
-        let limits = crate::lease::LeaseLimits {
-            trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
-            template: crate::lease::IdTemplate::new(crate::lease::DEFAULT_TEMPLATE).unwrap(),
-            max_ttl: Duration::from_secs(3600),
-            default_svid_ttl: Duration::from_secs(300),
-            max_svid_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            max_jwt_ttl: Duration::from_secs(3600),
-        };
+        let limits = crate::lease::test_limits();
         let input = crate::lease::GrantInput {
             task_id: task.into(),
             delegator: "alice".into(),

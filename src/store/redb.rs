@@ -732,16 +732,8 @@ mod tests {
 
     #[test]
     fn validated_grant_round_trips() {
-        use crate::lease::{validate_grant, GrantInput, IdTemplate, LeaseLimits, DEFAULT_TEMPLATE};
-        let limits = LeaseLimits {
-            trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
-            template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
-            max_ttl: Duration::from_secs(3600),
-            default_svid_ttl: Duration::from_secs(300),
-            max_svid_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            max_jwt_ttl: Duration::from_secs(3600),
-        };
+        use crate::lease::{validate_grant, GrantInput};
+        let limits = crate::lease::test_limits();
         let input = GrantInput {
             task_id: "t-9".into(),
             delegator: "org/team/carol".into(),

@@ -22,7 +22,7 @@ pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TAS
 
 use crate::audit::{event, AuditLog, Event};
 use crate::authority::jwt_keys::JwtKeys;
-use crate::authority::x509::{IssuedX509, SigningCa};
+use crate::authority::x509::{CaHandle, IssuedX509};
 use crate::identity::Selectors;
 use crate::lease::{ActiveLease, Changes, LeaseId, Leases};
 use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
@@ -78,7 +78,7 @@ impl Entry {
 }
 
 pub struct Manager {
-    ca: Arc<SigningCa>,
+    ca: Arc<CaHandle>,
     jwt_keys: Arc<JwtKeys>,
     registry: Arc<Leases>,
     audit: AuditLog,
@@ -130,7 +130,7 @@ impl Watcher {
 impl Manager {
     /// `audit`: where every issuance is recorded before the SVID is handed out.
     pub fn new(
-        ca: Arc<SigningCa>,
+        ca: Arc<CaHandle>,
         jwt_keys: Arc<JwtKeys>,
         registry: Arc<Leases>,
         audit: AuditLog,
@@ -240,7 +240,7 @@ impl Manager {
         }
         let expires_at = *entry.lease.expires_at.borrow();
         let cap = (now + lease.svid_ttl).min(expires_at);
-        let issued = match self.ca.issue_x509_svid(&lease.spiffe_id, cap) {
+        let issued = match self.ca.current().issue_x509_svid(&lease.spiffe_id, cap) {
             Ok(issued) => issued,
             Err(e) => {
                 tracing::warn!(
@@ -340,7 +340,7 @@ impl Manager {
         expires_at: SystemTime,
         share: f64,
     ) -> Option<SystemTime> {
-        let cap = crate::time::floor_secs(expires_at).min(self.ca.not_after());
+        let cap = crate::time::floor_secs(expires_at).min(self.ca.current().not_after());
         if svid.issued.not_after >= cap {
             return None;
         }

@@ -12,9 +12,11 @@
 
 mod chain;
 mod files;
+mod handle;
 mod issue;
 mod load;
 
+pub use handle::{CaHandle, WrongTrustDomain};
 pub use issue::serial_hex;
 
 use std::fmt;
