@@ -1,0 +1,177 @@
+//! The active set and its selector index: what makes matching a caller cost the buckets of its
+//! selectors, not a scan of every lease.
+
+use std::collections::BTreeSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::{Selector, Selectors};
+use crate::lease::{Lease, LeaseId};
+
+use super::{ActiveLease, Leases};
+
+pub(super) struct Slot {
+    pub(super) lease: Arc<Lease>,
+    pub(super) ended: CancellationToken,
+    /// Created when the SVID cache first asks (most leases never need one).
+    pub(super) expires_at: OnceLock<watch::Sender<SystemTime>>,
+}
+
+#[derive(Default)]
+pub(super) struct Inner {
+    pub(super) active: HashMap<LeaseId, Slot>,
+    /// Held back by an approval gate; never matched, never issued for.
+    pub(super) pending: HashMap<LeaseId, (Lease, CancellationToken)>,
+    /// index selector -> leases indexed under it
+    pub(super) index: HashMap<Selector, HashSet<LeaseId>>,
+    pub(super) ended: VecDeque<Lease>,
+    /// Every active lease by `expires_at`, soonest first (what the expiry task serves).
+    pub(super) deadlines: BTreeSet<(SystemTime, LeaseId)>,
+}
+
+/// The slots of the active, unexpired leases whose selectors are all among the caller's: each
+/// found through the index bucket of one of the caller's selectors, never by scanning.
+fn matched<'a>(inner: &'a Inner, caller: &'a Selectors) -> impl Iterator<Item = &'a Slot> + 'a {
+    let now = SystemTime::now();
+    caller
+        .iter()
+        .filter_map(|s| inner.index.get(s))
+        .flatten()
+        .map(|id| &inner.active[id])
+        .filter(move |slot| slot.lease.expires_at > now && slot.lease.selectors.all_in(caller))
+}
+
+/// The selector a lease is indexed under: the kind that narrows callers most.
+pub(super) fn index_key(selectors: &Selectors) -> Selector {
+    selectors
+        .index_key()
+        .expect("a lease has at least one selector")
+        .clone()
+}
+
+impl Leases {
+    /// Puts a lease into the active set, under the expiry task's eye.
+    pub(super) fn activate(&self, lease: Lease) {
+        self.activate_all(vec![Arc::new(lease)]);
+    }
+
+    /// Puts leases into the active set under one write lock (start-up restores thousands).
+    pub(super) fn activate_all(&self, leases: Vec<Arc<Lease>>) {
+        let mut keys = Vec::with_capacity(leases.len());
+        let mut watched = Vec::new();
+        {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            for lease in leases {
+                let ended = CancellationToken::new();
+                let key = index_key(&lease.selectors);
+                inner
+                    .index
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(lease.id.clone());
+                inner.deadlines.insert((lease.expires_at, lease.id.clone()));
+                if lease.selectors.processes().next().is_some() {
+                    watched.push((lease.clone(), ended.clone()));
+                }
+                inner.active.insert(
+                    lease.id.clone(),
+                    Slot {
+                        lease,
+                        ended,
+                        expires_at: OnceLock::new(),
+                    },
+                );
+                keys.push(key);
+            }
+        }
+        self.start_expiry();
+        self.deadline_moved.notify_one();
+        for (lease, ended) in watched {
+            self.spawn_process_watch(&lease, ended);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            self.changed(&key);
+        }
+    }
+
+    /// The active, unexpired leases whose selectors are all among the caller's, oldest first.
+    pub fn matching(&self, caller: &Selectors) -> Vec<ActiveLease> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        let mut out: Vec<ActiveLease> = matched(&inner, caller)
+            .map(|slot| ActiveLease {
+                lease: slot.lease.clone(),
+                ended: slot.ended.clone(),
+                expires_at: slot
+                    .expires_at
+                    .get_or_init(|| watch::channel(slot.lease.expires_at).0)
+                    .subscribe(),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.lease
+                .created_at
+                .cmp(&b.lease.created_at)
+                .then_with(|| a.lease.id.cmp(&b.lease.id))
+        });
+        out
+    }
+
+    /// Whether any lease matches the caller: [`Leases::matching`] without building its
+    /// result, for the streams that only need to know whether their identity is gone.
+    pub fn matches_any(&self, caller: &Selectors) -> bool {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        let any = matched(&inner, caller).next().is_some();
+        any
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::lease::LeaseId;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn matching_needs_every_selector() {
+        let (r, _dir) = registry();
+        let hour = Duration::from_secs(1800);
+        let a = grant(&r, "a", &["unix:uid:1000"], hour).await;
+        let b = grant(&r, "b", &["unix:uid:1000", "unix:path:/bin/x"], hour).await;
+        let _c = grant(&r, "c", &["unix:uid:1001"], hour).await;
+        let ids = |sel: &[&str]| -> Vec<LeaseId> {
+            r.matching(&selectors(sel))
+                .into_iter()
+                .map(|l| l.lease.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&["unix:uid:1000"]), vec![a.id.clone()]);
+        assert_eq!(
+            ids(&["unix:uid:1000", "unix:path:/bin/x", "unix:gid:5"]),
+            vec![a.id.clone(), b.id.clone()]
+        );
+        assert!(ids(&["unix:uid:1002"]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn thousands_of_leases_match_through_the_index() {
+        let (r, _dir) = registry();
+        for i in 0..5000 {
+            grant(
+                &r,
+                &format!("t{i}"),
+                &[&format!("unix:uid:{i}")],
+                Duration::from_secs(600),
+            )
+            .await;
+        }
+        let m = r.matching(&selectors(&["unix:uid:4242", "unix:gid:0"]));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].lease.task_id, "t4242");
+    }
+}

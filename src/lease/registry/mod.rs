@@ -1,0 +1,371 @@
+//! The lease registry: active leases indexed for matching, recently ended leases kept in memory,
+//! one expiry task for every deadline, change signals for open streams, and every change written
+//! to the lease store and the audit log.
+//!
+//! Write order is chosen for failing closed: a grant or renewal takes effect only after its
+//! audit record and store write are durable; an end takes effect in memory at once (identity
+//! must go away even if the disk is failing) and is then written, loudly if that fails.
+//!
+//! Matching must stay cheap with thousands of leases: each lease is indexed under one of its
+//! selectors (the most specific kind), so a caller with N selectors looks at N index buckets
+//! and only the leases in them, never at every lease. Change signals follow the same index: a
+//! lease can only ever match callers that hold its index selector, so a change to it wakes the
+//! open streams listening on that selector and no others.
+
+mod changes;
+mod expiry;
+mod index;
+mod lifecycle;
+mod persist;
+
+pub use changes::Changes;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::AuditLog;
+
+use super::{
+    validate_grant, GrantInput, Lease, LeaseError, LeaseId, LeaseLimits, LeaseState, LeaseStore,
+    Principal,
+};
+use changes::Listeners;
+use index::{index_key, Inner};
+
+/// Ended leases kept in memory, so that recent ends are found without reading the store.
+const ENDED_KEPT: usize = 4096;
+
+/// An active lease as seen by the SVID cache: a snapshot plus the signals that follow it.
+#[derive(Clone, Debug)]
+pub struct ActiveLease {
+    /// Shared with the registry (cheap to hand to every fetch); a renewal replaces it.
+    pub lease: Arc<Lease>,
+    /// Cancelled when the lease ends, for whatever reason.
+    pub ended: CancellationToken,
+    /// The current `expires_at`; changes on renewal.
+    pub expires_at: watch::Receiver<SystemTime>,
+}
+
+/// Where lease changes are made durable.
+#[derive(Clone)]
+pub struct Durable {
+    pub store: Arc<dyn LeaseStore>,
+    pub audit: AuditLog,
+    pub metrics: crate::telemetry::Metrics,
+}
+
+pub struct Leases {
+    limits: LeaseLimits,
+    durable: Durable,
+    inner: RwLock<Inner>,
+    /// Who to wake when a lease indexed under a selector changes.
+    listeners: Mutex<Listeners>,
+    /// One task expires every lease; told when a sooner deadline arrives.
+    deadline_moved: Arc<Notify>,
+    expiry_started: AtomicBool,
+    /// Every per-lease task (timers, process watches, SVID rotation), stopped by `close`.
+    tasks: TaskTracker,
+    closing: CancellationToken,
+    me: Weak<Leases>,
+}
+
+impl Leases {
+    /// A registry whose every change is stored and audited before (or, for ends, right after)
+    /// it takes effect.
+    pub fn new(limits: LeaseLimits, durable: Durable) -> Arc<Self> {
+        Arc::new_cyclic(|me| Leases {
+            limits,
+            durable,
+            inner: RwLock::new(Inner::default()),
+            listeners: Mutex::new(Listeners::default()),
+            deadline_moved: Arc::new(Notify::new()),
+            expiry_started: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            me: me.clone(),
+        })
+    }
+
+    pub fn limits(&self) -> &LeaseLimits {
+        &self.limits
+    }
+
+    /// Runs a per-lease task until it finishes or the registry closes.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let closing = self.closing.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = closing.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
+
+    /// Stops every per-lease task and waits for them, so the store can be closed. Leases stay
+    /// as they are on disk; the next start takes them over.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Validates a grant request into a lease (nothing is stored): what policies judge.
+    pub fn prepare(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
+        validate_grant(input, &self.limits, SystemTime::now(), by)
+    }
+
+    /// Validates and grants in one step (no policy in between).
+    pub async fn grant_input(&self, input: GrantInput, by: Principal) -> Result<Lease, LeaseError> {
+        let lease = self.prepare(input, by)?;
+        self.grant(lease).await
+    }
+
+    /// Makes a prepared lease durable (audit record, then store), and only then activates it.
+    /// Must run inside a Tokio runtime.
+    pub async fn grant(&self, lease: Lease) -> Result<Lease, LeaseError> {
+        self.persist("granted", &lease, "").await?;
+        tracing::info!(
+            event = "lease_granted",
+            lease_id = %lease.id,
+            task_id = %lease.task_id,
+            delegator = %lease.delegator,
+            agent = %lease.agent,
+            spiffe_id = %lease.spiffe_id,
+            selectors = %lease.selectors.joined(),
+            expires_at = %crate::time::rfc3339(lease.expires_at),
+            granted_by_uid = lease.granted_by.uid,
+            granted_by_pid = lease.granted_by.pid,
+            reason = %lease.reason,
+            "lease granted"
+        );
+        self.activate(lease.clone());
+        Ok(lease)
+    }
+
+    pub async fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
+        if let Some(lease) = self.get_cached(id) {
+            return Ok(lease);
+        }
+        self.stored()
+            .await?
+            .into_iter()
+            .find(|l| &l.id == id)
+            .map(Arc::unwrap_or_clone)
+            .ok_or_else(|| LeaseError::NotFound(id.to_string()))
+    }
+
+    fn get_cached(&self, id: &LeaseId) -> Option<Lease> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        if let Some(slot) = inner.active.get(id) {
+            return Some(Lease::clone(&slot.lease));
+        }
+        if let Some((lease, _)) = inner.pending.get(id) {
+            return Some(lease.clone());
+        }
+        inner.ended.iter().find(|l| &l.id == id).cloned()
+    }
+
+    /// Active leases (and, with `all`, ended ones still retained), oldest first.
+    pub async fn list(&self, all: bool) -> Result<Vec<Lease>, LeaseError> {
+        let mut out: Vec<Lease> = {
+            let inner = self.inner.read().expect("lease lock poisoned");
+            inner
+                .active
+                .values()
+                .map(|s| Lease::clone(&s.lease))
+                .chain(inner.pending.values().map(|(l, _)| l.clone()))
+                .collect()
+        };
+        if all {
+            out.extend(
+                self.stored()
+                    .await?
+                    .into_iter()
+                    .filter(|l| !matches!(l.state, LeaseState::Active | LeaseState::Pending))
+                    .map(Arc::unwrap_or_clone),
+            );
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Moves `expires_at` to now + ttl, never earlier than it is and never past `max_expires_at`.
+    pub async fn renew(&self, id: &LeaseId, ttl: Duration) -> Result<Lease, LeaseError> {
+        if ttl < super::MIN_TTL {
+            return Err(LeaseError::InvalidField {
+                field: "ttl",
+                message: "must be at least 1s".into(),
+            });
+        }
+        let wanted = crate::time::floor_secs(SystemTime::now() + ttl);
+        let mut lease = match self.get_active(id) {
+            Some(l) => l,
+            None => return Err(self.not_active(id).await),
+        };
+        if wanted > lease.max_expires_at {
+            return Err(LeaseError::InvalidField {
+                field: "ttl",
+                message: format!(
+                    "would end at {}, past the lease's renewal ceiling max_expires_at {}",
+                    crate::time::rfc3339(wanted),
+                    crate::time::rfc3339(lease.max_expires_at)
+                ),
+            });
+        }
+        lease.expires_at = lease.expires_at.max(wanted);
+        self.persist("renewed", &lease, "").await?;
+        let renewed = {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            let Inner {
+                active, deadlines, ..
+            } = &mut *inner;
+            active.get_mut(id).map(|slot| {
+                if wanted > slot.lease.expires_at {
+                    deadlines.remove(&(slot.lease.expires_at, id.clone()));
+                    deadlines.insert((wanted, id.clone()));
+                    Arc::make_mut(&mut slot.lease).expires_at = wanted;
+                    if let Some(tx) = slot.expires_at.get() {
+                        tx.send_replace(wanted);
+                    }
+                }
+                Lease::clone(&slot.lease)
+            })
+        };
+        // It may have ended while the renewal was being written.
+        let Some(lease) = renewed else {
+            return Err(self.not_active(id).await);
+        };
+        tracing::info!(
+            event = "lease_renewed",
+            lease_id = %lease.id,
+            task_id = %lease.task_id,
+            expires_at = %crate::time::rfc3339(lease.expires_at),
+            "lease renewed"
+        );
+        self.changed(&index_key(&lease.selectors));
+        Ok(lease)
+    }
+
+    fn get_active(&self, id: &LeaseId) -> Option<Lease> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        inner.active.get(id).map(|s| Lease::clone(&s.lease))
+    }
+
+    pub(super) async fn not_active(&self, id: &LeaseId) -> LeaseError {
+        match self.get(id).await {
+            Ok(l) => LeaseError::NotActive {
+                id: id.to_string(),
+                state: l.state,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// When an ended lease ended (from memory; for teardown latency).
+    pub fn ended_at(&self, id: &LeaseId) -> Option<SystemTime> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        inner.ended.iter().rev().find(|l| &l.id == id)?.ended_at
+    }
+
+    /// Whether the lease is active now (for the cache's check before it installs an entry).
+    pub fn is_active(&self, id: &LeaseId) -> bool {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        inner
+            .active
+            .get(id)
+            .is_some_and(|s| s.lease.expires_at > SystemTime::now())
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.inner
+            .read()
+            .expect("lease lock poisoned")
+            .pending
+            .len()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.inner.read().expect("lease lock poisoned").active.len()
+    }
+}
+
+#[cfg(test)]
+mod test_support {
+    use super::*;
+    use crate::identity::{Selector, Selectors};
+    use crate::lease::{IdTemplate, DEFAULT_TEMPLATE};
+    use spiffe::TrustDomain;
+
+    pub(super) fn selectors(s: &[&str]) -> Selectors {
+        s.iter().map(|s| Selector::parse(s).unwrap()).collect()
+    }
+
+    /// A registry on a store in memory and a real audit log in a temporary directory (kept
+    /// while the registry is used).
+    pub(super) fn registry() -> (Arc<Leases>, tempfile::TempDir) {
+        registry_on(crate::store::MemoryStore::new())
+    }
+
+    pub(super) fn registry_on(store: Arc<dyn LeaseStore>) -> (Arc<Leases>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(dir.path(), Default::default()).unwrap();
+        let metrics =
+            crate::telemetry::Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let limits = LeaseLimits {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
+            max_ttl: Duration::from_secs(3600),
+            default_svid_ttl: Duration::from_secs(300),
+            max_svid_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            max_jwt_ttl: Duration::from_secs(3600),
+        };
+        let durable = Durable {
+            store,
+            audit,
+            metrics,
+        };
+        (Leases::new(limits, durable), dir)
+    }
+
+    pub(super) async fn grant(r: &Leases, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
+        r.grant_input(
+            GrantInput {
+                task_id: task.into(),
+                delegator: "alice".into(),
+                agent: "a".into(),
+                ttl: Some(ttl),
+                max_ttl: Some(ttl * 2),
+                selectors: selectors.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            Principal::agent(),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    #[tokio::test]
+    async fn renewal_is_capped_by_max_expires_at() {
+        let (r, _dir) = registry();
+        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
+        let renewed = r.renew(&l.id, Duration::from_secs(100)).await.unwrap();
+        assert!(renewed.expires_at > l.expires_at);
+        let err = r.renew(&l.id, Duration::from_secs(200)).await.unwrap_err();
+        assert!(matches!(err, LeaseError::InvalidField { field: "ttl", .. }));
+    }
+}
