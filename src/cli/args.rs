@@ -1,4 +1,5 @@
-//! The command line (contract in DESIGN.md): one enum of subcommands.
+//! The command line's arguments: one enum of subcommands. Names and shapes are a contract
+//! with scripts; flags may grow.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! store under the data dir (`redb`), the default, and one in memory for tests (`memory`).
 
 pub mod memory;
+mod record;
 pub mod redb;
 
 pub use self::memory::MemoryStore;

@@ -20,32 +20,18 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
-use spiffe::SpiffeId;
 
 use tokio::sync::broadcast;
 
-use crate::identity::Selector;
+use super::record::{LeaseRecord, Version, FORMAT_2, FORMAT_JSON, FORMAT_VERSION};
 use crate::lease::store::WATCH_CAPACITY;
-use crate::lease::{
-    Lease, LeaseId, LeaseState, LeaseStore, Principal, StoreChange, StoreError, StoreWatch,
-};
+use crate::lease::{Lease, LeaseId, LeaseState, LeaseStore, StoreChange, StoreError, StoreWatch};
 
 /// Lease ID → encoded `LeaseRecord`.
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
-
-/// The record format written by this version. Bump it (and keep reading the old one) whenever the
-/// meaning of a field or the encoding changes.
-const FORMAT_VERSION: u32 = 3;
-
-/// Format 1: the record as JSON.
-const FORMAT_JSON: u32 = 1;
-
-/// Format 2: postcard, as format 3 without its last field (`end_reason`).
-const FORMAT_2: u32 = 2;
 
 /// redb caches pages up to this size; its default (1 GiB) is far beyond what lease records need,
 /// and the agent should stay small on the node. Leases are read from the store only at start-up
@@ -74,9 +60,6 @@ fn key_ranges(n: usize) -> Vec<(Option<String>, Option<String>)> {
         })
         .collect()
 }
-
-/// JWT TTL of leases stored before leases had one.
-const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
 
 /// The lease database. Every write is one redb transaction committed with
 /// [`redb::Durability::Immediate`] (the default), so it is on disk when the call returns.
@@ -419,204 +402,18 @@ impl LeaseStore for RedbStore {
     }
 }
 
-#[derive(Deserialize)]
-struct Version {
-    v: u32,
-}
-
-/// The on-disk form of a [`Lease`], in format 1 (JSON) or 2 and 3 (postcard). Times are signed
-/// nanoseconds since the Unix epoch and durations nanoseconds, so every value round-trips
-/// exactly. Postcard writes the fields in this order, without names: in format 3 every field
-/// is present, and a change to this struct is a new format version.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LeaseRecord {
-    v: u32,
-    id: String,
-    task_id: String,
-    delegator: String,
-    agent: String,
-    spiffe_id: String,
-    selectors: Vec<String>,
-    created_at: i128,
-    expires_at: i128,
-    max_expires_at: i128,
-    svid_ttl_nanos: u128,
-    /// Added after v1 records were first written; absent means the default JWT TTL.
-    #[serde(default)]
-    jwt_ttl_nanos: Option<u128>,
-    audiences: Vec<String>,
-    reason: String,
-    granted_by: PrincipalRecord,
-    state: String,
-    ended_at: Option<i128>,
-    ended_by: Option<PrincipalRecord>,
-    /// Approval gates (added after v1 records were first written; absent means none).
-    #[serde(default)]
-    approval_deadline: Option<i128>,
-    #[serde(default)]
-    approved_at: Option<i128>,
-    #[serde(default)]
-    approved_by: Option<PrincipalRecord>,
-    /// Added in format 3; absent (and `None` in older records) means no reason was recorded.
-    #[serde(default)]
-    end_reason: Option<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PrincipalRecord {
-    uid: u32,
-    gid: u32,
-    pid: Option<i32>,
-    user: Option<String>,
-}
-
-impl From<&Lease> for LeaseRecord {
-    fn from(l: &Lease) -> Self {
-        LeaseRecord {
-            v: FORMAT_VERSION,
-            id: l.id.to_string(),
-            task_id: l.task_id.clone(),
-            delegator: l.delegator.clone(),
-            agent: l.agent.clone(),
-            spiffe_id: l.spiffe_id.to_string(),
-            selectors: l.selectors.to_strings(),
-            created_at: time_to_nanos(l.created_at),
-            expires_at: time_to_nanos(l.expires_at),
-            max_expires_at: time_to_nanos(l.max_expires_at),
-            svid_ttl_nanos: l.svid_ttl.as_nanos(),
-            jwt_ttl_nanos: Some(l.jwt_ttl.as_nanos()),
-            audiences: l.audiences.clone(),
-            reason: l.reason.clone(),
-            granted_by: PrincipalRecord::from(&l.granted_by),
-            state: l.state.as_str().to_owned(),
-            ended_at: l.ended_at.map(time_to_nanos),
-            ended_by: l.ended_by.as_ref().map(PrincipalRecord::from),
-            approval_deadline: l.approval_deadline.map(time_to_nanos),
-            approved_at: l.approved_at.map(time_to_nanos),
-            approved_by: l.approved_by.as_ref().map(PrincipalRecord::from),
-            end_reason: (!l.end_reason.is_empty()).then(|| l.end_reason.clone()),
-        }
-    }
-}
-
-impl LeaseRecord {
-    fn into_lease(self) -> Result<Lease, String> {
-        let time = |field: &str, n: i128| {
-            nanos_to_time(n).ok_or_else(|| format!("{field}: {n} is out of range"))
-        };
-        Ok(Lease {
-            id: LeaseId::parse(&self.id).map_err(|e| format!("id: {e}"))?,
-            spiffe_id: SpiffeId::new(&self.spiffe_id)
-                .map_err(|e| format!("spiffe_id {:?}: {e}", self.spiffe_id))?,
-            created_at: time("created_at", self.created_at)?,
-            expires_at: time("expires_at", self.expires_at)?,
-            max_expires_at: time("max_expires_at", self.max_expires_at)?,
-            svid_ttl: nanos_to_duration(self.svid_ttl_nanos).ok_or_else(|| {
-                format!("svid_ttl_nanos: {} is out of range", self.svid_ttl_nanos)
-            })?,
-            jwt_ttl: match self.jwt_ttl_nanos {
-                None => DEFAULT_JWT_TTL,
-                Some(n) => nanos_to_duration(n)
-                    .ok_or_else(|| format!("jwt_ttl_nanos: {n} is out of range"))?,
-            },
-            state: parse_state(&self.state)
-                .ok_or_else(|| format!("state: unknown state {:?}", self.state))?,
-            ended_at: self.ended_at.map(|n| time("ended_at", n)).transpose()?,
-            task_id: self.task_id,
-            delegator: self.delegator,
-            agent: self.agent,
-            selectors: self
-                .selectors
-                .iter()
-                .map(|s| Selector::parse(s).map_err(|e| format!("selectors: {e}")))
-                .collect::<Result<_, _>>()?,
-            audiences: self.audiences,
-            reason: self.reason,
-            granted_by: self.granted_by.into(),
-            ended_by: self.ended_by.map(Principal::from),
-            approval_deadline: self
-                .approval_deadline
-                .map(|n| time("approval_deadline", n))
-                .transpose()?,
-            approved_at: self
-                .approved_at
-                .map(|n| time("approved_at", n))
-                .transpose()?,
-            approved_by: self.approved_by.map(Principal::from),
-            end_reason: self.end_reason.unwrap_or_default(),
-        })
-    }
-}
-
-impl From<&Principal> for PrincipalRecord {
-    fn from(p: &Principal) -> Self {
-        PrincipalRecord {
-            uid: p.uid,
-            gid: p.gid,
-            pid: p.pid,
-            user: p.user.clone(),
-        }
-    }
-}
-
-impl From<PrincipalRecord> for Principal {
-    fn from(p: PrincipalRecord) -> Self {
-        Principal {
-            uid: p.uid,
-            gid: p.gid,
-            pid: p.pid,
-            user: p.user,
-        }
-    }
-}
-
-/// The inverse of [`LeaseState::as_str`].
-fn parse_state(s: &str) -> Option<LeaseState> {
-    [
-        LeaseState::Pending,
-        LeaseState::Active,
-        LeaseState::Revoked,
-        LeaseState::Expired,
-        LeaseState::Completed,
-        LeaseState::ProcessExited,
-    ]
-    .into_iter()
-    .find(|state| state.as_str() == s)
-}
-
-const NANOS_PER_SEC: i128 = 1_000_000_000;
-
-/// Signed, because a `SystemTime` may lie before the epoch (a clock set badly); i128 holds any
-/// `SystemTime` the platform can represent.
-fn time_to_nanos(t: SystemTime) -> i128 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
-    }
-}
-
-fn nanos_to_time(n: i128) -> Option<SystemTime> {
-    let d = nanos_to_duration(n.unsigned_abs())?;
-    if n >= 0 {
-        UNIX_EPOCH.checked_add(d)
-    } else {
-        UNIX_EPOCH.checked_sub(d)
-    }
-}
-
-fn nanos_to_duration(n: u128) -> Option<Duration> {
-    let per_sec = NANOS_PER_SEC as u128;
-    let secs = u64::try_from(n / per_sec).ok()?;
-    Some(Duration::new(secs, (n % per_sec) as u32))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use std::fs;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use spiffe::SpiffeId;
+
+    use super::super::record::DEFAULT_JWT_TTL;
+    use crate::identity::Selector;
+    use crate::lease::Principal;
 
     fn principal(uid: u32, user: Option<&str>) -> Principal {
         Principal {

@@ -301,8 +301,6 @@ impl Leases {
 mod test_support {
     use super::*;
     use crate::identity::{Selector, Selectors};
-    use crate::lease::{IdTemplate, DEFAULT_TEMPLATE};
-    use spiffe::TrustDomain;
 
     pub(super) fn selectors(s: &[&str]) -> Selectors {
         s.iter().map(|s| Selector::parse(s).unwrap()).collect()
@@ -319,15 +317,7 @@ mod test_support {
         let audit = AuditLog::open(dir.path(), Default::default()).unwrap();
         let metrics =
             crate::telemetry::Metrics::new(&mut prometheus_client::registry::Registry::default());
-        let limits = LeaseLimits {
-            trust_domain: TrustDomain::new("example.org").unwrap(),
-            template: IdTemplate::new(DEFAULT_TEMPLATE).unwrap(),
-            max_ttl: Duration::from_secs(3600),
-            default_svid_ttl: Duration::from_secs(300),
-            max_svid_ttl: Duration::from_secs(3600),
-            default_jwt_ttl: Duration::from_secs(300),
-            max_jwt_ttl: Duration::from_secs(3600),
-        };
+        let limits = crate::lease::test_limits();
         let durable = Durable {
             store,
             audit,
