@@ -16,6 +16,7 @@ pub mod identity;
 pub mod lease;
 pub mod policy;
 pub mod proto;
+pub mod selector;
 pub mod server;
 pub mod store;
 pub mod svid;

@@ -66,7 +66,7 @@ mod peer;
 mod process;
 mod unix;
 
-use crate::identity::Selectors;
+use crate::selector::Selectors;
 
 use std::io;
 

@@ -19,7 +19,7 @@ use super::process::{
     user_name,
 };
 use super::{AttestError, Attestation};
-use crate::identity::{Key, Selector, UnixKey};
+use crate::selector::{Key, Selector, UnixKey};
 
 /// Upper bound on cached digests; the cache is cleared when it fills up,
 /// which is simpler than LRU and only costs a re-hash.

@@ -1,9 +1,7 @@
-//! Who a caller is and what identity it holds: the one selector grammar (`selector`) and the
-//! identity source every server on the workload socket stands on (`source`).
+//! The identity source every server on the workload socket stands on: attest a caller, hand it
+//! the identities its leases give it, follow them, and refuse (audited) a caller that holds
+//! none. SDS and delegation use it as the Workload API does.
 
-pub mod selector;
 pub mod source;
-
-pub use selector::{K8sKey, Key, Selector, SelectorError, Selectors, UnixKey};
 
 pub use source::{BundleKind, BundleUpdates, IdentityError, IdentitySource, Parts, X509Updates};

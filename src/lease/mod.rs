@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use spiffe::{SpiffeId, TrustDomain};
 
-use crate::identity::{Selector, Selectors};
+use crate::selector::{Selector, Selectors};
 
 /// Longest task ID, agent name or delegator segment we accept.
 pub const MAX_NAME_LEN: usize = 128;

@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::attest::Attestation;
 use crate::audit::{event, AuditLog, Event};
-use crate::identity::{Key, Selectors, UnixKey};
 use crate::policy::{
     Action, ContextAttrs, Decision, PolicyEngine, PolicyRequest, PrincipalAttrs, ResourceAttrs,
 };
+use crate::selector::{Key, Selectors, UnixKey};
 
 use super::{GrantInput, Lease, LeaseError, LeaseId, LeaseState, Leases, Principal};
 

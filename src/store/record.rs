@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use spiffe::SpiffeId;
 
-use crate::identity::Selector;
 use crate::lease::{Lease, LeaseId, LeaseState, Principal};
+use crate::selector::Selector;
 
 /// The record format written by this version. Bump it (and keep reading the old one) whenever the
 /// meaning of a field or the encoding changes.

@@ -412,8 +412,8 @@ mod tests {
     use spiffe::SpiffeId;
 
     use super::super::record::DEFAULT_JWT_TTL;
-    use crate::identity::Selector;
     use crate::lease::Principal;
+    use crate::selector::Selector;
 
     fn principal(uid: u32, user: Option<&str>) -> Principal {
         Principal {

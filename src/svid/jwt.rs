@@ -10,8 +10,8 @@ use serde_json::{json, Map, Value};
 
 use super::{AuditUnavailable, Manager, Requester};
 use crate::audit::{event, Event};
-use crate::identity::Selectors;
 use crate::lease::{ActiveLease, LeaseId};
+use crate::selector::Selectors;
 
 /// Task claims carried by every JWT-SVID. Private claim names must resist collisions
 /// (RFC 7519, section 4.3), so they are URNs in mayfly's own namespace.

@@ -23,8 +23,8 @@ pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TAS
 use crate::audit::{event, AuditLog, Event};
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::{CaHandle, IssuedX509};
-use crate::identity::Selectors;
 use crate::lease::{ActiveLease, Changes, LeaseId, Leases};
+use crate::selector::Selectors;
 use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 
 /// One issued X.509-SVID as held by the cache and sent to streams.

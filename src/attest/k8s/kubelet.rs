@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::pods::{ContainerEntry, PodIndex, PodList};
 use super::{K8sError, KubeletConfig, PodRef};
-use crate::identity::{K8sKey, Key, Selector};
+use crate::selector::{K8sKey, Key, Selector};
 
 /// Minimum spacing between two pod list fetches that bypass the cache.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_millis(250);

@@ -62,7 +62,7 @@ use std::time::Duration;
 pub use cgroup::{parse_cgroup, PodRef};
 use kubelet::KubeletClient;
 
-use crate::identity::{K8sKey, Key, Selector};
+use crate::selector::{K8sKey, Key, Selector};
 
 /// Default for [`KubeletConfig::cache_ttl`].
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(5);

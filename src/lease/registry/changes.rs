@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::Notify;
 
-use crate::identity::{Selector, Selectors};
+use crate::selector::{Selector, Selectors};
 
 use super::Leases;
 

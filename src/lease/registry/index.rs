@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::{Selector, Selectors};
 use crate::lease::{Lease, LeaseId};
+use crate::selector::{Selector, Selectors};
 
 use super::{ActiveLease, Leases};
 

@@ -300,7 +300,7 @@ impl Leases {
 #[cfg(test)]
 mod test_support {
     use super::*;
-    use crate::identity::{Selector, Selectors};
+    use crate::selector::{Selector, Selectors};
 
     pub(super) fn selectors(s: &[&str]) -> Selectors {
         s.iter().map(|s| Selector::parse(s).unwrap()).collect()
