@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
-use crate::audit::{AuditLog, AuditOptions};
+use crate::audit::{Audit, AuditLog, AuditOptions};
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
 use crate::authority::x509::{CaHandle, SigningCa};
 use crate::config::Config;
@@ -114,6 +114,8 @@ impl Agent {
                 max_segment_bytes: config.audit_segment_bytes,
             },
         )?;
+        // Every part records through the sink; the agent keeps the log itself to close it.
+        let sink: Audit = Arc::new(audit.clone());
         let started = std::time::Instant::now();
         let store = Arc::new(RedbStore::open(&config.data_dir.join("leases.redb"))?);
         let opened = started.elapsed();
@@ -128,7 +130,7 @@ impl Agent {
             config.limits.clone(),
             Durable {
                 store,
-                audit: audit.clone(),
+                audit: sink.clone(),
                 metrics: metrics.clone(),
             },
         );
@@ -156,7 +158,7 @@ impl Agent {
             ca.clone(),
             jwt_keys.clone(),
             registry.clone(),
-            audit.clone(),
+            sink.clone(),
             metrics.clone(),
         );
         let policy = Arc::new(PolicyEngine::load(config.policy.clone())?);
@@ -187,7 +189,7 @@ impl Agent {
             registry: registry.clone(),
             ca: ca.clone(),
             jwt_keys: jwt_keys.clone(),
-            audit: audit.clone(),
+            audit: sink.clone(),
             attestor: attestor.clone(),
             k8s,
             metrics: metrics.clone(),
@@ -196,7 +198,7 @@ impl Agent {
         let workload_api = crate::server::workload_api::WorkloadApi::new(identities);
         let tasks_service = crate::lease::TaskService::new(
             registry.clone(),
-            audit.clone(),
+            sink.clone(),
             policy.clone(),
             crate::lease::Allowlist {
                 uids: config.allowed_uids.clone(),

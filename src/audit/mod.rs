@@ -57,6 +57,7 @@ pub mod event;
 mod reader;
 mod record;
 mod segment;
+pub mod sink;
 mod writer;
 
 use std::fs;
@@ -72,6 +73,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use event::Event;
 pub use reader::{read_all, verify, VerifyError, VerifySummary};
+pub use sink::{Audit, AuditSink, MemorySink};
 
 use segment::{
     last_record, list_segments, open_segment, read_head, read_tail, segment_name, sync_dir,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::attest::k8s::K8sAttestor;
 use crate::attest::{Attestation, Attestor, PeerInfo};
-use crate::audit::{event, AuditLog, Event};
+use crate::audit::{event, Audit, Event};
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::CaHandle;
 use crate::lease::{Changes, Leases};
@@ -65,7 +65,7 @@ pub struct Parts {
     pub registry: Arc<Leases>,
     pub ca: Arc<CaHandle>,
     pub jwt_keys: Arc<JwtKeys>,
-    pub audit: AuditLog,
+    pub audit: Audit,
     pub attestor: Arc<Attestor>,
     pub k8s: Arc<K8sAttestor>,
     pub metrics: Metrics,

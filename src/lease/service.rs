@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::attest::Attestation;
-use crate::audit::{event, AuditLog, Event};
+use crate::audit::{event, Audit, Event};
 use crate::policy::{
     Action, ContextAttrs, Decision, PolicyEngine, PolicyRequest, PrincipalAttrs, ResourceAttrs,
 };
@@ -95,7 +95,7 @@ impl Admitted {
 
 pub struct TaskService {
     registry: Arc<Leases>,
-    audit: AuditLog,
+    audit: Audit,
     policy: Arc<PolicyEngine>,
     allowlist: Allowlist,
     approval_timeout: Duration,
@@ -104,7 +104,7 @@ pub struct TaskService {
 impl TaskService {
     pub fn new(
         registry: Arc<Leases>,
-        audit: AuditLog,
+        audit: Audit,
         policy: Arc<PolicyEngine>,
         allowlist: Allowlist,
         approval_timeout: Duration,

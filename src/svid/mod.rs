@@ -20,7 +20,7 @@ mod jwt;
 
 pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
 
-use crate::audit::{event, AuditLog, Event};
+use crate::audit::{event, Audit, Event};
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::{CaHandle, IssuedX509};
 use crate::lease::{ActiveLease, Changes, LeaseId, Leases};
@@ -81,7 +81,7 @@ pub struct Manager {
     ca: Arc<CaHandle>,
     jwt_keys: Arc<JwtKeys>,
     registry: Arc<Leases>,
-    audit: AuditLog,
+    audit: Audit,
     metrics: Metrics,
     jwt_cache: jwt::JwtCache,
     entries: Mutex<HashMap<LeaseId, Arc<Entry>>>,
@@ -133,7 +133,7 @@ impl Manager {
         ca: Arc<CaHandle>,
         jwt_keys: Arc<JwtKeys>,
         registry: Arc<Leases>,
-        audit: AuditLog,
+        audit: Audit,
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Manager {

@@ -94,7 +94,7 @@ mod tests {
 
     #[tokio::test]
     async fn end_stops_matching_and_signals() {
-        let (r, _dir) = registry();
+        let r = registry();
         let caller = selectors(&["unix:uid:7", "unix:gid:7"]);
         let mine = r.changes(&caller);
         let other = r.changes(&selectors(&["unix:uid:8"]));

@@ -136,7 +136,7 @@ mod tests {
 
     #[tokio::test]
     async fn expiry_fires_without_anyone_asking() {
-        let (r, _dir) = registry();
+        let r = registry();
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(1)).await;
         let m = r.matching(&selectors(&["unix:uid:7"]));
         tokio::time::timeout(Duration::from_secs(5), m[0].ended.cancelled())
@@ -147,7 +147,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_task_expires_each_lease_at_its_own_deadline() {
-        let (r, _dir) = registry();
+        let r = registry();
         let second = Duration::from_secs(1);
         let renewed = grant(&r, "renewed", &["unix:uid:1"], 2 * second).await;
         let plain = grant(&r, "plain", &["unix:uid:2"], second).await;

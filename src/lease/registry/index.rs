@@ -139,7 +139,7 @@ mod tests {
 
     #[tokio::test]
     async fn matching_needs_every_selector() {
-        let (r, _dir) = registry();
+        let r = registry();
         let hour = Duration::from_secs(1800);
         let a = grant(&r, "a", &["unix:uid:1000"], hour).await;
         let b = grant(&r, "b", &["unix:uid:1000", "unix:path:/bin/x"], hour).await;
@@ -160,7 +160,7 @@ mod tests {
 
     #[tokio::test]
     async fn thousands_of_leases_match_through_the_index() {
-        let (r, _dir) = registry();
+        let r = registry();
         for i in 0..5000 {
             grant(
                 &r,

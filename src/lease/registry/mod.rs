@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::AuditLog;
+use crate::audit::Audit;
 
 use super::{
     validate_grant, GrantInput, Lease, LeaseError, LeaseId, LeaseLimits, LeaseState, LeaseStore,
@@ -55,7 +55,7 @@ pub struct ActiveLease {
 #[derive(Clone)]
 pub struct Durable {
     pub store: Arc<dyn LeaseStore>,
-    pub audit: AuditLog,
+    pub audit: Audit,
     pub metrics: crate::telemetry::Metrics,
 }
 
@@ -300,21 +300,20 @@ impl Leases {
 #[cfg(test)]
 mod test_support {
     use super::*;
+    use crate::audit::MemorySink;
     use crate::selector::{Selector, Selectors};
 
     pub(super) fn selectors(s: &[&str]) -> Selectors {
         s.iter().map(|s| Selector::parse(s).unwrap()).collect()
     }
 
-    /// A registry on a store in memory and a real audit log in a temporary directory (kept
-    /// while the registry is used).
-    pub(super) fn registry() -> (Arc<Leases>, tempfile::TempDir) {
-        registry_on(crate::store::MemoryStore::new())
+    /// A registry on a store and an audit sink in memory (the real ones are tested on their
+    /// own, and together end to end).
+    pub(super) fn registry() -> Arc<Leases> {
+        registry_on(crate::store::MemoryStore::new(), MemorySink::new())
     }
 
-    pub(super) fn registry_on(store: Arc<dyn LeaseStore>) -> (Arc<Leases>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = AuditLog::open(dir.path(), Default::default()).unwrap();
+    pub(super) fn registry_on(store: Arc<dyn LeaseStore>, audit: Arc<MemorySink>) -> Arc<Leases> {
         let metrics =
             crate::telemetry::Metrics::new(&mut prometheus_client::registry::Registry::default());
         let limits = crate::lease::test_limits();
@@ -323,7 +322,7 @@ mod test_support {
             audit,
             metrics,
         };
-        (Leases::new(limits, durable), dir)
+        Leases::new(limits, durable)
     }
 
     pub(super) async fn grant(r: &Leases, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
@@ -351,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn renewal_is_capped_by_max_expires_at() {
-        let (r, _dir) = registry();
+        let r = registry();
         let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
         let renewed = r.renew(&l.id, Duration::from_secs(100)).await.unwrap();
         assert!(renewed.expires_at > l.expires_at);

@@ -200,13 +200,14 @@ fn audit_change<'a>(what: &'a str, l: &'a Lease, reason: &'a str) -> event::Leas
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
-    use crate::lease::{GrantInput, LeaseError, LeaseStore, Principal};
+    use crate::audit::MemorySink;
+    use crate::lease::{GrantInput, LeaseError, LeaseState, LeaseStore, Principal};
     use std::time::Duration;
 
     #[tokio::test]
     async fn a_store_that_refuses_writes_refuses_the_grant_and_the_renewal() {
         let store = crate::store::MemoryStore::new();
-        let (r, _dir) = registry_on(store.clone());
+        let r = registry_on(store.clone(), MemorySink::new());
         let mut changes = store.watch();
         let kept = grant(&r, "kept", &["unix:uid:7"], Duration::from_secs(60)).await;
         match changes.try_recv() {
@@ -241,5 +242,43 @@ mod tests {
         assert_eq!(r.get(&kept.id).await.unwrap().expires_at, kept.expires_at);
         store.fail_writes(None);
         r.renew(&kept.id, Duration::from_secs(90)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_audit_log_that_refuses_records_refuses_the_change_and_stores_nothing() {
+        let store = crate::store::MemoryStore::new();
+        let audit = MemorySink::new();
+        let r = registry_on(store.clone(), audit.clone());
+        let kept = grant(&r, "kept", &["unix:uid:7"], Duration::from_secs(60)).await;
+        assert_eq!(audit.events(), ["lease_granted"]);
+        audit.fail(Some("disk full"));
+        let input = GrantInput {
+            task_id: "refused".into(),
+            delegator: "alice".into(),
+            agent: "a".into(),
+            ttl: Some(Duration::from_secs(60)),
+            selectors: vec!["unix:uid:8".into()],
+            ..Default::default()
+        };
+        let refused = r.grant_input(input, Principal::agent()).await.unwrap_err();
+        assert!(
+            matches!(&refused, LeaseError::Unavailable(m) if m.contains("audit log unavailable")),
+            "{refused:?}"
+        );
+        assert!(r.matching(&selectors(&["unix:uid:8"])).is_empty());
+        assert_eq!(
+            store.load().unwrap().len(),
+            1,
+            "the refused grant was not stored"
+        );
+        // An end takes effect even so (identity must go away), and is logged as unrecorded.
+        let ended = r
+            .end(&kept.id, LeaseState::Revoked, Principal::agent(), "test")
+            .await
+            .unwrap();
+        assert_eq!(ended.state, LeaseState::Revoked);
+        assert!(r.matching(&selectors(&["unix:uid:7"])).is_empty());
+        audit.fail(None);
+        assert_eq!(audit.events(), ["lease_granted"]);
     }
 }
