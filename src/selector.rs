@@ -129,7 +129,8 @@ impl Selector {
         Selector::fact(Key::Unix(UnixKey::Pid), format_args!("{pid}:{start}"))
     }
 
-    /// A selector from a caller, checked against the grammar. A bare `unix:pid:PID` parses
+    /// A selector from a caller, checked against the grammar and put in canonical form (so
+    /// `unix:uid:0000` is `unix:uid:0`, and matches uid 0). A bare `unix:pid:PID` parses
     /// (see [`Selector::unbound_pid`]) but must be bound before a lease holds it.
     pub fn parse(raw: &str) -> Result<Selector, SelectorError> {
         let bad = |m: &str| SelectorError {
@@ -157,8 +158,8 @@ impl Selector {
                 _ => format!("unknown selector type {kind:?} (supported: unix, k8s)"),
             }));
         };
-        check_value(k, value).map_err(bad)?;
-        Ok(Selector(raw.to_owned()))
+        let value = canonical_value(k, value).map_err(bad)?;
+        Ok(Selector(format!("{kind}:{key}:{value}")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -194,11 +195,16 @@ impl Selector {
     }
 }
 
-fn check_value(key: Key, value: &str) -> Result<(), &'static str> {
-    let numeric = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
+/// The value in canonical form (numbers without leading zeros), or why it is refused. No value
+/// may carry a control character: selectors are printed, and logged, as they are.
+fn canonical_value(key: Key, value: &str) -> Result<String, &'static str> {
+    if value.chars().any(char::is_control) {
+        return Err("value must not contain control characters");
+    }
+    let digits = |v: &str| !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit());
     match key {
         Key::K8s(k) => {
-            if value.is_empty() || value.chars().any(char::is_control) {
+            if value.is_empty() {
                 return Err("value must not be empty");
             }
             if k == K8sKey::PodLabel && !value.contains(':') {
@@ -206,9 +212,10 @@ fn check_value(key: Key, value: &str) -> Result<(), &'static str> {
             }
         }
         Key::Unix(UnixKey::Uid | UnixKey::Gid | UnixKey::SupplementaryGid) => {
-            if !numeric(value) || value.parse::<u32>().is_err() {
-                return Err("value must be a numeric id");
-            }
+            return match value.parse::<u32>() {
+                Ok(id) if digits(value) => Ok(id.to_string()),
+                _ => Err("value must be a numeric id"),
+            };
         }
         Key::Unix(UnixKey::User | UnixKey::Group | UnixKey::SupplementaryGroup) => {
             if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == ':') {
@@ -216,7 +223,7 @@ fn check_value(key: Key, value: &str) -> Result<(), &'static str> {
             }
         }
         Key::Unix(UnixKey::Path) => {
-            if !value.starts_with('/') || value.contains('\0') {
+            if !value.starts_with('/') {
                 return Err("value must be an absolute path");
             }
         }
@@ -234,18 +241,20 @@ fn check_value(key: Key, value: &str) -> Result<(), &'static str> {
                 Some((p, s)) => (p, Some(s)),
                 None => (value, None),
             };
-            match pid.parse::<i32>() {
-                Ok(p) if numeric(pid) && p > 0 => {}
+            let pid = match pid.parse::<i32>() {
+                Ok(p) if digits(pid) && p > 0 => p,
                 _ => return Err("value must be PID or PID:START_TIME"),
-            }
-            if let Some(s) = start {
-                if !(numeric(s) || (s.len() <= 20 && s.parse::<u64>().is_ok())) {
-                    return Err("start time must be a number");
-                }
-            }
+            };
+            return match start {
+                None => Ok(pid.to_string()),
+                Some(s) => match s.parse::<u64>() {
+                    Ok(start) if digits(s) => Ok(format!("{pid}:{start}")),
+                    _ => Err("start time must be a number"),
+                },
+            };
         }
     }
-    Ok(())
+    Ok(value.to_owned())
 }
 
 impl fmt::Display for Selector {
@@ -425,6 +434,49 @@ mod tests {
         }
         let long = format!("unix:path:/{}", "a".repeat(MAX_SELECTOR_LEN));
         assert!(Selector::parse(&long).is_err());
+    }
+
+    /// Issue 14, hole 12: control characters let a selector forge extra lines or selectors
+    /// in `task get` (or drive the terminal), and non-canonical numbers never matched.
+    #[test]
+    fn control_characters_are_refused_and_numbers_are_canonical() {
+        for forged in [
+            "unix:path:/bin/sh\nunix:uid:0",
+            "unix:path:/bin/\u{1b}[2Jx",
+            "unix:user:alice\u{7}",
+            "k8s:ns:shop\r",
+            "k8s:pod-label:app:web\u{0}",
+            "unix:path:/a\tb",
+        ] {
+            let e = Selector::parse(forged).unwrap_err();
+            assert!(
+                e.to_string().contains("control characters"),
+                "{forged:?}: {e}"
+            );
+        }
+        // A space in a path is a legitimate path.
+        assert!(Selector::parse("unix:path:/opt/My App/run").is_ok());
+        for (raw, canonical) in [
+            ("unix:uid:0000", "unix:uid:0"),
+            ("unix:gid:007", "unix:gid:7"),
+            ("unix:supplementary_gid:0100", "unix:supplementary_gid:100"),
+            ("unix:pid:0042", "unix:pid:42"),
+            ("unix:pid:07:000123", "unix:pid:7:123"),
+        ] {
+            assert_eq!(Selector::parse(raw).unwrap().as_str(), canonical, "{raw}");
+        }
+        let caller: Selectors = [Selector::fact(Key::Unix(UnixKey::Uid), 0)]
+            .into_iter()
+            .collect();
+        let lease: Selectors = [Selector::parse("unix:uid:0000").unwrap()]
+            .into_iter()
+            .collect();
+        assert!(
+            lease.all_in(&caller),
+            "a canonicalised selector matches the fact"
+        );
+        assert!(Selector::parse("unix:uid:4294967296").is_err());
+        assert!(Selector::parse("unix:uid:-1").is_err());
     }
 
     #[test]

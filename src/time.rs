@@ -2,12 +2,25 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// RFC 3339 in UTC with second precision, e.g. `2026-11-23T01:50:38Z`.
+/// RFC 3339 in UTC with second precision, e.g. `2026-11-23T01:50:38Z`. A time RFC 3339 cannot
+/// write (past the year 9999, or before year 0) is written as seconds since the epoch: never a
+/// panic, whatever a caller asked for.
 pub fn rfc3339(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    let dt = dt.replace_nanosecond(0).unwrap_or(dt);
-    dt.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| format!("{:?}", t))
+    let secs: i128 = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs().into(),
+        Err(e) => {
+            let d = e.duration();
+            -i128::from(d.as_secs()) - i128::from(d.subsec_nanos() > 0)
+        }
+    };
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|dt| {
+            dt.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs}s since the Unix epoch"))
 }
 
 pub fn to_timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -48,4 +61,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn floor_secs(t: SystemTime) -> SystemTime {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_writes_seconds_and_never_panics() {
+        let t = UNIX_EPOCH + Duration::new(1_763_862_638, 999_999_999);
+        assert_eq!(rfc3339(t), "2025-11-23T01:50:38Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_millis(1500)),
+            "1969-12-31T23:59:58Z"
+        );
+        // Issue 14, hole 11: a renewal by a huge TTL formatted a time past year 9999.
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far), "400000000000s since the Unix epoch");
+    }
 }

@@ -52,6 +52,20 @@ pub fn lease_json(l: &pb::Lease) -> Value {
     })
 }
 
+/// Text as a terminal may show it: control characters escaped (`\n`, `\u{1b}`), so that a
+/// value can neither fake more output lines nor drive the terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn print_lease_text(l: &pb::Lease) {
     let v = lease_json(l);
     for key in [
@@ -72,12 +86,13 @@ fn print_lease_text(l: &pb::Lease) {
             other => println!("{key:<15} {other}"),
         }
     }
-    println!("{:<15} {}", "selectors", l.selectors.join(" "));
+    let selectors: Vec<String> = l.selectors.iter().map(|s| printable(s)).collect();
+    println!("{:<15} {}", "selectors", selectors.join(" "));
     if !l.audiences.is_empty() {
         println!("{:<15} {}", "audiences", l.audiences.join(" "));
     }
     if !l.reason.is_empty() {
-        println!("{:<15} {}", "reason", l.reason);
+        println!("{:<15} {}", "reason", printable(&l.reason));
     }
     for (key, p) in [
         ("granted_by", &l.granted_by),
@@ -103,7 +118,7 @@ fn print_lease_text(l: &pb::Lease) {
         );
     }
     if !l.end_reason.is_empty() {
-        println!("{:<15} {}", "end_reason", l.end_reason);
+        println!("{:<15} {}", "end_reason", printable(&l.end_reason));
     }
 }
 
@@ -280,4 +295,19 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_printed_escaped() {
+        assert_eq!(
+            printable("unix:path:/bin/sh\nunix:uid:0"),
+            "unix:path:/bin/sh\\nunix:uid:0"
+        );
+        assert_eq!(printable("x\u{1b}[2J"), "x\\u{1b}[2J");
+        assert_eq!(printable("/opt/My App/ünï"), "/opt/My App/ünï");
+    }
 }

@@ -215,6 +215,14 @@ impl TaskService {
             }
             .into());
         }
+        // As a grant's reason: it is printed and logged as it is.
+        if reason.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(LeaseError::InvalidField {
+                field: "reason",
+                message: "must not contain control characters".into(),
+            }
+            .into());
+        }
         let lease = self.registry.get(id).await?;
         let remaining = lease
             .expires_at

@@ -474,3 +474,31 @@ async fn the_shown_deadline_is_the_kept_deadline() {
     let ended_at = mayfly::time::from_timestamp(got.ended_at.as_ref().unwrap()).unwrap();
     assert!(ended_at >= expires_at(&lease));
 }
+
+/// Issue 14, hole 12: a selector with a newline printed as two selectors in `task get`, and a
+/// zero-padded uid was accepted but never matched anyone.
+#[tokio::test]
+async fn selectors_with_control_characters_are_refused_and_padded_numbers_match() {
+    let t = start().await;
+    let me = rustix::process::geteuid().as_raw();
+    for forged in [
+        format!("unix:path:/bin/sh\nunix:uid:{me}"),
+        "unix:user:alice\u{1b}[2J".to_string(),
+    ] {
+        let mut req = grant_request("forged", "user/alice", HOUR);
+        req.selectors = vec![forged.clone()];
+        let err = t.admin().await.grant(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{forged:?}");
+        assert!(
+            err.message().contains("control characters"),
+            "{}",
+            err.message()
+        );
+    }
+    let padded = t
+        .grant("padded", &[format!("unix:uid:000{me}")], HOUR, None)
+        .await;
+    assert_eq!(padded.selectors, vec![format!("unix:uid:{me}")]);
+    let svid = t.workload().await.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), padded.spiffe_id);
+}

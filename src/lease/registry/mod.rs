@@ -205,7 +205,13 @@ impl Leases {
                 message: "must be at least 1s".into(),
             });
         }
-        let wanted = crate::time::floor_secs(SystemTime::now() + ttl);
+        let Some(wanted) = SystemTime::now().checked_add(ttl) else {
+            return Err(LeaseError::InvalidField {
+                field: "ttl",
+                message: "is beyond any time this agent can represent".into(),
+            });
+        };
+        let wanted = crate::time::floor_secs(wanted);
         let mut lease = match self.get_active(id) {
             Some(l) => l,
             None => return Err(self.not_active(id).await),
@@ -356,5 +362,23 @@ mod tests {
         assert!(renewed.expires_at > l.expires_at);
         let err = r.renew(&l.id, Duration::from_secs(200)).await.unwrap_err();
         assert!(matches!(err, LeaseError::InvalidField { field: "ttl", .. }));
+    }
+    /// Issue 14, hole 11: `now + ttl` overflowed and panicked a worker.
+    #[tokio::test]
+    async fn a_renewal_by_a_huge_ttl_is_refused_not_a_panic() {
+        let r = registry();
+        let l = grant(&r, "a", &["unix:uid:7"], Duration::from_secs(60)).await;
+        for ttl in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            Duration::from_secs(1 << 40),
+        ] {
+            let err = r.renew(&l.id, ttl).await.unwrap_err();
+            assert!(
+                matches!(err, LeaseError::InvalidField { field: "ttl", .. }),
+                "{ttl:?}: {err:?}"
+            );
+        }
+        assert_eq!(r.get(&l.id).await.unwrap().expires_at, l.expires_at);
     }
 }
