@@ -262,7 +262,15 @@ impl TaskService {
             .await?)
     }
 
+    /// Ends a lease whose task is done: decided by the policies like a revocation.
     pub async fn complete(&self, caller: &Admitted, id: &LeaseId) -> Result<Lease, TaskError> {
+        let lease = self.registry.get(id).await?;
+        let remaining = lease
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        self.judge(Action::Complete, caller, &lease, remaining)
+            .await?;
         Ok(self
             .registry
             .end(

@@ -347,4 +347,28 @@ mod tests {
         req.principal.uid = 0;
         assert!(engine.evaluate(&req).is_allow());
     }
+
+    /// Issue 14, hole 6: `complete` ended anyone's lease, whatever the policies said.
+    #[test]
+    fn strict_complete_is_decided_like_revoke() {
+        let engine = strict();
+        let mut req = grant(1001, &[], 600);
+        req.action = Action::Complete;
+        req.context.grantor_uid = 1000;
+        assert!(
+            !engine.evaluate(&req).is_allow(),
+            "not the grantor, not an admin"
+        );
+        req.context.grantor_uid = 1001;
+        assert!(
+            engine.evaluate(&req).is_allow(),
+            "the grantor completes its own task"
+        );
+        let default = PolicyEngine::load(PolicySource::default()).unwrap();
+        req.context.grantor_uid = 1000;
+        assert!(
+            default.evaluate(&req).is_allow(),
+            "the default keeps today's behaviour"
+        );
+    }
 }

@@ -15,7 +15,7 @@
 //!
 //! * principal `Mayfly::User::"<uid>"` with `uid: Long`, `name: String`,
 //!   `groups: Set<String>`, `gids: Set<Long>`;
-//! * actions `Mayfly::Action::"grant"`, `"renew"`, `"revoke"`, `"approve"`;
+//! * actions `Mayfly::Action::"grant"`, `"renew"`, `"revoke"`, `"approve"`, `"complete"`;
 //! * resource `Mayfly::Identity::"<spiffe_id>"` (or `"<agent>"` when the
 //!   SPIFFE ID is empty) with `agent: String`, `spiffe_id: String`;
 //! * context (the same record for every action): `task_id`, `delegator`,

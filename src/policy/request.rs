@@ -21,16 +21,19 @@ pub enum Action {
     Revoke,
     /// Approve a grant held back by an approval gate.
     Approve,
+    /// Mark a task done, ending its lease.
+    Complete,
 }
 
 impl Action {
-    /// The Cedar action id (`grant`, `renew`, `revoke`, `approve`).
+    /// The Cedar action id (`grant`, `renew`, `revoke`, `approve`, `complete`).
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Grant => "grant",
             Action::Renew => "renew",
             Action::Revoke => "revoke",
             Action::Approve => "approve",
+            Action::Complete => "complete",
         }
     }
 }

@@ -9,7 +9,7 @@ use mayfly::proto::admin as pb;
 
 const STRICT: &str = r#"
 @id("may-manage")
-permit (principal, action in [Mayfly::Action::"grant", Mayfly::Action::"renew", Mayfly::Action::"revoke"], resource);
+permit (principal, action in [Mayfly::Action::"grant", Mayfly::Action::"renew", Mayfly::Action::"revoke", Mayfly::Action::"complete"], resource);
 
 @id("ttl-at-most-1h")
 forbid (principal, action == Mayfly::Action::"grant", resource) when { context.ttl_secs > 3600 };
@@ -456,4 +456,65 @@ fn policy_check_answers_as_the_agent_would() {
     ]
     .concat();
     assert_eq!(check(&readme), (Some(2), "approval_required".into()));
+}
+
+/// Issue 14, hole 6: an allowlisted caller that the policies refuse `revoke` could end the
+/// same lease with `complete`, which no policy decided.
+#[tokio::test]
+async fn complete_is_decided_by_the_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("grantor-only.cedar"),
+        r#"
+@id("root-grants")
+permit (principal, action == Mayfly::Action::"grant", resource) when { principal.uid == 0 };
+
+@id("grantor-ends")
+permit (principal, action in [Mayfly::Action::"revoke", Mayfly::Action::"complete"], resource)
+when { principal.uid == context.grantor_uid };
+"#,
+    )
+    .unwrap();
+    let policy_dir = dir.path().to_owned();
+    let t = start_with(move |f| {
+        f.policy.files = Some(vec![policy_dir]);
+        f.admin.allowed_uids = Some(vec![0, 65534]);
+    })
+    .await;
+    std::fs::set_permissions(&t.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let lease = t.grant_me("mine", HOUR, None).await;
+    let admin_socket = t.admin_socket.display().to_string();
+    for verb in ["revoke", "complete"] {
+        let args = [
+            "task",
+            verb,
+            &lease.lease_id,
+            "--admin-socket",
+            &admin_socket,
+        ];
+        let Some(out) = run_as(65534, &args).await else {
+            return;
+        };
+        assert!(!out.status.success(), "uid 65534 may not {verb}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("PermissionDenied"), "{verb}: {stderr}");
+        assert_eq!(t.lease(&lease.lease_id).await.state, "active", "{verb}");
+    }
+    let denied = audit_events(&t.data_dir(), "policy_denied");
+    let actions: Vec<&str> = denied
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["revoke", "complete"]);
+    // The grantor (this process, uid 0) completes its own task.
+    let done = t
+        .admin()
+        .await
+        .complete(pb::CompleteRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state, "completed");
 }
