@@ -1,6 +1,8 @@
 //! Builds the agent: load the CA, bind both sockets first (so a taken socket fails start-up
 //! loudly and tests can use temp paths), then spawn the servers. Shutdown is one token.
 
+mod data_dir;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +29,8 @@ const GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    DataDir(#[from] data_dir::DataDirError),
     #[error("signing CA: {0}")]
     Ca(#[from] crate::authority::x509::CaError),
     #[error("lease store: {0}")]
@@ -92,7 +91,7 @@ impl Agent {
         let ready_audit = readiness.register("audit log");
         let ready_sockets = readiness.register("sockets");
 
-        create_private_dir(&config.data_dir)?;
+        data_dir::prepare(&config.data_dir)?;
         let ca = CaHandle::new(SigningCa::load_or_create(
             &config.data_dir,
             &config.limits.trust_domain,
@@ -358,21 +357,6 @@ fn server() -> tonic::transport::Server {
 /// Milliseconds to a tenth, for logs people read.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
-}
-
-fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if path.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| StartError::DataDir {
-            path: path.to_owned(),
-            source,
-        })
 }
 
 /// Hundreds of idle clients each hold a descriptor: lift the soft limit to the hard one.

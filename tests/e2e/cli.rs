@@ -371,6 +371,30 @@ fn a_taken_health_port_names_the_flag_to_use() {
     );
 }
 
+/// Issue 14, hole 8: a data dir anyone could write was used as it was; another user swapped
+/// in their own CA and audit log.
+#[test]
+fn a_data_dir_others_can_write_stops_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = AgentPaths::in_dir(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = paths
+        .agent()
+        .args(["--health-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&data.display().to_string()) && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert!(!data.join("ca").exists(), "nothing was written into it");
+}
+
 #[test]
 fn sigterm_stops_the_agent_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,19 @@ use serde_json::{Map, Value};
 
 use super::{ceil_secs, unix_secs, JwtError, JwtKeys, ALG, CLOCK_SKEW};
 
+/// An ECDSA P-256 signature (r || s) with `s` in the lower half of the group order. Both
+/// `s` and `n - s` verify; validators that accept only low-S (ours does) need this form.
+fn low_s(signature: &[u8]) -> Result<Vec<u8>, JwtError> {
+    let sig = p256::ecdsa::Signature::from_slice(signature)
+        .map_err(|_| JwtError::Crypto("ECDSA signing gave a malformed signature".into()))?;
+    Ok(sig.normalize_s().unwrap_or(sig).to_bytes().to_vec())
+}
+
+/// Whether an (r || s) signature is in low-S form, the only form a JWT-SVID of ours has.
+pub(super) fn is_low_s(signature: &[u8]) -> bool {
+    p256::ecdsa::Signature::from_slice(signature).is_ok_and(|s| s.normalize_s().is_none())
+}
+
 impl JwtKeys {
     /// Signs `claims` as a JWS compact token with header
     /// `{"alg":"ES256","kid":<active kid>,"typ":"JWT"}`.
@@ -35,7 +48,7 @@ impl JwtKeys {
             .sign(&self.rng, token.as_bytes())
             .map_err(|_| JwtError::Crypto("ECDSA signing failed".into()))?;
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(low_s(signature.as_ref())?, &mut token);
         Ok(token)
     }
 

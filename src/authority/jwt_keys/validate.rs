@@ -72,7 +72,9 @@ impl JwtKeys {
         let signature = URL_SAFE_NO_PAD
             .decode(signature_b64)
             .map_err(|_| JwtError::BadToken("signature is not base64url".into()))?;
-        if signature.len() != SIGNATURE_LEN {
+        // A high-S signature verifies too (s and n - s are both valid), so a token could be
+        // re-encoded into a second valid form; only the low-S form is accepted.
+        if signature.len() != SIGNATURE_LEN || !super::sign::is_low_s(&signature) {
             return Err(JwtError::BadSignature);
         }
         {
@@ -199,6 +201,31 @@ mod tests {
 
     fn b64json(v: &Value) -> String {
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    }
+
+    /// Issue 14, hole 13: a token whose signature was malleated to (r, n - s) still verified.
+    #[test]
+    fn a_malleated_high_s_signature_is_refused() {
+        let (_tmp, keys) = setup();
+        let now = SystemTime::now();
+        for i in 0..16 {
+            let token = keys
+                .sign(&claims_at(now, 300, &format!("spiffe://example.org/w{i}")))
+                .unwrap();
+            let (signed, sig) = token.rsplit_once('.').unwrap();
+            let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+            assert!(super::super::sign::is_low_s(&sig), "we sign low-S only");
+            keys.validate(&token, AUD, now).unwrap();
+            // (r, n - s): the same signature, malleated.
+            let parsed = p256::ecdsa::Signature::from_slice(&sig).unwrap();
+            let (r, s) = parsed.split_scalars();
+            let flipped = p256::ecdsa::Signature::from_scalars(r, -*s).unwrap();
+            let forged = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(flipped.to_bytes()));
+            assert_eq!(
+                keys.validate(&forged, AUD, now),
+                Err(JwtError::BadSignature)
+            );
+        }
     }
 
     #[test]
