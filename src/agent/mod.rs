@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
-use crate::audit::{Audit, AuditLog, AuditOptions};
+use crate::audit::{Audit, AuditLog, AuditOptions, ReportingSink};
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
 use crate::authority::x509::{CaHandle, SigningCa};
 use crate::config::Config;
@@ -113,8 +113,9 @@ impl Agent {
                 max_segment_bytes: config.audit_segment_bytes,
             },
         )?;
-        // Every part records through the sink; the agent keeps the log itself to close it.
-        let sink: Audit = Arc::new(audit.clone());
+        // Every part records through the sink, which tells readiness while records fail; the
+        // agent keeps the log itself to close it.
+        let sink: Audit = ReportingSink::new(Arc::new(audit.clone()), readiness.clone());
         let started = std::time::Instant::now();
         let store = Arc::new(RedbStore::open(&config.data_dir.join("leases.redb"))?);
         let opened = started.elapsed();

@@ -73,7 +73,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use event::Event;
 pub use reader::{read_all, verify, VerifyError, VerifySummary};
-pub use sink::{Audit, AuditSink, MemorySink};
+pub use sink::{Audit, AuditSink, MemorySink, ReportingSink};
 
 use segment::{
     last_record, list_segments, open_segment, read_head, read_tail, segment_name, sync_dir,

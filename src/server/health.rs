@@ -117,13 +117,19 @@ async fn add_uid(mut r: axum::response::Response) -> axum::response::Response {
 
 async fn ready(State(s): State<Arc<HealthState>>) -> (StatusCode, String) {
     let pending = s.readiness.pending();
-    if pending.is_empty() {
-        (StatusCode::OK, "ready\n".into())
-    } else {
+    let failing = s.readiness.failing();
+    if !pending.is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: pending {}\n", pending.join(", ")),
         )
+    } else if !failing.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: failing {}\n", failing.join("; ")),
+        )
+    } else {
+        (StatusCode::OK, "ready\n".into())
     }
 }
 
