@@ -45,6 +45,9 @@ pub enum IdentityError {
     /// Signing failed.
     #[error("{0}")]
     Signing(String),
+    /// The request itself is malformed (a field out of bounds).
+    #[error("{0}")]
+    BadRequest(String),
     /// A token presented for validation is not a valid JWT-SVID.
     #[error("invalid JWT-SVID: {0}")]
     InvalidToken(String),
@@ -199,6 +202,10 @@ impl IdentitySource {
         audiences: &[String],
         spiffe_id: Option<&str>,
     ) -> Result<Vec<Arc<JwtSvid>>, IdentityError> {
+        // The same bounds as on the audiences a lease may be granted: one caller must not
+        // make the agent mint, cache and audit tokens for megabytes of audiences.
+        crate::lease::check_audiences("audience", audiences)
+            .map_err(|e| IdentityError::BadRequest(e.to_string()))?;
         let who = requester(att);
         match self
             .parts

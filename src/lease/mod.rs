@@ -400,6 +400,26 @@ pub fn check_selector(raw: &str) -> Result<Selector, LeaseError> {
     }
 }
 
+/// Checks a list of JWT audiences, granted or asked for: at most [`MAX_AUDIENCES`], each 1 to
+/// [`MAX_AUDIENCE_LEN`] bytes without control characters.
+pub fn check_audiences(field: &'static str, audiences: &[String]) -> Result<(), LeaseError> {
+    if audiences.len() > MAX_AUDIENCES {
+        return Err(LeaseError::invalid(
+            field,
+            format!("at most {MAX_AUDIENCES} allowed"),
+        ));
+    }
+    for a in audiences {
+        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
+            return Err(LeaseError::invalid(
+                field,
+                format!("{a:?}: must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a grant request against the limits and builds the lease. Nothing is stored here.
 pub fn validate_grant(
     input: GrantInput,
@@ -440,20 +460,7 @@ pub fn validate_grant(
         .map(|s| check_selector(s))
         .collect::<Result<Selectors, _>>()?;
 
-    if input.audiences.len() > MAX_AUDIENCES {
-        return Err(LeaseError::invalid(
-            "audiences",
-            format!("at most {MAX_AUDIENCES} allowed"),
-        ));
-    }
-    for a in &input.audiences {
-        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
-            return Err(LeaseError::invalid(
-                "audiences",
-                format!("{a:?}: must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"),
-            ));
-        }
-    }
+    check_audiences("audiences", &input.audiences)?;
     let mut audiences = input.audiences;
     audiences.sort();
     audiences.dedup();

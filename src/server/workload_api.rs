@@ -40,7 +40,9 @@ fn status(e: IdentityError) -> Status {
         IdentityError::NoIdentity | IdentityError::Ended | IdentityError::NotAllowed(_) => {
             Status::permission_denied(e.to_string())
         }
-        IdentityError::InvalidToken(_) => Status::invalid_argument(e.to_string()),
+        IdentityError::InvalidToken(_) | IdentityError::BadRequest(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         IdentityError::NotAttested(_)
         | IdentityError::Audit(_)
         | IdentityError::Signing(_)

@@ -43,9 +43,12 @@ pub enum JwtFetchError {
     Signing(String),
 }
 
-/// Cache key: one lease and a sorted, deduplicated audience set.
-pub(super) type JwtCacheKey = (LeaseId, Vec<String>);
-pub(super) type JwtCache = std::sync::Mutex<HashMap<JwtCacheKey, Arc<JwtSvid>>>;
+/// Tokens kept per lease at most; past that the oldest goes. Each distinct audience set is a
+/// token, and a caller may ask for any number of sets.
+pub(super) const CACHED_PER_LEASE: usize = 16;
+
+/// Per lease, its tokens by sorted, deduplicated audience set.
+pub(super) type JwtCache = std::sync::Mutex<HashMap<LeaseId, HashMap<Vec<String>, Arc<JwtSvid>>>>;
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
@@ -111,10 +114,16 @@ impl Manager {
         who: &Requester,
         audiences: &[String],
     ) -> Result<Option<Arc<JwtSvid>>, JwtFetchError> {
-        let key = (lease.lease.id.clone(), audiences.to_vec());
         let now = SystemTime::now();
         let started = std::time::Instant::now();
-        if let Some(cached) = self.jwt_cache.lock().expect("jwt cache poisoned").get(&key) {
+        let cached = {
+            let cache = self.jwt_cache.lock().expect("jwt cache poisoned");
+            cache
+                .get(&lease.lease.id)
+                .and_then(|tokens| tokens.get(audiences))
+                .cloned()
+        };
+        if let Some(cached) = cached {
             let life = cached
                 .expires_at
                 .duration_since(cached.issued_at)
@@ -205,8 +214,18 @@ impl Manager {
         // Never serve a token after its lease ended: drop the lease's entries when it does.
         let fresh_lease = {
             let mut cache = self.jwt_cache.lock().expect("jwt cache poisoned");
-            let fresh = !cache.keys().any(|(id, _)| id == &l.id);
-            cache.insert(key, svid.clone());
+            let fresh = !cache.contains_key(&l.id);
+            let tokens = cache.entry(l.id.clone()).or_default();
+            if tokens.len() >= CACHED_PER_LEASE && !tokens.contains_key(audiences) {
+                let oldest = tokens
+                    .iter()
+                    .min_by_key(|(_, t)| t.issued_at)
+                    .map(|(aud, _)| aud.clone());
+                if let Some(oldest) = oldest {
+                    tokens.remove(&oldest);
+                }
+            }
+            tokens.insert(audiences.to_vec(), svid.clone());
             fresh
         };
         if fresh_lease {
@@ -214,10 +233,7 @@ impl Manager {
                 let (id, ended) = (l.id.clone(), lease.ended.clone());
                 self.registry.spawn(async move {
                     ended.cancelled().await;
-                    me.jwt_cache
-                        .lock()
-                        .expect("jwt cache poisoned")
-                        .retain(|(lease, _), _| lease != &id);
+                    me.jwt_cache.lock().expect("jwt cache poisoned").remove(&id);
                 });
             }
         }
@@ -243,5 +259,104 @@ impl Manager {
             return Err(format!("the task lease {lease} of this token has ended"));
         }
         Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::MemorySink;
+    use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
+    use crate::authority::x509::{CaHandle, CaSource, SigningCa};
+    use crate::lease::{Durable, GrantInput, Leases, Principal};
+    use crate::selector::Selector;
+
+    /// Issue 14, hole 5: one caller asking for many audience sets grew the token cache (and
+    /// RSS) without bound until its lease ended.
+    #[tokio::test]
+    async fn the_token_cache_keeps_a_bounded_number_of_tokens_per_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = crate::lease::test_limits();
+        let td = limits.trust_domain.clone();
+        let ca = SigningCa::load_or_create(
+            dir.path(),
+            &td,
+            &CaSource::default(),
+            Duration::from_secs(24 * 3600),
+        )
+        .unwrap();
+        let policy = KeyPolicy {
+            rotate_after: Duration::from_secs(24 * 3600),
+            max_token_ttl: Duration::from_secs(3600),
+        };
+        let keys = JwtKeys::load_or_create(&dir.path().join("jwt"), &td, policy).unwrap();
+        let audit = MemorySink::new();
+        let metrics =
+            crate::telemetry::Metrics::new(&mut prometheus_client::registry::Registry::default());
+        let durable = Durable {
+            store: crate::store::MemoryStore::new(),
+            audit: audit.clone(),
+            metrics: metrics.clone(),
+        };
+        let leases = Leases::new(limits, durable);
+        let input = GrantInput {
+            task_id: "t".into(),
+            delegator: "alice".into(),
+            agent: "a".into(),
+            ttl: Some(Duration::from_secs(600)),
+            selectors: vec!["unix:uid:4242".into()],
+            ..Default::default()
+        };
+        let lease = leases.grant_input(input, Principal::agent()).await.unwrap();
+        let manager = Manager::new(
+            CaHandle::new(ca),
+            Arc::new(keys),
+            leases.clone(),
+            audit.clone(),
+            metrics,
+        );
+        let caller: Selectors = [Selector::parse("unix:uid:4242").unwrap()]
+            .into_iter()
+            .collect();
+        let who = Requester {
+            pid: 1,
+            uid: 4242,
+            exe_sha256: None,
+        };
+        for i in 0..3 * CACHED_PER_LEASE {
+            let aud = vec![format!("spiffe://example.org/db-{i}")];
+            let got = manager.jwt_svids(&caller, &who, &aud, None).await.unwrap();
+            assert_eq!(got.len(), 1);
+        }
+        let cached = |m: &Manager| {
+            let cache = m.jwt_cache.lock().unwrap();
+            cache.get(&lease.id).map_or(0, HashMap::len)
+        };
+        assert_eq!(cached(&manager), CACHED_PER_LEASE);
+        // The newest stays cached: asking again mints nothing new.
+        let minted = audit.events().len();
+        let last = vec![format!(
+            "spiffe://example.org/db-{}",
+            3 * CACHED_PER_LEASE - 1
+        )];
+        manager.jwt_svids(&caller, &who, &last, None).await.unwrap();
+        assert_eq!(audit.events().len(), minted);
+        // And the lease's end drops them all.
+        leases
+            .end(
+                &lease.id,
+                crate::lease::LeaseState::Revoked,
+                Principal::agent(),
+                "",
+            )
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if cached(&manager) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(cached(&manager), 0);
     }
 }

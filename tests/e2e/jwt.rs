@@ -299,3 +299,30 @@ async fn the_cli_fetches_and_validates() {
     .await;
     assert!(!bad.status.success());
 }
+
+/// Issue 14, hole 5: FetchJWTSVID took any number of audiences of any size, and minted,
+/// cached and audited a token for them.
+#[tokio::test]
+async fn requested_audiences_have_the_bounds_granted_ones_have() {
+    let t = start().await;
+    t.grant_me("bounded", HOUR, None).await;
+    let client = t.workload().await;
+    let huge = "a".repeat(300);
+    let err = client
+        .fetch_jwt_svid(&[huge.as_str()], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("audience") && err.contains("256"), "{err}");
+    let many: Vec<String> = (0..33).map(|i| format!("aud-{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = client
+        .fetch_jwt_svid(&many, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most 32"), "{err}");
+    assert!(audit_events(&t.data_dir(), "jwt_issued").is_empty());
+    let ok: Vec<&str> = many[..32].to_vec();
+    client.fetch_jwt_svid(&ok, None).await.unwrap();
+}
