@@ -11,7 +11,7 @@ use super::{ceil_secs, unix_secs, JwtError, JwtKeys, ALG, CLOCK_SKEW};
 
 /// An ECDSA P-256 signature (r || s) with `s` in the lower half of the group order. Both
 /// `s` and `n - s` verify; validators that accept only low-S (ours does) need this form.
-fn low_s(signature: &[u8]) -> Result<Vec<u8>, JwtError> {
+pub(super) fn low_s(signature: &[u8]) -> Result<Vec<u8>, JwtError> {
     let sig = p256::ecdsa::Signature::from_slice(signature)
         .map_err(|_| JwtError::Crypto("ECDSA signing gave a malformed signature".into()))?;
     Ok(sig.normalize_s().unwrap_or(sig).to_bytes().to_vec())
