@@ -400,6 +400,27 @@ pub fn check_selector(raw: &str) -> Result<Selector, LeaseError> {
     }
 }
 
+/// Checks a reason given to grant or revoke: it is printed and logged as it is, so at most
+/// [`MAX_REASON_LEN`] bytes and no control character but tab.
+pub fn check_reason(reason: &str) -> Result<(), LeaseError> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(LeaseError::invalid(
+            "reason",
+            format!(
+                "is {} bytes, at most {MAX_REASON_LEN} allowed",
+                reason.len()
+            ),
+        ));
+    }
+    if reason.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(LeaseError::invalid(
+            "reason",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a list of JWT audiences, granted or asked for: at most [`MAX_AUDIENCES`], each 1 to
 /// [`MAX_AUDIENCE_LEN`] bytes without control characters.
 pub fn check_audiences(field: &'static str, audiences: &[String]) -> Result<(), LeaseError> {
@@ -465,21 +486,7 @@ pub fn validate_grant(
     audiences.sort();
     audiences.dedup();
 
-    if input.reason.len() > MAX_REASON_LEN {
-        return Err(LeaseError::invalid(
-            "reason",
-            format!(
-                "is {} bytes, at most {MAX_REASON_LEN} allowed",
-                input.reason.len()
-            ),
-        ));
-    }
-    if input.reason.chars().any(|c| c.is_control() && c != '\t') {
-        return Err(LeaseError::invalid(
-            "reason",
-            "must not contain control characters",
-        ));
-    }
+    check_reason(&input.reason)?;
 
     let rendered = limits.template.render(
         &limits.trust_domain,

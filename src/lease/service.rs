@@ -208,21 +208,7 @@ impl TaskService {
         id: &LeaseId,
         reason: &str,
     ) -> Result<Lease, TaskError> {
-        if reason.len() > super::MAX_REASON_LEN {
-            return Err(LeaseError::InvalidField {
-                field: "reason",
-                message: "too long".into(),
-            }
-            .into());
-        }
-        // As a grant's reason: it is printed and logged as it is.
-        if reason.chars().any(|c| c.is_control() && c != '\t') {
-            return Err(LeaseError::InvalidField {
-                field: "reason",
-                message: "must not contain control characters".into(),
-            }
-            .into());
-        }
+        super::check_reason(reason)?;
         let lease = self.registry.get(id).await?;
         let remaining = lease
             .expires_at

@@ -415,6 +415,13 @@ mod tests {
     use crate::lease::Principal;
     use crate::selector::Selector;
 
+    fn fixture_selectors() -> crate::selector::Selectors {
+        ["unix:pid:77:12345", "unix:uid:1000"]
+            .into_iter()
+            .map(|s| Selector::parse(s).unwrap())
+            .collect()
+    }
+
     fn principal(uid: u32, user: Option<&str>) -> Principal {
         Principal {
             uid,
@@ -436,10 +443,7 @@ mod tests {
                 "spiffe://example.org/agent/reporter/task/{task}/delegator/user/alice"
             ))
             .unwrap(),
-            selectors: ["unix:pid:77:12345", "unix:uid:1000"]
-                .into_iter()
-                .map(|s| Selector::parse(s).unwrap())
-                .collect(),
+            selectors: fixture_selectors(),
             created_at: created,
             expires_at: created + Duration::from_secs(60),
             max_expires_at: created + Duration::new(3600, 1),
@@ -783,10 +787,7 @@ mod tests {
                 "spiffe://example.org/agent/reporter/task/report-42/delegator/user/alice",
             )
             .unwrap(),
-            selectors: ["unix:pid:77:12345", "unix:uid:1000"]
-                .into_iter()
-                .map(|s| Selector::parse(s).unwrap())
-                .collect(),
+            selectors: fixture_selectors(),
             created_at: created,
             expires_at: created + Duration::from_secs(600),
             max_expires_at: created + Duration::from_secs(3600),

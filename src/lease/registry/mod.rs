@@ -331,21 +331,23 @@ mod test_support {
         Leases::new(limits, durable)
     }
 
+    /// A grant request for `task` on `selectors`, renewable to twice `ttl`.
+    pub(super) fn input(task: &str, selectors: &[&str], ttl: Duration) -> GrantInput {
+        GrantInput {
+            task_id: task.into(),
+            delegator: "alice".into(),
+            agent: "a".into(),
+            ttl: Some(ttl),
+            max_ttl: Some(ttl * 2),
+            selectors: selectors.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
     pub(super) async fn grant(r: &Leases, task: &str, selectors: &[&str], ttl: Duration) -> Lease {
-        r.grant_input(
-            GrantInput {
-                task_id: task.into(),
-                delegator: "alice".into(),
-                agent: "a".into(),
-                ttl: Some(ttl),
-                max_ttl: Some(ttl * 2),
-                selectors: selectors.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            },
-            Principal::agent(),
-        )
-        .await
-        .unwrap()
+        r.grant_input(input(task, selectors, ttl), Principal::agent())
+            .await
+            .unwrap()
     }
 }
 

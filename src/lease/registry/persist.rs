@@ -201,7 +201,7 @@ fn audit_change<'a>(what: &'a str, l: &'a Lease, reason: &'a str) -> event::Leas
 mod tests {
     use super::super::test_support::*;
     use crate::audit::MemorySink;
-    use crate::lease::{GrantInput, LeaseError, LeaseState, LeaseStore, Principal};
+    use crate::lease::{LeaseError, LeaseState, LeaseStore, Principal};
     use std::time::Duration;
 
     #[tokio::test]
@@ -217,14 +217,7 @@ mod tests {
         store.fail_writes(Some("disk full"));
         let refused = r
             .grant_input(
-                GrantInput {
-                    task_id: "refused".into(),
-                    delegator: "alice".into(),
-                    agent: "a".into(),
-                    ttl: Some(Duration::from_secs(60)),
-                    selectors: vec!["unix:uid:8".into()],
-                    ..Default::default()
-                },
+                input("refused", &["unix:uid:8"], Duration::from_secs(60)),
                 Principal::agent(),
             )
             .await
@@ -252,15 +245,11 @@ mod tests {
         let kept = grant(&r, "kept", &["unix:uid:7"], Duration::from_secs(60)).await;
         assert_eq!(audit.events(), ["lease_granted"]);
         audit.fail(Some("disk full"));
-        let input = GrantInput {
-            task_id: "refused".into(),
-            delegator: "alice".into(),
-            agent: "a".into(),
-            ttl: Some(Duration::from_secs(60)),
-            selectors: vec!["unix:uid:8".into()],
-            ..Default::default()
-        };
-        let refused = r.grant_input(input, Principal::agent()).await.unwrap_err();
+        let refused = input("refused", &["unix:uid:8"], Duration::from_secs(60));
+        let refused = r
+            .grant_input(refused, Principal::agent())
+            .await
+            .unwrap_err();
         assert!(
             matches!(&refused, LeaseError::Unavailable(m) if m.contains("audit log unavailable")),
             "{refused:?}"
