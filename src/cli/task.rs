@@ -46,6 +46,7 @@ pub fn lease_json(l: &pb::Lease) -> Value {
         "ended_at": ts(&l.ended_at),
         "ended_by": principal_json(&l.ended_by),
         "end_reason": l.end_reason,
+        "end_durable": l.ended_at.is_some().then_some(l.end_durable),
         "approval_deadline": ts(&l.approval_deadline),
         "approved_at": ts(&l.approved_at),
         "approved_by": principal_json(&l.approved_by),
@@ -119,6 +120,26 @@ fn print_lease_text(l: &pb::Lease) {
     }
     if !l.end_reason.is_empty() {
         println!("{:<15} {}", "end_reason", printable(&l.end_reason));
+    }
+    if l.ended_at.is_some() {
+        let durable = if l.end_durable {
+            "yes"
+        } else {
+            "NO: the agent keeps retrying; a restart before then could undo this end"
+        };
+        println!("{:<15} {durable}", "end_durable");
+    }
+}
+
+/// After an end: says so on stderr when the agent could not make it durable yet.
+fn warn_if_not_durable(l: &pb::Lease) {
+    if l.ended_at.is_some() && !l.end_durable {
+        eprintln!(
+            "warning: lease {} has ended, but the agent could not record the end yet (is its \
+             data dir full?); it keeps retrying, and a restart before it succeeds could bring \
+             the lease back",
+            l.lease_id
+        );
     }
 }
 
@@ -273,6 +294,7 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            warn_if_not_durable(&lease);
             print_lease(&lease, output);
         }
         TaskCommand::Approve {
@@ -291,6 +313,7 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            warn_if_not_durable(&lease);
             print_lease(&lease, output);
         }
     }

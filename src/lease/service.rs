@@ -202,6 +202,11 @@ impl TaskService {
         Ok(self.registry.renew(id, ttl).await?)
     }
 
+    /// Whether the end of lease `id` is durable (see [`Leases::end_is_durable`]).
+    pub fn end_is_durable(&self, id: &LeaseId) -> bool {
+        self.registry.end_is_durable(id)
+    }
+
     pub async fn revoke(
         &self,
         caller: &Admitted,

@@ -53,8 +53,16 @@ pub trait LeaseStore: Send + Sync + 'static {
         self.put_all(std::slice::from_ref(lease))
     }
 
-    /// Every stored lease, active and ended, in no particular order.
+    /// Every stored lease, active and ended, in no particular order. An end that `put`
+    /// acknowledged is never lost: such a lease loads as ended, across any restart.
     fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError>;
+
+    /// Leases the last `load` found live in the store's main records but ended by an end the
+    /// store kept elsewhere (the redb store's reserve, on a full disk): their end may be
+    /// missing from the audit log.
+    fn take_recovered(&self) -> Vec<LeaseId> {
+        Vec::new()
+    }
 
     /// Deletes ended leases that ended before `cutoff`; returns how many went. Never an
     /// active or pending lease.

@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status};
 
 use crate::attest::{Attestor, PeerInfo};
 use crate::lease::{
-    Admitted, Caller, GrantInput, Lease, LeaseError, LeaseId, Principal, TaskError, TaskService,
+    Admitted, Caller, GrantInput, Lease, LeaseError, LeaseId, LeaseState, Principal, TaskError,
+    TaskService,
 };
 use crate::proto::admin as pb;
 use crate::proto::admin::tasks_server::{Tasks, TasksServer};
@@ -39,8 +40,10 @@ impl AdminApi {
     }
 
     fn lease(&self, l: &Lease) -> pb::Lease {
+        let ended = !matches!(l.state, LeaseState::Active | LeaseState::Pending);
         pb::Lease {
             workload_socket: self.workload_socket.clone(),
+            end_durable: ended && self.tasks.end_is_durable(&l.id),
             ..lease_to_pb(l)
         }
     }
@@ -129,6 +132,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         approved_at: l.approved_at.map(to_timestamp),
         approved_by: l.approved_by.as_ref().map(principal),
         workload_socket: String::new(),
+        end_durable: false,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod memory;
 mod record;
 pub mod redb;
+pub mod reserve;
 
 pub use self::memory::MemoryStore;
 pub use self::redb::{RedbError, RedbStore};

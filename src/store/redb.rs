@@ -15,11 +15,12 @@
 //! is about 2.5 times smaller than JSON, which makes start-up with many leases faster three
 //! ways: less to integrity-check, less to read, and cheaper decoding.
 
+use std::collections::HashMap;
 use std::fs::{OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -27,8 +28,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::broadcast;
 
 use super::record::{LeaseRecord, Version, FORMAT_2, FORMAT_JSON, FORMAT_VERSION};
+use super::reserve::{EndReserve, ReservedEnd};
 use crate::lease::store::WATCH_CAPACITY;
-use crate::lease::{Lease, LeaseId, LeaseState, LeaseStore, StoreChange, StoreError, StoreWatch};
+use crate::lease::{
+    Lease, LeaseId, LeaseState, LeaseStore, Principal, StoreChange, StoreError, StoreWatch,
+};
 
 /// Lease ID → encoded `LeaseRecord`.
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -69,6 +73,19 @@ pub struct RedbStore {
     path: PathBuf,
     /// Told of every committed change (a local store has no other writer).
     changes: broadcast::Sender<StoreChange>,
+    reserve: Mutex<Reserve>,
+}
+
+/// Ends held in the reserve file because the database could not take them.
+#[derive(Debug)]
+struct Reserve {
+    file: EndReserve,
+    /// What the file held at open, applied by the next `load`.
+    found: Vec<ReservedEnd>,
+    /// The whole ended lease for each end written since, to move into the database.
+    waiting: HashMap<LeaseId, Lease>,
+    /// Leases that `load` ended from the reserve, for [`LeaseStore::take_recovered`].
+    recovered: Vec<LeaseId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +112,17 @@ pub enum RedbError {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error(
+        "lease store {path}: cannot keep the end of lease {key} ({db}), nor in {reserve}: {source}"
+    )]
+    Reserve {
+        path: PathBuf,
+        key: String,
+        db: Box<RedbError>,
+        reserve: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("lease store {path}: cannot encode lease {key}: {reason}")]
     Encode {
         path: PathBuf,
@@ -110,7 +138,8 @@ pub enum RedbError {
 }
 
 impl RedbStore {
-    /// Opens the database at `path` (e.g. `<data_dir>/leases.redb`), creating it if missing.
+    /// Opens the database at `path` (e.g. `<data_dir>/leases.redb`), creating it if missing,
+    /// and its end reserve beside it (`leases.ends`, see [`super::reserve`]).
     ///
     /// The file is created mode 0600, and tightened to 0600 if an existing one is more open: it
     /// holds who may hold which identity. The whole file is integrity-checked on open, so a
@@ -155,10 +184,22 @@ impl RedbStore {
             .set_check_integrity_on_open(true)
             .create_with_backend(backend)
             .map_err(open_err)?;
+        let reserve_path = path.with_extension("ends");
+        let (file, found) = EndReserve::open(&reserve_path).map_err(|source| RedbError::Io {
+            op: "open the end reserve",
+            path: reserve_path,
+            source,
+        })?;
         let store = RedbStore {
             db,
             path: path.to_owned(),
             changes: broadcast::channel(WATCH_CAPACITY).0,
+            reserve: Mutex::new(Reserve {
+                file,
+                found,
+                waiting: HashMap::new(),
+                recovered: Vec::new(),
+            }),
         };
         // Create the table up front so that readers never meet a missing table.
         let txn = store
@@ -178,7 +219,78 @@ impl RedbStore {
 
     /// Inserts or replaces several leases in one transaction: all or none are stored, with one
     /// disk sync instead of one per lease.
+    ///
+    /// Ends are never lost to a database that cannot commit (a full disk): when every lease
+    /// written has ended, they go to the end reserve instead, and move into the database with
+    /// the next commit that succeeds.
     pub fn put_all(&self, leases: &[Lease]) -> Result<(), RedbError> {
+        match self.commit(leases) {
+            Ok(()) => self.drain_reserve(),
+            Err(e) if !leases.is_empty() && leases.iter().all(is_ended) => {
+                self.reserve_ends(leases, e)?
+            }
+            Err(e) => return Err(e),
+        }
+        if self.changes.receiver_count() > 0 {
+            for lease in leases {
+                let _ = self.changes.send(StoreChange::Put(Arc::new(lease.clone())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes ends the database refused (`db`) into the reserve.
+    fn reserve_ends(&self, leases: &[Lease], db: RedbError) -> Result<(), RedbError> {
+        let mut reserve = self.reserve.lock().expect("end reserve poisoned");
+        for lease in leases {
+            let end = reserved(lease).expect("only ended leases are reserved");
+            if let Err(source) = reserve.file.put(&end) {
+                return Err(RedbError::Reserve {
+                    path: self.path.clone(),
+                    key: lease.id.to_string(),
+                    db: Box::new(db),
+                    reserve: reserve.file.path().to_owned(),
+                    source,
+                });
+            }
+            reserve.waiting.insert(lease.id.clone(), lease.clone());
+        }
+        tracing::warn!(
+            event = "lease_end_reserved",
+            store = %self.path.display(),
+            error = %db,
+            held = reserve.waiting.len(),
+            "the lease store cannot commit; ends are kept in its reserve until it can"
+        );
+        Ok(())
+    }
+
+    /// Moves ends waiting in the reserve into the database; they stay in the reserve (and
+    /// durable) if it still cannot take them.
+    fn drain_reserve(&self) {
+        let mut reserve = self.reserve.lock().expect("end reserve poisoned");
+        if reserve.waiting.is_empty() {
+            return;
+        }
+        let waiting: Vec<Lease> = reserve.waiting.values().cloned().collect();
+        if self.commit(&waiting).is_err() {
+            return;
+        }
+        for lease in &waiting {
+            reserve.waiting.remove(&lease.id);
+            if let Err(e) = reserve.file.clear(&lease.id) {
+                tracing::warn!(error = %e, "cannot clear a slot of the end reserve");
+            }
+        }
+        tracing::info!(
+            event = "lease_end_reserve_drained",
+            moved = waiting.len(),
+            "ends kept in the reserve are in the lease store now"
+        );
+    }
+
+    /// One transaction writing `leases`.
+    fn commit(&self, leases: &[Lease]) -> Result<(), RedbError> {
         // Encode first so an encoding error never leaves a transaction to abort.
         let encoded = leases
             .iter()
@@ -198,13 +310,7 @@ impl RedbStore {
                     .map_err(self.db_err("insert a lease"))?;
             }
         }
-        txn.commit().map_err(self.db_err("commit"))?;
-        if self.changes.receiver_count() > 0 {
-            for lease in leases {
-                let _ = self.changes.send(StoreChange::Put(Arc::new(lease.clone())));
-            }
-        }
-        Ok(())
+        txn.commit().map_err(self.db_err("commit"))
     }
 
     /// Every stored lease, active and ended, in no particular order.
@@ -259,7 +365,54 @@ impl RedbStore {
         for part in parts {
             leases.extend(part?);
         }
+        self.apply_reserve(&mut leases);
         Ok(leases)
+    }
+
+    /// Ends what the reserve says has ended, whatever the database says, then tries to move
+    /// those ends into the database.
+    fn apply_reserve(&self, leases: &mut [Arc<Lease>]) {
+        let mut reserve = self.reserve.lock().expect("end reserve poisoned");
+        if reserve.found.is_empty() && reserve.waiting.is_empty() {
+            return;
+        }
+        let mut found: HashMap<LeaseId, ReservedEnd> = std::mem::take(&mut reserve.found)
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        for lease in leases.iter_mut() {
+            if let Some(waiting) = reserve.waiting.get(&lease.id) {
+                // Ended in this run, while the database could not take it.
+                *lease = Arc::new(waiting.clone());
+                continue;
+            }
+            let Some(end) = found.remove(&lease.id) else {
+                continue;
+            };
+            if is_ended(lease) {
+                // The database holds the end too: the slot is left over from before.
+                if let Err(e) = reserve.file.clear(&lease.id) {
+                    tracing::warn!(error = %e, "cannot clear a slot of the end reserve");
+                }
+                continue;
+            }
+            let lease = Arc::make_mut(lease);
+            lease.state = end.state;
+            lease.ended_at = Some(end.ended_at);
+            lease.ended_by = Some(end.ended_by);
+            lease.end_reason = end.end_reason;
+            tracing::warn!(
+                event = "lease_end_recovered",
+                lease_id = %lease.id,
+                state = %lease.state,
+                "the lease store held this lease as live; its end was in the reserve"
+            );
+            reserve.recovered.push(lease.id.clone());
+            reserve.waiting.insert(lease.id.clone(), lease.clone());
+        }
+        // A reserved end of a lease the database does not hold is left alone, never guessed at.
+        drop(reserve);
+        self.drain_reserve();
     }
 
     /// Deletes ended leases whose `ended_at` is before `cutoff` and returns how many went.
@@ -384,6 +537,21 @@ impl RedbStore {
     }
 }
 
+/// A lease that can no longer issue: the reserve takes only these.
+fn is_ended(lease: &Lease) -> bool {
+    !matches!(lease.state, LeaseState::Active | LeaseState::Pending)
+}
+
+fn reserved(lease: &Lease) -> Option<ReservedEnd> {
+    is_ended(lease).then(|| ReservedEnd {
+        id: lease.id.clone(),
+        state: lease.state,
+        ended_at: lease.ended_at.unwrap_or_else(SystemTime::now),
+        ended_by: lease.ended_by.clone().unwrap_or_else(Principal::agent),
+        end_reason: lease.end_reason.clone(),
+    })
+}
+
 impl LeaseStore for RedbStore {
     fn put_all(&self, leases: &[Lease]) -> Result<(), StoreError> {
         RedbStore::put_all(self, leases).map_err(StoreError::new)
@@ -400,6 +568,10 @@ impl LeaseStore for RedbStore {
     fn watch(&self) -> StoreWatch {
         self.changes.subscribe()
     }
+
+    fn take_recovered(&self) -> Vec<LeaseId> {
+        std::mem::take(&mut self.reserve.lock().expect("end reserve poisoned").recovered)
+    }
 }
 
 #[cfg(test)]
@@ -412,7 +584,7 @@ mod tests {
     use spiffe::SpiffeId;
 
     use super::super::record::DEFAULT_JWT_TTL;
-    use crate::lease::Principal;
+    use super::super::reserve::{EndReserve, ReservedEnd};
     use crate::selector::Selector;
 
     fn fixture_selectors() -> crate::selector::Selectors {
@@ -571,6 +743,49 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].state, LeaseState::Revoked);
         assert!(same(&loaded[0], &l));
+    }
+
+    /// Issue 14, hole 1: on a full disk the database cannot commit an end, and a restart
+    /// brought the lease back. What the reserve holds ends the lease whatever the database says.
+    #[test]
+    fn an_end_in_the_reserve_overrides_a_live_record_and_moves_into_the_database() {
+        let dir = tempdir();
+        let path = dir.path().join("leases.redb");
+        let live = lease("t");
+        RedbStore::open(&path).unwrap().put(&live).unwrap();
+        // What a full disk leaves behind: the database says active, the reserve revoked.
+        let (mut reserve, _) = EndReserve::open(&path.with_extension("ends")).unwrap();
+        let ended_at = UNIX_EPOCH + Duration::new(1_800_000_000, 5);
+        reserve
+            .put(&ReservedEnd {
+                id: live.id.clone(),
+                state: LeaseState::Revoked,
+                ended_at,
+                ended_by: principal(1000, None),
+                end_reason: "key leaked".into(),
+            })
+            .unwrap();
+        drop(reserve);
+
+        let store = RedbStore::open(&path).unwrap();
+        let loaded = by_id(store.load().unwrap(), &live.id);
+        assert_eq!(loaded.state, LeaseState::Revoked);
+        assert_eq!(loaded.ended_at, Some(ended_at));
+        assert_eq!(loaded.ended_by, Some(principal(1000, None)));
+        assert_eq!(loaded.end_reason, "key leaked");
+        assert_eq!(store.take_recovered(), std::slice::from_ref(&live.id));
+        assert!(store.take_recovered().is_empty());
+        drop(store);
+
+        // The database holds the end now, and the slot is free again.
+        let (_, held) = EndReserve::open(&path.with_extension("ends")).unwrap();
+        assert!(held.is_empty());
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(
+            by_id(store.load().unwrap(), &live.id).state,
+            LeaseState::Revoked
+        );
+        assert!(store.take_recovered().is_empty());
     }
 
     #[test]

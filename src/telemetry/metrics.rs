@@ -38,6 +38,7 @@ pub struct ResultLabel {
 pub struct Metrics {
     pub leases: Family<StateLabel, Gauge>,
     pub lease_ends: Family<StateLabel, Counter>,
+    pub lease_ends_unrecorded: Gauge,
     pub svids_issued: Family<KindLabel, Counter>,
     pub issuance_seconds: Family<KindLabel, Histogram>,
     pub attestations: Family<ResultLabel, Counter>,
@@ -58,6 +59,7 @@ impl Metrics {
         let m = Metrics {
             leases: Family::default(),
             lease_ends: Family::default(),
+            lease_ends_unrecorded: Gauge::default(),
             svids_issued: Family::default(),
             issuance_seconds: Family::new_with_constructor(latency_histogram),
             attestations: Family::default(),
@@ -73,6 +75,12 @@ impl Metrics {
             "mayfly_lease_ends",
             "Task leases ended, by final state",
             m.lease_ends.clone(),
+        );
+        r.register(
+            "mayfly_lease_ends_unrecorded",
+            "Lease ends in effect but not yet recorded in the lease store or the audit log \
+             (retried until they are)",
+            m.lease_ends_unrecorded.clone(),
         );
         r.register(
             "mayfly_svids_issued",

@@ -336,3 +336,108 @@ async fn ended_leases_are_compacted_after_their_retention() {
     })
     .await;
 }
+
+/// A small tmpfs mounted on a path, unmounted when dropped (the mount needs root).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: &std::path::Path, size: &str) -> Result<SmallFs, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(SmallFs(path.to_owned()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes until the filesystem holding `path` has no room left.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let mut byte = [0u8; 1];
+    while f.write_all(&byte).is_ok() {
+        byte[0] ^= 1;
+    }
+    let _ = f.sync_all();
+}
+
+/// Issue 14, hole 1, as the attack was run: a lease revoked while the data dir's filesystem is
+/// full came back, active, after the space returned and the agent restarted.
+#[tokio::test]
+async fn a_revocation_on_a_full_disk_is_durable_and_survives_a_restart() {
+    if my_uid() != 0 {
+        eprintln!("skipped: mounting a small filesystem for the data dir needs root");
+        return;
+    }
+    let dir = shared_tempdir();
+    let fs = match SmallFs::mount(&dir.path().join("data"), "8m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("skipped: cannot mount a tmpfs here ({e})");
+            return;
+        }
+    };
+    let t = start_in(dir, |_| {}).await;
+    let doomed = t.grant_me("doomed", HOUR, None).await;
+    let before = t.workload().await.fetch_x509_context().await.unwrap();
+    assert_eq!(before.svids().len(), 1);
+
+    let filler = t.data_dir().join("filler");
+    fill(&filler);
+    let revoked = t.revoke(&doomed.lease_id, "key leaked").await;
+    assert_eq!(revoked.state, "revoked");
+    assert!(
+        revoked.end_durable,
+        "the end is kept in the store's reserve even on a full disk"
+    );
+    let reserve = std::fs::read(t.data_dir().join("leases.ends")).unwrap();
+    assert!(
+        reserve.iter().any(|&b| b != 0),
+        "the database could not commit, so the end went to the reserve"
+    );
+    assert!(t.workload().await.fetch_x509_context().await.is_err());
+
+    let dir = t.stop().await;
+    std::fs::remove_file(&filler).unwrap();
+    let t = start_in(dir, |_| {}).await;
+    let after = t.lease(&doomed.lease_id).await;
+    assert_eq!(after.state, "revoked");
+    assert_eq!(after.end_reason, "key leaked");
+    assert!(after.end_durable);
+    assert!(
+        t.workload().await.fetch_x509_context().await.is_err(),
+        "a revoked lease never issues again"
+    );
+    let ev = events(&t.data_dir(), &doomed.lease_id);
+    assert!(
+        ev.iter()
+            .any(|e| e == "lease_revoked" || e == "lease_end_recovered"),
+        "{ev:?}"
+    );
+    mayfly::audit::verify(&t.data_dir().join("audit")).unwrap();
+    let dir = t.stop().await;
+    drop(fs);
+    drop(dir);
+}

@@ -192,9 +192,10 @@ impl Leases {
         Some(lease)
     }
 
-    /// Logs and persists an end that has already taken effect. A failure cannot undo it (the
-    /// identity is gone either way), so it is reported as loudly as we can.
-    pub(super) async fn record_end(&self, lease: &Lease) {
+    /// Logs and persists an end that has already taken effect, and says whether the end is
+    /// durable (in the store, so that no restart can undo it). What cannot be recorded now is
+    /// retried until it is: see [`Leases::retry_later`].
+    pub(super) async fn record_end(&self, lease: &Lease) -> bool {
         let reason = lease.end_reason.as_str();
         tracing::info!(
             event = "lease_ended",
@@ -212,13 +213,22 @@ impl Leases {
                 state: lease.state.to_string(),
             })
             .inc();
-        if let Err(e) = self.persist(lease.state.as_str(), lease, reason).await {
+        // The store first: it is what keeps a restart from bringing the lease back.
+        let stored = self.store_lease(lease).await.is_ok();
+        let audited = self
+            .audit_lease(lease.state.as_str(), lease, reason)
+            .await
+            .is_ok();
+        if !(stored && audited) {
             tracing::error!(
                 event = "lease_end_not_recorded",
                 lease_id = %lease.id,
-                error = %e,
-                "lease ended but its end could not be made durable"
+                stored,
+                audited,
+                "lease ended but its end is not yet recorded; retrying until it is"
             );
+            self.retry_later(lease.clone(), stored, audited);
         }
+        stored
     }
 }

@@ -17,9 +17,11 @@ mod expiry;
 mod index;
 mod lifecycle;
 mod persist;
+mod unrecorded;
 
 pub use changes::Changes;
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
@@ -68,6 +70,9 @@ pub struct Leases {
     /// One task expires every lease; told when a sooner deadline arrives.
     deadline_moved: Arc<Notify>,
     expiry_started: AtomicBool,
+    /// Ends not yet recorded in the store or the audit log, and whether a task retries them.
+    unrecorded: Mutex<HashMap<LeaseId, unrecorded::Unrecorded>>,
+    retrying: AtomicBool,
     /// Every per-lease task (timers, process watches, SVID rotation), stopped by `close`.
     tasks: TaskTracker,
     closing: CancellationToken,
@@ -85,6 +90,8 @@ impl Leases {
             listeners: Mutex::new(Listeners::default()),
             deadline_moved: Arc::new(Notify::new()),
             expiry_started: AtomicBool::new(false),
+            unrecorded: Mutex::new(HashMap::new()),
+            retrying: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),
             me: me.clone(),
@@ -110,8 +117,10 @@ impl Leases {
     }
 
     /// Stops every per-lease task and waits for them, so the store can be closed. Leases stay
-    /// as they are on disk; the next start takes them over.
+    /// as they are on disk; the next start takes them over. Ends not yet recorded get one
+    /// last try.
     pub async fn close(&self) {
+        self.last_retry().await;
         self.closing.cancel();
         self.tasks.close();
         self.tasks.wait().await;

@@ -36,15 +36,29 @@ impl Leases {
         lease: &Lease,
         reason: &str,
     ) -> Result<(), LeaseError> {
+        self.audit_lease(what, lease, reason).await?;
+        self.store_lease(lease).await
+    }
+
+    pub(super) async fn audit_lease(
+        &self,
+        what: &str,
+        lease: &Lease,
+        reason: &str,
+    ) -> Result<(), LeaseError> {
         let d = &self.durable;
         let event = Event::Lease(audit_change(what, lease, reason));
         crate::telemetry::timed(&d.metrics.audit_write_seconds, d.audit.record(&event))
             .await
+            .map(drop)
             .map_err(|e| {
             tracing::error!(event = "audit_failed", error = %e, "audit log unavailable: refusing the change");
             LeaseError::Unavailable(format!("audit log unavailable: {e}"))
-        })?;
-        let store = d.store.clone();
+        })
+    }
+
+    pub(super) async fn store_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+        let store = self.durable.store.clone();
         let record = lease.clone();
         tokio::task::spawn_blocking(move || store.put(&record))
             .await
@@ -116,6 +130,21 @@ impl Leases {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             for l in ended.into_iter().rev().take(ENDED_KEPT).rev() {
                 inner.ended.push_back(l);
+            }
+        }
+        // Ends the store kept aside (on a full disk) may be missing from the audit log: record
+        // them now, once more if need be.
+        for id in self.durable.store.take_recovered() {
+            let Some(lease) = self.get_cached(&id) else {
+                continue;
+            };
+            let why = "its end was kept in the lease store's reserve";
+            if self
+                .audit_lease("end_recovered", &lease, why)
+                .await
+                .is_err()
+            {
+                self.retry_later(lease, true, false);
             }
         }
         for lease in ended_now {
