@@ -164,7 +164,10 @@ impl Agent {
         let policy = Arc::new(PolicyEngine::load(config.policy.clone())?);
         tracing::info!(event = "policies_loaded", source = %policy.describe(), "admin policies loaded");
         let attestor = Arc::new(Attestor::new(config.max_digest_bytes));
-        let k8s = Arc::new(K8sAttestor::new(config.kubelet.clone())?);
+        let k8s = Arc::new(K8sAttestor::new(
+            config.kubelet.clone(),
+            crate::attest::k8s::host_layout(config.cgroup_layout.clone()),
+        )?);
         let refresh = {
             let (registry, metrics) = (registry.clone(), metrics.clone());
             Box::new(move || {

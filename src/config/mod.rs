@@ -73,6 +73,9 @@ pub struct KubernetesSection {
     pub cache_ttl: Option<String>,
     pub retry_for: Option<String>,
     pub timeout: Option<String>,
+    /// Where the kubelet puts pods' cgroups (its `--cgroup-root` and `kubepods`); default
+    /// `crate::attest::k8s::DEFAULT_ROOTS`.
+    pub cgroup_roots: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +162,7 @@ pub struct Config {
     pub audit_segment_bytes: u64,
     pub jwt_key_rotation: Duration,
     pub kubelet: Option<crate::attest::k8s::KubeletConfig>,
+    pub cgroup_layout: crate::attest::k8s::CgroupLayout,
     pub policy: crate::policy::PolicySource,
     pub approval_timeout: Duration,
 }
@@ -441,6 +445,13 @@ impl Config {
                 "kubernetes: token_file/ca_file/insecure_skip_verify need kubelet_url".into(),
             );
         }
+        let cgroup_layout = match &k.cgroup_roots {
+            None => crate::attest::k8s::CgroupLayout::kubelet_default(),
+            Some(roots) => crate::attest::k8s::CgroupLayout::new(roots).unwrap_or_else(|e| {
+                errors.push(format!("kubernetes.cgroup_roots: {e}"));
+                crate::attest::k8s::CgroupLayout::kubelet_default()
+            }),
+        };
         let approval_timeout = duration(
             &mut errors,
             "policy.approval_timeout",
@@ -526,6 +537,7 @@ impl Config {
             audit_segment_bytes,
             jwt_key_rotation,
             kubelet,
+            cgroup_layout,
             policy: crate::policy::PolicySource {
                 policy_files: file.policy.files.unwrap_or_default(),
                 schema_file: file.policy.schema,

@@ -20,41 +20,27 @@ fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-#[tokio::test]
-async fn a_process_in_a_pod_cgroup_gets_the_pods_identity() {
-    let Some(root) = cgroup2_mount() else {
-        eprintln!("skipped: no cgroup v2 hierarchy is mounted here");
-        return;
-    };
-    let underscored = POD_UID.replace('-', "_");
-    let top = root.join("mayfly-test-kubepods.slice");
-    let leaf = top
-        .join(format!("kubepods-besteffort-pod{underscored}.slice"))
-        .join(format!("cri-containerd-{CONTAINER}.scope"));
-    if let Err(e) = std::fs::create_dir_all(&leaf) {
-        eprintln!(
-            "skipped: cannot create {} ({e}); needs root and a writable cgroup2",
+/// Runs `mayfly svid fetch` from a process moved into the cgroup `path` (below the cgroup2
+/// mount), creating it first and removing it after. `Err` says why the test cannot run here.
+async fn fetch_from_cgroup(t: &TestAgent, path: &str) -> Result<std::process::Output, String> {
+    let root = cgroup2_mount().ok_or("no cgroup v2 hierarchy is mounted here")?;
+    let leaf = root.join(path);
+    let created: Vec<PathBuf> = leaf
+        .ancestors()
+        .take_while(|p| *p != root)
+        .filter(|p| !p.exists())
+        .map(PathBuf::from)
+        .collect();
+    std::fs::create_dir_all(&leaf).map_err(|e| {
+        format!(
+            "cannot create {} ({e}); needs root and a writable cgroup2",
             leaf.display()
-        );
-        return;
-    }
-    let t = start().await;
-    let lease = t
-        .grant(
-            "in-pod",
-            &[
-                format!("k8s:pod-uid:{POD_UID}"),
-                format!("k8s:container-id:{CONTAINER}"),
-            ],
-            Duration::from_secs(600),
-            None,
         )
-        .await;
-    // The shell moves itself into the pod's cgroup, then becomes the client (same process).
-    let procs = leaf.join("cgroup.procs");
+    })?;
+    // The shell moves itself into the cgroup, then becomes the client (same process).
     let script = format!(
         "echo $$ > {} && exec {} svid fetch --socket {} --output json",
-        procs.display(),
+        leaf.join("cgroup.procs").display(),
         BIN,
         t.socket.display()
     );
@@ -63,20 +49,51 @@ async fn a_process_in_a_pod_cgroup_gets_the_pods_identity() {
         .output()
         .await
         .unwrap();
-    let cleanup = || {
-        let _ = std::fs::remove_dir(&leaf);
-        let _ = std::fs::remove_dir(leaf.parent().unwrap());
-        let _ = std::fs::remove_dir(&top);
-    };
-    if String::from_utf8_lossy(&out.stderr).contains("cgroup.procs") {
-        cleanup();
-        eprintln!(
-            "skipped: cannot move a process into the cgroup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return;
+    for dir in &created {
+        let _ = std::fs::remove_dir(dir);
     }
-    cleanup();
+    if String::from_utf8_lossy(&out.stderr).contains("cgroup.procs") {
+        return Err(format!(
+            "cannot move a process into the cgroup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+/// The test's kubelet root: a cgroup of its own, so that nothing real is touched.
+const ROOT: &str = "mayfly-test-kubepods.slice";
+
+fn pod_path() -> String {
+    let underscored = POD_UID.replace('-', "_");
+    format!("kubepods-besteffort.slice/kubepods-besteffort-pod{underscored}.slice/cri-containerd-{CONTAINER}.scope")
+}
+
+async fn agent_with_root() -> TestAgent {
+    start_with(|c| c.kubernetes.cgroup_roots = Some(vec![format!("/{ROOT}")])).await
+}
+
+async fn grant_pod(t: &TestAgent) -> mayfly::proto::admin::Lease {
+    t.grant(
+        "in-pod",
+        &[
+            format!("k8s:pod-uid:{POD_UID}"),
+            format!("k8s:container-id:{CONTAINER}"),
+        ],
+        Duration::from_secs(600),
+        None,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_process_in_a_pod_cgroup_gets_the_pods_identity() {
+    let t = agent_with_root().await;
+    let lease = grant_pod(&t).await;
+    let out = match fetch_from_cgroup(&t, &format!("{ROOT}/{}", pod_path())).await {
+        Ok(out) => out,
+        Err(why) => return eprintln!("skipped: {why}"),
+    };
     let svids = json(out);
     assert_eq!(svids[0]["spiffe_id"], lease.spiffe_id.as_str());
 
@@ -85,5 +102,32 @@ async fn a_process_in_a_pod_cgroup_gets_the_pods_identity() {
     assert!(
         matches!(err, spiffe::WorkloadApiError::NoIdentityIssued),
         "{err:?}"
+    );
+}
+
+/// Issue 14, hole 2, as the attack was run: a copy of a real pod's cgroup path, made below a
+/// subtree someone else can create cgroups in (systemd delegates one to every session), got
+/// that pod's SVID.
+#[tokio::test]
+async fn a_copy_of_a_pods_cgroup_path_elsewhere_gets_nothing() {
+    let t = agent_with_root().await;
+    grant_pod(&t).await;
+    let forged = format!(
+        "mayfly-test-user.slice/user@1000.service/{ROOT}/{}",
+        pod_path()
+    );
+    let out = match fetch_from_cgroup(&t, &forged).await {
+        Ok(out) => out,
+        Err(why) => return eprintln!("skipped: {why}"),
+    };
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no identity") || stderr.contains("PermissionDenied"),
+        "{stderr}"
     );
 }

@@ -205,6 +205,16 @@ impl KubeletClient {
                 kubelet_pod_uid: entry.pod.uid.clone(),
             });
         }
+        // The QoS level in the cgroup path is where the kubelet put the pod's cgroup.
+        if let Some(class) = pod.qos.class() {
+            if !entry.pod.qos_class.is_empty() && entry.pod.qos_class != class {
+                return Err(K8sError::QosMismatch {
+                    pod_uid: pod.pod_uid.clone(),
+                    cgroup: class,
+                    kubelet: entry.pod.qos_class.clone(),
+                });
+            }
+        }
         if let Some(expected) = &self.cfg.node_name {
             if !entry.pod.node_name.is_empty() && entry.pod.node_name != *expected {
                 return Err(K8sError::NodeMismatch {
@@ -461,7 +471,7 @@ impl ServerCertVerifier for AcceptAnyServerCert {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
-    use super::super::K8sAttestor;
+    use super::super::{CgroupLayout, K8sAttestor};
     use super::*;
     use std::convert::Infallible;
     use std::net::SocketAddr;
@@ -477,7 +487,7 @@ mod tests {
     fn config_errors() {
         let no_trust = KubeletConfig::default();
         assert!(matches!(
-            K8sAttestor::new(Some(no_trust)),
+            K8sAttestor::new(Some(no_trust), CgroupLayout::kubelet_default()),
             Err(K8sError::Config(_))
         ));
         let bad_scheme = KubeletConfig {
@@ -486,7 +496,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            K8sAttestor::new(Some(bad_scheme)),
+            K8sAttestor::new(Some(bad_scheme), CgroupLayout::kubelet_default()),
             Err(K8sError::Config(_))
         ));
         let zero_timeout = KubeletConfig {
@@ -495,7 +505,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            K8sAttestor::new(Some(zero_timeout)),
+            K8sAttestor::new(Some(zero_timeout), CgroupLayout::kubelet_default()),
             Err(K8sError::Config(_))
         ));
         let dir = tempfile::tempdir().unwrap();
@@ -506,7 +516,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            K8sAttestor::new(Some(cfg)),
+            K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()),
             Err(K8sError::Config(_))
         ));
         let missing_ca = KubeletConfig {
@@ -514,14 +524,14 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            K8sAttestor::new(Some(missing_ca)),
+            K8sAttestor::new(Some(missing_ca), CgroupLayout::kubelet_default()),
             Err(K8sError::ReadFile { .. })
         ));
         let ok = KubeletConfig {
             insecure_skip_verify: true,
             ..Default::default()
         };
-        assert!(K8sAttestor::new(Some(ok)).is_ok());
+        assert!(K8sAttestor::new(Some(ok), CgroupLayout::kubelet_default()).is_ok());
         let d = KubeletConfig::default();
         assert_eq!(
             (d.cache_ttl, d.retry_for, d.timeout),
@@ -743,7 +753,8 @@ mod tests {
         let pki = make_pki();
         let k = start_kubelet(Some(&pki), "tok-1", static_body(PODS_JSON.to_string())).await;
         let f = files("tok-1", &pki.ca_pem);
-        let att = K8sAttestor::new(Some(https_config(&k, &f))).unwrap();
+        let att =
+            K8sAttestor::new(Some(https_config(&k, &f)), CgroupLayout::kubelet_default()).unwrap();
 
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
 
@@ -800,7 +811,8 @@ mod tests {
         let (_other_ca, other_pem) = make_ca();
         let k = start_kubelet(Some(&pki), "tok-1", static_body(PODS_JSON.to_string())).await;
         let f = files("tok-1", &other_pem);
-        let att = K8sAttestor::new(Some(https_config(&k, &f))).unwrap();
+        let att =
+            K8sAttestor::new(Some(https_config(&k, &f)), CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(
             att.selectors_for(&web_cgroup()).await,
             cgroup_only(WEB_UID, WEB_CID)
@@ -818,7 +830,7 @@ mod tests {
             retry_for: Duration::ZERO,
             ..https_config(&k, &f)
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
 
         // The kubelet now expects a rotated token the file does not have yet: 401.
@@ -843,7 +855,7 @@ mod tests {
             insecure_skip_verify: true,
             ..https_config(&k, &f)
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
     }
 
@@ -856,7 +868,7 @@ mod tests {
             token_file: Some(f.token.clone()),
             ..Default::default()
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
     }
 
@@ -896,7 +908,7 @@ mod tests {
             retry_for: Duration::from_secs(2),
             ..https_config(&k, &f)
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         let start = Instant::now();
         let sel = att
             .selectors_for(&format!(
@@ -920,7 +932,7 @@ mod tests {
             retry_for: Duration::from_millis(700),
             ..https_config(&k, &f)
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         // Not in the pod list at all (e.g. the pod's sandbox/pause container).
         let cid = "0123456789abcdef".repeat(4);
         let text = format!("0::/kubepods/besteffort/pod{WEB_UID}/{cid}\n");
@@ -939,7 +951,8 @@ mod tests {
         let pki = make_pki();
         let k = start_kubelet(Some(&pki), "tok-1", static_body(PODS_JSON.to_string())).await;
         let f = files("tok-1", &pki.ca_pem);
-        let att = K8sAttestor::new(Some(https_config(&k, &f))).unwrap();
+        let att =
+            K8sAttestor::new(Some(https_config(&k, &f)), CgroupLayout::kubelet_default()).unwrap();
         // web's container id claimed under the payments pod's uid
         let text = format!("0::/kubepods/burstable/pod{API_UID}/{WEB_CID}\n");
         assert_eq!(
@@ -953,7 +966,7 @@ mod tests {
             node_name: Some("node-b".into()),
             ..https_config(&k, &f)
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(
             att.selectors_for(&web_cgroup()).await,
             cgroup_only(WEB_UID, WEB_CID)
@@ -962,7 +975,7 @@ mod tests {
             node_name: Some("node-a".into()),
             ..https_config(&k, &f)
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
     }
 
@@ -975,7 +988,7 @@ mod tests {
             cache_ttl: Duration::from_millis(400),
             ..https_config(&k, &f)
         };
-        let att = Arc::new(K8sAttestor::new(Some(cfg)).unwrap());
+        let att = Arc::new(K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap());
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
         assert_eq!(att.selectors_for(&web_cgroup()).await, web_full_selectors());
         // concurrent callers within the ttl share the cached list too
@@ -1014,7 +1027,7 @@ mod tests {
             retry_for: Duration::ZERO,
             ..Default::default()
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         let start = Instant::now();
         assert_eq!(
             att.selectors_for(&web_cgroup()).await,
@@ -1049,7 +1062,7 @@ mod tests {
             retry_for: Duration::from_millis(400),
             ..Default::default()
         };
-        let att = K8sAttestor::new(Some(cfg)).unwrap();
+        let att = K8sAttestor::new(Some(cfg), CgroupLayout::kubelet_default()).unwrap();
         let start = Instant::now();
         assert_eq!(
             att.selectors_for(&web_cgroup()).await,

@@ -59,7 +59,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use cgroup::{parse_cgroup, PodRef};
+pub use cgroup::{CgroupLayout, PodRef, Qos, DEFAULT_ROOTS};
 use kubelet::KubeletClient;
 
 use crate::selector::{K8sKey, Key, Selector};
@@ -160,8 +160,30 @@ pub enum K8sError {
         cgroup_pod_uid: String,
         kubelet_pod_uid: String,
     },
+    #[error(
+        "pod {pod_uid} is {kubelet} per kubelet, but its cgroup sits under the {cgroup} level"
+    )]
+    QosMismatch {
+        pod_uid: String,
+        cgroup: &'static str,
+        kubelet: String,
+    },
     #[error("pod is on node {actual}, this node is {expected}")]
     NodeMismatch { expected: String, actual: String },
+}
+
+/// `layout` as this agent can trust it on this host: roots that others can write are
+/// dropped, and paths are read relative to the agent's cgroup namespace (learnt from the
+/// cgroup of PID 1, the host's init under `hostPID`).
+pub fn host_layout(layout: CgroupLayout) -> CgroupLayout {
+    let layout = layout.only_root_writable(std::path::Path::new("/sys/fs/cgroup"));
+    match std::fs::read_to_string("/proc/1/cgroup") {
+        Ok(init) => layout.in_namespace_of(&init),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /proc/1/cgroup; taking the host's cgroup namespace");
+            layout
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -171,6 +193,7 @@ pub enum K8sError {
 /// Kubernetes workload attestor. Cheap to share (`Send + Sync`); holds the pod list cache.
 pub struct K8sAttestor {
     kubelet: Option<KubeletClient>,
+    layout: CgroupLayout,
 }
 
 impl fmt::Debug for K8sAttestor {
@@ -182,10 +205,14 @@ impl fmt::Debug for K8sAttestor {
 }
 
 impl K8sAttestor {
-    /// `kubelet: None` → cgroup-only selectors.
-    pub fn new(kubelet: Option<KubeletConfig>) -> Result<K8sAttestor, K8sError> {
+    /// `kubelet: None` → cgroup-only selectors. Pods are looked for only where `layout`
+    /// says the kubelet puts them.
+    pub fn new(
+        kubelet: Option<KubeletConfig>,
+        layout: CgroupLayout,
+    ) -> Result<K8sAttestor, K8sError> {
         let kubelet = kubelet.map(KubeletClient::new).transpose()?;
-        Ok(K8sAttestor { kubelet })
+        Ok(K8sAttestor { kubelet, layout })
     }
 
     /// Selectors for the process, sorted: empty when not in a pod. Reads
@@ -208,7 +235,7 @@ impl K8sAttestor {
 
     /// Same but from cgroup text (for tests and callers that already read the file).
     pub async fn selectors_for(&self, cgroup_text: &str) -> Vec<Selector> {
-        let Some(pod) = parse_cgroup(cgroup_text) else {
+        let Some(pod) = self.layout.parse(cgroup_text) else {
             return Vec::new();
         };
         let mut out = BTreeSet::new();
@@ -270,14 +297,14 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         fn send<T: Send>(_: &T) {}
         send_sync::<K8sAttestor>();
-        let att = K8sAttestor::new(None).unwrap();
+        let att = K8sAttestor::new(None, CgroupLayout::kubelet_default()).unwrap();
         send(&att.selectors(1));
         send(&att.selectors_for(""));
     }
 
     #[tokio::test]
     async fn cgroup_only_without_kubelet() {
-        let att = K8sAttestor::new(None).unwrap();
+        let att = K8sAttestor::new(None, CgroupLayout::kubelet_default()).unwrap();
         assert_eq!(
             att.selectors_for(&web_cgroup()).await,
             vec![
@@ -426,7 +453,7 @@ mod tests {
         let proc_text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
         eprintln!("real_process_in_pod_like_cgroup: /proc/{pid}/cgroup =\n{proc_text}");
 
-        let att = K8sAttestor::new(None).unwrap();
+        let att = K8sAttestor::new(None, CgroupLayout::kubelet_default()).unwrap();
         let sel = att.selectors(pid as i32).await;
         assert_eq!(
             sel,

@@ -61,6 +61,8 @@ struct PodStatus {
     init_container_statuses: Vec<ContainerStatus>,
     #[serde(default, deserialize_with = "null_default")]
     ephemeral_container_statuses: Vec<ContainerStatus>,
+    #[serde(default, deserialize_with = "null_default")]
+    qos_class: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -80,6 +82,8 @@ pub(super) struct PodInfo {
     pub(super) service_account: String,
     pub(super) node_name: String,
     pub(super) labels: BTreeMap<String, String>,
+    /// `Guaranteed`, `Burstable` or `BestEffort`; empty if the kubelet did not say.
+    pub(super) qos_class: String,
 }
 
 pub(super) struct ContainerEntry {
@@ -104,6 +108,7 @@ impl PodIndex {
                 service_account: pod.spec.service_account_name,
                 node_name: pod.spec.node_name,
                 labels: pod.metadata.labels,
+                qos_class: pod.status.qos_class,
             });
             let statuses = pod
                 .status
