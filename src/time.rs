@@ -1,4 +1,5 @@
-//! Wall-clock helpers shared by the CLI, the logs and the admin API.
+//! Wall-clock helpers shared by the CLI, the logs and the admin API, and the boot clock that
+//! times leases while the agent runs.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,6 +62,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn floor_secs(t: SystemTime) -> SystemTime {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// A moment on the boot clock (`CLOCK_BOOTTIME`): it never steps, whatever is done to the
+/// wall clock, and it counts time spent suspended. Leases end by it while the agent runs; wall
+/// time is for certificates, tokens and what is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Boot(Duration);
+
+impl Boot {
+    pub fn now() -> Boot {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Boot(Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+    }
+
+    /// When the wall clock will show `at`, as the two clocks stand now (now if `at` has passed).
+    pub fn at_wall(at: SystemTime) -> Boot {
+        let (wall, boot) = (SystemTime::now(), Boot::now());
+        let ahead = at.duration_since(wall).unwrap_or_default();
+        Boot(boot.0.saturating_add(ahead))
+    }
+
+    /// How long until this moment (zero once it has passed).
+    pub fn remaining(self) -> Duration {
+        self.0.saturating_sub(Boot::now().0)
+    }
 }
 
 #[cfg(test)]

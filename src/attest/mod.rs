@@ -70,7 +70,7 @@ use crate::selector::Selectors;
 
 use std::io;
 
-pub use exit::wait_exit;
+pub use exit::{pinned_pidfds, wait_exit, BoundProcess};
 pub use peer::PeerInfo;
 pub use process::process_start_time;
 pub use unix::Attestor;

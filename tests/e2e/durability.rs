@@ -441,3 +441,106 @@ async fn a_revocation_on_a_full_disk_is_durable_and_survives_a_restart() {
     drop(fs);
     drop(dir);
 }
+
+/// libfaketime, which shifts the wall clock a process reads through libc (Debian's
+/// `faketime`, which `.ci/run` installs).
+fn libfaketime() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+}
+
+/// Issue 14, hole 10, as the attack was run: with the agent's wall clock stepped back an hour,
+/// a short lease went on issuing long past its end. The step is made with libfaketime, which
+/// moves the wall clock the agent reads (through libc) but not the boot clock it reads from
+/// the kernel itself.
+#[tokio::test]
+async fn a_wall_clock_stepped_back_does_not_extend_a_lease() {
+    let Some(lib) = libfaketime() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("libfaketime is missing; .ci/run installs Debian's faketime");
+        }
+        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+        return;
+    };
+    let dir = shared_tempdir();
+    let clock = dir.path().join("faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let paths = AgentPaths::in_dir(dir.path());
+    let mut agent = paths.agent();
+    agent
+        .args([
+            "--trust-domain",
+            "example.org",
+            "--health-addr",
+            "127.0.0.1:0",
+        ])
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _agent = tokio::process::Command::from(agent)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for(&paths.socket);
+    wait_for(&paths.admin_socket);
+
+    let mut admin = mayfly::cli::connect::connect(&paths.admin_socket)
+        .await
+        .unwrap();
+    let lease = admin
+        .grant(pb::GrantRequest {
+            selectors: vec![
+                format!("unix:uid:{}", my_uid()),
+                format!("unix:pid:{}", std::process::id()),
+            ],
+            ..grant_request("brief", "user/alice", Duration::from_secs(3))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let endpoint = format!("unix://{}", paths.socket.display());
+    let workload = spiffe::WorkloadApiClient::connect_to(endpoint.as_str())
+        .await
+        .unwrap();
+    assert!(workload.fetch_x509_svid().await.is_ok());
+
+    // The agent's wall clock goes back an hour; its lease has 3 s left in real time.
+    std::fs::write(&clock, "-1h\n").unwrap();
+    let witness = admin
+        .grant(pb::GrantRequest {
+            selectors: vec!["unix:uid:4242".into()],
+            ..grant_request("witness", "user/alice", HOUR)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let behind = std::time::SystemTime::now()
+        .duration_since(mayfly::time::from_timestamp(&witness.created_at.unwrap()).unwrap())
+        .unwrap_or_default();
+    assert!(
+        behind > Duration::from_secs(3000),
+        "the agent's clock did not move ({behind:?} behind)"
+    );
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let err = workload.fetch_x509_svid().await.unwrap_err();
+    assert!(
+        matches!(err, spiffe::WorkloadApiError::NoIdentityIssued),
+        "a lease past its end still issued: {err:?}"
+    );
+    let ended = admin
+        .get(pb::GetRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ended.state, "expired");
+}

@@ -2,15 +2,19 @@
 //! on each process a lease is bound to.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::attest::BoundProcess;
 use crate::lease::{Lease, LeaseId, LeaseState, Principal};
+use crate::time::Boot;
 
 use super::Leases;
 
-/// The expiry task re-reads the wall clock at least this often.
+/// The expiry task re-reads the boot clock at least this often.
 const EXPIRY_MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// How long after a bound process exits the lease is ended as `process_exited`, unless its
@@ -21,13 +25,22 @@ impl Leases {
     /// A lease bound to a process (`unix:pid:PID:START`) ends as `process_exited` when that
     /// process exits. The agent watches the process itself through a pidfd, so the lease ends
     /// even when whoever granted it (say, a killed `mayfly run`) is gone.
-    pub(super) fn spawn_process_watch(&self, lease: &Lease, ended: CancellationToken) {
-        for (pid, start) in lease.selectors.processes() {
+    ///
+    /// It stops matching the moment the process exits (see [`index`](super::index)); the end
+    /// itself waits a moment for `mayfly run` to complete the lease instead.
+    pub(super) fn spawn_process_watch(
+        &self,
+        lease: &Lease,
+        ended: CancellationToken,
+        bound: Vec<Arc<BoundProcess>>,
+    ) {
+        for process in bound {
             let me = self.me.clone();
             let id = lease.id.clone();
             let ended = ended.clone();
+            let pid = process.pid();
             self.spawn(async move {
-                let exited = crate::attest::wait_exit(pid, start);
+                let exited = process.exited();
                 tokio::select! {
                     _ = ended.cancelled() => return,
                     _ = exited => {}
@@ -72,13 +85,13 @@ impl Leases {
         });
     }
 
-    /// Ends every lease whose `expires_at` has passed (in memory at once; the records are
-    /// written by tasks of their own, so a thousand expiries at one instant do not queue
-    /// behind each other's fsync). Returns how long to sleep before the next deadline.
+    /// Ends every lease whose deadline has passed on the boot clock (in memory at once; the
+    /// records are written by tasks of their own, so a thousand expiries at one instant do not
+    /// queue behind each other's fsync). Returns how long to sleep before the next deadline.
     fn expire_due(&self) -> Duration {
         loop {
-            let now = SystemTime::now();
-            let due: Vec<(SystemTime, LeaseId)> = {
+            let now = Boot::now();
+            let due: Vec<(Boot, LeaseId)> = {
                 let inner = self.inner.read().expect("lease lock poisoned");
                 inner
                     .deadlines
@@ -115,16 +128,11 @@ impl Leases {
             }
         }
         let inner = self.inner.read().expect("lease lock poisoned");
-        let next = inner.deadlines.first().map(|(at, _)| *at);
         // A deadline that passed since the loop above (microseconds ago) means no sleep at all.
-        next.map(|at| {
-            at.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-        })
-        .unwrap_or(EXPIRY_MAX_SLEEP)
-        // Wall-clock deadlines, monotonic sleeps: look again at least this often, so a clock
-        // step cannot hold a lease open for long.
-        .min(EXPIRY_MAX_SLEEP)
+        let next = inner.deadlines.first().map(|(at, _)| at.remaining());
+        // Tokio sleeps on the monotonic clock, which stops during suspend; the boot clock does
+        // not: look again at least this often, so a resumed machine ends what expired meanwhile.
+        next.unwrap_or(EXPIRY_MAX_SLEEP).min(EXPIRY_MAX_SLEEP)
     }
 }
 
@@ -133,6 +141,44 @@ mod tests {
     use super::super::test_support::*;
     use crate::lease::{Lease, LeaseId, LeaseState};
     use std::time::{Duration, SystemTime};
+
+    /// Issue 14, hole 3: a victim bound to `unix:pid:P` was killed, and an attacker forked onto
+    /// P within the same clock tick, so its pid and start time were the victim's. During the
+    /// exit grace the lease still matched, and the attacker got the victim's SVID.
+    #[tokio::test]
+    async fn a_bound_process_that_exited_never_matches_again_even_within_the_grace() {
+        let r = registry();
+        let mut victim = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = victim.id() as i32;
+        let start = crate::attest::process_start_time(pid).unwrap();
+        let bound = format!("unix:pid:{pid}:{start}");
+        let l = grant(
+            &r,
+            "victim",
+            &[&bound, "unix:uid:7"],
+            Duration::from_secs(60),
+        )
+        .await;
+        // What the victim, or anyone presenting its very pid and start time, shows.
+        let same = selectors(&[&bound, "unix:uid:7"]);
+        assert_eq!(r.matching(&same).len(), 1);
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        // At once, well inside the grace that lets `mayfly run` complete the lease first.
+        assert!(r.matching(&same).is_empty(), "an exited process matched");
+        assert!(!r.matches_any(&same));
+        // And then it ends.
+        for _ in 0..100 {
+            if r.get(&l.id).await.unwrap().state == LeaseState::ProcessExited {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the lease did not end after its process exited");
+    }
 
     #[tokio::test]
     async fn expiry_fires_without_anyone_asking() {

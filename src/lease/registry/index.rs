@@ -9,8 +9,10 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::attest::BoundProcess;
 use crate::lease::{Lease, LeaseId};
 use crate::selector::{Selector, Selectors};
+use crate::time::Boot;
 
 use super::{ActiveLease, Leases};
 
@@ -19,6 +21,11 @@ pub(super) struct Slot {
     pub(super) ended: CancellationToken,
     /// Created when the SVID cache first asks (most leases never need one).
     pub(super) expires_at: OnceLock<watch::Sender<SystemTime>>,
+    /// The processes its `unix:pid` selectors bind it to, pinned when it became active: it
+    /// matches only while every one of them runs (a pid and a start time alone can be reused).
+    pub(super) bound: Vec<Arc<BoundProcess>>,
+    /// `expires_at` on the boot clock, which a step of the wall clock does not move.
+    pub(super) deadline: Boot,
 }
 
 #[derive(Default)]
@@ -29,20 +36,28 @@ pub(super) struct Inner {
     /// index selector -> leases indexed under it
     pub(super) index: HashMap<Selector, HashSet<LeaseId>>,
     pub(super) ended: VecDeque<Lease>,
-    /// Every active lease by `expires_at`, soonest first (what the expiry task serves).
-    pub(super) deadlines: BTreeSet<(SystemTime, LeaseId)>,
+    /// Every active lease by its deadline on the boot clock, soonest first (what the expiry
+    /// task serves).
+    pub(super) deadlines: BTreeSet<(Boot, LeaseId)>,
 }
 
 /// The slots of the active, unexpired leases whose selectors are all among the caller's: each
 /// found through the index bucket of one of the caller's selectors, never by scanning.
 fn matched<'a>(inner: &'a Inner, caller: &'a Selectors) -> impl Iterator<Item = &'a Slot> + 'a {
-    let now = SystemTime::now();
+    // Either clock saying the lease is over is enough: the boot clock cannot be stepped back,
+    // and a wall clock stepped forward makes certificates that end before they are issued.
+    let (now, boot) = (SystemTime::now(), Boot::now());
     caller
         .iter()
         .filter_map(|s| inner.index.get(s))
         .flatten()
         .map(|id| &inner.active[id])
-        .filter(move |slot| slot.lease.expires_at > now && slot.lease.selectors.all_in(caller))
+        .filter(move |slot| {
+            slot.deadline > boot
+                && slot.lease.expires_at > now
+                && slot.lease.selectors.all_in(caller)
+                && slot.bound.iter().all(|p| p.is_alive())
+        })
 }
 
 /// The selector a lease is indexed under: the kind that narrows callers most.
@@ -63,9 +78,21 @@ impl Leases {
     pub(super) fn activate_all(&self, leases: Vec<Arc<Lease>>) {
         let mut keys = Vec::with_capacity(leases.len());
         let mut watched = Vec::new();
+        // Pinned before the lock: a pidfd per bound process.
+        let leases: Vec<(Arc<Lease>, Vec<Arc<BoundProcess>>)> = leases
+            .into_iter()
+            .map(|lease| {
+                let bound = lease
+                    .selectors
+                    .processes()
+                    .map(|(pid, start)| Arc::new(BoundProcess::pin(pid, start)))
+                    .collect();
+                (lease, bound)
+            })
+            .collect();
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            for lease in leases {
+            for (lease, bound) in leases {
                 let ended = CancellationToken::new();
                 let key = index_key(&lease.selectors);
                 inner
@@ -73,9 +100,10 @@ impl Leases {
                     .entry(key.clone())
                     .or_default()
                     .insert(lease.id.clone());
-                inner.deadlines.insert((lease.expires_at, lease.id.clone()));
-                if lease.selectors.processes().next().is_some() {
-                    watched.push((lease.clone(), ended.clone()));
+                let deadline = Boot::at_wall(lease.expires_at);
+                inner.deadlines.insert((deadline, lease.id.clone()));
+                if !bound.is_empty() {
+                    watched.push((lease.clone(), ended.clone(), bound.clone()));
                 }
                 inner.active.insert(
                     lease.id.clone(),
@@ -83,6 +111,8 @@ impl Leases {
                         lease,
                         ended,
                         expires_at: OnceLock::new(),
+                        bound,
+                        deadline,
                     },
                 );
                 keys.push(key);
@@ -90,8 +120,8 @@ impl Leases {
         }
         self.start_expiry();
         self.deadline_moved.notify_one();
-        for (lease, ended) in watched {
-            self.spawn_process_watch(&lease, ended);
+        for (lease, ended, bound) in watched {
+            self.spawn_process_watch(&lease, ended, bound);
         }
         keys.sort_unstable();
         keys.dedup();

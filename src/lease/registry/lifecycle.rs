@@ -176,7 +176,7 @@ impl Leases {
                             inner.index.remove(&key);
                         }
                     }
-                    inner.deadlines.remove(&(slot.lease.expires_at, id.clone()));
+                    inner.deadlines.remove(&(slot.deadline, id.clone()));
                     slot.ended.cancel();
                     Arc::unwrap_or_clone(slot.lease)
                 }

@@ -244,8 +244,9 @@ impl Leases {
             } = &mut *inner;
             active.get_mut(id).map(|slot| {
                 if wanted > slot.lease.expires_at {
-                    deadlines.remove(&(slot.lease.expires_at, id.clone()));
-                    deadlines.insert((wanted, id.clone()));
+                    deadlines.remove(&(slot.deadline, id.clone()));
+                    slot.deadline = crate::time::Boot::at_wall(wanted);
+                    deadlines.insert((slot.deadline, id.clone()));
                     Arc::make_mut(&mut slot.lease).expires_at = wanted;
                     if let Some(tx) = slot.expires_at.get() {
                         tx.send_replace(wanted);
