@@ -212,12 +212,13 @@ impl Agent {
         let admin_api =
             crate::server::admin::AdminApi::new(tasks_service, attestor, &config.socket);
 
+        let (workload_admission, admin_admission) = admissions(&config, &metrics);
         let token = shutdown.clone();
         tasks.spawn(async move {
             let r = server()
                 .add_service(workload_api)
                 .serve_with_incoming_shutdown(
-                    crate::server::listen::incoming(workload),
+                    crate::server::listen::incoming(workload, workload_admission),
                     token.cancelled(),
                 )
                 .await;
@@ -230,7 +231,7 @@ impl Agent {
             let r = server()
                 .add_service(admin_api)
                 .serve_with_incoming_shutdown(
-                    crate::server::listen::incoming(admin),
+                    crate::server::listen::incoming(admin, admin_admission),
                     token.cancelled(),
                 )
                 .await;
@@ -364,6 +365,39 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// Hundreds of idle clients each hold a descriptor: lift the soft limit to the hard one.
+/// The caps of both sockets. The admin socket's are small and fixed (its callers are few),
+/// and it may use the descriptors the workload socket keeps free.
+fn admissions(
+    config: &Config,
+    metrics: &crate::telemetry::Metrics,
+) -> (
+    crate::server::listen::Admission,
+    crate::server::listen::Admission,
+) {
+    use crate::server::listen::limits::{ConnLimits, FD_RESERVE};
+    use crate::server::listen::Admission;
+    let workload = Admission {
+        name: "workload",
+        limits: ConnLimits::new(
+            config.max_connections_per_uid,
+            config.max_connections,
+            FD_RESERVE,
+        ),
+        handshake_timeout: config.handshake_timeout,
+        refused: metrics.connections_refused.clone(),
+    };
+    let admin = Admission {
+        name: "admin",
+        limits: ConnLimits::new(ADMIN_CONNECTIONS_PER_UID, ADMIN_CONNECTIONS, 16),
+        ..workload.clone()
+    };
+    (workload, admin)
+}
+
+/// The admin socket's caps: orchestrators and operators, not workloads.
+const ADMIN_CONNECTIONS_PER_UID: usize = 64;
+const ADMIN_CONNECTIONS: usize = 256;
+
 fn raise_fd_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);

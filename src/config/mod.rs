@@ -44,6 +44,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub kubernetes: KubernetesSection,
     #[serde(default)]
+    pub connections: ConnectionsSection,
+    #[serde(default)]
     pub policy: PolicySection,
 }
 
@@ -102,6 +104,18 @@ pub struct LeaseSection {
     pub max_jwt_ttl: Option<String>,
     /// How long ended leases stay listed (`task list --all`) before they are compacted away.
     pub retention: Option<String>,
+}
+
+/// How many connections the workload socket takes, and how soon a client must speak.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsSection {
+    /// Open connections from one uid at most (default 2048).
+    pub max_per_uid: Option<usize>,
+    /// Open connections in all at most (default 16384, and always within the descriptor limit).
+    pub max_total: Option<usize>,
+    /// A client that has not sent the HTTP/2 preface by then is disconnected (default 10s).
+    pub handshake_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +177,9 @@ pub struct Config {
     pub jwt_key_rotation: Duration,
     pub kubelet: Option<crate::attest::k8s::KubeletConfig>,
     pub cgroup_layout: crate::attest::k8s::CgroupLayout,
+    pub max_connections_per_uid: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
     pub policy: crate::policy::PolicySource,
     pub approval_timeout: Duration,
 }
@@ -452,6 +469,21 @@ impl Config {
                 crate::attest::k8s::CgroupLayout::kubelet_default()
             }),
         };
+        let c = &file.connections;
+        let handshake_timeout = duration(
+            &mut errors,
+            "connections.handshake_timeout",
+            c.handshake_timeout.as_deref(),
+            Duration::from_secs(10),
+        );
+        if handshake_timeout.is_zero() {
+            errors.push("connections.handshake_timeout: must be more than 0".into());
+        }
+        let max_connections_per_uid = c.max_per_uid.unwrap_or(2048);
+        let max_connections = c.max_total.unwrap_or(16384);
+        if max_connections_per_uid == 0 || max_connections == 0 {
+            errors.push("connections: max_per_uid and max_total must be at least 1".into());
+        }
         let approval_timeout = duration(
             &mut errors,
             "policy.approval_timeout",
@@ -538,6 +570,9 @@ impl Config {
             jwt_key_rotation,
             kubelet,
             cgroup_layout,
+            max_connections_per_uid,
+            max_connections,
+            handshake_timeout,
             policy: crate::policy::PolicySource {
                 policy_files: file.policy.files.unwrap_or_default(),
                 schema_file: file.policy.schema,

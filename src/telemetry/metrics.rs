@@ -29,6 +29,14 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// `workload` or `admin`.
+    pub socket: String,
+    /// `per_uid`, `total` or `descriptors`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -43,6 +51,7 @@ pub struct Metrics {
     pub issuance_seconds: Family<KindLabel, Histogram>,
     pub attestations: Family<ResultLabel, Counter>,
     pub open_streams: Gauge,
+    pub connections_refused: Family<RefusedLabel, Counter>,
     pub teardown_seconds: Histogram,
     pub audit_write_seconds: Histogram,
     pub ca_not_after: Gauge<i64, AtomicI64>,
@@ -64,6 +73,7 @@ impl Metrics {
             issuance_seconds: Family::new_with_constructor(latency_histogram),
             attestations: Family::default(),
             open_streams: Gauge::default(),
+            connections_refused: Family::default(),
             teardown_seconds: latency_histogram(),
             audit_write_seconds: latency_histogram(),
             ca_not_after: Gauge::default(),
@@ -101,6 +111,11 @@ impl Metrics {
             "mayfly_open_streams",
             "Open Workload API streams",
             m.open_streams.clone(),
+        );
+        r.register(
+            "mayfly_connections_refused",
+            "Connections closed at accept, over the caps per uid, in all, or of file descriptors",
+            m.connections_refused.clone(),
         );
         r.register(
             "mayfly_teardown_seconds",

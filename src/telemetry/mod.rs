@@ -4,5 +4,7 @@
 pub mod metrics;
 pub mod readiness;
 
-pub use metrics::{timed, KindLabel, Metrics, ResultLabel, StateLabel, StreamGuard, SvidKind};
+pub use metrics::{
+    timed, KindLabel, Metrics, RefusedLabel, ResultLabel, StateLabel, StreamGuard, SvidKind,
+};
 pub use readiness::{Readiness, ReadyGuard};

@@ -10,6 +10,7 @@ mod durability;
 mod health;
 mod jwt;
 mod k8s;
+mod limits;
 mod mtls;
 mod policy;
 mod python_clients;

@@ -5,20 +5,32 @@
 pub mod authority;
 pub mod hpack;
 mod huffman;
+pub mod limits;
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 
 use crate::attest::PeerInfo;
+use crate::telemetry::RefusedLabel;
 use authority::Rewriter;
+use limits::{ConnGuard, ConnLimits};
+
+/// The client preface and the frame header of the SETTINGS frame that must follow it: once
+/// these have arrived, the handshake timeout no longer applies.
+const HANDSHAKE_BYTES: usize = 24 + 9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -107,6 +119,12 @@ pub struct PeerStream {
     /// Rewritten bytes h2 has not read yet, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
+    /// Until the client has sent its preface: when it must have (a connection that sends half
+    /// a preface and waits must not hold a descriptor for ever).
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
+    received: usize,
+    /// This connection's place under its socket's caps.
+    _place: Option<ConnGuard>,
 }
 
 impl PeerStream {
@@ -128,6 +146,9 @@ impl PeerStream {
             rewriter: Rewriter::default(),
             out: Vec::new(),
             out_pos: 0,
+            handshake: None,
+            received: 0,
+            _place: None,
         }
     }
 }
@@ -173,10 +194,27 @@ impl AsyncRead for PeerStream {
                 }
                 continue;
             }
+            if let Some(deadline) = &mut this.handshake {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    tracing::warn!(
+                        pid = this.peer.pid(),
+                        uid = this.peer.uid(),
+                        "closing connection: no HTTP/2 preface in time"
+                    );
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface in time",
+                    )));
+                }
+            }
             // Read straight into h2's buffer; what passes through unchanged stays there.
             let start = buf.filled().len();
             std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
             let read = buf.filled().len() - start;
+            this.received += read;
+            if this.received >= HANDSHAKE_BYTES {
+                this.handshake = None;
+            }
             if read == 0 {
                 return Poll::Ready(Ok(()));
             }
@@ -228,21 +266,68 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accepted connections with their peers' facts. Accept errors (say, out of file descriptors)
-/// are logged and skipped after a short pause, so they never end the server.
-pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        loop {
-            match listener.accept().await {
-                Ok((io, _)) => {
-                    let peer = PeerInfo::from_unix_stream(&io);
-                    return Some((Ok(PeerStream::new(io, peer)), listener));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+/// What a listener admits: its caps, and how long a client has to send its preface.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// The socket, for the metric and the log.
+    pub name: &'static str,
+    pub limits: Arc<ConnLimits>,
+    pub handshake_timeout: Duration,
+    /// Counts connections closed at accept, by reason.
+    pub refused: Family<RefusedLabel, Counter>,
+}
+
+/// Accepted connections with their peers' facts, within `admission`'s caps: a connection over
+/// them is closed at once. Accept errors (say, out of file descriptors) are logged and
+/// skipped after a short pause, so they never end the server.
+pub fn incoming(
+    listener: UnixListener,
+    admission: Admission,
+) -> impl Stream<Item = io::Result<PeerStream>> {
+    futures::stream::unfold(
+        (listener, admission, None::<Instant>),
+        |(listener, admission, mut warned)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((io, _)) => {
+                        let peer = PeerInfo::from_unix_stream(&io);
+                        let place = match admission.limits.admit(peer.uid()) {
+                            Ok(place) => place,
+                            Err(refusal) => {
+                                admission
+                                    .refused
+                                    .get_or_create(&RefusedLabel {
+                                        socket: admission.name.to_owned(),
+                                        reason: refusal.as_str().to_owned(),
+                                    })
+                                    .inc();
+                                // One line a second at most: a flood must not flood the log.
+                                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                                    warned = Some(Instant::now());
+                                    tracing::warn!(
+                                        event = "connection_refused",
+                                        socket = admission.name,
+                                        uid = peer.uid(),
+                                        pid = peer.pid(),
+                                        reason = refusal.as_str(),
+                                        "closing a new connection: over the connection caps"
+                                    );
+                                }
+                                continue;
+                            }
+                        };
+                        let mut stream = PeerStream::new(io, peer);
+                        stream.handshake =
+                            Some(Box::pin(tokio::time::sleep(admission.handshake_timeout)));
+                        stream._place = Some(place);
+                        return Some((Ok(stream), (listener, admission, warned)));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
