@@ -111,7 +111,7 @@ async fn run(cli: Cli) {
         Command::Svid(SvidCommand::Watch { socket, output }) => {
             mayfly::cli::workload::svid_watch(socket, output).await
         }
-        Command::Audit(cmd) => mayfly::cli::local::audit(cmd),
+        Command::Audit(cmd) => mayfly::cli::local::audit(cmd).await,
         Command::Policy(cmd) => match mayfly::cli::local::policy_check(cmd) {
             Ok(code) => std::process::exit(code),
             Err(e) => Err(e),

@@ -25,6 +25,67 @@ pub enum DataDirError {
          could replace the CA, the leases or the audit log (fix: chmod go-w {path})"
     )]
     Writable { path: PathBuf, mode: u32 },
+    #[error(
+        "data directory: the audit log {audit} has records, but {missing} is gone; the agent \
+         will not create a new one silently (someone may have replaced it). Restore it, or, to \
+         start over on purpose, stop here and run `mayfly audit new-chain --reason ...`"
+    )]
+    Vanished { audit: PathBuf, missing: String },
+    #[error(
+        "data directory: {present} exists but the audit log {audit} is gone; the agent will not \
+         start a clean chain silently (someone may have deleted the history). Restore it, or, \
+         to start over on purpose, run `mayfly audit new-chain --reason ...`"
+    )]
+    AuditGone { audit: PathBuf, present: String },
+}
+
+/// Refuses a data dir where part of the agent's state vanished beside the rest: an audit log
+/// with records but no lease store, CA or JWT keys (they existed before any record was
+/// written), or those without the audit log. Either way something was deleted, and silently
+/// starting afresh would launder it. `embedded_ca`: the CA lives in the data dir.
+pub fn check_continuity(path: &Path, embedded_ca: bool) -> Result<(), DataDirError> {
+    let audit = path.join("audit");
+    let parts = [
+        ("the lease store", path.join("leases.redb"), true),
+        ("the CA", path.join("ca"), embedded_ca),
+        ("the JWT signing keys", path.join("jwt"), true),
+    ];
+    let present: Vec<String> = parts
+        .iter()
+        .filter(|(_, p, counts)| *counts && p.exists())
+        .map(|(what, p, _)| format!("{what} {}", p.display()))
+        .collect();
+    if !audit.exists() {
+        return match present.is_empty() {
+            true => Ok(()),
+            false => Err(DataDirError::AuditGone {
+                audit,
+                present: present.join(", "),
+            }),
+        };
+    }
+    let has_records = fs::read_dir(&audit)
+        .map_err(|source| DataDirError::Io {
+            path: audit.clone(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name().to_string_lossy().starts_with("audit-")
+                && e.metadata().is_ok_and(|m| m.len() > 0)
+        });
+    let missing: Vec<String> = parts
+        .iter()
+        .filter(|(_, p, counts)| *counts && !p.exists())
+        .map(|(what, p, _)| format!("{what} {}", p.display()))
+        .collect();
+    if has_records && !missing.is_empty() {
+        return Err(DataDirError::Vanished {
+            audit,
+            missing: missing.join(", "),
+        });
+    }
+    Ok(())
 }
 
 /// Creates the data dir (mode 0700) if it is missing, then checks it and everything in it.
@@ -145,5 +206,38 @@ mod tests {
         let err = prepare(&data).unwrap_err().to_string();
         assert!(err.contains("audit") && err.contains("uid 65534"), "{err}");
         assert!(err.contains("chown 0"), "{err}");
+    }
+
+    /// Issue 14, hole 9: a store, CA or JWT key that vanished beside an existing audit log was
+    /// silently recreated, and so was an audit log that vanished beside the rest.
+    #[test]
+    fn a_part_that_vanished_beside_the_rest_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        check_continuity(d, true).unwrap();
+        fs::create_dir(d.join("audit")).unwrap();
+        fs::write(d.join("audit/audit-00000001.jsonl"), "").unwrap();
+        // A log without records (an agent that never recorded anything) asks for nothing.
+        check_continuity(d, true).unwrap();
+        fs::write(d.join("audit/audit-00000001.jsonl"), "{}\n").unwrap();
+        let err = check_continuity(d, true).unwrap_err().to_string();
+        assert!(
+            err.contains("the lease store") && err.contains("new-chain"),
+            "{err}"
+        );
+        fs::write(d.join("leases.redb"), "").unwrap();
+        fs::create_dir(d.join("jwt")).unwrap();
+        let err = check_continuity(d, true).unwrap_err().to_string();
+        assert!(
+            err.contains("the CA") && !err.contains("lease store"),
+            "{err}"
+        );
+        // An operator CA lives elsewhere.
+        check_continuity(d, false).unwrap();
+        fs::create_dir(d.join("ca")).unwrap();
+        check_continuity(d, true).unwrap();
+        fs::remove_dir_all(d.join("audit")).unwrap();
+        let err = check_continuity(d, true).unwrap_err().to_string();
+        assert!(err.contains("audit log") && err.contains("the CA"), "{err}");
     }
 }

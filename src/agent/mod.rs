@@ -92,6 +92,7 @@ impl Agent {
         let ready_sockets = readiness.register("sockets");
 
         data_dir::prepare(&config.data_dir)?;
+        data_dir::check_continuity(&config.data_dir, config.ca.cert_file.is_none())?;
         let ca = CaHandle::new(SigningCa::load_or_create(
             &config.data_dir,
             &config.limits.trust_domain,

@@ -14,7 +14,7 @@
 //!   segment (so a segment may exceed the limit by at most one batch). The hash chain continues across
 //!   segments.
 //! * `HEAD` — `{"seq":N,"hash":"<64 hex>"}`, the last record known to be durable. It is rewritten
-//!   (temp file + rename, not fsync'd) after every batch, so that deleting records from the *end* of the
+//!   (temp file, synced, then renamed over the old one; the rename is not synced) after every batch, so that deleting records from the *end* of the
 //!   chain — which leaves the remaining chain perfectly valid — is still detected. After a crash HEAD may
 //!   lag behind the chain, never run ahead of it (it is only written after the segment fsync).
 //!
@@ -89,6 +89,92 @@ pub const MAX_BATCH: usize = 4096;
 const HEAD_FILE: &str = "HEAD";
 const HEAD_TMP: &str = "HEAD.tmp";
 
+/// What an operator does about a log whose newest records may be gone.
+const NEW_CHAIN: &str = "If you know why (say, the disk was restored from a backup), keep this \
+    log aside and start a new chain that records where it ended: `mayfly audit new-chain \
+    --reason ...`";
+
+/// What [`start_new_chain`] did.
+#[derive(Debug)]
+pub struct NewChain {
+    /// Where the previous log went (`None`: there was none).
+    pub archived: Option<std::path::PathBuf>,
+    /// The previous log's last record as far as it can be read, `{"seq":..,"hash":..}`.
+    pub previous: Option<Head>,
+    /// The new chain's first record.
+    pub first: Receipt,
+}
+
+/// The operator's way past a log that cannot be continued (its tail or HEAD deleted, or gone
+/// altogether): moves it aside as `audit.replaced-<unix time>` (evidence is never deleted) and
+/// starts a new chain whose first record, `audit_chain_started`, names where the old one ended,
+/// who started the new one and why. The agent must not be running.
+pub async fn start_new_chain(
+    dir: &Path,
+    reason: &str,
+    by_uid: u32,
+) -> Result<NewChain, AuditError> {
+    let (previous, problem) = match verify(dir) {
+        Ok(summary) => (
+            Some(Head {
+                seq: summary.last_seq,
+                hash: summary.last_hash,
+            })
+            .filter(|h| h.seq > 0),
+            None,
+        ),
+        Err(e) => {
+            let (segments, _) = list_segments(dir).unwrap_or_default();
+            let last = last_record(&segments)
+                .ok()
+                .filter(|(seq, _)| *seq > 0)
+                .map(|(seq, hash)| Head { seq, hash });
+            (last, Some(e.to_string()))
+        }
+    };
+    let archived = if dir.exists() {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let name = format!(
+            "{}.replaced-{since}",
+            dir.file_name()
+                .map_or("audit".into(), |n| n.to_string_lossy())
+        );
+        let to = dir.with_file_name(name);
+        fs::rename(dir, &to).map_err(|e| io_error(dir, "move the old log aside", &e))?;
+        Some(to)
+    } else {
+        None
+    };
+    let log = AuditLog::open(dir, AuditOptions::default())?;
+    let mut fields = Map::new();
+    fields.insert("reason".into(), reason.into());
+    fields.insert("by_uid".into(), by_uid.into());
+    fields.insert(
+        "previous_head".into(),
+        serde_json::to_value(&previous).unwrap_or(Value::Null),
+    );
+    fields.insert(
+        "previous_problem".into(),
+        problem.map_or(Value::Null, Value::from),
+    );
+    fields.insert(
+        "archived_to".into(),
+        archived
+            .as_ref()
+            .map_or(Value::Null, |p| p.display().to_string().into()),
+    );
+    let first = log.append("audit_chain_started", fields).await;
+    log.close().await;
+    Ok(NewChain {
+        archived,
+        previous,
+        first: first?,
+    })
+}
+
 /// Options for [`AuditLog::open`].
 #[derive(Clone, Debug)]
 pub struct AuditOptions {
@@ -139,11 +225,12 @@ fn io_error(path: &Path, what: &str, err: &io::Error) -> AuditError {
     AuditError::Io(format!("{}: {what}: {err}", path.display()))
 }
 
+/// The newest record a log holds: what `HEAD` says.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct Head {
-    seq: u64,
-    hash: String,
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
 }
 
 struct Request {
@@ -182,8 +269,10 @@ impl AuditLog {
     /// (bytes after the last `\n`, left by a crash mid-write) was never acknowledged, so it is
     /// truncated away with a warning. A damaged last record, or a HEAD that names a record beyond the
     /// end of the chain (tail deleted), makes `open` fail with [`AuditError::Inconsistent`] rather
-    /// than silently continuing — and thereby hiding — a tampered chain. A missing or unreadable HEAD
-    /// only warns: a crash can legitimately leave it so.
+    /// than silently continuing — and thereby hiding — a tampered chain. So does a missing or
+    /// unreadable HEAD beside records: HEAD is synced before it replaces the previous one, so a
+    /// crash cannot leave it so. Only [`start_new_chain`], an operator's deliberate act, gets past
+    /// such a log.
     pub fn open(dir: &Path, options: AuditOptions) -> Result<AuditLog, AuditError> {
         fs::DirBuilder::new()
             .recursive(true)
@@ -202,15 +291,14 @@ impl AuditLog {
 
         let (segments, _strays) =
             list_segments(dir).map_err(|e| io_error(dir, "list directory", &e))?;
-        let head = match read_head(dir) {
-            Ok(h) => h,
-            Err(problem) => {
-                // A crash can leave HEAD empty (it is not fsync'd). Don't brick the agent over it;
-                // it is rewritten after the next batch and `verify` reports it until then.
-                tracing::warn!(dir = %dir.display(), %problem, "audit HEAD unreadable; ignoring it");
-                None
-            }
-        };
+        // HEAD is synced before it replaces the old one, so a crash leaves a HEAD, never an empty
+        // one: a missing or unreadable HEAD beside records means a deleted tail.
+        let head = read_head(dir).map_err(|problem| {
+            AuditError::Inconsistent(format!(
+                "{}: {problem}; the newest records may have been deleted with it. {NEW_CHAIN}",
+                dir.join(HEAD_FILE).display()
+            ))
+        })?;
 
         let (index, path, file, len) = match segments.last() {
             None => {
@@ -253,7 +341,11 @@ impl AuditLog {
                 )));
             }
         } else if last_seq > 0 {
-            tracing::warn!(dir = %dir.display(), "audit HEAD missing although the log has records");
+            return Err(AuditError::Inconsistent(format!(
+                "{}: missing, although the log has {last_seq} records; the newest records may have \
+                 been deleted with it. {NEW_CHAIN}",
+                dir.join(HEAD_FILE).display()
+            )));
         }
 
         let syncs = Arc::new(AtomicU64::new(0));
@@ -471,5 +563,56 @@ mod tests {
         fn check<T: Send + Sync + Clone + 'static>() {}
         check::<AuditLog>();
         check::<AuditError>();
+    }
+}
+
+#[cfg(test)]
+mod laundering {
+    use super::test_support::make_log;
+    use super::*;
+
+    /// Issue 14, hole 9: deleting the newest records together with HEAD left a shorter chain
+    /// that was perfectly valid, and the agent carried on from it.
+    #[tokio::test]
+    async fn a_log_without_its_head_is_refused_until_an_operator_starts_a_new_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("audit");
+        let receipts = make_log(&dir, 3, AuditOptions::default()).await;
+        for head in ["", "{\"seq\":"] {
+            fs::write(dir.join(HEAD_FILE), head).unwrap();
+            let err = AuditLog::open(&dir, AuditOptions::default()).unwrap_err();
+            assert!(matches!(err, AuditError::Inconsistent(_)), "{err:?}");
+        }
+        fs::remove_file(dir.join(HEAD_FILE)).unwrap();
+        let err = AuditLog::open(&dir, AuditOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("audit new-chain"), "{err}");
+
+        let done = start_new_chain(&dir, "restored from backup", 0)
+            .await
+            .unwrap();
+        let previous = done.previous.unwrap();
+        assert_eq!((previous.seq, previous.hash), (3, receipts[2].hash.clone()));
+        let archived = done.archived.unwrap();
+        assert!(archived.join("audit-00000001.jsonl").exists());
+        // The new chain verifies, and its first record says where the old one ended and why.
+        assert_eq!(verify(&dir).unwrap().records, 1);
+        let first = &read_all(&dir).unwrap()[0];
+        assert_eq!(first["event"], "audit_chain_started");
+        assert_eq!(first["reason"], "restored from backup");
+        assert_eq!(first["previous_head"]["seq"], 3);
+        assert!(first["previous_problem"].as_str().unwrap().contains("HEAD"));
+        AuditLog::open(&dir, AuditOptions::default())
+            .unwrap()
+            .close()
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_new_chain_where_there_was_no_log_records_that() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("audit");
+        let done = start_new_chain(&dir, "audit dir lost", 0).await.unwrap();
+        assert!(done.archived.is_none() && done.previous.is_none());
+        assert_eq!(read_all(&dir).unwrap()[0]["previous_head"], Value::Null);
     }
 }

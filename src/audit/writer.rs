@@ -139,8 +139,8 @@ impl Writer {
         self.len = start + buf.len() as u64;
         self.next_seq = seq;
         self.prev = prev;
-        // HEAD before answering, so an acknowledged record is covered by HEAD; not fsync'd: the
-        // segment fsync is what makes records durable, HEAD merely may lag after a crash.
+        // HEAD before answering, so an acknowledged record is covered by HEAD. Its rename is not
+        // synced: the segment fsync is what makes records durable, HEAD merely may lag.
         if let Err(e) = self.write_head() {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update audit HEAD (tail-deletion detection lags)");
         }
@@ -188,8 +188,18 @@ impl Writer {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(text.as_bytes())?;
+        // Synced before the rename, so that after a crash HEAD is the old one or the new one,
+        // never empty: a missing or empty HEAD beside records refuses start (tail deleted).
+        f.sync_data()?;
         drop(f);
-        fs::rename(&tmp, self.dir.join(HEAD_FILE))
+        let head = self.dir.join(HEAD_FILE);
+        let first = !head.exists();
+        fs::rename(&tmp, &head)?;
+        if first {
+            // The first HEAD of a log must survive a crash too (later ones may lag).
+            super::segment::sync_dir(&self.dir).map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 

@@ -141,6 +141,18 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// Set the audit log aside (as audit.replaced-<time>) and start a new chain whose first
+    /// record names where the old one ended, who did it and why. For a log the agent refuses
+    /// (its newest records or HEAD gone, or no log beside an existing store or CA). The agent
+    /// must be stopped.
+    NewChain {
+        /// The agent's data directory (default: the agent's default for this user).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Why (recorded in the new chain's first record).
+        #[arg(long)]
+        reason: String,
+    },
     /// Check the whole hash chain; names the first bad record and exits non-zero.
     Verify {
         /// The agent's data directory (default: the agent's default for this user).

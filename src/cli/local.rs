@@ -13,9 +13,43 @@ fn audit_dir(data_dir: Option<PathBuf>) -> PathBuf {
         .join("audit")
 }
 
-pub fn audit(cmd: crate::cli::AuditCommand) -> Result<()> {
+pub async fn audit(cmd: crate::cli::AuditCommand) -> Result<()> {
     use crate::cli::AuditCommand;
     match cmd {
+        AuditCommand::NewChain { data_dir, reason } => {
+            let data = data_dir.unwrap_or_else(|| Defaults::for_current_user().data_dir);
+            if reason.trim().is_empty() {
+                bail!("--reason: say why the old chain is set aside");
+            }
+            // A running agent holds the lease store open (and writes the log): refuse then.
+            let store = data.join("leases.redb");
+            if store.exists() {
+                crate::store::RedbStore::open(&store).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open {} ({e}); stop the agent first",
+                        store.display()
+                    )
+                })?;
+            }
+            let me = rustix::process::geteuid().as_raw();
+            let done = crate::audit::start_new_chain(&data.join("audit"), &reason, me).await?;
+            match (&done.archived, &done.previous) {
+                (Some(to), Some(h)) => println!(
+                    "the old log is at {}; it ended at seq {} hash {}",
+                    to.display(),
+                    h.seq,
+                    h.hash
+                ),
+                (Some(to), None) => {
+                    println!("the old log is at {}; it had no records", to.display())
+                }
+                (None, _) => println!("there was no audit log"),
+            }
+            println!(
+                "new chain started: seq {} hash {} (audit_chain_started)",
+                done.first.seq, done.first.hash
+            );
+        }
         AuditCommand::Verify { data_dir } => {
             let dir = audit_dir(data_dir);
             match std::fs::metadata(&dir) {

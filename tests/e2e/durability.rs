@@ -544,3 +544,103 @@ async fn a_wall_clock_stepped_back_does_not_extend_a_lease() {
         .into_inner();
     assert_eq!(ended.state, "expired");
 }
+
+/// The agent's start-up error on `dir`, which must refuse to start.
+async fn refused_start(dir: tempfile::TempDir) -> (String, tempfile::TempDir) {
+    let file = mayfly::config::FileConfig {
+        trust_domain: Some("example.org".into()),
+        ..Default::default()
+    };
+    let config = mayfly::config::Config::resolve(
+        file,
+        mayfly::config::Overrides {
+            socket: Some(dir.path().join("workload.sock")),
+            admin_socket: Some(dir.path().join("admin.sock")),
+            data_dir: Some(dir.path().join("data")),
+            health_addr: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    match mayfly::agent::Agent::start(config).await {
+        Ok(agent) => {
+            agent.stop().await;
+            panic!("the agent started");
+        }
+        Err(e) => (e.to_string(), dir),
+    }
+}
+
+/// Issue 14, hole 9, as the attack was run: deleting the newest audit records together with
+/// HEAD, or the whole audit directory, and restarting gave a clean-looking chain that verified.
+#[tokio::test]
+async fn a_deleted_audit_tail_or_log_refuses_start_until_an_operator_starts_a_new_chain() {
+    let t = start().await;
+    let l = t.grant_me("evidence", HOUR, None).await;
+    t.revoke(&l.lease_id, "covering tracks").await;
+    let data = t.data_dir();
+    let dir = t.stop().await;
+
+    // The tail (the revocation) and HEAD go.
+    let audit = data.join("audit");
+    let segment = audit.join("audit-00000001.jsonl");
+    let text = std::fs::read_to_string(&segment).unwrap();
+    let kept: Vec<&str> = text.lines().take(1).collect();
+    std::fs::write(&segment, format!("{}\n", kept.join("\n"))).unwrap();
+    std::fs::remove_file(audit.join("HEAD")).unwrap();
+    let (err, dir) = refused_start(dir).await;
+    assert!(err.contains("HEAD") && err.contains("new-chain"), "{err}");
+
+    // The operator's deliberate way out, recorded in the new chain.
+    let out = mayfly(&[
+        "audit",
+        "new-chain",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--reason",
+        "tail lost in an incident, see ticket 42",
+    ]);
+    let said = ok(out);
+    assert!(said.contains("it ended at seq 1"), "{said}");
+    let t = start_in(dir, |_| {}).await;
+    let first = audit_records(&t.data_dir()).remove(0);
+    assert_eq!(first["event"], "audit_chain_started");
+    assert_eq!(first["reason"], "tail lost in an incident, see ticket 42");
+    mayfly::audit::verify(&audit).unwrap();
+    let dir = t.stop().await;
+
+    // The whole audit directory goes (the old one and the new one).
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("audit")
+        {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+    let (err, dir) = refused_start(dir).await;
+    assert!(
+        err.contains("audit log") && err.contains("is gone"),
+        "{err}"
+    );
+    drop(dir);
+}
+
+/// Issue 14, hole 9: a lease store that vanished beside an audit log with records was silently
+/// recreated empty, forgetting every lease (and every revocation).
+#[tokio::test]
+async fn a_vanished_lease_store_beside_the_audit_log_refuses_start() {
+    let t = start().await;
+    t.grant_me("kept", HOUR, None).await;
+    let data = t.data_dir();
+    let dir = t.stop().await;
+    std::fs::remove_file(data.join("leases.redb")).unwrap();
+    let (err, _dir) = refused_start(dir).await;
+    assert!(
+        err.contains("the lease store") && err.contains("is gone"),
+        "{err}"
+    );
+}
