@@ -46,10 +46,12 @@
 //!   whole pid space within that window.
 //! * `SO_PEERCRED` names the process that connected, not whoever holds the
 //!   socket now: a process can connect, fork, and let the parent exec a
-//!   different binary. Executable-based selectors (`unix:path`,
-//!   `unix:sha256`) therefore only separate workloads that run under
-//!   different uids; processes of the same uid can usually ptrace each other
-//!   anyway.
+//!   different binary while the child keeps the socket. The listeners close a
+//!   connection on the first bytes written by any other process than the one
+//!   that connected (the kernel tags each chunk with its writer's pid:
+//!   `crate::server::listen`), so what is attested is who is asking. Processes
+//!   of the same uid can usually ptrace each other, which no socket check
+//!   prevents: executable selectors separate workloads best across uids.
 //!
 //! # Selectors
 //!

@@ -6,9 +6,11 @@ pub mod authority;
 pub mod hpack;
 mod huffman;
 pub mod limits;
+mod writer;
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -74,12 +76,12 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
         path: path.to_owned(),
         source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        BindError::Bind {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| writer::tag_writers(&listener))
+        .map_err(|source| BindError::Bind {
             path: path.to_owned(),
             source,
-        }
-    })?;
+        })?;
     Ok(listener)
 }
 
@@ -153,6 +155,47 @@ impl PeerStream {
     }
 }
 
+impl PeerStream {
+    /// Reads what the client sent into `buf`, refusing bytes that another process than the
+    /// one that connected wrote (see [`writer`]).
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.io.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let io = &self.io;
+            match io.try_io(tokio::io::Interest::READABLE, || {
+                writer::recv_tagged(io.as_fd(), unfilled)
+            }) {
+                Ok((0, _)) => return Poll::Ready(Ok(0)),
+                Ok((n, writer)) => {
+                    let connected = self.peer.pid();
+                    if writer.is_none() || writer != connected {
+                        tracing::warn!(
+                            event = "connection_used_by_another_process",
+                            pid = connected,
+                            uid = self.peer.uid(),
+                            writer,
+                            "closing connection: bytes from a process other than the one that connected"
+                        );
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "bytes from a process other than the one that connected",
+                        )));
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
 impl Connected for PeerStream {
     type ConnectInfo = PeerInfo;
 
@@ -209,8 +252,7 @@ impl AsyncRead for PeerStream {
             }
             // Read straight into h2's buffer; what passes through unchanged stays there.
             let start = buf.filled().len();
-            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-            let read = buf.filled().len() - start;
+            let read = std::task::ready!(this.poll_recv(cx, buf))?;
             this.received += read;
             if this.received >= HANDSHAKE_BYTES {
                 this.handshake = None;
