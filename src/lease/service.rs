@@ -174,12 +174,32 @@ impl TaskService {
     }
 
     /// Reading needs only admission; no policy judges reads.
-    pub async fn get(&self, _: &Admitted, id: &LeaseId) -> Result<Lease, TaskError> {
-        Ok(self.registry.get(id).await?)
+    /// A lease, if the policies let the caller read it (a denial is audited).
+    pub async fn get(&self, caller: &Admitted, id: &LeaseId) -> Result<Lease, TaskError> {
+        let lease = self.registry.get(id).await?;
+        match self
+            .judge(Action::Read, caller, &lease, remaining(&lease))
+            .await?
+        {
+            Decision::Allow { .. } => Ok(lease),
+            // A gate on a read means nothing: only an allow reads.
+            Decision::RequireApproval { policies } | Decision::Deny { policies, .. } => Err(
+                TaskError::Denied(format!("read not allowed (policy {})", policies.join(", "))),
+            ),
+        }
     }
 
-    pub async fn list(&self, _: &Admitted, all: bool) -> Result<Vec<Lease>, TaskError> {
-        Ok(self.registry.list(all).await?)
+    /// The leases the policies let the caller read; the others are left out, unaudited (a list
+    /// is many reads, and leaving one out tells nothing).
+    pub async fn list(&self, caller: &Admitted, all: bool) -> Result<Vec<Lease>, TaskError> {
+        let leases = self.registry.list(all).await?;
+        Ok(leases
+            .into_iter()
+            .filter(|l| {
+                let request = self.policy_request(Action::Read, caller, l, remaining(l));
+                self.policy.evaluate(&request).is_allow()
+            })
+            .collect())
     }
 
     /// Moves an active lease's deadline to `ttl` from now (within its `max_expires_at`).
@@ -282,8 +302,41 @@ impl TaskService {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<Decision, TaskError> {
+        let request = self.policy_request(action, caller, lease, ttl);
+        let decision = self.policy.evaluate(&request);
+        if let Decision::Deny { policies, errors } = &decision {
+            let why = if policies.is_empty() {
+                format!("no policy permits this {action}")
+            } else {
+                format!("denied by policy {}", policies.join(", "))
+            };
+            tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
+            let denied = Event::PolicyDenied(event::PolicyDenied {
+                action: action.as_str(),
+                lease_id: lease.id.as_str(),
+                task_id: &lease.task_id,
+                policies,
+                errors,
+                request: serde_json::to_value(&request).unwrap_or_default(),
+            });
+            if let Err(e) = self.audit.record(&denied).await {
+                tracing::error!(error = %e, "could not audit a policy denial");
+            }
+            return Err(TaskError::Denied(why));
+        }
+        Ok(decision)
+    }
+
+    /// What the policies are asked about `action` on `lease` by `caller`.
+    fn policy_request(
+        &self,
+        action: Action,
+        caller: &Admitted,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> PolicyRequest {
         let secs = |d: Duration| d.as_secs();
-        let request = PolicyRequest {
+        PolicyRequest {
             action,
             principal: caller.0.attrs.clone(),
             resource: ResourceAttrs {
@@ -308,28 +361,14 @@ impl TaskService {
                 agent_uid: rustix::process::geteuid().as_raw(),
                 max_ttl_limit_secs: secs(self.registry.limits().max_ttl),
             },
-        };
-        let decision = self.policy.evaluate(&request);
-        if let Decision::Deny { policies, errors } = &decision {
-            let why = if policies.is_empty() {
-                format!("no policy permits this {action}")
-            } else {
-                format!("denied by policy {}", policies.join(", "))
-            };
-            tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
-            let denied = Event::PolicyDenied(event::PolicyDenied {
-                action: action.as_str(),
-                lease_id: lease.id.as_str(),
-                task_id: &lease.task_id,
-                policies,
-                errors,
-                request: serde_json::to_value(&request).unwrap_or_default(),
-            });
-            if let Err(e) = self.audit.record(&denied).await {
-                tracing::error!(error = %e, "could not audit a policy denial");
-            }
-            return Err(TaskError::Denied(why));
         }
-        Ok(decision)
     }
+}
+
+/// How long a lease has left (zero once ended or past its deadline).
+fn remaining(lease: &Lease) -> Duration {
+    lease
+        .expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
 }

@@ -13,9 +13,11 @@ use super::diagnostic::{line_col, render};
 use super::request::build_request;
 use super::{
     Fingerprint, Loaded, PolicyError, PolicyRequest, PolicySource, DEFAULT_POLICY, DEFAULT_SCHEMA,
+    READS_POLICY,
 };
 
 const DEFAULT_POLICY_NAME: &str = "<embedded default.cedar>";
+const READS_POLICY_NAME: &str = "<embedded reads.cedar>";
 const DEFAULT_SCHEMA_NAME: &str = "<embedded mayfly.cedarschema>";
 const APPROVAL_ANNOTATION: &str = "approval";
 const APPROVAL_REQUIRED: &str = "required";
@@ -136,6 +138,10 @@ pub(super) fn load_source(source: &PolicySource) -> Result<Loaded, PolicyError> 
         }
         texts
     };
+    let texts: Vec<(PathBuf, String)> = texts
+        .into_iter()
+        .chain([(PathBuf::from(READS_POLICY_NAME), READS_POLICY.to_string())])
+        .collect();
 
     let validator = Validator::new(schema.clone());
     let mut policies = PolicySet::new();
@@ -144,6 +150,8 @@ pub(super) fn load_source(source: &PolicySource) -> Result<Loaded, PolicyError> 
     let mut names: HashMap<PolicyId, String> = HashMap::new();
     let mut named_in: HashMap<String, PathBuf> = HashMap::new();
     let mut next = 0usize;
+    // Policies of the set itself, not counting the embedded reads policy beside it.
+    let mut own = 0usize;
     for (path, text) in &texts {
         let parsed = PolicySet::from_str(text).map_err(|errs| PolicyError::Parse {
             path: path.clone(),
@@ -153,6 +161,9 @@ pub(super) fn load_source(source: &PolicySource) -> Result<Loaded, PolicyError> 
                 .collect::<Vec<_>>()
                 .join("\n"),
         })?;
+        if path.as_os_str() != READS_POLICY_NAME {
+            own += parsed.policies().count();
+        }
         if parsed.templates().next().is_some() {
             return Err(PolicyError::Invalid {
                 path: path.clone(),
@@ -260,9 +271,10 @@ pub(super) fn load_source(source: &PolicySource) -> Result<Loaded, PolicyError> 
             }
         }
     }
-    if policies.is_empty() {
+    if own == 0 {
         let list = texts
             .iter()
+            .filter(|(p, _)| p.as_os_str() != READS_POLICY_NAME)
             .map(|(p, _)| p.display().to_string())
             .collect::<Vec<_>>();
         let list = if list.is_empty() {

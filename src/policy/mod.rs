@@ -113,6 +113,8 @@ use load::{fingerprint, load_source};
 
 /// The embedded default policy (used when no policy files are configured).
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.cedar");
+/// Loaded beside every policy set: reads are allowed unless a policy forbids them.
+pub const READS_POLICY: &str = include_str!("../../policies/reads.cedar");
 /// The embedded Cedar schema (used when no schema file is configured).
 pub const DEFAULT_SCHEMA: &str = include_str!("../../policies/mayfly.cedarschema");
 

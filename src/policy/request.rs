@@ -23,10 +23,12 @@ pub enum Action {
     Approve,
     /// Mark a task done, ending its lease.
     Complete,
+    /// Read a lease (`task get`, and each lease `task list` shows).
+    Read,
 }
 
 impl Action {
-    /// The Cedar action id (`grant`, `renew`, `revoke`, `approve`, `complete`).
+    /// The Cedar action id (`grant`, `renew`, `revoke`, `approve`, `complete`, `read`).
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Grant => "grant",
@@ -34,6 +36,7 @@ impl Action {
             Action::Revoke => "revoke",
             Action::Approve => "approve",
             Action::Complete => "complete",
+            Action::Read => "read",
         }
     }
 }

@@ -518,3 +518,58 @@ when { principal.uid == context.grantor_uid };
         .into_inner();
     assert_eq!(done.state, "completed");
 }
+
+/// Issue 14, hole 6: reads (`get`, `list`) are decided by the policies too. The embedded
+/// reads policy allows them as before; a forbid narrows who sees which leases.
+#[tokio::test]
+async fn reads_are_decided_by_the_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("grantor-reads.cedar"),
+        r#"
+@id("root-grants")
+permit (principal, action == Mayfly::Action::"grant", resource) when { principal.uid == 0 };
+
+@id("grantor-reads")
+forbid (principal, action == Mayfly::Action::"read", resource)
+unless { principal.uid == context.grantor_uid };
+"#,
+    )
+    .unwrap();
+    let policy_dir = dir.path().to_owned();
+    let t = start_with(move |f| {
+        f.policy.files = Some(vec![policy_dir]);
+        f.admin.allowed_uids = Some(vec![0, 65534]);
+    })
+    .await;
+    std::fs::set_permissions(&t.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let lease = t.grant_me("mine", HOUR, None).await;
+    // The grantor reads it, and lists it.
+    assert_eq!(t.lease(&lease.lease_id).await.task_id, "mine");
+    assert_eq!(t.all_leases().await.len(), 1);
+    let admin_socket = t.admin_socket.display().to_string();
+    let get = ["task", "get", &lease.lease_id, "--admin-socket", &admin_socket];
+    let Some(out) = run_as(65534, &get).await else {
+        return;
+    };
+    assert!(!out.status.success(), "uid 65534 read another's lease");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("grantor-reads"),
+        "{stderr}"
+    );
+    let list = [
+        "task",
+        "list",
+        "--all",
+        "--output",
+        "json",
+        "--admin-socket",
+        &admin_socket,
+    ];
+    let listed = json(run_as(65534, &list).await.unwrap());
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let denied = audit_events(&t.data_dir(), "policy_denied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["action"], "read");
+}
