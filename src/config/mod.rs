@@ -104,6 +104,9 @@ pub struct LeaseSection {
     pub max_jwt_ttl: Option<String>,
     /// How long ended leases stay listed (`task list --all`) before they are compacted away.
     pub retention: Option<String>,
+    /// JWT-SVIDs one lease may mint per second, and at once (default 5 and 20).
+    pub jwt_mint_per_second: Option<u32>,
+    pub jwt_mint_burst: Option<u32>,
 }
 
 /// How many connections the workload socket takes, and how soon a client must speak.
@@ -469,6 +472,19 @@ impl Config {
                 crate::attest::k8s::CgroupLayout::kubelet_default()
             }),
         };
+        let jwt_mint = crate::lease::MintRate {
+            per_second: file
+                .leases
+                .jwt_mint_per_second
+                .unwrap_or(crate::lease::DEFAULT_JWT_MINT.per_second),
+            burst: file
+                .leases
+                .jwt_mint_burst
+                .unwrap_or(crate::lease::DEFAULT_JWT_MINT.burst),
+        };
+        if jwt_mint.burst == 0 {
+            errors.push("leases.jwt_mint_burst: must be at least 1".into());
+        }
         let c = &file.connections;
         let handshake_timeout = duration(
             &mut errors,
@@ -550,6 +566,7 @@ impl Config {
                 max_svid_ttl,
                 default_jwt_ttl,
                 max_jwt_ttl,
+                jwt_mint,
             },
             allowed_uids,
             allowed_gids,

@@ -48,6 +48,9 @@ pub enum IdentityError {
     /// The request itself is malformed (a field out of bounds).
     #[error("{0}")]
     BadRequest(String),
+    /// The caller asks faster than its lease may mint.
+    #[error("{0}")]
+    RateLimited(String),
     /// A token presented for validation is not a valid JWT-SVID.
     #[error("invalid JWT-SVID: {0}")]
     InvalidToken(String),
@@ -221,6 +224,9 @@ impl IdentitySource {
             }
             Err(JwtFetchError::Audit(e)) => Err(IdentityError::Audit(e)),
             Err(e @ JwtFetchError::Signing(_)) => Err(IdentityError::Signing(e.to_string())),
+            Err(e @ JwtFetchError::RateLimited { .. }) => {
+                Err(IdentityError::RateLimited(e.to_string()))
+            }
         }
     }
 

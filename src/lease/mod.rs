@@ -216,6 +216,7 @@ pub(crate) fn test_limits() -> LeaseLimits {
         max_svid_ttl: Duration::from_secs(3600),
         default_jwt_ttl: Duration::from_secs(300),
         max_jwt_ttl: Duration::from_secs(3600),
+        jwt_mint: DEFAULT_JWT_MINT,
     }
 }
 
@@ -229,7 +230,24 @@ pub struct LeaseLimits {
     pub max_svid_ttl: Duration,
     pub default_jwt_ttl: Duration,
     pub max_jwt_ttl: Duration,
+    /// How fast one lease's JWT-SVIDs may be minted.
+    pub jwt_mint: MintRate,
 }
+
+/// How fast one lease's tokens may be minted: `burst` at once, then `per_second`. What is
+/// served from the cache does not count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MintRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// A workload asks for a handful of audience sets; a flood of new ones (each minted, signed
+/// and audited) is held to this, per lease.
+pub const DEFAULT_JWT_MINT: MintRate = MintRate {
+    per_second: 5,
+    burst: 20,
+};
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {

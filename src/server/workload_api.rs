@@ -40,6 +40,7 @@ fn status(e: IdentityError) -> Status {
         IdentityError::NoIdentity | IdentityError::Ended | IdentityError::NotAllowed(_) => {
             Status::permission_denied(e.to_string())
         }
+        IdentityError::RateLimited(_) => Status::resource_exhausted(e.to_string()),
         IdentityError::InvalidToken(_) | IdentityError::BadRequest(_) => {
             Status::invalid_argument(e.to_string())
         }

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::{AuditUnavailable, Manager, Requester};
 use crate::audit::{event, Event};
-use crate::lease::{ActiveLease, LeaseId};
+use crate::lease::{ActiveLease, LeaseId, MintRate};
 use crate::selector::Selectors;
 
 /// Task claims carried by every JWT-SVID. Private claim names must resist collisions
@@ -41,14 +41,53 @@ pub enum JwtFetchError {
     Audit(#[from] AuditUnavailable),
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("lease {lease_id} mints at most {per_second} JWT-SVIDs a second ({burst} at once); try again in {retry_ms} ms")]
+    RateLimited {
+        lease_id: LeaseId,
+        per_second: u32,
+        burst: u32,
+        retry_ms: u64,
+    },
 }
 
 /// Tokens kept per lease at most; past that the oldest goes. Each distinct audience set is a
 /// token, and a caller may ask for any number of sets.
 pub(super) const CACHED_PER_LEASE: usize = 16;
 
-/// Per lease, its tokens by sorted, deduplicated audience set.
-pub(super) type JwtCache = std::sync::Mutex<HashMap<LeaseId, HashMap<Vec<String>, Arc<JwtSvid>>>>;
+/// Per lease, its tokens and what it may still mint.
+pub(super) type JwtCache = std::sync::Mutex<HashMap<LeaseId, LeaseTokens>>;
+
+/// One lease's tokens by sorted, deduplicated audience set, and its mint budget.
+#[derive(Default)]
+pub(super) struct LeaseTokens {
+    pub(super) tokens: HashMap<Vec<String>, Arc<JwtSvid>>,
+    budget: Budget,
+}
+
+/// A token bucket: `None` is full.
+#[derive(Default)]
+struct Budget(Option<(f64, std::time::Instant)>);
+
+impl Budget {
+    /// Takes one mint, or says how long until one is available.
+    fn take(&mut self, rate: MintRate, now: std::time::Instant) -> Result<(), Duration> {
+        let burst = f64::from(rate.burst);
+        let per_second = f64::from(rate.per_second);
+        let (level, at) = self.0.unwrap_or((burst, now));
+        let level = (level + now.duration_since(at).as_secs_f64() * per_second).min(burst);
+        if level >= 1.0 {
+            self.0 = Some((level - 1.0, now));
+            return Ok(());
+        }
+        self.0 = Some((level, now));
+        let wait = if per_second > 0.0 {
+            (1.0 - level) / per_second
+        } else {
+            3600.0
+        };
+        Err(Duration::from_secs_f64(wait))
+    }
+}
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
@@ -120,7 +159,7 @@ impl Manager {
             let cache = self.jwt_cache.lock().expect("jwt cache poisoned");
             cache
                 .get(&lease.lease.id)
-                .and_then(|tokens| tokens.get(audiences))
+                .and_then(|t| t.tokens.get(audiences))
                 .cloned()
         };
         if let Some(cached) = cached {
@@ -138,6 +177,7 @@ impl Manager {
         if exp <= iat {
             return Ok(None);
         }
+        self.take_mint(&lease)?;
         let jti = hex::encode(rand::random::<[u8; 16]>());
         let claims = json!({
             "sub": l.spiffe_id.to_string(),
@@ -211,11 +251,13 @@ impl Manager {
             issued_at: UNIX_EPOCH + Duration::from_secs(iat),
             expires_at,
         });
-        // Never serve a token after its lease ended: drop the lease's entries when it does.
-        let fresh_lease = {
+        {
             let mut cache = self.jwt_cache.lock().expect("jwt cache poisoned");
-            let fresh = !cache.contains_key(&l.id);
-            let tokens = cache.entry(l.id.clone()).or_default();
+            // Ended meanwhile: its entry is gone (or about to go), and it gets no new token.
+            if lease.ended.is_cancelled() {
+                return Ok(None);
+            }
+            let tokens = &mut cache.entry(l.id.clone()).or_default().tokens;
             if tokens.len() >= CACHED_PER_LEASE && !tokens.contains_key(audiences) {
                 let oldest = tokens
                     .iter()
@@ -226,21 +268,44 @@ impl Manager {
                 }
             }
             tokens.insert(audiences.to_vec(), svid.clone());
-            fresh
-        };
-        if fresh_lease {
+        }
+        if lease.ended.is_cancelled() {
+            return Ok(None);
+        }
+        Ok(Some(svid))
+    }
+
+    /// Takes one mint from the lease's budget (a new lease's entry starts full, and goes when
+    /// the lease ends, tokens and budget alike).
+    fn take_mint(&self, lease: &ActiveLease) -> Result<(), JwtFetchError> {
+        let rate = self.registry.limits().jwt_mint;
+        let id = &lease.lease.id;
+        let mut cache = self.jwt_cache.lock().expect("jwt cache poisoned");
+        let fresh = !cache.contains_key(id);
+        let taken = cache
+            .entry(id.clone())
+            .or_default()
+            .budget
+            .take(rate, std::time::Instant::now());
+        drop(cache);
+        if fresh {
             if let Some(me) = self.me.upgrade() {
-                let (id, ended) = (l.id.clone(), lease.ended.clone());
+                let (id, ended) = (id.clone(), lease.ended.clone());
                 self.registry.spawn(async move {
                     ended.cancelled().await;
                     me.jwt_cache.lock().expect("jwt cache poisoned").remove(&id);
                 });
             }
         }
-        if lease.ended.is_cancelled() {
-            return Ok(None);
-        }
-        Ok(Some(svid))
+        taken.map_err(|wait| {
+            self.metrics.mints_refused.inc();
+            JwtFetchError::RateLimited {
+                lease_id: id.clone(),
+                per_second: rate.per_second,
+                burst: rate.burst,
+                retry_ms: wait.as_millis() as u64 + 1,
+            }
+        })
     }
 
     /// Validates a token for `audience`: signature, audience and expiry against our keys, and
@@ -271,12 +336,21 @@ mod tests {
     use crate::lease::{Durable, GrantInput, Leases, Principal};
     use crate::selector::Selector;
 
-    /// Issue 14, hole 5: one caller asking for many audience sets grew the token cache (and
-    /// RSS) without bound until its lease ended.
-    #[tokio::test]
-    async fn the_token_cache_keeps_a_bounded_number_of_tokens_per_lease() {
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        manager: Arc<Manager>,
+        leases: Arc<Leases>,
+        audit: Arc<MemorySink>,
+        lease: crate::lease::Lease,
+        caller: Selectors,
+        who: Requester,
+    }
+
+    /// A manager with one lease for uid 4242, minting at `mint`.
+    async fn fixture(mint: crate::lease::MintRate) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let limits = crate::lease::test_limits();
+        let mut limits = crate::lease::test_limits();
+        limits.jwt_mint = mint;
         let td = limits.trust_domain.clone();
         let ca = SigningCa::load_or_create(
             dir.path(),
@@ -323,6 +397,34 @@ mod tests {
             uid: 4242,
             exe_sha256: None,
         };
+        Fixture {
+            _dir: dir,
+            manager,
+            leases,
+            audit,
+            lease,
+            caller,
+            who,
+        }
+    }
+
+    /// Issue 14, hole 5: one caller asking for many audience sets grew the token cache (and
+    /// RSS) without bound until its lease ended.
+    #[tokio::test]
+    async fn the_token_cache_keeps_a_bounded_number_of_tokens_per_lease() {
+        let Fixture {
+            _dir,
+            manager,
+            leases,
+            audit,
+            lease,
+            caller,
+            who,
+        } = fixture(crate::lease::MintRate {
+            per_second: 1000,
+            burst: 1000,
+        })
+        .await;
         for i in 0..3 * CACHED_PER_LEASE {
             let aud = vec![format!("spiffe://example.org/db-{i}")];
             let got = manager.jwt_svids(&caller, &who, &aud, None).await.unwrap();
@@ -330,7 +432,7 @@ mod tests {
         }
         let cached = |m: &Manager| {
             let cache = m.jwt_cache.lock().unwrap();
-            cache.get(&lease.id).map_or(0, HashMap::len)
+            cache.get(&lease.id).map_or(0, |t| t.tokens.len())
         };
         assert_eq!(cached(&manager), CACHED_PER_LEASE);
         // The newest stays cached: asking again mints nothing new.
@@ -358,5 +460,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(cached(&manager), 0);
+    }
+
+    /// Issue 14, hole 5: one workload asked for token after token, each for new audiences;
+    /// every one was minted, signed and audited (the audit log grew 484 MB in 12 s) until the
+    /// disk filled and issuance failed for everyone.
+    #[tokio::test]
+    async fn minting_is_held_to_the_lease_s_rate_and_the_cache_still_serves() {
+        let f = fixture(crate::lease::MintRate {
+            per_second: 2,
+            burst: 3,
+        })
+        .await;
+        let aud = |i: usize| vec![format!("spiffe://example.org/db-{i}")];
+        for i in 0..3 {
+            f.manager
+                .jwt_svids(&f.caller, &f.who, &aud(i), None)
+                .await
+                .unwrap();
+        }
+        let err = f
+            .manager
+            .jwt_svids(&f.caller, &f.who, &aud(3), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, JwtFetchError::RateLimited { retry_ms, .. } if *retry_ms <= 501),
+            "{err:?}"
+        );
+        let minted = f.audit.events().len();
+        // What is cached is still served, and nothing more was audited.
+        f.manager
+            .jwt_svids(&f.caller, &f.who, &aud(0), None)
+            .await
+            .unwrap();
+        assert_eq!(f.audit.events().len(), minted);
+        // The budget comes back at its rate.
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        f.manager
+            .jwt_svids(&f.caller, &f.who, &aud(3), None)
+            .await
+            .unwrap();
+        assert_eq!(f.manager.metrics.mints_refused.get(), 1);
+        drop(f.leases);
+        let _ = f.lease;
     }
 }

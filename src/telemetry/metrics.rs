@@ -52,6 +52,7 @@ pub struct Metrics {
     pub attestations: Family<ResultLabel, Counter>,
     pub open_streams: Gauge,
     pub connections_refused: Family<RefusedLabel, Counter>,
+    pub mints_refused: Counter,
     pub teardown_seconds: Histogram,
     pub audit_write_seconds: Histogram,
     pub ca_not_after: Gauge<i64, AtomicI64>,
@@ -74,6 +75,7 @@ impl Metrics {
             attestations: Family::default(),
             open_streams: Gauge::default(),
             connections_refused: Family::default(),
+            mints_refused: Counter::default(),
             teardown_seconds: latency_histogram(),
             audit_write_seconds: latency_histogram(),
             ca_not_after: Gauge::default(),
@@ -116,6 +118,11 @@ impl Metrics {
             "mayfly_connections_refused",
             "Connections closed at accept, over the caps per uid, in all, or of file descriptors",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "mayfly_jwt_mints_refused",
+            "JWT-SVIDs not minted because their lease was over its mint rate",
+            m.mints_refused.clone(),
         );
         r.register(
             "mayfly_teardown_seconds",

@@ -326,3 +326,53 @@ async fn requested_audiences_have_the_bounds_granted_ones_have() {
     let ok: Vec<&str> = many[..32].to_vec();
     client.fetch_jwt_svid(&ok, None).await.unwrap();
 }
+
+/// Issue 14, hole 5: one workload's flood of new audiences was minted and audited without
+/// bound until the disk filled and issuance failed for everyone. It is held to its lease's
+/// mint rate (`ResourceExhausted`), and another workload keeps getting tokens.
+#[tokio::test]
+async fn one_workloads_audience_flood_is_rate_limited_and_others_are_served() {
+    let t = start_with(|c| {
+        c.leases.jwt_mint_per_second = Some(1);
+        c.leases.jwt_mint_burst = Some(5);
+    })
+    .await;
+    t.grant_me("flooder", HOUR, None).await;
+    let client = t.workload().await;
+    let mut limited = None;
+    for i in 0..50 {
+        match client.fetch_jwt_svid([format!("aud-{i}")], None).await {
+            Ok(_) => {}
+            Err(e) => {
+                limited = Some((i, e.to_string()));
+                break;
+            }
+        }
+    }
+    let (after, why) = limited.expect("50 new audiences at once were all minted");
+    assert!((5..=7).contains(&after), "refused after {after}");
+    assert!(
+        why.contains("ResourceExhausted") || why.contains("at most"),
+        "{why}"
+    );
+    let minted = audit_events(&t.data_dir(), "jwt_issued").len();
+    assert!(minted <= 7, "{minted} tokens audited");
+
+    // Another workload (another uid, its own lease) is served meanwhile.
+    t.grant("other", &["unix:uid:65534".to_string()], HOUR, None)
+        .await;
+    let socket = t.socket.display().to_string();
+    let Some(out) = run_as(
+        65534,
+        &["jwt", "fetch", "--audience", "aud-0", "--socket", &socket],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -548,7 +548,13 @@ unless { principal.uid == context.grantor_uid };
     assert_eq!(t.lease(&lease.lease_id).await.task_id, "mine");
     assert_eq!(t.all_leases().await.len(), 1);
     let admin_socket = t.admin_socket.display().to_string();
-    let get = ["task", "get", &lease.lease_id, "--admin-socket", &admin_socket];
+    let get = [
+        "task",
+        "get",
+        &lease.lease_id,
+        "--admin-socket",
+        &admin_socket,
+    ];
     let Some(out) = run_as(65534, &get).await else {
         return;
     };
