@@ -316,6 +316,24 @@ impl AgentPaths {
         }
     }
 
+    /// Runs `cmd` (a `mayfly agent` on these paths, perhaps under a wrapper), output discarded,
+    /// until the returned child drops; returns once both sockets are there, with an admin
+    /// client.
+    pub async fn spawn(&self, mut cmd: Command) -> (tokio::process::Child, TasksClient<Channel>) {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_for(&self.socket);
+        wait_for(&self.admin_socket);
+        let admin = mayfly::cli::connect::connect(&self.admin_socket)
+            .await
+            .unwrap();
+        (child, admin)
+    }
+
     /// `mayfly agent` on these sockets and data; the caller adds the health address.
     pub fn agent(&self) -> Command {
         let mut c = Command::new(BIN);

@@ -482,19 +482,8 @@ async fn a_wall_clock_stepped_back_does_not_extend_a_lease() {
         .env("LD_PRELOAD", lib)
         .env("FAKETIME_TIMESTAMP_FILE", &clock)
         .env("FAKETIME_NO_CACHE", "1")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _agent = tokio::process::Command::from(agent)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_for(&paths.socket);
-    wait_for(&paths.admin_socket);
-
-    let mut admin = mayfly::cli::connect::connect(&paths.admin_socket)
-        .await
-        .unwrap();
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let (_agent, mut admin) = paths.spawn(agent).await;
     let lease = admin
         .grant(pb::GrantRequest {
             selectors: vec![

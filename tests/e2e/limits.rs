@@ -58,19 +58,8 @@ async fn a_flood_from_one_user_leaves_the_admin_socket_streams_and_other_users_w
     cmd.args(&paths.agent().get_args().collect::<Vec<_>>()[..])
         .arg("--config")
         .arg(&config)
-        .args(["--health-addr", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _agent = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_for(&paths.socket);
-    wait_for(&paths.admin_socket);
-
-    let mut admin = mayfly::cli::connect::connect(&paths.admin_socket)
-        .await
-        .unwrap();
+        .args(["--health-addr", "127.0.0.1:0"]);
+    let (_agent, mut admin) = paths.spawn(cmd).await;
     let grant = |task: &str| mayfly::proto::admin::GrantRequest {
         selectors: vec![format!("unix:uid:{}", my_uid())],
         ..grant_request(task, "user/alice", HOUR)

@@ -458,13 +458,26 @@ fn policy_check_answers_as_the_agent_would() {
     assert_eq!(check(&readme), (Some(2), "approval_required".into()));
 }
 
+/// An agent on `policy` (one file) that admits uid 65534 to the admin socket too, and the
+/// directory holding the policy.
+async fn agent_admitting_nobody(policy: &str) -> (TestAgent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.cedar"), policy).unwrap();
+    let policy_dir = dir.path().to_owned();
+    let t = start_with(move |f| {
+        f.policy.files = Some(vec![policy_dir]);
+        f.admin.allowed_uids = Some(vec![0, 65534]);
+    })
+    .await;
+    std::fs::set_permissions(&t.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (t, dir)
+}
+
 /// Issue 14, hole 6: an allowlisted caller that the policies refuse `revoke` could end the
 /// same lease with `complete`, which no policy decided.
 #[tokio::test]
 async fn complete_is_decided_by_the_policies() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("grantor-only.cedar"),
+    let (t, _policy) = agent_admitting_nobody(
         r#"
 @id("root-grants")
 permit (principal, action == Mayfly::Action::"grant", resource) when { principal.uid == 0 };
@@ -474,14 +487,7 @@ permit (principal, action in [Mayfly::Action::"revoke", Mayfly::Action::"complet
 when { principal.uid == context.grantor_uid };
 "#,
     )
-    .unwrap();
-    let policy_dir = dir.path().to_owned();
-    let t = start_with(move |f| {
-        f.policy.files = Some(vec![policy_dir]);
-        f.admin.allowed_uids = Some(vec![0, 65534]);
-    })
     .await;
-    std::fs::set_permissions(&t.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let lease = t.grant_me("mine", HOUR, None).await;
     let admin_socket = t.admin_socket.display().to_string();
     for verb in ["revoke", "complete"] {
@@ -523,9 +529,7 @@ when { principal.uid == context.grantor_uid };
 /// reads policy allows them as before; a forbid narrows who sees which leases.
 #[tokio::test]
 async fn reads_are_decided_by_the_policies() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("grantor-reads.cedar"),
+    let (t, _policy) = agent_admitting_nobody(
         r#"
 @id("root-grants")
 permit (principal, action == Mayfly::Action::"grant", resource) when { principal.uid == 0 };
@@ -535,14 +539,7 @@ forbid (principal, action == Mayfly::Action::"read", resource)
 unless { principal.uid == context.grantor_uid };
 "#,
     )
-    .unwrap();
-    let policy_dir = dir.path().to_owned();
-    let t = start_with(move |f| {
-        f.policy.files = Some(vec![policy_dir]);
-        f.admin.allowed_uids = Some(vec![0, 65534]);
-    })
     .await;
-    std::fs::set_permissions(&t.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let lease = t.grant_me("mine", HOUR, None).await;
     // The grantor reads it, and lists it.
     assert_eq!(t.lease(&lease.lease_id).await.task_id, "mine");
