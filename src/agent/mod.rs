@@ -2,6 +2,7 @@
 //! loudly and tests can use temp paths), then spawn the servers. Shutdown is one token.
 
 mod data_dir;
+mod memory;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -238,6 +239,20 @@ impl Agent {
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "admin API server failed");
+            }
+        });
+        // Memory freed by a burst of connections goes back to the kernel once they closed.
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let mut policy = memory::TrimPolicy::default();
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                if policy.observe(crate::server::listen::limits::open_connections()) {
+                    let _ = tokio::task::spawn_blocking(memory::trim).await;
+                }
             }
         });
         // Ended leases are compacted away once past their retention.

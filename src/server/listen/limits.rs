@@ -18,6 +18,11 @@ const FD_BASE: usize = 64;
 /// Connections open on every socket, for the descriptor budget.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 
+/// Connections open now, on every socket.
+pub fn open_connections() -> usize {
+    OPEN.load(Ordering::Relaxed)
+}
+
 /// Why a connection was closed at accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
