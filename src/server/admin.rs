@@ -84,7 +84,7 @@ fn lease_id(s: &str) -> Result<LeaseId, Status> {
     LeaseId::parse(s).map_err(|e| status(e.into()))
 }
 
-fn duration(
+pub(crate) fn duration(
     field: &'static str,
     d: Option<prost_types::Duration>,
 ) -> Result<Option<std::time::Duration>, Status> {
