@@ -13,6 +13,9 @@ pub mod audit;
 pub mod authority;
 pub mod cli;
 pub mod config;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod lease;
 pub mod policy;

@@ -43,7 +43,11 @@ fuzz_target!(|data: &[u8]| {
         let payload = &rest[9..9 + len];
         if kind == 0x1 || kind == 0x9 {
             assert!(len <= MAX_FRAME);
-            let skip = if kind == 0x1 && flags & 0x20 != 0 { 5 } else { 0 };
+            let skip = if kind == 0x1 && flags & 0x20 != 0 {
+                5
+            } else {
+                0
+            };
             block.extend_from_slice(&payload[skip..]);
             if flags & 0x4 != 0 {
                 decoder

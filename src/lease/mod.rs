@@ -480,6 +480,17 @@ pub fn validate_grant(
     check_ttl("svid_ttl", svid_ttl, MIN_TTL, limits.max_svid_ttl)?;
     let jwt_ttl = input.jwt_ttl.unwrap_or(limits.default_jwt_ttl);
     check_ttl("jwt_ttl", jwt_ttl, MIN_TTL, limits.max_jwt_ttl)?;
+    // Checked: the config file's limits can reach past any time a `SystemTime` holds.
+    // Whole seconds: the deadline shown is the instant the lease ends.
+    let deadline = |field: &'static str, d: Duration| {
+        now.checked_add(d)
+            .map(crate::time::floor_secs)
+            .ok_or_else(|| {
+                LeaseError::invalid(field, "is beyond any time this agent can represent")
+            })
+    };
+    let expires_at = deadline("ttl", ttl)?;
+    let max_expires_at = deadline("max_ttl", max_ttl)?;
 
     if input.selectors.is_empty() {
         return Err(LeaseError::invalid(
@@ -532,9 +543,8 @@ pub fn validate_grant(
         spiffe_id,
         selectors,
         created_at: now,
-        // Whole seconds: the deadline shown is the instant the lease ends.
-        expires_at: crate::time::floor_secs(now + ttl),
-        max_expires_at: crate::time::floor_secs(now + max_ttl),
+        expires_at,
+        max_expires_at,
         svid_ttl,
         jwt_ttl,
         audiences,
@@ -574,6 +584,48 @@ mod tests {
             Err(LeaseError::InvalidField { field, .. }) => field,
             other => panic!("expected InvalidField, got {other:?}"),
         }
+    }
+
+    /// Found while fuzzing admin requests (fuzz/fuzz_targets/admin.rs, the input below): under
+    /// limits as large as the config file holds (`leases.max_ttl = "300000000000y"`), a grant
+    /// whose TTL ends past the last time a `SystemTime` holds panicked computing its deadline.
+    #[test]
+    fn a_deadline_past_any_representable_time_is_refused() {
+        use prost::Message as _;
+        // GrantRequest{task_id "t", delegator "d", agent "a", ttl {seconds i64::MAX},
+        // selectors ["unix:uid:1"]}, as the fuzz target decoded it.
+        const GRANT: &[u8] = b"\x0a\x01t\x12\x01d\x1a\x01a\x22\x0a\x08\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x3a\x0aunix:uid:1";
+        let r = crate::proto::admin::GrantRequest::decode(GRANT).unwrap();
+        let ttl = r.ttl.as_ref().and_then(crate::time::from_duration);
+        let largest = Duration::new(u64::MAX, 999_999_999);
+        let limits = LeaseLimits {
+            max_ttl: largest,
+            max_svid_ttl: largest,
+            max_jwt_ttl: largest,
+            ..limits()
+        };
+        let grant = GrantInput {
+            task_id: r.task_id,
+            delegator: r.delegator,
+            agent: r.agent,
+            ttl,
+            selectors: r.selectors,
+            ..Default::default()
+        };
+        let now = SystemTime::now();
+        let r = validate_grant(grant.clone(), &limits, now, Principal::agent());
+        assert_eq!(field_of(r), "ttl");
+        let r = validate_grant(
+            GrantInput {
+                ttl: Some(Duration::from_secs(60)),
+                max_ttl: ttl,
+                ..grant
+            },
+            &limits,
+            now,
+            Principal::agent(),
+        );
+        assert_eq!(field_of(r), "max_ttl");
     }
 
     #[test]

@@ -87,7 +87,24 @@ fn lease_id(s: &str) -> Result<LeaseId, Status> {
     LeaseId::parse(s).map_err(|e| status(e.into()))
 }
 
-fn duration(
+/// A `Grant` request as the lease service takes it (the durations checked here, the rest by
+/// `validate_grant`).
+pub(crate) fn grant_input(r: pb::GrantRequest) -> Result<GrantInput, Status> {
+    Ok(GrantInput {
+        task_id: r.task_id,
+        delegator: r.delegator,
+        agent: r.agent,
+        ttl: duration("ttl", r.ttl)?,
+        max_ttl: duration("max_ttl", r.max_ttl)?,
+        svid_ttl: duration("svid_ttl", r.svid_ttl)?,
+        jwt_ttl: duration("jwt_ttl", r.jwt_ttl)?,
+        selectors: r.selectors,
+        audiences: r.audiences,
+        reason: r.reason,
+    })
+}
+
+pub(crate) fn duration(
     field: &'static str,
     d: Option<prost_types::Duration>,
 ) -> Result<Option<std::time::Duration>, Status> {
@@ -143,19 +160,7 @@ impl Tasks for AdminApi {
         request: Request<pb::GrantRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let caller = self.caller(&request, "Grant").await?;
-        let r = request.into_inner();
-        let input = GrantInput {
-            task_id: r.task_id,
-            delegator: r.delegator,
-            agent: r.agent,
-            ttl: duration("ttl", r.ttl)?,
-            max_ttl: duration("max_ttl", r.max_ttl)?,
-            svid_ttl: duration("svid_ttl", r.svid_ttl)?,
-            jwt_ttl: duration("jwt_ttl", r.jwt_ttl)?,
-            selectors: r.selectors,
-            audiences: r.audiences,
-            reason: r.reason,
-        };
+        let input = grant_input(request.into_inner())?;
         let lease = self.tasks.grant(&caller, input).await.map_err(status)?;
         Ok(Response::new(self.lease(&lease)))
     }

@@ -462,7 +462,7 @@ impl RedbStore {
         }
     }
 
-    fn encode(&self, lease: &Lease) -> Result<Vec<u8>, RedbError> {
+    pub(crate) fn encode(&self, lease: &Lease) -> Result<Vec<u8>, RedbError> {
         postcard::to_stdvec(&LeaseRecord::from(lease)).map_err(|e| RedbError::Encode {
             path: self.path.clone(),
             key: lease.id.to_string(),
@@ -470,7 +470,7 @@ impl RedbStore {
         })
     }
 
-    fn decode(&self, key: &str, bytes: &[u8]) -> Result<Lease, RedbError> {
+    pub(crate) fn decode(&self, key: &str, bytes: &[u8]) -> Result<Lease, RedbError> {
         let fail = |reason: String| RedbError::Decode {
             path: self.path.clone(),
             key: key.to_owned(),

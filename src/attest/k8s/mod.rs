@@ -52,7 +52,7 @@
 
 mod cgroup;
 mod kubelet;
-mod pods;
+pub(crate) mod pods;
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -16,7 +16,7 @@ where
 }
 
 #[derive(Deserialize, Default)]
-pub(super) struct PodList {
+pub(crate) struct PodList {
     #[serde(default, deserialize_with = "null_default")]
     pub(super) items: Vec<Pod>,
 }
@@ -93,12 +93,12 @@ pub(super) struct ContainerEntry {
 }
 
 /// Container id → container; `None` marks an id listed in more than one pod.
-pub(super) struct PodIndex {
+pub(crate) struct PodIndex {
     pub(super) containers: HashMap<String, Option<Arc<ContainerEntry>>>,
 }
 
 impl PodIndex {
-    pub(super) fn build(list: PodList) -> PodIndex {
+    pub(crate) fn build(list: PodList) -> PodIndex {
         let mut containers: HashMap<String, Option<Arc<ContainerEntry>>> = HashMap::new();
         for pod in list.items {
             let info = Arc::new(PodInfo {

@@ -125,6 +125,14 @@ impl JwtKeys {
     pub(super) fn check_subject(&self, sub: &str) -> Result<(), JwtError> {
         let id = SpiffeId::new(sub)
             .map_err(|e| JwtError::BadSubject(format!("not a SPIFFE ID: {e}")))?;
+        // The spiffe crate lowercases the scheme and trust domain, so `spiffe://Example.org/w`
+        // parses; but the SPIFFE ID spec (§2.1) allows lowercase only, go-spiffe refuses it,
+        // and ValidateJWTSVID reports `sub` as it is. Only the canonical form is an ID.
+        if id.to_string() != sub {
+            return Err(JwtError::BadSubject(
+                "not a SPIFFE ID in canonical (lowercase) form".into(),
+            ));
+        }
         if !id.is_member_of(&self.trust_domain) {
             return Err(JwtError::BadSubject(format!(
                 "trust domain {} is not {}",
@@ -323,6 +331,35 @@ mod tests {
                 "{t:?}"
             );
         }
+    }
+
+    /// Found by the `jwt` fuzz target: a subject with an uppercase trust domain, signed by our
+    /// key, validated, and ValidateJWTSVID answered with that non-canonical `spiffe_id`.
+    #[test]
+    fn non_canonical_subject_refused() {
+        let (_tmp, keys) = setup();
+        // The minimised fuzz input: header, payload and audience, as the harness signs them.
+        const INPUT: &[u8] = b"{\"alg\":\"ES256\",\"kid\":\"$kid\"}\0{\"aud\":\"x\",\"exp\":4102444800,\"sub\":\"spiffe://Example.org/w\"}\0x";
+        let text = std::str::from_utf8(INPUT).unwrap();
+        let [header, payload, audience] = text.split('\0').collect::<Vec<_>>()[..] else {
+            unreachable!()
+        };
+        let token = {
+            let state = keys.read();
+            let key = &state.active().key;
+            let h = URL_SAFE_NO_PAD.encode(header.replace("$kid", &key.kid));
+            let input = format!("{h}.{}", URL_SAFE_NO_PAD.encode(payload));
+            let sig = key.pair.sign(&keys.rng, input.as_bytes()).unwrap();
+            let sig = super::super::sign::low_s(sig.as_ref()).unwrap();
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+        };
+        assert!(matches!(
+            keys.validate(&token, audience, SystemTime::now()),
+            Err(JwtError::BadSubject(_))
+        ));
+        // Nor is such a token minted.
+        let upper = claims_at(SystemTime::now(), 300, "spiffe://Example.org/w");
+        assert!(matches!(keys.sign(&upper), Err(JwtError::BadClaims(_))));
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub fn decode(src: &[u8], dst: &mut Vec<u8>) -> Result<(), InvalidHuffman> {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) fn encode(src: &[u8]) -> Vec<u8> {
     let codes = codes();
     let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());

@@ -4,7 +4,7 @@
 
 pub mod authority;
 pub mod hpack;
-mod huffman;
+pub(crate) mod huffman;
 pub mod limits;
 mod writer;
 
