@@ -94,6 +94,19 @@ fn read_segment(path: &Path, newest: bool) -> Result<Vec<String>, VerifyError> {
 pub fn verify(dir: &Path) -> Result<VerifySummary, VerifyError> {
     let head_path = dir.join(HEAD_FILE);
     let head = read_head(dir).map_err(|p| VerifyError::new(&head_path, 1, None, p))?;
+    // Seq 0 is the empty chain, whose hash is all zeros: a HEAD naming it with another hash
+    // names no record of this chain (and `AuditLog::open` refuses it).
+    if let Some(h) = head.as_ref().filter(|h| h.seq == 0 && h.hash != ZERO_HASH) {
+        return Err(VerifyError::new(
+            &head_path,
+            1,
+            Some(0),
+            format!(
+                "HEAD names seq 0 with hash {}, but seq 0 is the empty chain (hash {ZERO_HASH})",
+                h.hash
+            ),
+        ));
+    }
     let (segments, strays) = list_segments(dir)
         .map_err(|e| VerifyError::new(dir, 0, None, format!("cannot list directory: {e}")))?;
     if let Some(stray) = strays.first() {
@@ -410,6 +423,24 @@ mod tests {
         let err = verify(dir).unwrap_err();
         assert_eq!((err.file.as_path(), err.line), (seg(dir, 2).as_path(), 1));
         restore();
+    }
+
+    /// Found by the `audit` fuzz target (minimised): beside an empty log, a HEAD naming seq 0
+    /// with a hash other than the empty chain's verified, and the agent then refused to open
+    /// the log `audit verify` had passed.
+    #[test]
+    fn a_head_naming_seq_0_with_another_hash_is_refused() {
+        const HEAD: &[u8] =
+            br#"{"seq":0,"hash":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#;
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(HEAD_FILE), HEAD).unwrap();
+        let err = verify(tmp.path()).unwrap_err();
+        assert_eq!((err.line, err.seq), (1, Some(0)), "{err}");
+        assert!(AuditLog::open(tmp.path(), AuditOptions::default()).is_err());
+        // The empty chain's own HEAD is fine.
+        let zero = format!(r#"{{"seq":0,"hash":"{ZERO_HASH}"}}"#);
+        fs::write(tmp.path().join(HEAD_FILE), zero).unwrap();
+        verify(tmp.path()).unwrap();
     }
 
     #[test]
