@@ -30,6 +30,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
         Overrides {
             trust_domain: args.trust_domain,
             socket: args.socket,
+            extra_sockets: args.extra_sockets,
             admin_socket: args.admin_socket,
             data_dir: args.data_dir,
             health_addr: args.health_addr,

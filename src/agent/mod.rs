@@ -60,6 +60,7 @@ pub enum StartError {
 
 pub struct Agent {
     pub socket: PathBuf,
+    pub extra_sockets: Vec<PathBuf>,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
     pub health_addr: crate::config::HealthAddr,
@@ -108,6 +109,11 @@ impl Agent {
             crate::server::listen::bind(&config.socket, 0o666).map_err(StartError::Workload)?;
         let admin =
             crate::server::listen::bind(&config.admin_socket, 0o660).map_err(StartError::Admin)?;
+        let extra = config
+            .extra_sockets
+            .iter()
+            .map(|p| crate::server::listen::bind(p, 0o666).map_err(StartError::Workload))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let audit = AuditLog::open(
             &config.data_dir.join("audit"),
@@ -200,7 +206,8 @@ impl Agent {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
-        let workload_api = crate::server::workload_api::WorkloadApi::new(identities);
+        let workload_api = crate::server::workload_api::WorkloadApi::new(identities.clone());
+        let sds = crate::server::sds::Sds::new(identities, config.sds.clone(), metrics.clone());
         let tasks_service = crate::lease::TaskService::new(
             registry.clone(),
             sink.clone(),
@@ -217,12 +224,18 @@ impl Agent {
         let (workload_admission, admin_admission) = admissions(&config, &metrics);
         let token = shutdown.clone();
         tasks.spawn(async move {
+            // Every workload socket shares one server and one set of connection caps.
+            let incoming =
+                futures::stream::select_all(std::iter::once(workload).chain(extra).map(|l| {
+                    Box::pin(crate::server::listen::incoming(
+                        l,
+                        workload_admission.clone(),
+                    ))
+                }));
             let r = server()
                 .add_service(workload_api)
-                .serve_with_incoming_shutdown(
-                    crate::server::listen::incoming(workload, workload_admission),
-                    token.cancelled(),
-                )
+                .add_service(sds)
+                .serve_with_incoming_shutdown(incoming, token.cancelled())
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "workload API server failed");
@@ -313,6 +326,7 @@ impl Agent {
         );
         Ok(Agent {
             socket: config.socket,
+            extra_sockets: config.extra_sockets,
             admin_socket: config.admin_socket,
             data_dir: config.data_dir,
             health_addr,
@@ -352,6 +366,9 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.admin_socket);
+        for p in &self.extra_sockets {
+            let _ = std::fs::remove_file(p);
+        }
         // Lease tasks stop (leases stay as stored); everything acknowledged is already
         // durable, and closing the audit log drains what is queued.
         self.registry.close().await;

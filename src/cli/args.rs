@@ -198,6 +198,10 @@ pub struct AgentArgs {
     pub trust_domain: Option<String>,
     #[arg(long, value_parser = crate::config::parse_socket, help = default_help("Workload API socket", |d| d.socket().display().to_string()))]
     pub socket: Option<PathBuf>,
+    /// Another path serving what the workload socket serves (repeatable), such as Istio's
+    /// `/var/run/secrets/workload-spiffe-uds/socket`.
+    #[arg(long = "extra-socket", value_parser = crate::config::parse_socket)]
+    pub extra_sockets: Vec<PathBuf>,
     #[arg(long, value_parser = crate::config::parse_socket, help = default_help("Admin API socket", |d| d.admin_socket().display().to_string()))]
     pub admin_socket: Option<PathBuf>,
     #[arg(long, help = default_help("Data directory: CA, leases, audit log", |d| d.data_dir.display().to_string()))]

@@ -23,6 +23,9 @@ pub struct FileConfig {
     pub trust_domain: Option<String>,
     pub socket: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
+    /// More paths the workload socket's services are served on, such as the one Istio looks
+    /// for (`/var/run/secrets/workload-spiffe-uds/socket` inside the pod).
+    pub extra_sockets: Option<Vec<PathBuf>>,
     pub data_dir: Option<PathBuf>,
     /// Health and metrics HTTP endpoint, HOST:PORT.
     pub health_addr: Option<String>,
@@ -47,6 +50,24 @@ pub struct FileConfig {
     pub connections: ConnectionsSection,
     #[serde(default)]
     pub policy: PolicySection,
+    #[serde(default)]
+    pub sds: SdsSection,
+}
+
+/// Envoy SDS on the workload socket: SPIRE agent's setting names and defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsSection {
+    /// The name that gives the caller's first SVID (default `default`).
+    pub default_svid_name: Option<String>,
+    /// The name that gives this trust domain's bundle (default `ROOTCA`).
+    pub default_bundle_name: Option<String>,
+    /// The name that gives every bundle (default `ALL`; set it to `ROOTCA` to make `ROOTCA`
+    /// carry every bundle).
+    pub default_all_bundles_name: Option<String>,
+    /// Bundles as `trusted_ca` rather than the SPIFFE validator, for every node.
+    #[serde(default)]
+    pub disable_spiffe_cert_validation: bool,
 }
 
 /// Cedar policies for the admin API. No files: the embedded default policy.
@@ -150,6 +171,8 @@ pub struct AttestationSection {
 pub struct Overrides {
     pub trust_domain: Option<String>,
     pub socket: Option<PathBuf>,
+    /// Added to the file's `extra_sockets`.
+    pub extra_sockets: Vec<PathBuf>,
     pub admin_socket: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub health_addr: Option<String>,
@@ -165,6 +188,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
+    /// More paths serving what the workload socket serves.
+    pub extra_sockets: Vec<PathBuf>,
+    pub sds: crate::server::sds::SdsSettings,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
     pub health_addr: crate::config::HealthAddr,
@@ -540,6 +566,28 @@ impl Config {
         if socket == admin_socket {
             errors.push("socket and admin_socket must differ".into());
         }
+        let mut extra_sockets = file.extra_sockets.unwrap_or_default();
+        extra_sockets.extend(o.extra_sockets);
+        extra_sockets.sort();
+        extra_sockets.dedup();
+        for p in &extra_sockets {
+            if p == &socket || p == &admin_socket {
+                errors.push(format!(
+                    "extra_sockets: {} is already the socket or the admin socket",
+                    p.display()
+                ));
+            }
+        }
+        let d = crate::server::sds::Aliases::default();
+        let sds = crate::server::sds::SdsSettings {
+            aliases: crate::server::sds::Aliases {
+                svid: file.sds.default_svid_name.unwrap_or(d.svid),
+                bundle: file.sds.default_bundle_name.unwrap_or(d.bundle),
+                all_bundles: file.sds.default_all_bundles_name.unwrap_or(d.all_bundles),
+            },
+            disable_spiffe_cert_validation: file.sds.disable_spiffe_cert_validation,
+        };
+        errors.extend(sds.aliases.problems());
         let default_health = defaults.health_addr();
         let data_dir = o.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir);
         let health_addr = match o.health_addr.or(file.health_addr) {
@@ -555,6 +603,8 @@ impl Config {
         let trust_domain = trust_domain.expect("checked above");
         Ok(Config {
             socket,
+            extra_sockets,
+            sds,
             admin_socket,
             data_dir,
             health_addr: health_addr.expect("checked above"),

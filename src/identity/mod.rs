@@ -4,4 +4,6 @@
 
 pub mod source;
 
-pub use source::{BundleKind, BundleUpdates, IdentityError, IdentitySource, Parts, X509Updates};
+pub use source::{
+    BundleKind, BundleUpdates, IdentityError, IdentitySource, Parts, TrustBundle, X509Updates,
+};

@@ -58,6 +58,15 @@ pub enum IdentityError {
     ShuttingDown,
 }
 
+/// One trust domain's X.509 roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustBundle {
+    /// The trust domain's name, without the scheme.
+    pub trust_domain: String,
+    /// Each root certificate, DER.
+    pub roots_der: Vec<Vec<u8>>,
+}
+
 /// Which trust bundle a caller follows.
 #[derive(Clone, Copy, Debug)]
 pub enum BundleKind {
@@ -253,6 +262,20 @@ impl IdentitySource {
             format!("spiffe://{}", ca.trust_domain()),
             ca.bundle_der().to_vec(),
         )
+    }
+
+    /// Every X.509 bundle the agent knows, sorted by trust domain: today this trust domain's.
+    pub fn x509_trust_bundles(&self) -> Vec<TrustBundle> {
+        let ca = self.parts.ca.current();
+        vec![TrustBundle {
+            trust_domain: ca.trust_domain().to_string(),
+            roots_der: ca.roots_der().to_vec(),
+        }]
+    }
+
+    /// Changes whenever the X.509 bundles may have.
+    pub fn x509_bundle_changes(&self) -> watch::Receiver<u64> {
+        self.parts.ca.subscribe()
     }
 
     /// This trust domain's JWT bundle: its ID and the JWKS document.

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub issuance_seconds: Family<KindLabel, Histogram>,
     pub attestations: Family<ResultLabel, Counter>,
     pub open_streams: Gauge,
+    pub sds_streams: Gauge,
+    pub sds_pushes: Counter,
+    pub sds_nacks: Counter,
     pub connections_refused: Family<RefusedLabel, Counter>,
     pub mints_refused: Counter,
     pub teardown_seconds: Histogram,
@@ -74,6 +77,9 @@ impl Metrics {
             issuance_seconds: Family::new_with_constructor(latency_histogram),
             attestations: Family::default(),
             open_streams: Gauge::default(),
+            sds_streams: Gauge::default(),
+            sds_pushes: Counter::default(),
+            sds_nacks: Counter::default(),
             connections_refused: Family::default(),
             mints_refused: Counter::default(),
             teardown_seconds: latency_histogram(),
@@ -111,8 +117,23 @@ impl Metrics {
         );
         r.register(
             "mayfly_open_streams",
-            "Open Workload API streams",
+            "Open identity streams (Workload API and SDS)",
             m.open_streams.clone(),
+        );
+        r.register(
+            "mayfly_sds_streams",
+            "Open SDS StreamSecrets streams (also counted in mayfly_open_streams)",
+            m.sds_streams.clone(),
+        );
+        r.register(
+            "mayfly_sds_pushes",
+            "SDS responses sent on StreamSecrets streams",
+            m.sds_pushes.clone(),
+        );
+        r.register(
+            "mayfly_sds_nacks",
+            "SDS responses a client rejected (a request with error_detail)",
+            m.sds_nacks.clone(),
         );
         r.register(
             "mayfly_connections_refused",

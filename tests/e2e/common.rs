@@ -107,6 +107,12 @@ impl TestAgent {
         self.dir
     }
 
+    /// The agent's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let addr = self.agent.as_ref().unwrap().health_addr.tcp().unwrap();
+        http_get(addr, "/metrics").await.1
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -204,6 +210,20 @@ impl TestAgent {
         })
         .await
     }
+}
+
+/// A plain HTTP/1.1 GET: status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
 }
 
 /// A grant by `delegator` to agent `reporter` for this test process (by its pid).

@@ -3,19 +3,6 @@
 use std::time::Duration;
 
 use crate::common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (code, body)
-}
 
 #[tokio::test]
 async fn live_ready_and_metrics() {

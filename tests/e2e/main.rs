@@ -15,4 +15,5 @@ mod mtls;
 mod policy;
 mod python_clients;
 mod run;
+mod sds;
 mod workload_api;
