@@ -154,6 +154,7 @@ DURATION = re.compile(r"^\d+(ns|us|ms|s|m|h|d|w)( ?\d+(ns|us|ms|s|m|h|d|w))*$")
 STR, INT, BOOL, DUR, INTS = "string", "integer", "boolean", "duration", "list of integers"
 ALLOWED = {
     None: {"trust_domain": STR, "socket": STR, "admin_socket": STR, "data_dir": STR,
+           "extra_sockets": "list of strings",
            "log_format": STR, "health_addr": STR,
            # also accepted by src/config/mod.rs, not used by these files
            "spiffe_id_template": STR},
@@ -164,6 +165,8 @@ ALLOWED = {
     "attestation": {"max_digest_bytes": INT},
     "audit": {"max_segment_bytes": INT},
     "jwt": {"key_rotation": DUR},
+    "sds": {"default_svid_name": STR, "default_bundle_name": STR, "default_all_bundles_name": STR,
+            "disable_spiffe_cert_validation": BOOL},
     "kubernetes": {"kubelet_url": STR, "token_file": STR, "ca_file": STR,
                    "insecure_skip_verify": BOOL, "node_name": STR},
 }
@@ -178,6 +181,8 @@ def type_ok(kind, v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
     if kind == BOOL:
         return isinstance(v, bool)
+    if kind == "list of strings":
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
     if kind == INTS:
         return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
     return False
@@ -868,6 +873,18 @@ if not helm_reason:
               f"error {err!r}, admission {problems or 'admits'}")
     finally:
         fake.close()
+
+# ================================================================ deploy/examples/envoy
+# The Envoy bootstraps are validated by Envoy itself (tests/e2e/envoy.rs); here the YAML of
+# every example, the Istio snippet's among them, parses without duplicate keys, and the
+# snippet mounts the directory of the socket Istio looks for.
+print("== deploy/examples/envoy")
+for f in sorted((DEPLOY / "examples" / "envoy").glob("*.yaml")):
+    docs = load_docs(f.read_text(), str(f))
+    check(bool(docs), f"{f.name}: parses")
+istio = (DEPLOY / "examples" / "envoy" / "istio.yaml").read_text()
+check("mountPath: /var/run/secrets/workload-spiffe-uds" in istio and "extra_sockets" in istio,
+      "istio.yaml: mounts workload-spiffe-uds and names extra_sockets")
 
 # ================================================================ deploy/systemd
 print("== deploy/systemd")

@@ -7,6 +7,7 @@ mod common;
 mod attest;
 mod cli;
 mod durability;
+mod envoy;
 mod health;
 mod jwt;
 mod k8s;

