@@ -5,14 +5,14 @@
 //! cargo run --release --example loadgen -- <scenario> [options]
 //! ```
 //!
-//! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `memory`, `startup`, `all`.
+//! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `sds-teardown`, `memory`, `startup`, `all`.
 //!
 //! Options:
 //!   --agent-bin PATH      agent binary (default target/release/mayfly)
 //!   --duration SECS       per-measurement duration of `fetch` (default 3)
 //!   --clients LIST        `fetch` concurrency levels (default 1,16,64,256)
 //!   --iterations N        `grant-to-svid` iterations per variant (default 200)
-//!   --streams LIST        `teardown` stream counts (default 1,100,1000)
+//!   --streams LIST        `teardown` and `sds-teardown` stream counts (default 1,100,1000)
 //!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10)
 //!   --expiry-reps N       `teardown` expiries per stream count (default 3)
 //!   --leases N            leases for `memory` and `startup` (default 10000)
@@ -131,12 +131,14 @@ fn main() -> Res<()> {
             "fetch" => fetch(&opts).await,
             "grant-to-svid" => grant_to_svid(&opts).await,
             "teardown" => teardown(&opts).await,
+            "sds-teardown" => sds_teardown(&opts).await,
             "memory" => memory(&opts).await,
             "startup" => startup(&opts).await,
             "all" => {
                 fetch(&opts).await?;
                 grant_to_svid(&opts).await?;
                 teardown(&opts).await?;
+                sds_teardown(&opts).await?;
                 memory(&opts).await?;
                 startup(&opts).await
             }
@@ -731,6 +733,108 @@ async fn teardown(o: &Opts) -> Res<()> {
             &format!("ends={} opened_after_expiry={late_open}", kinds_str(&kinds)),
         );
         drop(clients);
+    }
+    agent.stop()
+}
+
+/// Revoke → every open SDS stream on the lease updated (its withdrawal response received), one
+/// connection per stream as one Envoy per workload would have, each stream subscribed to
+/// `default` and `ROOTCA` and its first response ACKed, as Envoy does.
+async fn sds_teardown(o: &Opts) -> Res<()> {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    let request = |nonce: &str, version: &str| DiscoveryRequest {
+        resource_names: vec!["default".into(), "ROOTCA".into()],
+        response_nonce: nonce.into(),
+        version_info: version.into(),
+        type_url: SECRET.into(),
+        ..DiscoveryRequest::default()
+    };
+    let dir = temp_dir()?;
+    let agent = AgentProc::start(o, dir.path()).await?;
+    let mut admin = agent.admin().await?;
+    let reps = o.reps.unwrap_or(10);
+    for (seq, &n) in o.streams.iter().enumerate() {
+        let channels: Vec<Channel> = futures::stream::iter(0..n)
+            .map(|_| mayfly::cli::connect::unix_channel(&agent.socket))
+            .buffer_unordered(32)
+            .try_collect()
+            .await?;
+        let (mut from_return, mut from_call, mut per_stream) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..reps {
+            let lease = grant(
+                &mut admin,
+                &format!("sds-{seq}-{rep}"),
+                my_selectors(),
+                HOUR,
+            )
+            .await?;
+            let streams: Vec<_> = futures::stream::iter(channels.iter().cloned())
+                .map(|ch| async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(4);
+                    tx.send(request("", "")).await?;
+                    let mut s = SecretDiscoveryServiceClient::new(ch)
+                        .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner();
+                    let first = s.next().await.ok_or("no first SDS response")??;
+                    tx.send(request(&first.nonce, &first.version_info)).await?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((tx, s))
+                })
+                .buffer_unordered(64)
+                .try_collect()
+                .await?;
+            let mut set = tokio::task::JoinSet::new();
+            for (tx, mut s) in streams {
+                set.spawn(async move {
+                    let withdrawn = matches!(s.next().await, Some(Ok(r)) if r.resources.is_empty());
+                    drop(tx);
+                    (Instant::now(), withdrawn)
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let called = Instant::now();
+            revoke(&mut admin, &lease.lease_id).await?;
+            let returned = Instant::now();
+            let mut last = returned;
+            let mut withdrawn = 0;
+            while let Some(r) = tokio::time::timeout(Duration::from_secs(30), set.join_next())
+                .await
+                .map_err(|_| "SDS streams not updated within 30 s")?
+            {
+                let (at, ok) = r?;
+                withdrawn += usize::from(ok);
+                per_stream.push(at.saturating_duration_since(returned));
+                last = last.max(at);
+            }
+            if withdrawn != n {
+                return Err(format!("{withdrawn} of {n} SDS streams got the withdrawal").into());
+            }
+            from_return.push(last.saturating_duration_since(returned));
+            from_call.push(last.saturating_duration_since(called));
+        }
+        summary(
+            "sds-teardown",
+            &format!("revoke streams={n} all"),
+            from_return,
+            None,
+            "",
+        );
+        summary(
+            "sds-teardown",
+            &format!("revoke streams={n} each"),
+            per_stream,
+            None,
+            "",
+        );
+        summary(
+            "sds-teardown",
+            &format!("revoke-call streams={n} all"),
+            from_call,
+            None,
+            "(from sending Revoke)",
+        );
     }
     agent.stop()
 }
