@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let overrides = Overrides {
         trust_domain: None,
         socket: None,
+        extra_sockets: Vec::new(),
         admin_socket: None,
         data_dir: None,
         health_addr: None,
@@ -39,4 +40,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(l.default_jwt_ttl <= l.max_jwt_ttl);
     assert!(l.max_ttl >= mayfly::lease::MIN_TTL);
     assert_ne!(config.socket, config.admin_socket);
+    assert!(!config.extra_sockets.contains(&config.socket));
+    assert!(!config.extra_sockets.contains(&config.admin_socket));
+    assert!(config.sds.aliases.problems().is_empty());
 });

@@ -439,3 +439,29 @@ impl SecretDiscoveryService for Sds {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_refusal_has_the_status_spire_gives() {
+        let code = |r: Refusal| status(r).code();
+        assert_eq!(
+            code(IdentityError::NotAttested("gone".into()).into()),
+            Code::Unavailable
+        );
+        assert_eq!(code(IdentityError::ShuttingDown.into()), Code::Unavailable);
+        assert_eq!(
+            code(IdentityError::NoIdentity.into()),
+            Code::PermissionDenied
+        );
+        assert_eq!(code(IdentityError::Ended.into()), Code::PermissionDenied);
+        assert_eq!(code(Refusal::BadRequest("x".into())), Code::InvalidArgument);
+        let many: Vec<String> = (0..20).map(|i| format!("spiffe://td/{i}")).collect();
+        let s = status(Refusal::Unknown(many));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("and 12 more"), "{}", s.message());
+    }
+}
