@@ -52,9 +52,18 @@ pub fn from_duration(d: &prost_types::Duration) -> Option<Duration> {
 
 /// Parses `90s`, `5m`, `1h`, `1h30m`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 90s, 5m or 1h: {e}"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 90s, 5m or 1h: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is longer than 100 years"));
+    }
+    Ok(d)
 }
+
+/// The longest duration anything takes: a hundred years (of 365.25 days, as humantime counts
+/// them). Durations come from config and flags and are added to the clock; past this, an
+/// addition could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Rounds down to the whole second. Lease deadlines are whole seconds, so the deadline a lease
 /// shows (RFC 3339, seconds) is the instant it ends; X.509 validity has second precision too,
@@ -92,6 +101,26 @@ impl Boot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_past_a_hundred_years_are_refused() {
+        // Issue 14, hole 11: `[policy] approval_timeout = "1000000000y"` overflowed
+        // `now + timeout` and panicked the agent at the first gated grant.
+        assert!(parse_duration("1000000000y")
+            .unwrap_err()
+            .contains("100 years"));
+        assert!(parse_duration("101y").is_err());
+        assert!(parse_duration("100y").is_ok());
+        assert_eq!(
+            parse_duration("99y").unwrap(),
+            Duration::from_secs(99 * 31_557_600)
+        );
+        let far = SystemTime::now() + MAX_DURATION + MAX_DURATION;
+        assert!(
+            far > SystemTime::now(),
+            "twice the cap still adds to the clock"
+        );
+    }
 
     #[test]
     fn rfc3339_writes_seconds_and_never_panics() {

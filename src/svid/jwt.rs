@@ -172,7 +172,8 @@ impl Manager {
             }
         }
         let l = &lease.lease;
-        let expires_at = (now + l.jwt_ttl).min(*lease.expires_at.borrow());
+        let end = *lease.expires_at.borrow();
+        let expires_at = now.checked_add(l.jwt_ttl).map_or(end, |t| t.min(end));
         let (iat, exp) = (unix(now), unix(expires_at));
         if exp <= iat {
             return Ok(None);

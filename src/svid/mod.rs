@@ -239,7 +239,9 @@ impl Manager {
             return Issued::Yes;
         }
         let expires_at = *entry.lease.expires_at.borrow();
-        let cap = (now + lease.svid_ttl).min(expires_at);
+        let cap = now
+            .checked_add(lease.svid_ttl)
+            .map_or(expires_at, |t| t.min(expires_at));
         let issued = match self.ca.current().issue_x509_svid(&lease.spiffe_id, cap) {
             Ok(issued) => issued,
             Err(e) => {
