@@ -523,3 +523,38 @@ async fn an_extra_socket_serves_sds_as_istio_looks_for_it() {
     t.stop().await;
     assert!(!socket.exists(), "removed at stop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_whose_lease_ended_is_left_out_while_another_lease_goes_on() {
+    let t = start().await;
+    let a = t
+        .grant(
+            "sds-a",
+            &[format!("unix:pid:{}", std::process::id())],
+            HOUR,
+            None,
+        )
+        .await;
+    let b = t
+        .grant("sds-b", &[format!("unix:uid:{}", my_uid())], HOUR, None)
+        .await;
+    let both = [a.spiffe_id.as_str(), b.spiffe_id.as_str()];
+    let mut s = SdsStream::ask(&t, &both).await;
+    let first = s.next().await;
+    assert_eq!(names(&first).len(), 2);
+    s.ack(&both, &first).await;
+    t.revoke(&a.lease_id, "done").await;
+    let second = s.next().await;
+    assert_eq!(
+        names(&second),
+        [b.spiffe_id.as_str()],
+        "a's secret withdrawn"
+    );
+    // Envoy ACKs with the names it still subscribes to: a's is no error, b's goes on.
+    s.ack(&both, &second).await;
+    t.revoke(&b.lease_id, "done").await;
+    let last = s.next().await;
+    assert!(last.resources.is_empty());
+    assert_eq!(s.end().await.code(), Code::PermissionDenied);
+    t.stop().await;
+}

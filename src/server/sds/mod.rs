@@ -330,10 +330,21 @@ impl Driver {
             };
             let how = self.inner.validation(&self.session);
             let answer = self.inner.answer(&names, &self.held, how);
-            // A name the caller never held is refused; one it no longer holds (its lease ended
-            // while another goes on) is left out: that is how state of the world withdraws it.
-            if on_request && !answer.resolved.unknown.is_empty() {
-                return Some(Err(Refusal::Unknown(answer.resolved.unknown)));
+            // A name the caller never held is refused; one this stream was given and the
+            // caller no longer holds (its lease ended while another goes on) is left out, on
+            // Envoy's ACK as on the update: that is how state of the world withdraws it.
+            if on_request {
+                let session = &self.session;
+                let never: Vec<String> = answer
+                    .resolved
+                    .unknown
+                    .iter()
+                    .filter(|n| !session.has_sent(n))
+                    .cloned()
+                    .collect();
+                if !never.is_empty() {
+                    return Some(Err(Refusal::Unknown(never)));
+                }
             }
             if on_request && !answer.resolved.skipped.is_empty() {
                 tracing::debug!(names = ?answer.resolved.skipped, "SDS names for files left unanswered");

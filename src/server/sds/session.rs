@@ -45,6 +45,9 @@ pub struct Session {
     version: u64,
     nonce: Option<String>,
     sent: Option<(BTreeSet<String>, Fingerprint)>,
+    /// Every secret name a response has carried: aliases, trust domains and the SPIFFE IDs the
+    /// caller has held, so a few.
+    ever_sent: BTreeSet<String>,
 }
 
 /// Checks the bounds of a request's names and type; shared with `FetchSecrets`.
@@ -98,6 +101,11 @@ impl Session {
         self.names.as_ref()
     }
 
+    /// Whether a response on this stream has carried a secret named `name`.
+    pub fn has_sent(&self, name: &str) -> bool {
+        self.ever_sent.contains(name)
+    }
+
     pub fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }
@@ -123,6 +131,8 @@ impl Session {
         if self.sent.as_ref() == Some(&now) {
             return None;
         }
+        self.ever_sent
+            .extend(now.1.items.iter().map(|(name, _)| name.clone()));
         self.version += 1;
         let nonce = new_nonce();
         self.nonce = Some(nonce.clone());
