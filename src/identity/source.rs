@@ -255,6 +255,11 @@ impl IdentitySource {
             })
     }
 
+    /// This agent's trust domain, without the scheme.
+    pub fn trust_domain(&self) -> String {
+        self.parts.ca.current().trust_domain().to_string()
+    }
+
     /// This trust domain's X.509 bundle: its ID (`spiffe://td`) and the CA certificates, DER.
     pub fn x509_bundle(&self) -> (String, Vec<u8>) {
         let ca = self.parts.ca.current();

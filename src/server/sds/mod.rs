@@ -139,8 +139,7 @@ struct Answer {
 
 impl Inner {
     fn answer(&self, names: &BTreeSet<String>, held: &Holdings, how: Validation) -> Answer {
-        let own = self.source.x509_bundle().0;
-        let own = own.strip_prefix("spiffe://").unwrap_or(&own).to_owned();
+        let own = self.source.trust_domain();
         let tds: Vec<String> = held
             .bundles
             .iter()
