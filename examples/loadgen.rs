@@ -5,15 +5,20 @@
 //! cargo run --release --example loadgen -- <scenario> [options]
 //! ```
 //!
-//! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `sds-teardown`, `memory`, `startup`, `all`.
+//! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `sds-teardown`, `delegate-to-svid`,
+//! `delegate-cascade`, `memory`, `startup`, `all`.
 //!
 //! Options:
 //!   --agent-bin PATH      agent binary (default target/release/mayfly)
 //!   --duration SECS       per-measurement duration of `fetch` (default 3)
 //!   --clients LIST        `fetch` concurrency levels (default 1,16,64,256)
-//!   --iterations N        `grant-to-svid` iterations per variant (default 200)
+//!   --iterations N        `grant-to-svid` iterations per variant, `delegate-to-svid`
+//!                         iterations (default 200)
+//!   --children N          `delegate-cascade`: children of the parent, each its own process
+//!                         (default 100)
 //!   --streams LIST        `teardown` and `sds-teardown` stream counts (default 1,100,1000)
-//!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10)
+//!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10),
+//!                         `delegate-cascade` parents ended (default 10)
 //!   --expiry-reps N       `teardown` expiries per stream count (default 3)
 //!   --leases N            leases for `memory` and `startup` (default 10000)
 //!   --interval-ms MS      `fetch`: each client starts a fetch every MS (default: back to back)
@@ -60,6 +65,7 @@ struct Opts {
     reps: Option<usize>,
     expiry_reps: usize,
     leases: usize,
+    children: usize,
     /// Fetch scenario: each client waits this long between fetch starts (None: back to back).
     interval: Option<Duration>,
     /// A command (and its arguments) the agent runs under, for profiling.
@@ -82,6 +88,7 @@ fn parse_args() -> Res<(String, Opts)> {
         reps: None,
         expiry_reps: 3,
         leases: 10_000,
+        children: 100,
         wrap: Vec::new(),
         hold: Duration::ZERO,
         interval: None,
@@ -102,6 +109,7 @@ fn parse_args() -> Res<(String, Opts)> {
             "--reps" => o.reps = Some(val()?.parse()?),
             "--expiry-reps" => o.expiry_reps = val()?.parse()?,
             "--leases" => o.leases = val()?.parse()?,
+            "--children" => o.children = val()?.parse()?,
             "--interval-ms" => {
                 o.interval = Some(Duration::from_secs_f64(val()?.parse::<f64>()? / 1e3))
             }
@@ -132,6 +140,8 @@ fn main() -> Res<()> {
             "grant-to-svid" => grant_to_svid(&opts).await,
             "teardown" => teardown(&opts).await,
             "sds-teardown" => sds_teardown(&opts).await,
+            "delegate-to-svid" => delegate_to_svid(&opts).await,
+            "delegate-cascade" => delegate_cascade(&opts).await,
             "memory" => memory(&opts).await,
             "startup" => startup(&opts).await,
             "all" => {
@@ -139,6 +149,8 @@ fn main() -> Res<()> {
                 grant_to_svid(&opts).await?;
                 teardown(&opts).await?;
                 sds_teardown(&opts).await?;
+                delegate_to_svid(&opts).await?;
+                delegate_cascade(&opts).await?;
                 memory(&opts).await?;
                 startup(&opts).await
             }
@@ -216,7 +228,18 @@ fn health_from_stdout(child: &mut Child) -> Res<SocketAddr> {
 
 impl AgentProc {
     async fn start(o: &Opts, dir: &Path) -> Res<AgentProc> {
-        let mut child = agent_command(o, dir, "127.0.0.1:0").spawn()?;
+        Self::start_configured(o, dir, None).await
+    }
+
+    /// An agent with a config file holding `toml` as well as the flags.
+    async fn start_configured(o: &Opts, dir: &Path, toml: Option<&str>) -> Res<AgentProc> {
+        let mut cmd = agent_command(o, dir, "127.0.0.1:0");
+        if let Some(toml) = toml {
+            let path = dir.join("mayfly.toml");
+            std::fs::write(&path, toml)?;
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd.spawn()?;
         let health = tokio::task::block_in_place(|| health_from_stdout(&mut child))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready(health) {
@@ -734,6 +757,217 @@ async fn teardown(o: &Opts) -> Res<()> {
         );
         drop(clients);
     }
+    agent.stop()
+}
+
+/// Delegation limits wide enough for the delegation scenarios (a benchmark, not a policy).
+const DELEGATION_CONFIG: &str =
+    "[delegation]\nmax_children = 100000\nrate_per_second = 100000\nrate_burst = 100000\n";
+
+fn delegation_request<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("a valid value"));
+    r
+}
+
+/// A parent lease for this process that may delegate one level.
+async fn grant_parent(admin: &mut TasksClient<Channel>, task_id: &str) -> Res<pb::Lease> {
+    Ok(admin
+        .grant(pb::GrantRequest {
+            task_id: task_id.into(),
+            delegator: "user/bench".into(),
+            agent: "planner".into(),
+            ttl: Some(mayfly::time::to_duration(HOUR)),
+            selectors: my_selectors(),
+            reason: "loadgen".into(),
+            max_delegation_depth: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+/// Delegate → the child's first X.509-SVID: this process delegates a child bound to itself
+/// (its pid and its gid), then fetches until the child's SVID is in the answer; then ends it.
+async fn delegate_to_svid(o: &Opts) -> Res<()> {
+    use mayfly::proto::delegation as dpb;
+    let dir = temp_dir()?;
+    let agent = AgentProc::start_configured(o, dir.path(), Some(DELEGATION_CONFIG)).await?;
+    let mut admin = agent.admin().await?;
+    grant_parent(&mut admin, "d2s-parent").await?;
+    let mut delegation = dpb::delegation_client::DelegationClient::new(
+        mayfly::cli::connect::unix_channel(&agent.socket).await?,
+    );
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await?;
+    // The parent's SVID is issued (and cached) before the first measurement.
+    client.fetch_x509_context().await?;
+    let selectors = vec![
+        format!("unix:pid:{}", std::process::id()),
+        format!("unix:gid:{}", rustix::process::getegid().as_raw()),
+    ];
+    let mut lat = Vec::with_capacity(o.iterations);
+    let mut retries = 0u64;
+    let started = Instant::now();
+    for i in 0..o.iterations {
+        let t0 = Instant::now();
+        let child = delegation
+            .delegate(delegation_request(dpb::DelegateRequest {
+                task_id: format!("d2s-{i}"),
+                agent: "executor".into(),
+                ttl: Some(mayfly::time::to_duration(Duration::from_secs(600))),
+                selectors: selectors.clone(),
+                audiences: vec!["bench".into()],
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        loop {
+            let ctx = client.fetch_x509_context().await?;
+            if ctx
+                .svids()
+                .iter()
+                .any(|s| s.spiffe_id().to_string() == child.spiffe_id)
+            {
+                break;
+            }
+            retries += 1;
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!("child {} never reached a fetch", child.lease_id).into());
+            }
+        }
+        lat.push(t0.elapsed());
+        // One child at a time, so every fetch carries the parent's SVID and one child's.
+        delegation
+            .end(delegation_request(dpb::EndRequest {
+                lease_id: child.lease_id,
+                reason: String::new(),
+                completed: true,
+            }))
+            .await?;
+    }
+    let elapsed = started.elapsed();
+    summary(
+        "delegate-to-svid",
+        "client=reused",
+        lat,
+        None,
+        &format!(
+            "retries={retries} loop={:.1} delegate+fetch+end/s",
+            o.iterations as f64 / elapsed.as_secs_f64()
+        ),
+    );
+    agent.stop()
+}
+
+/// Ending a parent with N children → every child's stream told. Each child is a real process
+/// tree, as `mayfly delegate` makes it: `mayfly delegate -- mayfly svid watch`, started by this
+/// process (the parent's holder), the child lease bound to the `svid watch` process. The time
+/// is from Revoke returning to each `svid watch` reporting its stream's end on stderr.
+async fn delegate_cascade(o: &Opts) -> Res<()> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = temp_dir()?;
+    let agent = AgentProc::start_configured(o, dir.path(), Some(DELEGATION_CONFIG)).await?;
+    let mut admin = agent.admin().await?;
+    let reps = o.reps.unwrap_or(10);
+    let n = o.children;
+    let socket = agent.socket.display().to_string();
+    let mut all = Vec::new();
+    let mut each = Vec::new();
+    let mut from_call = Vec::new();
+    for rep in 0..reps {
+        let parent = grant_parent(&mut admin, &format!("cascade-{rep}")).await?;
+        let mut procs = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut child = tokio::process::Command::new(&o.agent_bin)
+                .args([
+                    "delegate",
+                    "--task-id",
+                    &format!("c{rep}-{i}"),
+                    "--agent",
+                    "executor",
+                ])
+                .args([
+                    "--ttl",
+                    "10m",
+                    "--audience",
+                    "bench",
+                    "--socket",
+                    &socket,
+                    "--",
+                ])
+                .arg(&o.agent_bin)
+                .args(["svid", "watch", "--output", "json", "--socket", &socket])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdout = child.stdout.take().ok_or("no stdout")?;
+            let stderr = child.stderr.take().ok_or("no stderr")?;
+            procs.push((child, stdout, stderr));
+        }
+        // Every child's first SVID on its stream, then a reader per child for its end.
+        let mut ends = tokio::task::JoinSet::new();
+        for (child, stdout, stderr) in procs {
+            let mut out = tokio::io::BufReader::new(stdout).lines();
+            tokio::time::timeout(Duration::from_secs(60), out.next_line())
+                .await
+                .map_err(|_| "a child's stream never answered")??
+                .ok_or("a child's stream ended before its first SVID")?;
+            ends.spawn(async move {
+                let _child = child;
+                let _out = out;
+                let mut err = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = err.next_line().await {
+                    if line.contains("no identity issued") {
+                        return Some(Instant::now());
+                    }
+                }
+                None
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let called = Instant::now();
+        revoke(&mut admin, &parent.lease_id).await?;
+        let t0 = Instant::now();
+        let mut got = Vec::with_capacity(n);
+        while let Some(r) = tokio::time::timeout(Duration::from_secs(30), ends.join_next())
+            .await
+            .map_err(|_| "child streams not told within 30 s")?
+        {
+            got.push(r?.ok_or("a child's stream ended without its denial")?);
+        }
+        let lat: Vec<Duration> = got
+            .iter()
+            .map(|i| i.saturating_duration_since(t0))
+            .collect();
+        all.push(lat.iter().copied().max().unwrap_or_default());
+        each.extend(lat);
+        let last = got.iter().copied().max().unwrap_or(called);
+        from_call.push(last.saturating_duration_since(called));
+    }
+    summary(
+        "delegate-cascade",
+        &format!("children={n} all"),
+        all,
+        None,
+        "",
+    );
+    summary(
+        "delegate-cascade",
+        &format!("children={n} each"),
+        each,
+        None,
+        "",
+    );
+    summary(
+        "delegate-cascade",
+        &format!("revoke-call children={n} all"),
+        from_call,
+        None,
+        "(from sending Revoke)",
+    );
     agent.stop()
 }
 

@@ -133,6 +133,28 @@ write("admin", "large-limits", admin(2, grant("long", "ops/oncall", "batch", 864
 write("admin", "grant-only", admin(0, grant("x", "y", "z", 60, ["unix:gid:100"], max_ttl=120, svid=10)))
 write("admin", "renew-other", admin(0, grant("x", "y", "z", 60, ["unix:uid:0"], max_ttl=120), renew(90, "9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c")))
 
+# --- delegate: parent pick byte (1: audiences, 2: bound to a process, 4: depth 3), then a
+# DelegateRequest (mayfly/delegation/v1/delegation.proto)
+def delegate(task, agent, ttl, selectors, aud, max_ttl=None, svid=None, jwt=None, parent="", depth=None):
+    m = (field_str(1, parent) if parent else b"") + field_str(2, task) + field_str(3, agent) + duration(4, ttl)
+    if max_ttl is not None:
+        m += duration(5, max_ttl)
+    if svid is not None:
+        m += duration(6, svid)
+    if jwt is not None:
+        m += duration(7, jwt)
+    m += b"".join(field_str(8, s) for s in selectors) + b"".join(field_str(9, a) for a in aud)
+    if depth is not None:
+        m += varint(11 << 3) + varint(depth)
+    return m
+
+
+write("delegate", "narrower", b"\x00" + delegate("step-1", "executor", 60, ["unix:gid:6"], ["db"]))
+write("delegate", "scoped-audiences", b"\x01" + delegate("step-2", "executor", 600, ["unix:user:alice"], ["db", "search"], max_ttl=1200, svid=120, jwt=60))
+write("delegate", "bound-parent", b"\x02" + delegate("step-3", "tool", 30, ["unix:pid:1"], ["mail"]))
+write("delegate", "deeper", b"\x05" + delegate("step-4", "executor", 60, ["unix:gid:6"], ["db"], depth=1, parent="spiffe://example.org/agent/planner/task/plan/delegator/user/alice"))
+write("delegate", "too-long", b"\x00" + delegate("step-5", "executor", 601, ["unix:gid:6"], ["db"]))
+
 # --- cgroup: /proc/PID/cgroup texts from cgroup.rs's tests --------------------------------
 # The first byte is how deep the agent's own cgroup namespace is rooted (0: the host's).
 UID = "3a5b1f2e-0c1d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -208,6 +230,9 @@ write("store_record", "format-1", fmt1)
 write("store_record", "format-2", bytes.fromhex(fmt2))
 write("store_record", "format-3", bytes.fromhex(fmt3))
 write("store_record", "format-3-no-reason", bytes.fromhex("03" + fmt2[2:] + "00"))
+fmt4 = "".join(re.findall(r'"([0-9a-f]+)"', re.search(r"const FROZEN_FORMAT_4: &str = concat!\((.*?)\);", src, re.S).group(1)))
+write("store_record", "format-4-delegated", bytes.fromhex(fmt4))
+write("store_record", "format-4-plain", bytes.fromhex("04" + fmt3[2:] + "00"))
 rec = json.loads(fmt1)
 rec.pop("approval_deadline"), rec.pop("approved_at"), rec.pop("approved_by"), rec.pop("jwt_ttl_nanos")
 rec["state"], rec["ended_at"], rec["ended_by"] = "active", None, None

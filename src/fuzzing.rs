@@ -6,13 +6,13 @@ use crate::lease::{GrantInput, Lease};
 use crate::proto::admin as pb;
 use crate::store::{RedbError, RedbStore};
 
-/// A lease record as the store decodes it (`RedbStore::decode`): format 1 (JSON), 2 or 3
+/// A lease record as the store decodes it (`RedbStore::decode`): format 1 (JSON), 2 to 4
 /// (postcard), checked to hold the lease named by `key`.
 pub fn store_decode(store: &RedbStore, key: &str, bytes: &[u8]) -> Result<Lease, RedbError> {
     store.decode(key, bytes)
 }
 
-/// A lease as the store writes it now (format 3).
+/// A lease as the store writes it now (format 4).
 pub fn store_encode(store: &RedbStore, lease: &Lease) -> Result<Vec<u8>, RedbError> {
     store.encode(lease)
 }
@@ -49,4 +49,16 @@ pub fn admin_renew_request(
 ) -> Option<(String, Result<Option<std::time::Duration>, tonic::Status>)> {
     let r = <pb::RenewRequest as prost::Message>::decode(bytes).ok()?;
     Some((r.lease_id, crate::server::admin::duration("ttl", r.ttl)))
+}
+
+/// A `Delegate` request, from its protobuf bytes: the parent it names and the input as the
+/// Delegation server converts it. `None`: the bytes are no `DelegateRequest`.
+pub fn delegate_input(
+    bytes: &[u8],
+) -> Option<(String, Result<crate::lease::DelegateInput, tonic::Status>)> {
+    let r = <crate::proto::delegation::DelegateRequest as prost::Message>::decode(bytes).ok()?;
+    Some((
+        r.parent.clone(),
+        crate::server::delegation::delegate_input(r),
+    ))
 }

@@ -122,6 +122,7 @@ async fn run(cli: Cli) {
         }
         Command::Jwt(cmd) => mayfly::cli::workload::jwt(cmd).await,
         Command::Run(args) => std::process::exit(mayfly::cli::run::run(args).await),
+        Command::Delegate(args) => std::process::exit(mayfly::cli::delegate::delegate(args).await),
         Command::Exec { sync, command } => {
             std::process::exit(mayfly::cli::run::exec(&sync, &command))
         }

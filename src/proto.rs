@@ -16,6 +16,11 @@ pub mod admin {
     tonic::include_proto!("mayfly.admin.v1");
 }
 
+/// mayfly's Delegation service (on the workload socket).
+pub mod delegation {
+    tonic::include_proto!("mayfly.delegation.v1");
+}
+
 /// Protobuf over gRPC like tonic's `ProstCodec`, with a smaller encode buffer. A response
 /// stream keeps its encode buffer for as long as it is open, and a Workload API stream is open
 /// for as long as its workload runs: tonic's default 8 KiB, times a thousand open streams, is

@@ -56,6 +56,7 @@ fn limits(pick: u8) -> LeaseLimits {
         default_jwt_ttl: default_jwt,
         max_jwt_ttl: max_jwt,
         jwt_mint: mayfly::lease::DEFAULT_JWT_MINT,
+        delegation: Default::default(),
     }
 }
 

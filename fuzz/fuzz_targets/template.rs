@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         default_jwt_ttl: Duration::from_secs(300),
         max_jwt_ttl: Duration::from_secs(3600),
         jwt_mint: mayfly::lease::DEFAULT_JWT_MINT,
+        delegation: Default::default(),
     };
     let input = GrantInput {
         task_id,

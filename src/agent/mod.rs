@@ -207,6 +207,15 @@ impl Agent {
             shutdown: shutdown.clone(),
         });
         let workload_api = crate::server::workload_api::WorkloadApi::new(identities.clone());
+        let delegation = crate::server::delegation::DelegationApi::new(
+            identities.clone(),
+            crate::lease::DelegationService::new(
+                registry.clone(),
+                sink.clone(),
+                policy.clone(),
+                config.approval_timeout,
+            ),
+        );
         let sds = crate::server::sds::Sds::new(identities, config.sds.clone(), metrics.clone());
         let tasks_service = crate::lease::TaskService::new(
             registry.clone(),
@@ -234,6 +243,7 @@ impl Agent {
                 }));
             let r = server()
                 .add_service(workload_api)
+                .add_service(delegation)
                 .add_service(sds)
                 .serve_with_incoming_shutdown(incoming, token.cancelled())
                 .await;

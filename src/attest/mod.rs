@@ -74,7 +74,7 @@ use std::io;
 
 pub use exit::{pinned_pidfds, wait_exit, BoundProcess};
 pub use peer::PeerInfo;
-pub use process::process_start_time;
+pub use process::{is_descendant, process_parent, process_start_time};
 pub use unix::Attestor;
 
 /// Why attestation failed.

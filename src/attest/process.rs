@@ -23,6 +23,60 @@ pub fn process_start_time(pid: i32) -> io::Result<u64> {
     })
 }
 
+/// The parent PID and the start time of a process (fields 4 and 22 of `/proc/<pid>/stat`).
+pub fn process_parent(pid: i32) -> io::Result<(i32, u64)> {
+    let stat = read_proc(&format!("/proc/{pid}/stat"))?;
+    parse_stat_parent(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed /proc/{pid}/stat"),
+        )
+    })
+}
+
+fn parse_stat_parent(stat: &str) -> Option<(i32, u64)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let ppid = rest.split_ascii_whitespace().nth(4 - 3)?.parse().ok()?;
+    Some((ppid, parse_stat_start_time(stat)?))
+}
+
+/// Whether the process `(pid, start)` is `(ancestor, ancestor_start)` itself or one of its
+/// descendants, both alive now. The walk up the parent links checks each start time, so a
+/// PID reused by another process never passes for the one bound, and a process whose parent
+/// died (reparented to init or a subreaper) is no longer anyone's descendant.
+pub fn is_descendant(pid: i32, start: u64, ancestor: i32, ancestor_start: u64) -> bool {
+    /// Deeper process trees than this are not followed (refused, failing closed).
+    const MAX_WALK: usize = 64;
+    match process_start_time(ancestor) {
+        Ok(s) if s == ancestor_start => {}
+        _ => return false,
+    }
+    let (mut current, mut current_start) = (pid, start);
+    for _ in 0..MAX_WALK {
+        let Ok((ppid, actual_start)) = process_parent(current) else {
+            return false;
+        };
+        if actual_start != current_start {
+            return false;
+        }
+        if current == ancestor {
+            return current_start == ancestor_start;
+        }
+        if ppid <= 0 {
+            return false;
+        }
+        let Ok(parent_start) = process_start_time(ppid) else {
+            return false;
+        };
+        // A parent starts before its child; a later start is a reused PID.
+        if parent_start > current_start {
+            return false;
+        }
+        (current, current_start) = (ppid, parent_start);
+    }
+    false
+}
+
 /// Extract field 22 (starttime) from the text of `/proc/<pid>/stat`.
 ///
 /// Field 2 is the command name in parentheses and may itself contain spaces
@@ -186,6 +240,19 @@ mod tests {
         let missing = dir.path().join("missing");
         let err = read_proc(missing.to_str().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn finds_this_process_s_ancestry() {
+        let me = std::process::id() as i32;
+        let (parent, start) = process_parent(me).unwrap();
+        assert_eq!(start, process_start_time(me).unwrap());
+        let parent_start = process_start_time(parent).unwrap();
+        assert!(is_descendant(me, start, me, start));
+        assert!(is_descendant(me, start, parent, parent_start));
+        assert!(!is_descendant(me, start, parent, parent_start + 1));
+        assert!(!is_descendant(me, start + 1, parent, parent_start));
+        assert!(!is_descendant(parent, parent_start, me, start));
     }
 
     #[test]

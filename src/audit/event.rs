@@ -52,6 +52,9 @@ pub struct SvidIssued<'a> {
     pub exe_sha256: Option<&'a str>,
     /// `fetch` or `rotation`.
     pub trigger: &'a str,
+    /// The leases it was delegated from, root first (absent for a lease granted directly).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Link<'a>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +70,8 @@ pub struct JwtIssued<'a> {
     pub pid: i32,
     pub uid: u32,
     pub exe_sha256: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Link<'a>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -91,6 +96,14 @@ pub struct PolicyDenied<'a> {
 }
 
 /// Who did something to a lease.
+/// One ancestor of a delegated lease, root first (the chain in every record about it).
+#[derive(Debug, Serialize)]
+pub struct Link<'a> {
+    pub lease_id: &'a str,
+    pub spiffe_id: String,
+    pub task_id: &'a str,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Principal<'a> {
     pub uid: u32,
@@ -128,6 +141,17 @@ pub struct LeaseChange<'a> {
     /// Why it changed (a revocation's reason, the gates that hold it); left out when empty.
     #[serde(skip_serializing_if = "str::is_empty")]
     pub reason_for_change: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Link<'a>>,
+    /// Levels of delegation it may still make (absent: none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub may_delegate: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub end_on_violation: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Event<'_> {
@@ -218,13 +242,32 @@ mod tests {
             approved_at: None,
             approved_by: None,
             reason_for_change: reason,
+            chain: Vec::new(),
+            may_delegate: 0,
+            end_on_violation: false,
         };
         let e = Event::Lease(change(""));
         assert_eq!(e.name(), "lease_revoked");
         let fields = e.fields();
         assert!(!fields.contains_key("reason_for_change") && !fields.contains_key("what"));
         assert_eq!(fields["ended_by"]["uid"], 0);
+        assert!(!fields.contains_key("chain") && !fields.contains_key("may_delegate"));
         let fields = Event::Lease(change("key leaked")).fields();
         assert_eq!(fields["reason_for_change"], "key leaked");
+        let delegated = LeaseChange {
+            chain: vec![Link {
+                lease_id: "cd",
+                spiffe_id: "spiffe://example.org/p".into(),
+                task_id: "plan",
+            }],
+            may_delegate: 1,
+            ..change("")
+        };
+        let fields = Event::Lease(delegated).fields();
+        assert_eq!(
+            fields["chain"],
+            serde_json::json!([{"lease_id": "cd", "spiffe_id": "spiffe://example.org/p", "task_id": "plan"}])
+        );
+        assert_eq!(fields["may_delegate"], 1);
     }
 }

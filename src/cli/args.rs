@@ -32,6 +32,9 @@ pub enum Command {
     Jwt(JwtCommand),
     /// Run a command under a task lease bound to its process; the lease ends when it exits.
     Run(RunArgs),
+    /// From inside a leased process: run a command under a child lease, delegated from your
+    /// own and narrower, bound to the command's process; or list and end your children.
+    Delegate(DelegateArgs),
     /// Check or print the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -189,6 +192,88 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct DelegateArgs {
+    #[command(subcommand)]
+    pub action: Option<DelegateCommand>,
+    /// The SPIFFE ID of your lease to delegate from (needed when you hold several).
+    #[arg(long = "from")]
+    pub from: Option<String>,
+    /// The child's task, one SPIFFE path segment.
+    #[arg(long, required = true)]
+    pub task_id: Option<String>,
+    /// The child's workload class, e.g. executor.
+    #[arg(long, required = true)]
+    pub agent: Option<String>,
+    /// The child lease's lifetime (never past your lease's end).
+    #[arg(long, value_parser = duration, required = true)]
+    pub ttl: Option<Duration>,
+    /// Renewal ceiling from now (default: the TTL).
+    #[arg(long, value_parser = duration)]
+    pub max_ttl: Option<Duration>,
+    /// Lifetime of each X.509-SVID (default: your lease's).
+    #[arg(long, value_parser = duration)]
+    pub svid_ttl: Option<Duration>,
+    /// Lifetime of each JWT-SVID (default: your lease's).
+    #[arg(long, value_parser = duration)]
+    pub jwt_ttl: Option<Duration>,
+    /// JWT audience the child may use (repeatable, at least one; within your lease's).
+    #[arg(long = "audience", required = true)]
+    pub audiences: Vec<String>,
+    /// Selector the child also needs, beyond your lease's and the command's process.
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// Why the child needs this identity.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Levels the child may delegate below itself (default: one less than yours).
+    #[arg(long)]
+    pub max_delegation_depth: Option<u32>,
+    /// Revoke the child at once on a scope violation (always so if your lease is).
+    #[arg(long)]
+    pub end_on_violation: bool,
+    /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
+    #[arg(long, value_parser = crate::config::parse_socket)]
+    pub socket: Option<PathBuf>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DelegateCommand {
+    /// The leases delegated from yours, live and recently ended.
+    List {
+        /// Only the children of your lease with this SPIFFE ID.
+        #[arg(long = "from")]
+        from: Option<String>,
+        /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
+        #[arg(long, value_parser = crate::config::parse_socket)]
+        socket: Option<PathBuf>,
+        /// text: a table; json: an array of leases.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// End a lease delegated (at any depth) from yours.
+    End {
+        /// The lease to end.
+        lease_id: String,
+        /// Why, for the lease and the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// The child's task is done: end it as completed, not revoked.
+        #[arg(long)]
+        completed: bool,
+        /// Workload socket (default: $SPIFFE_ENDPOINT_SOCKET, else the default path).
+        #[arg(long, value_parser = crate::config::parse_socket)]
+        socket: Option<PathBuf>,
+        /// text or json.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct AgentArgs {
     /// TOML configuration file; flags override it.
     #[arg(long)]
@@ -271,6 +356,14 @@ pub struct GrantArgs {
     /// Why the task needs this identity, for the lease and the audit log.
     #[arg(long, default_value = "")]
     pub reason: String,
+    /// Levels of delegation a process holding the lease may create below it with
+    /// `mayfly delegate` (default 0: none).
+    #[arg(long, default_value_t = 0)]
+    pub max_delegation_depth: u32,
+    /// Revoke the lease (and its descendants) at once when a process holding it asks for a
+    /// JWT audience, SPIFFE ID or delegation it is refused.
+    #[arg(long)]
+    pub end_on_violation: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,6 +387,9 @@ pub enum TaskCommand {
         /// Ended leases too (kept for the retention period).
         #[arg(long)]
         all: bool,
+        /// Show each delegated lease under the lease it was delegated from.
+        #[arg(long)]
+        tree: bool,
         #[command(flatten)]
         conn: AdminConn,
     },

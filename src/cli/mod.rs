@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod connect;
+pub mod delegate;
 pub mod healthcheck;
 pub mod local;
 pub mod run;
@@ -11,6 +12,6 @@ pub mod task;
 pub mod workload;
 
 pub use args::{
-    AdminConn, AgentArgs, AuditCommand, Cli, Command, GrantArgs, JwtCommand, Output, PolicyCommand,
-    RunArgs, SvidCommand, TaskCommand,
+    AdminConn, AgentArgs, AuditCommand, Cli, Command, DelegateArgs, DelegateCommand, GrantArgs,
+    JwtCommand, Output, PolicyCommand, RunArgs, SvidCommand, TaskCommand,
 };

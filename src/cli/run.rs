@@ -81,44 +81,60 @@ pub async fn run(args: RunArgs) -> i32 {
 async fn run_inner(args: RunArgs) -> Result<i32> {
     // Signals are forwarded from the very start: one that arrives while the lease is being
     // granted or waits for approval withdraws it, rather than killing the wrapper outright.
-    let mut signals = Signals::install()?;
+    let signals = Signals::install()?;
     let program = find_program(&args.command[0])?;
     let admin_path = client_socket(
         args.admin_socket.as_deref(),
         "MAYFLY_ADMIN_SOCKET",
         Defaults::admin_socket,
     );
-    let mut admin = crate::cli::connect::connect(&admin_path)
+    let admin = crate::cli::connect::connect(&admin_path)
         .await
         .with_context(|| format!("connecting to the admin socket {}", admin_path.display()))?;
+    let command = args.command.clone();
+    wrap(Admin { admin, args }, signals, &program, &command).await
+}
 
-    let sync = SyncDir::create()?;
-    // Read-write, so opening never blocks and the FIFO keeps its message until the child
-    // reads it, however late the child opens its end. Close-on-exec: the child does not
-    // inherit it.
-    let mut go = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(sync.fifo())
-        .context("opening the sync FIFO")?;
+/// Where a wrapper's lease comes from: the admin API (`mayfly run`) or the Delegation service
+/// (`mayfly delegate`).
+pub(super) trait LeaseSource {
+    /// The wrapper's name, for its messages.
+    const NAME: &'static str;
+    /// Asks for a lease bound to the held process `pid`.
+    async fn obtain(&mut self, pid: i32) -> Result<pb::Lease>;
+    /// Waits while an approval gate holds the lease; the lease once active.
+    async fn until_active(&mut self, lease: pb::Lease) -> Result<pb::Lease>;
+    /// Ends a lease the command will never use (best effort: the wrapper is exiting).
+    async fn withdraw(&mut self, lease_id: &str);
+    /// Ends the lease once the command has exited (best effort: the agent may have ended it).
+    async fn complete(&mut self, lease_id: &str);
+    /// The workload socket the command is pointed at.
+    fn workload(&self, lease: &pb::Lease) -> Result<PathBuf>;
+    /// What is said once the command runs.
+    fn announce(&self, lease: &pb::Lease, pid: i32);
+}
 
-    let exe = std::env::current_exe().context("locating the mayfly binary")?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("__exec")
-        .arg("--sync")
-        .arg(sync.fifo())
-        .arg("--")
-        .arg(&program)
-        .args(&args.command[1..])
-        .spawn()
-        .with_context(|| format!("starting {:?}", args.command[0]))?;
-    let pid = child.id().context("child exited at once")? as i32;
+/// Runs `command` (its `program` found already) held, under the lease `source` gives it: the
+/// flow `mayfly run` and `mayfly delegate` share. Returns the status to exit with.
+pub(super) async fn wrap<S: LeaseSource>(
+    mut source: S,
+    mut signals: Signals,
+    program: &Path,
+    command: &[OsString],
+) -> Result<i32> {
+    let name = S::NAME;
+    let Held {
+        sync: _sync,
+        go,
+        mut child,
+        pid,
+    } = Held::spawn(program, command)?;
 
     let granted = tokio::select! {
-        r = grant(&mut admin, &args, pid) => r,
+        r = source.obtain(pid) => r,
         sig = signals.next() => {
             let _ = child.kill().await;
-            eprintln!("mayfly run: interrupted by signal {sig} before the lease was granted");
+            eprintln!("{name}: interrupted by signal {sig} before the lease was granted");
             return Ok(128 + sig);
         }
     };
@@ -130,79 +146,170 @@ async fn run_inner(args: RunArgs) -> Result<i32> {
         }
     };
     let active = tokio::select! {
-        r = until_active(&mut admin, pending.clone()) => r,
+        r = source.until_active(pending.clone()) => r,
         sig = signals.next() => {
             let _ = child.kill().await;
-            withdraw(&mut admin, &pending.lease_id).await;
+            source.withdraw(&pending.lease_id).await;
             eprintln!(
-                "mayfly run: interrupted by signal {sig}; lease {} withdrawn, the command was not started",
+                "{name}: interrupted by signal {sig}; lease {} withdrawn, the command was not started",
                 pending.lease_id
             );
             return Ok(128 + sig);
         }
     };
-    let lease = match active {
-        Ok(lease) => lease,
+    let (workload, lease) = match active.and_then(|l| Ok((source.workload(&l)?, l))) {
+        Ok(got) => got,
         Err(e) => {
             let _ = child.kill().await;
             return Err(e);
         }
     };
-    // The command is pointed at the agent that holds its lease, whatever the environment
-    // says, unless --socket names another socket explicitly.
-    let workload = match &args.socket {
-        Some(s) => std::path::absolute(s).unwrap_or_else(|_| s.clone()),
-        None if !lease.workload_socket.is_empty() => PathBuf::from(&lease.workload_socket),
-        None => anyhow::bail!("the agent did not say where its workload socket is"),
-    };
+    let go = release(go, &workload)?;
+    source.announce(&lease, pid);
+    let status = wait_forwarding(&mut child, &mut signals, pid).await?;
+    drop(go);
+    source.complete(&lease.lease_id).await;
+    Ok(exit_code(status))
+}
+
+/// `mayfly run`'s lease: granted on the admin API.
+struct Admin {
+    admin: pb::tasks_client::TasksClient<tonic::transport::Channel>,
+    args: RunArgs,
+}
+
+impl LeaseSource for Admin {
+    const NAME: &'static str = "mayfly run";
+
+    async fn obtain(&mut self, pid: i32) -> Result<pb::Lease> {
+        grant(&mut self.admin, &self.args, pid).await
+    }
+
+    async fn until_active(&mut self, lease: pb::Lease) -> Result<pb::Lease> {
+        until_active(&mut self.admin, lease).await
+    }
+
+    async fn withdraw(&mut self, lease_id: &str) {
+        withdraw(&mut self.admin, lease_id).await
+    }
+
+    async fn complete(&mut self, lease_id: &str) {
+        match self
+            .admin
+            .complete(pb::CompleteRequest {
+                lease_id: lease_id.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            // The agent may have ended it already (expiry, revocation, its own exit watch).
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+            Err(s) => eprintln!("mayfly run: completing lease {lease_id}: {}", s.message()),
+        }
+    }
+
+    /// The command is pointed at the agent that holds its lease, whatever the environment
+    /// says, unless --socket names another socket explicitly.
+    fn workload(&self, lease: &pb::Lease) -> Result<PathBuf> {
+        Ok(match &self.args.socket {
+            Some(s) => std::path::absolute(s).unwrap_or_else(|_| s.clone()),
+            None if !lease.workload_socket.is_empty() => PathBuf::from(&lease.workload_socket),
+            None => anyhow::bail!("the agent did not say where its workload socket is"),
+        })
+    }
+
+    fn announce(&self, lease: &pb::Lease, pid: i32) {
+        eprintln!(
+            "mayfly run: lease {} for {} (pid {pid})",
+            lease.lease_id, lease.spiffe_id
+        );
+    }
+}
+
+/// A command started as `mayfly __exec`, held before its exec until released.
+struct Held {
+    /// Removed when dropped (once the command is released, or was never).
+    sync: SyncDir,
+    /// The wrapper's end of the sync FIFO.
+    go: std::fs::File,
+    child: tokio::process::Child,
+    pid: i32,
+}
+
+impl Held {
+    /// Starts `program` (found already) with the arguments after `command[0]`, held.
+    fn spawn(program: &Path, command: &[OsString]) -> Result<Held> {
+        let sync = SyncDir::create()?;
+        // Read-write, so opening never blocks and the FIFO keeps its message until the child
+        // reads it, however late the child opens its end. Close-on-exec: the child does not
+        // inherit it.
+        let go = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(sync.fifo())
+            .context("opening the sync FIFO")?;
+        let exe = std::env::current_exe().context("locating the mayfly binary")?;
+        let child = tokio::process::Command::new(exe)
+            .arg("__exec")
+            .arg("--sync")
+            .arg(sync.fifo())
+            .arg("--")
+            .arg(program)
+            .args(&command[1..])
+            .spawn()
+            .with_context(|| format!("starting {:?}", command[0]))?;
+        let pid = child.id().context("child exited at once")? as i32;
+        Ok(Held {
+            sync,
+            go,
+            child,
+            pid,
+        })
+    }
+}
+
+/// Lets a held command exec, pointed at the workload socket `workload`. The FIFO is returned
+/// to be kept open until the command exits.
+fn release(mut go: std::fs::File, workload: &Path) -> Result<std::fs::File> {
     let mut message = b"1".to_vec();
     message.extend_from_slice(format!("unix://{}", workload.display()).as_bytes());
     message.push(0);
     go.write_all(&message).context("releasing the child")?;
-    eprintln!(
-        "mayfly run: lease {} for {} (pid {pid})",
-        lease.lease_id, lease.spiffe_id
-    );
+    Ok(go)
+}
 
-    let status = loop {
+/// Waits for the command, forwarding the signals the wrapper receives to it.
+async fn wait_forwarding(
+    child: &mut tokio::process::Child,
+    signals: &mut Signals,
+    pid: i32,
+) -> Result<std::process::ExitStatus> {
+    loop {
         tokio::select! {
-            status = child.wait() => break status.context("waiting for the child")?,
+            status = child.wait() => return status.context("waiting for the child"),
             sig = signals.next() => {
                 if let Ok(sig) = Signal::try_from(sig) {
                     let _ = kill(Pid::from_raw(pid), sig);
                 }
             }
         }
-    };
-    drop(go);
-
-    match admin
-        .complete(pb::CompleteRequest {
-            lease_id: lease.lease_id.clone(),
-        })
-        .await
-    {
-        Ok(_) => {}
-        // The agent may have ended it already (expiry, revocation, its own exit watch).
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
-        Err(s) => eprintln!(
-            "mayfly run: completing lease {}: {}",
-            lease.lease_id,
-            s.message()
-        ),
     }
-    Ok(match (status.code(), status.signal()) {
+}
+
+/// The status a wrapper exits with: the command's, or 128 + the signal that killed it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
         (Some(code), _) => code,
         (None, Some(sig)) => 128 + sig,
         _ => WRAPPER_FAILED,
-    })
+    }
 }
 
 /// The signals `mayfly run` forwards (SIGINT, SIGTERM, SIGHUP, SIGQUIT), caught from the start.
-struct Signals(Vec<(SignalKind, tokio::signal::unix::Signal)>);
+pub(super) struct Signals(Vec<(SignalKind, tokio::signal::unix::Signal)>);
 
 impl Signals {
-    fn install() -> Result<Signals> {
+    pub(super) fn install() -> Result<Signals> {
         let mut all = Vec::new();
         for kind in [
             SignalKind::interrupt(),
@@ -216,7 +323,7 @@ impl Signals {
     }
 
     /// The number of the next signal to arrive.
-    async fn next(&mut self) -> i32 {
+    pub(super) async fn next(&mut self) -> i32 {
         let waits = self
             .0
             .iter_mut()
@@ -248,7 +355,7 @@ async fn withdraw(
 
 /// The command's executable, found as execvp would find it, so that a missing command is
 /// refused before any lease exists.
-fn find_program(name: &std::ffi::OsStr) -> Result<PathBuf> {
+pub(super) fn find_program(name: &std::ffi::OsStr) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -50,6 +50,11 @@ pub fn lease_json(l: &pb::Lease) -> Value {
         "approval_deadline": ts(&l.approval_deadline),
         "approved_at": ts(&l.approved_at),
         "approved_by": principal_json(&l.approved_by),
+        "chain": l.chain.iter().map(|c| json!({
+            "lease_id": c.lease_id, "spiffe_id": c.spiffe_id, "task_id": c.task_id,
+        })).collect::<Vec<_>>(),
+        "may_delegate": l.may_delegate,
+        "end_on_violation": l.end_on_violation,
     })
 }
 
@@ -94,6 +99,20 @@ fn print_lease_text(l: &pb::Lease) {
     }
     if !l.reason.is_empty() {
         println!("{:<15} {}", "reason", printable(&l.reason));
+    }
+    // Who the lease acts for, root first: the delegator, then each lease it came from.
+    for (i, link) in l.chain.iter().enumerate() {
+        let key = if i == 0 { "delegated_from" } else { "" };
+        println!(
+            "{key:<15} {} task {} lease {}",
+            link.spiffe_id, link.task_id, link.lease_id
+        );
+    }
+    if l.may_delegate > 0 {
+        println!("{:<15} {} more levels", "may_delegate", l.may_delegate);
+    }
+    if l.end_on_violation {
+        println!("{:<15} yes", "end_on_violation");
     }
     for (key, p) in [
         ("granted_by", &l.granted_by),
@@ -144,7 +163,7 @@ fn warn_if_not_durable(l: &pb::Lease) {
 }
 
 /// `task list` as a table whose columns fit their widest value.
-fn print_lease_table(leases: &[pb::Lease], all: bool) {
+pub(super) fn print_lease_table(leases: &[pb::Lease], all: bool) {
     let text = |t: &Option<prost_types::Timestamp>| {
         ts(t)
             .as_str()
@@ -191,7 +210,64 @@ fn print_lease_table(leases: &[pb::Lease], all: bool) {
     }
 }
 
-fn print_lease(l: &pb::Lease, output: Output) {
+/// `task list --tree`: each lease under the one it was delegated from (a lease whose parent is
+/// not listed shows at the top, with its chain).
+fn print_lease_tree(leases: &[pb::Lease]) {
+    for line in lease_tree(leases) {
+        println!("{line}");
+    }
+}
+
+fn lease_tree(leases: &[pb::Lease]) -> Vec<String> {
+    let listed: std::collections::HashSet<&str> =
+        leases.iter().map(|l| l.lease_id.as_str()).collect();
+    fn parent(l: &pb::Lease) -> Option<&str> {
+        l.chain.last().map(|c| c.lease_id.as_str())
+    }
+    let mut out = Vec::new();
+    fn walk<'a>(
+        l: &'a pb::Lease,
+        leases: &'a [pb::Lease],
+        prefix: &str,
+        last: bool,
+        top: bool,
+        out: &mut Vec<String>,
+    ) {
+        let branch = match (top, last) {
+            (true, _) => "",
+            (false, true) => "└─ ",
+            (false, false) => "├─ ",
+        };
+        out.push(format!(
+            "{prefix}{branch}{} {} {}",
+            l.lease_id, l.state, l.spiffe_id
+        ));
+        let children: Vec<&pb::Lease> = leases
+            .iter()
+            .filter(|c| parent(c) == Some(l.lease_id.as_str()))
+            .collect();
+        let next = match (top, last) {
+            (true, _) => prefix.to_owned(),
+            (false, true) => format!("{prefix}   "),
+            (false, false) => format!("{prefix}│  "),
+        };
+        for (i, c) in children.iter().enumerate() {
+            walk(c, leases, &next, i + 1 == children.len(), false, out);
+        }
+    }
+    for l in leases
+        .iter()
+        .filter(|l| parent(l).is_none_or(|p| !listed.contains(p)))
+    {
+        if let Some(p) = parent(l) {
+            out.push(format!("(delegated from {p}, not listed)"));
+        }
+        walk(l, leases, "", true, true, &mut out);
+    }
+    out
+}
+
+pub(super) fn print_lease(l: &pb::Lease, output: Output) {
     match output {
         Output::Json => println!("{}", lease_json(l)),
         Output::Text => print_lease_text(l),
@@ -213,6 +289,8 @@ pub fn grant_request(g: &GrantArgs, bind: Vec<String>) -> pb::GrantRequest {
         selectors,
         audiences: g.audiences.clone(),
         reason: g.reason.clone(),
+        max_delegation_depth: g.max_delegation_depth,
+        end_on_violation: g.end_on_violation,
     }
 }
 
@@ -225,7 +303,7 @@ fn admin_socket(conn: &AdminConn) -> PathBuf {
 }
 
 /// gRPC status → a one-line error a person can act on.
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(super) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
@@ -261,7 +339,7 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
                 .into_inner();
             print_lease(&lease, output);
         }
-        TaskCommand::List { all, .. } => {
+        TaskCommand::List { all, tree, .. } => {
             let leases = client
                 .list(pb::ListRequest { all })
                 .await
@@ -272,6 +350,7 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
                 Output::Json => {
                     println!("{}", Value::Array(leases.iter().map(lease_json).collect()))
                 }
+                Output::Text if tree => print_lease_tree(&leases),
                 Output::Text => print_lease_table(&leases, all),
             }
         }
@@ -322,7 +401,42 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{lease_tree, pb, printable};
+
+    #[test]
+    fn the_tree_shows_each_lease_under_its_parent() {
+        let lease = |id: &str, chain: &[&str]| pb::Lease {
+            lease_id: id.into(),
+            state: "active".into(),
+            spiffe_id: format!("spiffe://td/{id}"),
+            chain: chain
+                .iter()
+                .map(|c| pb::ChainLink {
+                    lease_id: c.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let leases = [
+            lease("root", &[]),
+            lease("a", &["root"]),
+            lease("a1", &["root", "a"]),
+            lease("b", &["root"]),
+            lease("orphan", &["gone"]),
+        ];
+        assert_eq!(
+            lease_tree(&leases),
+            [
+                "root active spiffe://td/root",
+                "├─ a active spiffe://td/a",
+                "│  └─ a1 active spiffe://td/a1",
+                "└─ b active spiffe://td/b",
+                "(delegated from gone, not listed)",
+                "orphan active spiffe://td/orphan",
+            ]
+        );
+    }
 
     #[test]
     fn control_characters_are_printed_escaped() {

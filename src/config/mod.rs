@@ -52,6 +52,21 @@ pub struct FileConfig {
     pub policy: PolicySection,
     #[serde(default)]
     pub sds: SdsSection,
+    #[serde(default)]
+    pub delegation: DelegationSection,
+}
+
+/// Delegation limits (the Delegation service on the workload socket).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationSection {
+    /// The deepest delegation chain any grant may allow (`--max-delegation-depth`), default 4.
+    pub max_depth: Option<u32>,
+    /// Live children one lease may have at once (default 32).
+    pub max_children: Option<u32>,
+    /// Delegations one lease may make per second, and at once (default 10 and 20).
+    pub rate_per_second: Option<u32>,
+    pub rate_burst: Option<u32>,
 }
 
 /// Envoy SDS on the workload socket: SPIRE agent's setting names and defaults.
@@ -511,6 +526,25 @@ impl Config {
         if jwt_mint.burst == 0 {
             errors.push("leases.jwt_mint_burst: must be at least 1".into());
         }
+        let dd = crate::lease::DelegationLimits::default();
+        let dl = &file.delegation;
+        let delegation = crate::lease::DelegationLimits {
+            max_depth: dl.max_depth.unwrap_or(dd.max_depth),
+            max_children: dl.max_children.unwrap_or(dd.max_children),
+            rate: crate::lease::MintRate {
+                per_second: dl.rate_per_second.unwrap_or(dd.rate.per_second),
+                burst: dl.rate_burst.unwrap_or(dd.rate.burst),
+            },
+        };
+        if delegation.max_depth > crate::lease::MAX_DELEGATION_DEPTH {
+            errors.push(format!(
+                "delegation.max_depth: at most {} allowed",
+                crate::lease::MAX_DELEGATION_DEPTH
+            ));
+        }
+        if delegation.rate.burst == 0 {
+            errors.push("delegation.rate_burst: must be at least 1".into());
+        }
         let c = &file.connections;
         let handshake_timeout = duration(
             &mut errors,
@@ -617,6 +651,7 @@ impl Config {
                 default_jwt_ttl,
                 max_jwt_ttl,
                 jwt_mint,
+                delegation,
             },
             allowed_uids,
             allowed_gids,

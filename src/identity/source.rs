@@ -229,6 +229,9 @@ impl IdentitySource {
             Err(JwtFetchError::NoIdentity) => Err(self.deny(rpc, att).await),
             Err(e @ (JwtFetchError::NotHeld(_) | JwtFetchError::AudienceNotAllowed(_))) => {
                 tracing::info!(event = "request_denied", rpc, pid = att.pid, uid = att.uid, reason = %e, "jwt-svid refused");
+                // A scope violation: the caller's leases granted to end on one end now.
+                let what = format!("{rpc}: {e}");
+                self.parts.registry.violated(&att.selectors, &what).await;
                 Err(IdentityError::NotAllowed(e.to_string()))
             }
             Err(JwtFetchError::Audit(e)) => Err(IdentityError::Audit(e)),

@@ -5,10 +5,16 @@
 //! [`Lease`] is only built by [`validate_grant`], which refuses (never rewrites) bad input and
 //! names the field that was wrong.
 
+mod delegation;
+mod narrow;
+mod rate;
 mod registry;
 pub mod service;
 pub mod store;
 
+pub use delegation::{DelegationError, DelegationService, Holder};
+pub use narrow::{validate_delegation, DelegateInput};
+pub use rate::Budget;
 pub use registry::{ActiveLease, Changes, Durable, Leases};
 pub use service::{Admitted, Allowlist, Caller, TaskError, TaskService};
 pub use store::{LeaseStore, StoreChange, StoreError, StoreWatch};
@@ -30,6 +36,9 @@ pub const MAX_SELECTORS: usize = 32;
 pub const MAX_AUDIENCES: usize = 32;
 pub const MAX_AUDIENCE_LEN: usize = 256;
 pub const MAX_REASON_LEN: usize = 1024;
+/// The deepest delegation chain the configuration may allow: each level adds an ancestor to
+/// every JWT-SVID of the leases below it.
+pub const MAX_DELEGATION_DEPTH: u32 = 16;
 /// Lease and SVID TTLs below this are refused: X.509 validity has second precision.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 
@@ -91,6 +100,8 @@ pub enum LeaseState {
     Expired,
     Completed,
     ProcessExited,
+    /// The lease it was delegated from ended (for whatever reason), and took it along.
+    ParentEnded,
 }
 
 impl LeaseState {
@@ -102,6 +113,7 @@ impl LeaseState {
             LeaseState::Expired => "expired",
             LeaseState::Completed => "completed",
             LeaseState::ProcessExited => "process_exited",
+            LeaseState::ParentEnded => "parent_ended",
         }
     }
 }
@@ -161,9 +173,49 @@ pub struct Lease {
     pub approval_deadline: Option<SystemTime>,
     pub approved_at: Option<SystemTime>,
     pub approved_by: Option<Principal>,
+    /// The leases this one was delegated from, the root (granted on the admin API) first and
+    /// the parent last; empty for a lease granted on the admin API. The root's delegator is
+    /// this lease's delegator: who the whole chain acts for.
+    pub chain: Vec<Link>,
+    /// How many levels of delegation may still be made below this lease (0: it delegates
+    /// nothing).
+    pub may_delegate: u32,
+    /// A scope violation by a process holding it (an audience, identity or delegation it was
+    /// refused) ends it at once, revoked.
+    pub end_on_violation: bool,
+}
+
+/// One ancestor in a delegation chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub lease_id: LeaseId,
+    pub spiffe_id: SpiffeId,
+    pub task_id: String,
 }
 
 impl Lease {
+    /// The lease this one was delegated from, if any.
+    pub fn parent(&self) -> Option<&LeaseId> {
+        self.chain.last().map(|l| &l.lease_id)
+    }
+
+    /// The chain as audit records show it, root first.
+    pub fn audit_chain(&self) -> Vec<crate::audit::event::Link<'_>> {
+        self.chain
+            .iter()
+            .map(|l| crate::audit::event::Link {
+                lease_id: l.lease_id.as_str(),
+                spiffe_id: l.spiffe_id.to_string(),
+                task_id: &l.task_id,
+            })
+            .collect()
+    }
+
+    /// Delegations between the root and this lease (0 for a root).
+    pub fn depth(&self) -> u32 {
+        self.chain.len() as u32
+    }
+
     /// Marks this lease ended: in `state`, now, by `by`, for `reason`.
     pub fn mark_ended(&mut self, state: LeaseState, by: Principal, reason: &str) {
         debug_assert_ne!(state, LeaseState::Active);
@@ -202,6 +254,9 @@ pub struct GrantInput {
     pub selectors: Vec<String>,
     pub audiences: Vec<String>,
     pub reason: String,
+    /// Levels of delegation the lease may make below itself (0, the default: none).
+    pub max_delegation_depth: u32,
+    pub end_on_violation: bool,
 }
 
 /// The limits every unit test uses: trust domain `example.org`, the default template, an hour
@@ -217,6 +272,7 @@ pub(crate) fn test_limits() -> LeaseLimits {
         default_jwt_ttl: Duration::from_secs(300),
         max_jwt_ttl: Duration::from_secs(3600),
         jwt_mint: DEFAULT_JWT_MINT,
+        delegation: DelegationLimits::default(),
     }
 }
 
@@ -232,6 +288,31 @@ pub struct LeaseLimits {
     pub max_jwt_ttl: Duration,
     /// How fast one lease's JWT-SVIDs may be minted.
     pub jwt_mint: MintRate,
+    pub delegation: DelegationLimits,
+}
+
+/// Bounds on delegation, from the `[delegation]` config section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DelegationLimits {
+    /// The deepest chain: no grant may allow more levels below it than this.
+    pub max_depth: u32,
+    /// Live (active or pending) children one lease may have at once.
+    pub max_children: u32,
+    /// How fast one lease may delegate.
+    pub rate: MintRate,
+}
+
+impl Default for DelegationLimits {
+    fn default() -> Self {
+        DelegationLimits {
+            max_depth: 4,
+            max_children: 32,
+            rate: MintRate {
+                per_second: 10,
+                burst: 20,
+            },
+        }
+    }
 }
 
 /// How fast one lease's tokens may be minted: `burst` at once, then `per_second`. What is
@@ -262,6 +343,10 @@ pub enum LeaseError {
     NotActive { id: String, state: LeaseState },
     #[error("{0}")]
     SelfApproval(String),
+    /// A delegation rule refused the request (narrowing, depth, fan-out or rate): the rule is
+    /// named.
+    #[error("{0}")]
+    Refused(String),
     /// The change could not be made durable (audit log or lease store), so it was refused.
     #[error("{0}")]
     Unavailable(String),
@@ -418,6 +503,32 @@ pub fn check_selector(raw: &str) -> Result<Selector, LeaseError> {
     }
 }
 
+/// Checks the selectors of a new lease: at least one, at most [`MAX_SELECTORS`], each bound
+/// (see [`check_selector`]).
+fn check_selectors(raw: &[String]) -> Result<Selectors, LeaseError> {
+    if raw.is_empty() {
+        return Err(LeaseError::invalid(
+            "selectors",
+            "at least one selector is required (a lease must not match every process)",
+        ));
+    }
+    if raw.len() > MAX_SELECTORS {
+        return Err(LeaseError::invalid(
+            "selectors",
+            format!("at most {MAX_SELECTORS} allowed"),
+        ));
+    }
+    raw.iter().map(|s| check_selector(s)).collect()
+}
+
+/// The audiences of a new lease, checked, sorted and deduplicated.
+fn sorted_audiences(mut audiences: Vec<String>) -> Result<Vec<String>, LeaseError> {
+    check_audiences("audiences", &audiences)?;
+    audiences.sort();
+    audiences.dedup();
+    Ok(audiences)
+}
+
 /// Checks a reason given to grant or revoke: it is printed and logged as it is, so at most
 /// [`MAX_REASON_LEN`] bytes and no control character but tab.
 pub fn check_reason(reason: &str) -> Result<(), LeaseError> {
@@ -459,6 +570,37 @@ pub fn check_audiences(field: &'static str, audiences: &[String]) -> Result<(), 
     Ok(())
 }
 
+/// The SPIFFE ID the template gives, checked.
+fn render_id(
+    limits: &LeaseLimits,
+    agent: &str,
+    task_id: &str,
+    delegator: &str,
+) -> Result<SpiffeId, LeaseError> {
+    let rendered = limits
+        .template
+        .render(&limits.trust_domain, agent, task_id, delegator);
+    if rendered.len() > MAX_SPIFFE_ID_LEN {
+        return Err(LeaseError::invalid(
+            "spiffe_id",
+            format!(
+                "would be {} bytes, at most {MAX_SPIFFE_ID_LEN} allowed",
+                rendered.len()
+            ),
+        ));
+    }
+    SpiffeId::new(&rendered)
+        .map_err(|e| LeaseError::invalid("spiffe_id", format!("{rendered:?} is invalid: {e}")))
+}
+
+/// A deadline `d` after `now`, in whole seconds (the instant shown is the instant it ends).
+/// Checked: the config file's limits can reach past any time a `SystemTime` holds.
+fn deadline(field: &'static str, now: SystemTime, d: Duration) -> Result<SystemTime, LeaseError> {
+    now.checked_add(d)
+        .map(crate::time::floor_secs)
+        .ok_or_else(|| LeaseError::invalid(field, "is beyond any time this agent can represent"))
+}
+
 /// Checks a grant request against the limits and builds the lease. Nothing is stored here.
 pub fn validate_grant(
     input: GrantInput,
@@ -480,60 +622,25 @@ pub fn validate_grant(
     check_ttl("svid_ttl", svid_ttl, MIN_TTL, limits.max_svid_ttl)?;
     let jwt_ttl = input.jwt_ttl.unwrap_or(limits.default_jwt_ttl);
     check_ttl("jwt_ttl", jwt_ttl, MIN_TTL, limits.max_jwt_ttl)?;
-    // Checked: the config file's limits can reach past any time a `SystemTime` holds.
-    // Whole seconds: the deadline shown is the instant the lease ends.
-    let deadline = |field: &'static str, d: Duration| {
-        now.checked_add(d)
-            .map(crate::time::floor_secs)
-            .ok_or_else(|| {
-                LeaseError::invalid(field, "is beyond any time this agent can represent")
-            })
-    };
-    let expires_at = deadline("ttl", ttl)?;
-    let max_expires_at = deadline("max_ttl", max_ttl)?;
+    let expires_at = deadline("ttl", now, ttl)?;
+    let max_expires_at = deadline("max_ttl", now, max_ttl)?;
 
-    if input.selectors.is_empty() {
-        return Err(LeaseError::invalid(
-            "selectors",
-            "at least one selector is required (a lease must not match every process)",
-        ));
-    }
-    if input.selectors.len() > MAX_SELECTORS {
-        return Err(LeaseError::invalid(
-            "selectors",
-            format!("at most {MAX_SELECTORS} allowed"),
-        ));
-    }
-    let selectors = input
-        .selectors
-        .iter()
-        .map(|s| check_selector(s))
-        .collect::<Result<Selectors, _>>()?;
-
-    check_audiences("audiences", &input.audiences)?;
-    let mut audiences = input.audiences;
-    audiences.sort();
-    audiences.dedup();
+    let selectors = check_selectors(&input.selectors)?;
+    let audiences = sorted_audiences(input.audiences)?;
 
     check_reason(&input.reason)?;
 
-    let rendered = limits.template.render(
-        &limits.trust_domain,
-        &input.agent,
-        &input.task_id,
-        &input.delegator,
-    );
-    if rendered.len() > MAX_SPIFFE_ID_LEN {
+    if input.max_delegation_depth > limits.delegation.max_depth {
         return Err(LeaseError::invalid(
-            "spiffe_id",
+            "max_delegation_depth",
             format!(
-                "would be {} bytes, at most {MAX_SPIFFE_ID_LEN} allowed",
-                rendered.len()
+                "{} is above the maximum {} (delegation.max_depth)",
+                input.max_delegation_depth, limits.delegation.max_depth
             ),
         ));
     }
-    let spiffe_id = SpiffeId::new(&rendered)
-        .map_err(|e| LeaseError::invalid("spiffe_id", format!("{rendered:?} is invalid: {e}")))?;
+
+    let spiffe_id = render_id(limits, &input.agent, &input.task_id, &input.delegator)?;
 
     Ok(Lease {
         id: LeaseId::random(),
@@ -557,6 +664,9 @@ pub fn validate_grant(
         approval_deadline: None,
         approved_at: None,
         approved_by: None,
+        chain: Vec::new(),
+        may_delegate: input.max_delegation_depth,
+        end_on_violation: input.end_on_violation,
     })
 }
 

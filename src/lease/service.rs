@@ -303,28 +303,9 @@ impl TaskService {
         ttl: Duration,
     ) -> Result<Decision, TaskError> {
         let request = self.policy_request(action, caller, lease, ttl);
-        let decision = self.policy.evaluate(&request);
-        if let Decision::Deny { policies, errors } = &decision {
-            let why = if policies.is_empty() {
-                format!("no policy permits this {action}")
-            } else {
-                format!("denied by policy {}", policies.join(", "))
-            };
-            tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
-            let denied = Event::PolicyDenied(event::PolicyDenied {
-                action: action.as_str(),
-                lease_id: lease.id.as_str(),
-                task_id: &lease.task_id,
-                policies,
-                errors,
-                request: serde_json::to_value(&request).unwrap_or_default(),
-            });
-            if let Err(e) = self.audit.record(&denied).await {
-                tracing::error!(error = %e, "could not audit a policy denial");
-            }
-            return Err(TaskError::Denied(why));
-        }
-        Ok(decision)
+        judge(&self.policy, &self.audit, request, lease)
+            .await
+            .map_err(TaskError::Denied)
     }
 
     /// What the policies are asked about `action` on `lease` by `caller`.
@@ -335,33 +316,77 @@ impl TaskService {
         lease: &Lease,
         ttl: Duration,
     ) -> PolicyRequest {
-        let secs = |d: Duration| d.as_secs();
         PolicyRequest {
             action,
             principal: caller.0.attrs.clone(),
-            resource: ResourceAttrs {
-                agent: lease.agent.clone(),
-                spiffe_id: lease.spiffe_id.to_string(),
-            },
-            context: ContextAttrs {
-                task_id: lease.task_id.clone(),
-                delegator: lease.delegator.clone(),
-                ttl_secs: secs(ttl),
-                max_ttl_secs: secs(lease.max_ttl()),
-                svid_ttl_secs: secs(lease.svid_ttl),
-                jwt_ttl_secs: secs(lease.jwt_ttl),
-                audiences: lease.audiences.clone(),
-                selectors: lease.selectors.to_strings(),
-                reason: lease.reason.clone(),
-                now: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs(),
-                grantor_uid: lease.granted_by.uid,
-                agent_uid: rustix::process::geteuid().as_raw(),
-                max_ttl_limit_secs: secs(self.registry.limits().max_ttl),
-            },
+            workload: Default::default(),
+            resource: resource_of(lease),
+            context: context_of(lease, ttl, self.registry.limits().max_ttl),
         }
+    }
+}
+
+/// Asks the policies about `lease`. A denial is audited with the whole request, and refused
+/// naming the policies that decided.
+pub(super) async fn judge(
+    policy: &PolicyEngine,
+    audit: &Audit,
+    request: PolicyRequest,
+    lease: &Lease,
+) -> Result<Decision, String> {
+    let action = request.action;
+    let decision = policy.evaluate(&request);
+    if let Decision::Deny { policies, errors } = &decision {
+        let why = if policies.is_empty() {
+            format!("no policy permits this {action}")
+        } else {
+            format!("denied by policy {}", policies.join(", "))
+        };
+        tracing::info!(event = "policy_denied", action = %action, lease_id = %lease.id, why = %why, "policy denied the request");
+        let denied = Event::PolicyDenied(event::PolicyDenied {
+            action: action.as_str(),
+            lease_id: lease.id.as_str(),
+            task_id: &lease.task_id,
+            policies,
+            errors,
+            request: serde_json::to_value(&request).unwrap_or_default(),
+        });
+        if let Err(e) = audit.record(&denied).await {
+            tracing::error!(error = %e, "could not audit a policy denial");
+        }
+        return Err(why);
+    }
+    Ok(decision)
+}
+
+/// The identity a lease gives, as the policies see it.
+pub(super) fn resource_of(lease: &Lease) -> ResourceAttrs {
+    ResourceAttrs {
+        agent: lease.agent.clone(),
+        spiffe_id: lease.spiffe_id.to_string(),
+    }
+}
+
+/// The lease as the policies' context sees it, for a request of `ttl`.
+pub(super) fn context_of(lease: &Lease, ttl: Duration, max_ttl_limit: Duration) -> ContextAttrs {
+    let secs = |d: Duration| d.as_secs();
+    ContextAttrs {
+        task_id: lease.task_id.clone(),
+        delegator: lease.delegator.clone(),
+        ttl_secs: secs(ttl),
+        max_ttl_secs: secs(lease.max_ttl()),
+        svid_ttl_secs: secs(lease.svid_ttl),
+        jwt_ttl_secs: secs(lease.jwt_ttl),
+        audiences: lease.audiences.clone(),
+        selectors: lease.selectors.to_strings(),
+        reason: lease.reason.clone(),
+        now: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        grantor_uid: lease.granted_by.uid,
+        agent_uid: rustix::process::geteuid().as_raw(),
+        max_ttl_limit_secs: secs(max_ttl_limit),
     }
 }
 

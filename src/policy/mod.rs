@@ -15,7 +15,13 @@
 //!
 //! * principal `Mayfly::User::"<uid>"` with `uid: Long`, `name: String`,
 //!   `groups: Set<String>`, `gids: Set<Long>`;
-//! * actions `Mayfly::Action::"grant"`, `"renew"`, `"revoke"`, `"approve"`, `"complete"`;
+//! * actions `Mayfly::Action::"grant"`, `"renew"`, `"revoke"`, `"approve"`, `"complete"`,
+//!   `"read"`;
+//! * for `Mayfly::Action::"delegate"` (a workload delegating from its own lease, on the
+//!   Delegation service) the principal is `Mayfly::Workload::"<parent spiffe_id>"` with
+//!   `spiffe_id`, `lease_id`, `task_id`, `delegator`, `depth: Long` and `uid: Long` (the
+//!   delegating process), the resource is the child's identity, and the context is the
+//!   child's lease (the `workload` object in request JSON);
 //! * resource `Mayfly::Identity::"<spiffe_id>"` (or `"<agent>"` when the
 //!   SPIFFE ID is empty) with `agent: String`, `spiffe_id: String`;
 //! * context (the same record for every action): `task_id`, `delegator`,
@@ -107,7 +113,9 @@ use cedar_policy::{PolicyId, PolicySet, Schema};
 use tokio_util::sync::CancellationToken;
 
 pub use decision::Decision;
-pub use request::{Action, ContextAttrs, PolicyRequest, PrincipalAttrs, ResourceAttrs};
+pub use request::{
+    Action, ContextAttrs, PolicyRequest, PrincipalAttrs, ResourceAttrs, WorkloadAttrs,
+};
 
 use load::{fingerprint, load_source};
 
@@ -331,6 +339,7 @@ pub(super) mod test_support {
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 gids: vec![uid],
             },
+            workload: Default::default(),
             resource: ResourceAttrs {
                 agent: "builder".into(),
                 spiffe_id: "spiffe://example.org/agent/builder".into(),

@@ -25,6 +25,9 @@ pub enum Action {
     Complete,
     /// Read a lease (`task get`, and each lease `task list` shows).
     Read,
+    /// Delegate a child lease from a workload's own lease (the Delegation service): the
+    /// principal is the delegating workload, not an admin caller.
+    Delegate,
 }
 
 impl Action {
@@ -37,6 +40,7 @@ impl Action {
             Action::Approve => "approve",
             Action::Complete => "complete",
             Action::Read => "read",
+            Action::Delegate => "delegate",
         }
     }
 }
@@ -89,6 +93,24 @@ impl PrincipalAttrs {
     }
 }
 
+/// Attributes of a delegating workload (`Mayfly::Workload`): the lease it delegates from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkloadAttrs {
+    /// SPIFFE ID of the parent lease.
+    pub spiffe_id: String,
+    /// Lease ID of the parent lease.
+    pub lease_id: String,
+    /// Task of the parent lease.
+    pub task_id: String,
+    /// Who the chain acts for (the root lease's delegator).
+    pub delegator: String,
+    /// Delegations between the root lease and the parent (0: the parent is a root).
+    pub depth: u32,
+    /// Uid of the delegating process.
+    pub uid: u32,
+}
+
 /// Attributes of the identity being leased (`Mayfly::Identity`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -137,10 +159,12 @@ pub struct ContextAttrs {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyRequest {
-    /// The admin action.
+    /// The action.
     pub action: Action,
-    /// The caller.
+    /// The caller of the admin API (every action but `delegate`).
     pub principal: PrincipalAttrs,
+    /// The delegating workload (`delegate` only, where it is the principal).
+    pub workload: WorkloadAttrs,
     /// The identity being leased.
     pub resource: ResourceAttrs,
     /// The lease being asked for.
@@ -166,18 +190,29 @@ pub(super) fn build_request(
     let p = &request.principal;
     let r = &request.resource;
     let c = &request.context;
-    let principal_id = p.uid.to_string();
     let resource_id = if r.spiffe_id.is_empty() {
         r.agent.as_str()
     } else {
         r.spiffe_id.as_str()
     };
-    let principal = uid_of("Mayfly::User", &principal_id)?;
-    let resource = uid_of("Mayfly::Identity", resource_id)?;
-    let action = uid_of("Mayfly::Action", request.action.as_str())?;
-
-    let entities = json!([
-        {
+    let (principal, principal_entity) = if request.action == Action::Delegate {
+        let w = &request.workload;
+        let entity = json!({
+            "uid": { "type": "Mayfly::Workload", "id": w.spiffe_id },
+            "attrs": {
+                "spiffe_id": w.spiffe_id,
+                "lease_id": w.lease_id,
+                "task_id": w.task_id,
+                "delegator": w.delegator,
+                "depth": i64::from(w.depth),
+                "uid": i64::from(w.uid),
+            },
+            "parents": [],
+        });
+        (uid_of("Mayfly::Workload", &w.spiffe_id)?, entity)
+    } else {
+        let principal_id = p.uid.to_string();
+        let entity = json!({
             "uid": { "type": "Mayfly::User", "id": principal_id },
             "attrs": {
                 "uid": i64::from(p.uid),
@@ -186,7 +221,14 @@ pub(super) fn build_request(
                 "gids": p.gids.iter().map(|g| i64::from(*g)).collect::<Vec<_>>(),
             },
             "parents": [],
-        },
+        });
+        (uid_of("Mayfly::User", &principal_id)?, entity)
+    };
+    let resource = uid_of("Mayfly::Identity", resource_id)?;
+    let action = uid_of("Mayfly::Action", request.action.as_str())?;
+
+    let entities = json!([
+        principal_entity,
         {
             "uid": { "type": "Mayfly::Identity", "id": resource_id },
             "attrs": { "agent": r.agent, "spiffe_id": r.spiffe_id },

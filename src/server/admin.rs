@@ -76,7 +76,9 @@ fn status(e: TaskError) -> Status {
             LeaseError::NotFound(_) => Status::not_found(e.to_string()),
             LeaseError::NotActive { .. } => Status::failed_precondition(e.to_string()),
             LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
-            LeaseError::SelfApproval(_) => Status::permission_denied(e.to_string()),
+            LeaseError::SelfApproval(_) | LeaseError::Refused(_) => {
+                Status::permission_denied(e.to_string())
+            }
         },
         TaskError::WrongState(_) => Status::failed_precondition(e.to_string()),
         TaskError::NotAllowed(_) | TaskError::Denied(_) => Status::permission_denied(e.to_string()),
@@ -101,6 +103,8 @@ pub(crate) fn grant_input(r: pb::GrantRequest) -> Result<GrantInput, Status> {
         selectors: r.selectors,
         audiences: r.audiences,
         reason: r.reason,
+        max_delegation_depth: r.max_delegation_depth,
+        end_on_violation: r.end_on_violation,
     })
 }
 
@@ -150,6 +154,17 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         approved_by: l.approved_by.as_ref().map(principal),
         workload_socket: String::new(),
         end_durable: false,
+        chain: l
+            .chain
+            .iter()
+            .map(|link| pb::ChainLink {
+                lease_id: link.lease_id.to_string(),
+                spiffe_id: link.spiffe_id.to_string(),
+                task_id: link.task_id.clone(),
+            })
+            .collect(),
+        may_delegate: l.may_delegate,
+        end_on_violation: l.end_on_violation,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Everything that speaks a wire protocol to callers: the Unix socket listeners (`listen`),
-//! the SPIFFE Workload API (`workload_api`), Envoy's SDS (`sds`), the admin API (`admin`) and the health endpoint
-//! (`health`). Protocol types stay here; each server chooses its status codes in one place.
+//! the SPIFFE Workload API (`workload_api`), Envoy's SDS (`sds`), delegation (`delegation`), the
+//! admin API (`admin`) and the health endpoint (`health`). Protocol types stay here; each server chooses its status codes in one place.
 
 pub mod admin;
+pub mod delegation;
 pub mod health;
 pub mod listen;
 pub mod sds;

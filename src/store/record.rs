@@ -6,18 +6,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use spiffe::SpiffeId;
 
-use crate::lease::{Lease, LeaseId, LeaseState, Principal};
+use crate::lease::{Lease, LeaseId, LeaseState, Link, Principal};
 use crate::selector::Selector;
 
 /// The record format written by this version. Bump it (and keep reading the old one) whenever the
 /// meaning of a field or the encoding changes.
-pub(super) const FORMAT_VERSION: u32 = 3;
+pub(super) const FORMAT_VERSION: u32 = 4;
 
 /// Format 1: the record as JSON.
 pub(super) const FORMAT_JSON: u32 = 1;
 
 /// Format 2: postcard, as format 3 without its last field (`end_reason`).
 pub(super) const FORMAT_2: u32 = 2;
+
+/// Format 3: postcard, as format 4 without its last field (`delegation`).
+pub(super) const FORMAT_3: u32 = 3;
 
 /// JWT TTL of leases stored before leases had one.
 pub(super) const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
@@ -64,6 +67,26 @@ pub(super) struct LeaseRecord {
     /// Added in format 3; absent (and `None` in older records) means no reason was recorded.
     #[serde(default)]
     pub(super) end_reason: Option<String>,
+    /// Added in format 4; absent (and `None` when it holds only defaults) means a lease that
+    /// was not delegated, delegates nothing and does not end on a violation.
+    #[serde(default)]
+    pub(super) delegation: Option<DelegationRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DelegationRecord {
+    pub(super) chain: Vec<LinkRecord>,
+    pub(super) may_delegate: u32,
+    pub(super) end_on_violation: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LinkRecord {
+    pub(super) lease_id: String,
+    pub(super) spiffe_id: String,
+    pub(super) task_id: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -100,6 +123,21 @@ impl From<&Lease> for LeaseRecord {
             approved_at: l.approved_at.map(time_to_nanos),
             approved_by: l.approved_by.as_ref().map(PrincipalRecord::from),
             end_reason: (!l.end_reason.is_empty()).then(|| l.end_reason.clone()),
+            delegation: (!l.chain.is_empty() || l.may_delegate > 0 || l.end_on_violation).then(
+                || DelegationRecord {
+                    chain: l
+                        .chain
+                        .iter()
+                        .map(|link| LinkRecord {
+                            lease_id: link.lease_id.to_string(),
+                            spiffe_id: link.spiffe_id.to_string(),
+                            task_id: link.task_id.clone(),
+                        })
+                        .collect(),
+                    may_delegate: l.may_delegate,
+                    end_on_violation: l.end_on_violation,
+                },
+            ),
         }
     }
 }
@@ -109,7 +147,29 @@ impl LeaseRecord {
         let time = |field: &str, n: i128| {
             nanos_to_time(n).ok_or_else(|| format!("{field}: {n} is out of range"))
         };
+        let (chain, may_delegate, end_on_violation) = match self.delegation {
+            None => (Vec::new(), 0, false),
+            Some(d) => (
+                d.chain
+                    .into_iter()
+                    .map(|link| {
+                        Ok(Link {
+                            lease_id: LeaseId::parse(&link.lease_id)
+                                .map_err(|e| format!("chain: {e}"))?,
+                            spiffe_id: SpiffeId::new(&link.spiffe_id)
+                                .map_err(|e| format!("chain: {:?}: {e}", link.spiffe_id))?,
+                            task_id: link.task_id,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?,
+                d.may_delegate,
+                d.end_on_violation,
+            ),
+        };
         Ok(Lease {
+            chain,
+            may_delegate,
+            end_on_violation,
             id: LeaseId::parse(&self.id).map_err(|e| format!("id: {e}"))?,
             spiffe_id: SpiffeId::new(&self.spiffe_id)
                 .map_err(|e| format!("spiffe_id {:?}: {e}", self.spiffe_id))?,
@@ -184,6 +244,7 @@ fn parse_state(s: &str) -> Option<LeaseState> {
         LeaseState::Expired,
         LeaseState::Completed,
         LeaseState::ProcessExited,
+        LeaseState::ParentEnded,
     ]
     .into_iter()
     .find(|state| state.as_str() == s)

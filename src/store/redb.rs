@@ -8,10 +8,11 @@
 //! versioned copy of [`Lease`] so that the in-memory model can change without silently changing
 //! what is on disk: a record this version does not understand is refused, never guessed at.
 //!
-//! Format 3 (written now) is the record in postcard, a compact binary serde format, whose
-//! first field is the version (varint 3, so the first byte is `0x03`). Format 2 is the same
-//! without the last field, the end reason. Format 1 is the record as a JSON object (first byte
-//! `{`). Both are still read, and a lease is rewritten in format 3 at its next change. Postcard
+//! Format 4 (written now) is the record in postcard, a compact binary serde format, whose
+//! first field is the version (varint 4, so the first byte is `0x04`). Format 3 is the same
+//! without the last field, the delegation (chain, depth, end on violation); format 2 is format
+//! 3 without its last field, the end reason. Format 1 is the record as a JSON object (first
+//! byte `{`). All are still read, and a lease is rewritten in format 4 at its next change. Postcard
 //! is about 2.5 times smaller than JSON, which makes start-up with many leases faster three
 //! ways: less to integrity-check, less to read, and cheaper decoding.
 
@@ -27,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use tokio::sync::broadcast;
 
-use super::record::{LeaseRecord, Version, FORMAT_2, FORMAT_JSON, FORMAT_VERSION};
+use super::record::{LeaseRecord, Version, FORMAT_2, FORMAT_3, FORMAT_JSON, FORMAT_VERSION};
 use super::reserve::{EndReserve, ReservedEnd};
 use crate::lease::store::WATCH_CAPACITY;
 use crate::lease::{
@@ -480,7 +481,7 @@ impl RedbStore {
         let unknown = |v: u32| {
             fail(match v {
                 FORMAT_JSON => format!("format version {v} in binary (format {v} is JSON)"),
-                FORMAT_2 | FORMAT_VERSION => {
+                FORMAT_2 | FORMAT_3 | FORMAT_VERSION => {
                     format!("format version {v} in JSON (format {v} is binary)")
                 }
                 _ => format!(
@@ -507,13 +508,17 @@ impl RedbStore {
             // out as this agent expects.
             let (v, _) = postcard::take_from_bytes::<u32>(bytes)
                 .map_err(|e| fail(format!("invalid record: no format version ({e})")))?;
-            // Format 3 only appended an `Option`; postcard writes `None` as one zero byte, so a
-            // format 2 record with that byte after it is the same lease in format 3.
+            // Formats 3 and 4 each only appended an `Option`; postcard writes `None` as one zero
+            // byte, so an older record with those bytes after it is the same lease in format 4.
             let padded;
             let bytes = match v {
                 FORMAT_VERSION => bytes,
-                FORMAT_2 => {
+                FORMAT_3 => {
                     padded = [bytes, &[0]].concat();
+                    &padded[..]
+                }
+                FORMAT_2 => {
+                    padded = [bytes, &[0, 0]].concat();
                     &padded[..]
                 }
                 _ => return Err(unknown(v)),
@@ -631,6 +636,9 @@ mod tests {
             approved_at: None,
             approved_by: None,
             end_reason: String::new(),
+            chain: Vec::new(),
+            may_delegate: 0,
+            end_on_violation: false,
         }
     }
 
@@ -1023,6 +1031,9 @@ mod tests {
             approved_at: Some(created + Duration::from_secs(10)),
             approved_by: Some(person(1001, 99, "bob")),
             end_reason: String::new(),
+            chain: Vec::new(),
+            may_delegate: 0,
+            end_on_violation: false,
         }
     }
 
@@ -1055,8 +1066,43 @@ mod tests {
         "010d706f6c696379206368616e6765",
     );
 
+    /// `frozen_lease` ended for a reason, delegated from two leases, in format 4 (hex): format 3
+    /// with the delegation after it. Any change to `LeaseRecord` changes these bytes, and needs
+    /// a format 5.
+    const FROZEN_FORMAT_4: &str = concat!(
+        "04203966326334653661386230643166336535613763396231643366356537613963097265706f72742d3432",
+        "0a757365722f616c696365087265706f72746572477370696666653a2f2f6578616d706c652e6f72672f6167",
+        "656e742f7265706f727465722f7461736b2f7265706f72742d34322f64656c656761746f722f757365722f61",
+        "6c6963650211756e69783a7069643a37373a31323334350d756e69783a7569643a31303030aab4dcea8bedd0",
+        "fa30aaf4a7978290d1fa30aab4a1f6d1bed2fa3080f092cbdd080180e0ba84bf03010264620d7765656b6c79",
+        "207265706f7274e807e80701a4420105616c6963650c706172656e745f656e64656401aa9497efcaf0d0fa30",
+        "010000000001aae4f9acebeed0fa3001aac4bbabd6edd0fa3001e907e90701c6010103626f62010d706f6c69",
+        "6379206368616e67650102203030303030303030303030303030303030303030303030303030303030303031",
+        "1f7370696666653a2f2f6578616d706c652e6f72672f6167656e742f726f6f7409726f6f742d7461736b2030",
+        "30303030303030303030303030303030303030303030303030303030303032227370696666653a2f2f657861",
+        "6d706c652e6f72672f6167656e742f706c616e6e65720c706c616e6e65722d7461736b0101",
+    );
+
+    fn frozen_delegated() -> Lease {
+        let mut l = frozen_lease();
+        l.end_reason = "policy change".into();
+        l.state = LeaseState::ParentEnded;
+        let link = |id: &str, agent: &str| crate::lease::Link {
+            lease_id: LeaseId::parse(id).unwrap(),
+            spiffe_id: SpiffeId::new(format!("spiffe://example.org/agent/{agent}")).unwrap(),
+            task_id: format!("{agent}-task"),
+        };
+        l.chain = vec![
+            link("00000000000000000000000000000001", "root"),
+            link("00000000000000000000000000000002", "planner"),
+        ];
+        l.may_delegate = 1;
+        l.end_on_violation = true;
+        l
+    }
+
     #[test]
-    fn frozen_records_of_every_format_decode_and_format_3_is_what_is_written() {
+    fn frozen_records_of_every_format_decode_and_format_4_is_what_is_written() {
         let dir = tempdir();
         let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let want = frozen_lease();
@@ -1064,15 +1110,21 @@ mod tests {
         let format_2 = hex::decode(FROZEN_FORMAT_2).unwrap();
         let mut want_3 = want.clone();
         want_3.end_reason = "policy change".into();
+        let want_4 = frozen_delegated();
+        assert_eq!(
+            hex::encode(store.encode(&want_4).unwrap()),
+            FROZEN_FORMAT_4,
+            "the format 4 encoding changed: that is a new format version"
+        );
+        // Without a delegation, format 4 is format 3 with a `None` after it, and without a
+        // reason format 2 with two.
         assert_eq!(
             hex::encode(store.encode(&want_3).unwrap()),
-            FROZEN_FORMAT_3,
-            "the format 3 encoding changed: that is a new format version"
+            format!("04{}00", &FROZEN_FORMAT_3[2..])
         );
-        // With no reason, format 3 is format 2 with a `None` after it.
         assert_eq!(
             hex::encode(store.encode(&want).unwrap()),
-            format!("03{}00", &FROZEN_FORMAT_2[2..])
+            format!("04{}0000", &FROZEN_FORMAT_2[2..])
         );
         for bytes in [FROZEN_FORMAT_1.as_bytes(), &format_2] {
             let got = store.decode(key, bytes).unwrap();
@@ -1082,6 +1134,10 @@ mod tests {
             .decode(key, &hex::decode(FROZEN_FORMAT_3).unwrap())
             .unwrap();
         assert!(same(&got, &want_3), "got {got:?}\nwant {want_3:?}");
+        let got = store
+            .decode(key, &hex::decode(FROZEN_FORMAT_4).unwrap())
+            .unwrap();
+        assert!(same(&got, &want_4), "got {got:?}\nwant {want_4:?}");
         assert!(format_2.len() * 2 < FROZEN_FORMAT_1.len());
     }
 
@@ -1100,7 +1156,7 @@ mod tests {
     }
 
     #[test]
-    fn format_1_records_still_load_and_are_rewritten_as_format_3() {
+    fn format_1_records_still_load_and_are_rewritten_as_format_4() {
         let dir = tempdir();
         let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let old = ended("old", LeaseState::Revoked, SystemTime::now());
@@ -1120,6 +1176,7 @@ mod tests {
             "approved_at",
             "approved_by",
             "end_reason",
+            "delegation",
         ] {
             fields.remove(added_later);
         }
@@ -1138,12 +1195,12 @@ mod tests {
         assert_eq!(bare.jwt_ttl, DEFAULT_JWT_TTL);
         assert_eq!(bare.approval_deadline, None);
 
-        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 3);
+        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 4);
         assert_eq!(get_raw(&store, renewed.id.as_str())[0], b'{');
         renewed.expires_at += Duration::from_secs(60);
         store.put(&renewed).unwrap();
         let rewritten = get_raw(&store, renewed.id.as_str());
-        assert_eq!(rewritten[0], 3, "a changed lease is written in format 3");
+        assert_eq!(rewritten[0], 4, "a changed lease is written in format 4");
         assert!(rewritten.len() * 2 < as_format_1(&renewed).len());
         assert!(same(&by_id(store.load().unwrap(), &renewed.id), &renewed));
     }
@@ -1168,7 +1225,7 @@ mod tests {
         let encoded = store.encode(&good).unwrap();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"{not json".to_vec(), "invalid JSON"),
-            (as_json(&|v| v["v"] = 4.into()), "unknown format version 4"),
+            (as_json(&|v| v["v"] = 5.into()), "unknown format version 5"),
             (as_json(&|v| v["v"] = 2.into()), "format version 2 in JSON"),
             (as_json(&|v| v["v"] = 3.into()), "format version 3 in JSON"),
             (
@@ -1183,7 +1240,7 @@ mod tests {
             ),
             (Vec::new(), "no format version"),
             (vec![0xff], "no format version"),
-            (as_postcard(&|r| r.v = 4), "unknown format version 4"),
+            (as_postcard(&|r| r.v = 5), "unknown format version 5"),
             (as_postcard(&|r| r.v = 1), "format version 1 in binary"),
             (encoded[..encoded.len() - 3].to_vec(), "invalid record"),
             ([&encoded[..], &[0]].concat(), "1 bytes after its end"),

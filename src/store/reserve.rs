@@ -154,6 +154,7 @@ fn state_code(state: LeaseState) -> Option<u8> {
         LeaseState::Expired => Some(2),
         LeaseState::Completed => Some(3),
         LeaseState::ProcessExited => Some(4),
+        LeaseState::ParentEnded => Some(5),
         LeaseState::Pending | LeaseState::Active => None,
     }
 }
@@ -164,6 +165,7 @@ fn code_state(code: u8) -> Option<LeaseState> {
         2 => LeaseState::Expired,
         3 => LeaseState::Completed,
         4 => LeaseState::ProcessExited,
+        5 => LeaseState::ParentEnded,
         _ => return None,
     })
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::{AuditUnavailable, Manager, Requester};
 use crate::audit::{event, Event};
-use crate::lease::{ActiveLease, LeaseId, MintRate};
+use crate::lease::{ActiveLease, Budget, LeaseId};
 use crate::selector::Selectors;
 
 /// Task claims carried by every JWT-SVID. Private claim names must resist collisions
@@ -18,6 +18,56 @@ use crate::selector::Selectors;
 pub const CLAIM_TASK_ID: &str = "urn:mayfly:task_id";
 pub const CLAIM_DELEGATOR: &str = "urn:mayfly:delegator";
 pub const CLAIM_LEASE_ID: &str = "urn:mayfly:lease_id";
+/// A delegated lease's ancestors, root first: `[{"sub", task_id, lease_id}]`.
+pub const CLAIM_CHAIN: &str = "urn:mayfly:chain";
+
+/// The delegation chain of a lease as RFC 8693 (section 4.1) nests it in `act`: the outermost
+/// `act` is the current actor (the lease itself), each nested one the actor before it, and the
+/// root lease is the most deeply nested. `None` for a lease that was not delegated.
+///
+/// Why this layout: in RFC 8693 `sub` is whom the chain acts for (here the root delegator)
+/// and `act` the actors. JWT-SVID requires `sub` to be the holder's SPIFFE ID, so `sub`
+/// cannot name the delegator; the delegator stays in `urn:mayfly:delegator` (and in the
+/// SPIFFE ID). The `act` chain is then exactly what RFC 8693 would carry, so a reader of that
+/// RFC reads the actors right, rather than an inverted chain (`act` naming the parent, which
+/// an RFC 8693 reader would take for the current actor). The same chain is flat, root first,
+/// in `urn:mayfly:chain`, for policies that would rather not recurse.
+fn act_claim(l: &crate::lease::Lease) -> Option<Value> {
+    if l.chain.is_empty() {
+        return None;
+    }
+    let actor = |sub: String, task: &str, lease: &str| json!({ "sub": sub, CLAIM_TASK_ID: task, CLAIM_LEASE_ID: lease });
+    let mut act: Option<Value> = None;
+    for link in &l.chain {
+        let mut a = actor(
+            link.spiffe_id.to_string(),
+            &link.task_id,
+            link.lease_id.as_str(),
+        );
+        if let Some(prior) = act.take() {
+            a["act"] = prior;
+        }
+        act = Some(a);
+    }
+    let mut current = actor(l.spiffe_id.to_string(), &l.task_id, l.id.as_str());
+    current["act"] = act.expect("a non-empty chain");
+    Some(current)
+}
+
+fn chain_claim(l: &crate::lease::Lease) -> Value {
+    Value::Array(
+        l.chain
+            .iter()
+            .map(|link| {
+                json!({
+                    "sub": link.spiffe_id.to_string(),
+                    CLAIM_TASK_ID: link.task_id,
+                    CLAIM_LEASE_ID: link.lease_id.as_str(),
+                })
+            })
+            .collect(),
+    )
+}
 
 /// One minted token.
 #[derive(Debug)]
@@ -62,31 +112,6 @@ pub(super) type JwtCache = std::sync::Mutex<HashMap<LeaseId, LeaseTokens>>;
 pub(super) struct LeaseTokens {
     pub(super) tokens: HashMap<Vec<String>, Arc<JwtSvid>>,
     budget: Budget,
-}
-
-/// A token bucket: `None` is full.
-#[derive(Default)]
-struct Budget(Option<(f64, std::time::Instant)>);
-
-impl Budget {
-    /// Takes one mint, or says how long until one is available.
-    fn take(&mut self, rate: MintRate, now: std::time::Instant) -> Result<(), Duration> {
-        let burst = f64::from(rate.burst);
-        let per_second = f64::from(rate.per_second);
-        let (level, at) = self.0.unwrap_or((burst, now));
-        let level = (level + now.duration_since(at).as_secs_f64() * per_second).min(burst);
-        if level >= 1.0 {
-            self.0 = Some((level - 1.0, now));
-            return Ok(());
-        }
-        self.0 = Some((level, now));
-        let wait = if per_second > 0.0 {
-            (1.0 - level) / per_second
-        } else {
-            3600.0
-        };
-        Err(Duration::from_secs_f64(wait))
-    }
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -190,9 +215,13 @@ impl Manager {
             CLAIM_DELEGATOR: l.delegator,
             CLAIM_LEASE_ID: l.id.as_str(),
         });
-        let Value::Object(claims) = claims else {
+        let Value::Object(mut claims) = claims else {
             unreachable!("a json object")
         };
+        if let Some(act) = act_claim(l) {
+            claims.insert("act".into(), act);
+            claims.insert(CLAIM_CHAIN.into(), chain_claim(l));
+        }
         let token = self
             .jwt_keys
             .sign(&claims)
@@ -213,6 +242,7 @@ impl Manager {
                 pid: who.pid,
                 uid: who.uid,
                 exe_sha256: who.exe_sha256.as_deref(),
+                chain: l.audit_chain(),
             });
             let appended =
                 crate::telemetry::timed(&self.metrics.audit_write_seconds, audit.record(&event));

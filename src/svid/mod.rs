@@ -269,6 +269,7 @@ impl Manager {
                 uid: who.map(|w| w.uid),
                 exe_sha256: who.and_then(|w| w.exe_sha256.as_deref()),
                 trigger,
+                chain: lease.audit_chain(),
             });
             let appended = timed(&self.metrics.audit_write_seconds, audit.record(&event));
             if let Err(e) = appended.await {

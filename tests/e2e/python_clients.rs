@@ -21,7 +21,7 @@ fn python_file(name: &str) -> PathBuf {
 }
 
 /// The venv's interpreter, made once per test run; `Err` says why there is none.
-fn python() -> Result<PathBuf, String> {
+pub fn python() -> Result<PathBuf, String> {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PYTHON.get_or_init(make_venv).clone()
 }

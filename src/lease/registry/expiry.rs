@@ -110,10 +110,12 @@ impl Leases {
                     Principal::agent(),
                     "expires_at reached",
                 ) {
-                    Some(lease) => {
+                    Some(ended) => {
                         let Some(me) = self.me.upgrade() else { break };
                         self.spawn(async move {
-                            me.record_end(&lease).await;
+                            for lease in &ended {
+                                me.record_end(lease).await;
+                            }
                         });
                     }
                     // Not active (cannot happen: ends remove their deadline); never spin on it.

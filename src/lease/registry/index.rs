@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::attest::BoundProcess;
-use crate::lease::{Lease, LeaseId};
+use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::selector::{Selector, Selectors};
 use crate::time::Boot;
 
@@ -36,6 +36,8 @@ pub(super) struct Inner {
     /// index selector -> leases indexed under it
     pub(super) index: HashMap<Selector, HashSet<LeaseId>>,
     pub(super) ended: VecDeque<Lease>,
+    /// Parent -> its live (active or pending) children: what an end takes along.
+    pub(super) children: HashMap<LeaseId, HashSet<LeaseId>>,
     /// Every active lease by its deadline on the boot clock, soonest first (what the expiry
     /// task serves).
     pub(super) deadlines: BTreeSet<(Boot, LeaseId)>,
@@ -69,15 +71,25 @@ pub(super) fn index_key(selectors: &Selectors) -> Selector {
 }
 
 impl Leases {
-    /// Puts a lease into the active set, under the expiry task's eye.
-    pub(super) fn activate(&self, lease: Lease) {
-        self.activate_all(vec![Arc::new(lease)]);
+    /// Puts a lease into the active set, under the expiry task's eye. A delegated lease whose
+    /// parent is no longer active is ended instead, as `parent_ended`: returned so, for the
+    /// caller to record.
+    pub(super) fn activate(&self, lease: Lease) -> Option<Lease> {
+        self.activate_all(vec![Arc::new(lease)]).pop()
     }
 
     /// Puts leases into the active set under one write lock (start-up restores thousands).
-    pub(super) fn activate_all(&self, leases: Vec<Arc<Lease>>) {
+    /// Returns the delegated ones that ended at once because their parent is not active (a
+    /// parent that ended meanwhile, or while the agent was down), for the caller to record.
+    pub(super) fn activate_all(&self, leases: Vec<Arc<Lease>>) -> Vec<Lease> {
         let mut keys = Vec::with_capacity(leases.len());
         let mut watched = Vec::new();
+        let mut orphans = Vec::new();
+        let delegated: Vec<LeaseId> = leases
+            .iter()
+            .filter(|l| l.parent().is_some())
+            .map(|l| l.id.clone())
+            .collect();
         // Pinned before the lock: a pidfd per bound process.
         let leases: Vec<(Arc<Lease>, Vec<Arc<BoundProcess>>)> = leases
             .into_iter()
@@ -100,6 +112,13 @@ impl Leases {
                     .entry(key.clone())
                     .or_default()
                     .insert(lease.id.clone());
+                if let Some(parent) = lease.parent() {
+                    inner
+                        .children
+                        .entry(parent.clone())
+                        .or_default()
+                        .insert(lease.id.clone());
+                }
                 let deadline = Boot::at_wall(lease.expires_at);
                 inner.deadlines.insert((deadline, lease.id.clone()));
                 if !bound.is_empty() {
@@ -117,6 +136,31 @@ impl Leases {
                 );
                 keys.push(key);
             }
+            // After the whole batch is in: a parent restored with its children is active.
+            loop {
+                let orphan = delegated.iter().find(|id| {
+                    inner.active.get(*id).is_some_and(|slot| {
+                        slot.lease
+                            .parent()
+                            .is_some_and(|p| !inner.active.contains_key(p))
+                    })
+                });
+                let Some(id) = orphan.cloned() else { break };
+                let parent = inner.active[&id].lease.parent().cloned();
+                let why = format!(
+                    "delegated from lease {}, which is no longer active",
+                    parent.expect("a delegated lease")
+                );
+                if let Some(l) = super::lifecycle::end_one(
+                    &mut inner,
+                    &id,
+                    LeaseState::ParentEnded,
+                    crate::lease::Principal::agent(),
+                    &why,
+                ) {
+                    orphans.push(l);
+                }
+            }
         }
         self.start_expiry();
         self.deadline_moved.notify_one();
@@ -128,6 +172,7 @@ impl Leases {
         for key in keys {
             self.changed(&key);
         }
+        orphans
     }
 
     /// The active, unexpired leases whose selectors are all among the caller's, oldest first.

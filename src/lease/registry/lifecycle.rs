@@ -8,8 +8,54 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lease::{Lease, LeaseError, LeaseId, LeaseState, Principal};
 
-use super::index::index_key;
+use super::index::{index_key, Inner};
 use super::{Leases, ENDED_KEPT};
+
+/// Takes one lease out of the active (or pending) set, marks it ended and keeps it among the
+/// recently ended; its own children are left for the caller to end.
+pub(super) fn end_one(
+    inner: &mut Inner,
+    id: &LeaseId,
+    state: LeaseState,
+    by: Principal,
+    reason: &str,
+) -> Option<Lease> {
+    let mut lease = match inner.active.remove(id) {
+        // A pending lease can be ended too (revoked before anyone approved it).
+        None => {
+            let (lease, timer) = inner.pending.remove(id)?;
+            timer.cancel();
+            lease
+        }
+        Some(slot) => {
+            // A lease's selectors never change, nor does its index key.
+            let key = index_key(&slot.lease.selectors);
+            if let Some(bucket) = inner.index.get_mut(&key) {
+                bucket.remove(id);
+                if bucket.is_empty() {
+                    inner.index.remove(&key);
+                }
+            }
+            inner.deadlines.remove(&(slot.deadline, id.clone()));
+            slot.ended.cancel();
+            Arc::unwrap_or_clone(slot.lease)
+        }
+    };
+    if let Some(parent) = lease.parent() {
+        if let Some(siblings) = inner.children.get_mut(parent) {
+            siblings.remove(id);
+            if siblings.is_empty() {
+                inner.children.remove(parent);
+            }
+        }
+    }
+    lease.mark_ended(state, by, reason);
+    if inner.ended.len() >= ENDED_KEPT {
+        inner.ended.pop_front();
+    }
+    inner.ended.push_back(lease.clone());
+    Some(lease)
+}
 
 impl Leases {
     /// Holds a prepared lease as `pending` until someone approves it, or until
@@ -39,11 +85,19 @@ impl Leases {
     pub(super) fn park(&self, lease: Lease) {
         let cancel = CancellationToken::new();
         let deadline = lease.approval_deadline.unwrap_or_else(SystemTime::now);
-        self.inner
-            .write()
-            .expect("lease lock poisoned")
-            .pending
-            .insert(lease.id.clone(), (lease.clone(), cancel.clone()));
+        {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            if let Some(parent) = lease.parent() {
+                inner
+                    .children
+                    .entry(parent.clone())
+                    .or_default()
+                    .insert(lease.id.clone());
+            }
+            inner
+                .pending
+                .insert(lease.id.clone(), (lease.clone(), cancel.clone()));
+        }
         let me = self.me.clone();
         let id = lease.id;
         self.spawn(async move {
@@ -62,29 +116,22 @@ impl Leases {
     }
 
     async fn expire_pending(&self, id: &LeaseId) {
-        let taken = self
-            .inner
-            .write()
-            .expect("lease lock poisoned")
-            .pending
-            .remove(id);
-        if let Some((mut lease, _)) = taken {
-            lease.mark_ended(
+        let ended = {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            if !inner.pending.contains_key(id) {
+                return;
+            }
+            end_one(
+                &mut inner,
+                id,
                 LeaseState::Expired,
                 Principal::agent(),
                 "not approved in time",
-            );
-            self.remember_ended(lease.clone());
+            )
+        };
+        if let Some(lease) = ended {
             self.record_end(&lease).await;
         }
-    }
-
-    fn remember_ended(&self, lease: Lease) {
-        let mut inner = self.inner.write().expect("lease lock poisoned");
-        if inner.ended.len() >= ENDED_KEPT {
-            inner.ended.pop_front();
-        }
-        inner.ended.push_back(lease);
     }
 
     /// Approves a pending lease: four eyes (the approver is not the grantor), then it becomes
@@ -107,6 +154,16 @@ impl Leases {
         let shift = now.duration_since(lease.created_at).unwrap_or_default();
         lease.expires_at = crate::time::floor_secs(lease.expires_at + shift);
         lease.max_expires_at = crate::time::floor_secs(lease.max_expires_at + shift);
+        // A delegated lease still ends no later than its parent, however long it waited.
+        if let Some(parent) = lease.parent() {
+            let Some(parent) = self.get_active(parent) else {
+                return Err(LeaseError::Refused(format!(
+                    "lease {id} was delegated from lease {parent}, which is no longer active"
+                )));
+            };
+            lease.expires_at = lease.expires_at.min(parent.expires_at);
+            lease.max_expires_at = lease.max_expires_at.min(parent.max_expires_at);
+        }
         lease.state = LeaseState::Active;
         lease.approved_at = Some(now);
         lease.approved_by = Some(approver);
@@ -128,13 +185,24 @@ impl Leases {
             approver_uid = lease.approved_by.as_ref().map(|p| p.uid),
             "lease approved"
         );
-        self.activate(lease.clone());
-        Ok(lease)
+        Ok(self.activate_recorded(lease).await)
     }
 
-    /// Ends an active (or pending) lease: it stops matching at once, its SVID cache is torn down
-    /// (through the `ended` token) and every open stream that could match it is woken (through
-    /// the change signals).
+    /// Activates a lease that is durable as active: the lease now, or (a delegated lease whose
+    /// parent ended meanwhile) the lease as it ended, recorded.
+    pub(super) async fn activate_recorded(&self, lease: Lease) -> Lease {
+        match self.activate(lease.clone()) {
+            None => lease,
+            Some(ended) => {
+                self.record_end(&ended).await;
+                ended
+            }
+        }
+    }
+
+    /// Ends an active (or pending) lease and every lease delegated from it, at any depth: they
+    /// stop matching at once, their SVID caches are torn down (through the `ended` tokens) and
+    /// every open stream that could match them is woken (through the change signals).
     pub async fn end(
         &self,
         id: &LeaseId,
@@ -142,54 +210,67 @@ impl Leases {
         by: Principal,
         reason: &str,
     ) -> Result<Lease, LeaseError> {
-        let Some(lease) = self.end_now(id, state, by, reason) else {
+        let Some(mut ended) = self.end_now(id, state, by, reason) else {
             return Err(self.not_active(id).await);
         };
+        let descendants = ended.split_off(1);
+        let lease = ended.pop().expect("the lease itself");
+        // The lease's own end first, then its descendants' together.
         self.record_end(&lease).await;
+        futures::future::join_all(descendants.iter().map(|d| self.record_end(d))).await;
         Ok(lease)
     }
 
-    /// The in-memory half of [`Leases::end`]: from here on the lease matches nobody.
+    /// The in-memory half of [`Leases::end`]: from here on the lease and its descendants match
+    /// nobody. Returns the lease, then its descendants (parents before their children).
     pub(super) fn end_now(
         &self,
         id: &LeaseId,
         state: LeaseState,
         by: Principal,
         reason: &str,
-    ) -> Option<Lease> {
-        let lease = {
+    ) -> Option<Vec<Lease>> {
+        let ended = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            let inner = &mut *inner;
-            let mut lease = match inner.active.remove(id) {
-                // A pending lease can be ended too (revoked before anyone approved it).
-                None => {
-                    let (lease, timer) = inner.pending.remove(id)?;
-                    timer.cancel();
-                    lease
-                }
-                Some(slot) => {
-                    // A lease's selectors never change, nor does its index key.
-                    let key = index_key(&slot.lease.selectors);
-                    if let Some(bucket) = inner.index.get_mut(&key) {
-                        bucket.remove(id);
-                        if bucket.is_empty() {
-                            inner.index.remove(&key);
-                        }
+            let first = end_one(&mut inner, id, state, by, reason)?;
+            let mut ended = vec![first];
+            // Breadth first, under the same lock: no descendant outlives this instant.
+            let mut next = 0;
+            while next < ended.len() {
+                let parent = ended[next].id.clone();
+                next += 1;
+                let Some(children) = inner.children.remove(&parent) else {
+                    continue;
+                };
+                let why = format!(
+                    "delegated from lease {id}, which ended ({}{}{})",
+                    state,
+                    if reason.is_empty() { "" } else { ": " },
+                    reason
+                );
+                let mut children: Vec<LeaseId> = children.into_iter().collect();
+                children.sort();
+                for child in children {
+                    if let Some(l) = end_one(
+                        &mut inner,
+                        &child,
+                        LeaseState::ParentEnded,
+                        Principal::agent(),
+                        &why,
+                    ) {
+                        ended.push(l);
                     }
-                    inner.deadlines.remove(&(slot.deadline, id.clone()));
-                    slot.ended.cancel();
-                    Arc::unwrap_or_clone(slot.lease)
                 }
-            };
-            lease.mark_ended(state, by, reason);
-            if inner.ended.len() >= ENDED_KEPT {
-                inner.ended.pop_front();
             }
-            inner.ended.push_back(lease.clone());
-            lease
+            ended
         };
-        self.changed(&index_key(&lease.selectors));
-        Some(lease)
+        let mut keys: Vec<_> = ended.iter().map(|l| index_key(&l.selectors)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            self.changed(&key);
+        }
+        Some(ended)
     }
 
     /// Logs and persists an end that has already taken effect, and says whether the end is

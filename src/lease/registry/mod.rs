@@ -14,6 +14,7 @@
 
 mod changes;
 mod expiry;
+mod family;
 mod index;
 mod lifecycle;
 mod persist;
@@ -155,8 +156,7 @@ impl Leases {
             reason = %lease.reason,
             "lease granted"
         );
-        self.activate(lease.clone());
-        Ok(lease)
+        Ok(self.activate_recorded(lease).await)
     }
 
     pub async fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
@@ -225,6 +225,21 @@ impl Leases {
             Some(l) => l,
             None => return Err(self.not_active(id).await),
         };
+        // A delegated lease never outlives its parent's current deadline.
+        if let Some(parent) = lease.parent() {
+            let Some(parent) = self.get_active(parent) else {
+                return Err(LeaseError::Refused(format!(
+                    "lease {id} was delegated from lease {parent}, which is no longer active"
+                )));
+            };
+            if wanted > parent.expires_at {
+                return Err(LeaseError::Refused(format!(
+                    "narrowing rule expires_at: the lease would end at {}, after its parent's expires_at {}",
+                    crate::time::rfc3339(wanted),
+                    crate::time::rfc3339(parent.expires_at)
+                )));
+            }
+        }
         if wanted > lease.max_expires_at {
             return Err(LeaseError::InvalidField {
                 field: "ttl",
@@ -270,7 +285,8 @@ impl Leases {
         Ok(lease)
     }
 
-    fn get_active(&self, id: &LeaseId) -> Option<Lease> {
+    /// The lease, if it is active now.
+    pub fn get_active(&self, id: &LeaseId) -> Option<Lease> {
         let inner = self.inner.read().expect("lease lock poisoned");
         inner.active.get(id).map(|s| Lease::clone(&s.lease))
     }

@@ -124,7 +124,8 @@ impl Leases {
             lease.mark_ended(state, Principal::agent(), &why);
             ended_now.push(lease);
         }
-        self.activate_all(active);
+        // A child whose parent did not come back (it expired, say) ends with it.
+        let orphans = self.activate_all(active);
         ended.sort_by_key(|l| l.ended_at);
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
@@ -155,6 +156,9 @@ impl Leases {
                 }
                 inner.ended.push_back(lease.clone());
             }
+            self.record_end(&lease).await;
+        }
+        for lease in orphans {
             self.record_end(&lease).await;
         }
         tracing::info!(
@@ -223,6 +227,9 @@ fn audit_change<'a>(what: &'a str, l: &'a Lease, reason: &'a str) -> event::Leas
         approved_at: l.approved_at.map(rfc),
         approved_by: l.approved_by.as_ref().map(audit_principal),
         reason_for_change: reason,
+        chain: l.audit_chain(),
+        may_delegate: l.may_delegate,
+        end_on_violation: l.end_on_violation,
     }
 }
 

@@ -1,0 +1,363 @@
+//! The delegation use cases: a workload that holds an active lease creates child leases from
+//! it, lists them and ends them, with nothing but that lease. Every `Delegate` goes the same
+//! way: find the parent among the caller's leases, the limits (depth, fan-out, rate), the
+//! narrowing rules (`narrow`), then the policies (action `delegate`), then the registry.
+//! Refusals by a limit, a rule or a policy, and a parent named that the caller does not hold,
+//! are scope violations: a parent granted with `end_on_violation` is revoked for them.
+//!
+//! Which leases a caller holds: those it matches, as on the Workload API, and those bound to
+//! its parent process (`unix:pid`) whose other selectors it matches itself. The second is what
+//! lets `mayfly delegate`, run by the process a lease is bound to, act for that lease; a
+//! process further down (the child `mayfly delegate` starts) cannot reach the lease above.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::attest::Attestation;
+use crate::audit::Audit;
+use crate::policy::{Action, Decision, PolicyEngine, PolicyRequest, WorkloadAttrs};
+use crate::selector::{Key, Selector, Selectors, UnixKey};
+
+use super::narrow::validate_delegation;
+use super::service::{context_of, judge, resource_of};
+use super::{Budget, DelegateInput, Lease, LeaseError, LeaseId, LeaseState, Leases, Principal};
+
+/// Why a delegation call was refused. Nothing changed (but for a violation's end).
+#[derive(Debug, thiserror::Error)]
+pub enum DelegationError {
+    /// Malformed input, a narrowing rule, a limit, or a lease not in the state needed.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The caller holds no active lease.
+    #[error("no identity issued")]
+    NoLease,
+    /// The caller holds several leases and did not say which to delegate from.
+    #[error(
+        "parent: the caller holds {0} leases; name the one to delegate from by its SPIFFE ID ({1})"
+    )]
+    Ambiguous(usize, String),
+    /// The caller named a lease (by SPIFFE ID or lease ID) it does not hold.
+    #[error("{0}")]
+    NotHeld(String),
+    /// A policy denied the delegation.
+    #[error("{0}")]
+    Denied(String),
+    /// The parent delegates faster than its rate allows.
+    #[error("{0}")]
+    RateLimited(String),
+}
+
+/// A caller of the Delegation service, from its attestation: who it is and which selector sets
+/// stand for the leases it holds.
+#[derive(Clone, Debug)]
+pub struct Holder {
+    pub principal: Principal,
+    /// Its own selectors.
+    selectors: Selectors,
+    /// Its selectors with its own `unix:pid` binding replaced by its parent process's, if
+    /// its parent could be read.
+    through_parent: Option<Selectors>,
+}
+
+impl Holder {
+    /// The holder an attestation describes (reads its parent process from `/proc`, checked
+    /// against the start time the attestation proved).
+    pub fn from_attestation(att: &Attestation) -> Holder {
+        let own = Selector::process(att.pid, att.start_time);
+        let through_parent = match crate::attest::process_parent(att.pid) {
+            Ok((ppid, start)) if start == att.start_time && ppid > 0 => {
+                crate::attest::process_start_time(ppid).ok().map(|pstart| {
+                    let mut s: Selectors = att
+                        .selectors
+                        .iter()
+                        .filter(|s| **s != own && s.key() != Key::Unix(UnixKey::Pid))
+                        .cloned()
+                        .collect();
+                    s.extend([Selector::process(ppid, pstart)]);
+                    s
+                })
+            }
+            _ => None,
+        };
+        Holder {
+            principal: Principal {
+                uid: att.uid,
+                gid: att.gid,
+                pid: Some(att.pid),
+                user: None,
+            },
+            selectors: att.selectors.clone(),
+            through_parent,
+        }
+    }
+}
+
+pub struct DelegationService {
+    registry: Arc<Leases>,
+    audit: Audit,
+    policy: Arc<PolicyEngine>,
+    approval_timeout: Duration,
+    /// Per parent, what it may still delegate this second.
+    budgets: Mutex<HashMap<LeaseId, Budget>>,
+}
+
+impl DelegationService {
+    pub fn new(
+        registry: Arc<Leases>,
+        audit: Audit,
+        policy: Arc<PolicyEngine>,
+        approval_timeout: Duration,
+    ) -> Self {
+        DelegationService {
+            registry,
+            audit,
+            policy,
+            approval_timeout,
+            budgets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The active leases the caller holds, oldest first, without duplicates.
+    fn held(&self, holder: &Holder) -> Vec<Lease> {
+        let mut out: Vec<Lease> = Vec::new();
+        let sets = std::iter::once(&holder.selectors).chain(holder.through_parent.as_ref());
+        for set in sets {
+            for l in self.registry.matching(set) {
+                if !out.iter().any(|o| o.id == l.lease.id) {
+                    out.push(Lease::clone(&l.lease));
+                }
+            }
+        }
+        out
+    }
+
+    /// The lease to delegate from: the one named (by SPIFFE ID), or the only one held.
+    async fn parent(&self, holder: &Holder, named: &str) -> Result<Lease, DelegationError> {
+        let mut held = self.held(holder);
+        if held.is_empty() {
+            return Err(DelegationError::NoLease);
+        }
+        if !named.is_empty() {
+            held.retain(|l| l.spiffe_id.to_string() == named);
+            return match held.len() {
+                0 => Err(self
+                    .violation(holder, None, format!("the caller does not hold {named}"))
+                    .await),
+                // Two leases with one SPIFFE ID (the same task granted twice): the oldest.
+                _ => Ok(held.swap_remove(0)),
+            };
+        }
+        match held.len() {
+            1 => Ok(held.swap_remove(0)),
+            n => Err(DelegationError::Ambiguous(
+                n,
+                held.iter()
+                    .map(|l| l.spiffe_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        }
+    }
+
+    /// A refusal that is a scope violation: the leases concerned that end on a violation end,
+    /// and the refusal is returned as it was. `parent`: the lease the caller delegated from;
+    /// `None`: every lease the caller holds.
+    async fn violation(
+        &self,
+        holder: &Holder,
+        parent: Option<&Lease>,
+        what: String,
+    ) -> DelegationError {
+        let strict: Vec<LeaseId> = match parent {
+            Some(p) if p.end_on_violation => vec![p.id.clone()],
+            Some(_) => Vec::new(),
+            None => self
+                .held(holder)
+                .into_iter()
+                .filter(|l| l.end_on_violation)
+                .map(|l| l.id)
+                .collect(),
+        };
+        self.registry
+            .end_for_violation(strict, &format!("delegation refused: {what}"))
+            .await;
+        match parent {
+            None => DelegationError::NotHeld(what),
+            Some(_) => DelegationError::Lease(LeaseError::Refused(what)),
+        }
+    }
+
+    /// Creates a child lease from the caller's lease `parent` (a SPIFFE ID, or empty).
+    pub async fn delegate(
+        &self,
+        holder: &Holder,
+        parent: &str,
+        input: DelegateInput,
+    ) -> Result<Lease, DelegationError> {
+        let parent = self.parent(holder, parent).await?;
+        let limits = self.registry.limits().delegation;
+        if parent.may_delegate > 0 {
+            let live = self.registry.live_children(&parent.id);
+            if live >= limits.max_children as usize {
+                let what = format!(
+                    "fan-out: lease {} already has {live} live children (delegation.max_children {})",
+                    parent.id, limits.max_children
+                );
+                return Err(self.violation(holder, Some(&parent), what).await);
+            }
+            if let Err(wait) = self.take(&parent.id, limits.rate) {
+                let what = format!(
+                    "rate: lease {} delegates at most {} a second ({} at once); try again in {} ms",
+                    parent.id,
+                    limits.rate.per_second,
+                    limits.rate.burst,
+                    wait.as_millis() + 1
+                );
+                tracing::info!(event = "delegation_refused", lease_id = %parent.id, why = %what);
+                self.registry
+                    .end_for_violation(
+                        parent
+                            .end_on_violation
+                            .then(|| parent.id.clone())
+                            .into_iter()
+                            .collect(),
+                        &format!("delegation refused: {what}"),
+                    )
+                    .await;
+                return Err(DelegationError::RateLimited(what));
+            }
+        }
+        let child = match validate_delegation(
+            &parent,
+            input,
+            self.registry.limits(),
+            SystemTime::now(),
+            holder.principal.clone(),
+        ) {
+            Ok(child) => child,
+            Err(LeaseError::Refused(what)) => {
+                tracing::info!(event = "delegation_refused", lease_id = %parent.id, why = %what);
+                return Err(self.violation(holder, Some(&parent), what).await);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let request = PolicyRequest {
+            action: Action::Delegate,
+            principal: Default::default(),
+            workload: WorkloadAttrs {
+                spiffe_id: parent.spiffe_id.to_string(),
+                lease_id: parent.id.to_string(),
+                task_id: parent.task_id.clone(),
+                delegator: parent.delegator.clone(),
+                depth: parent.depth(),
+                uid: holder.principal.uid,
+            },
+            resource: resource_of(&child),
+            context: context_of(&child, child.ttl(), self.registry.limits().max_ttl),
+        };
+        let decision = match judge(&self.policy, &self.audit, request, &child).await {
+            Ok(d) => d,
+            Err(why) => {
+                let what = format!("policy: {why}");
+                return Err(match self.violation(holder, Some(&parent), what).await {
+                    DelegationError::Lease(LeaseError::Refused(m)) => DelegationError::Denied(m),
+                    other => other,
+                });
+            }
+        };
+        let lease = match decision {
+            Decision::RequireApproval { policies } => {
+                self.registry
+                    .hold(child, self.approval_timeout, &policies)
+                    .await?
+            }
+            _ => self.registry.grant(child).await?,
+        };
+        tracing::info!(
+            event = "lease_delegated",
+            lease_id = %lease.id,
+            parent = %parent.id,
+            depth = lease.depth(),
+            state = %lease.state,
+            "lease delegated"
+        );
+        Ok(lease)
+    }
+
+    /// Takes one delegation from the parent's budget.
+    fn take(&self, parent: &LeaseId, rate: super::MintRate) -> Result<(), Duration> {
+        let mut budgets = self.budgets.lock().expect("delegation budgets poisoned");
+        // Budgets of ended parents go now and then, not per call.
+        if budgets.len() > 4096 {
+            budgets.retain(|id, _| self.registry.is_active(id));
+        }
+        budgets
+            .entry(parent.clone())
+            .or_default()
+            .take(rate, std::time::Instant::now())
+    }
+
+    /// The children of the caller's leases (or of the one named), live and recently ended.
+    pub async fn list(&self, holder: &Holder, parent: &str) -> Result<Vec<Lease>, DelegationError> {
+        let parents = if parent.is_empty() {
+            let held = self.held(holder);
+            if held.is_empty() {
+                return Err(DelegationError::NoLease);
+            }
+            held
+        } else {
+            vec![self.parent(holder, parent).await?]
+        };
+        Ok(parents
+            .iter()
+            .flat_map(|p| self.registry.children_of(&p.id))
+            .collect())
+    }
+
+    /// Ends a lease delegated (at any depth) from one of the caller's leases: `completed`, or
+    /// revoked for `reason`.
+    pub async fn end(
+        &self,
+        holder: &Holder,
+        id: &LeaseId,
+        completed: bool,
+        reason: &str,
+    ) -> Result<Lease, DelegationError> {
+        super::check_reason(reason)?;
+        let held = self.held(holder);
+        if held.is_empty() {
+            return Err(DelegationError::NoLease);
+        }
+        let lease = self.registry.get(id).await?;
+        let Some(ancestor) = lease
+            .chain
+            .iter()
+            .find(|link| held.iter().any(|h| h.id == link.lease_id))
+        else {
+            return Err(DelegationError::NotHeld(format!(
+                "lease {id} was not delegated from a lease the caller holds"
+            )));
+        };
+        let (state, why) = if completed {
+            (LeaseState::Completed, "task completed".to_owned())
+        } else if reason.is_empty() {
+            (
+                LeaseState::Revoked,
+                format!("ended by its ancestor lease {}", ancestor.lease_id),
+            )
+        } else {
+            (
+                LeaseState::Revoked,
+                format!(
+                    "ended by its ancestor lease {}: {reason}",
+                    ancestor.lease_id
+                ),
+            )
+        };
+        Ok(self
+            .registry
+            .end(id, state, holder.principal.clone(), &why)
+            .await?)
+    }
+}
