@@ -807,6 +807,7 @@ async fn delegate_to_svid(o: &Opts) -> Res<()> {
         format!("unix:gid:{}", rustix::process::getegid().as_raw()),
     ];
     let mut lat = Vec::with_capacity(o.iterations);
+    let mut call = Vec::with_capacity(o.iterations);
     let mut retries = 0u64;
     let started = Instant::now();
     for i in 0..o.iterations {
@@ -822,6 +823,7 @@ async fn delegate_to_svid(o: &Opts) -> Res<()> {
             }))
             .await?
             .into_inner();
+        call.push(t0.elapsed());
         loop {
             let ctx = client.fetch_x509_context().await?;
             if ctx
@@ -847,6 +849,7 @@ async fn delegate_to_svid(o: &Opts) -> Res<()> {
             .await?;
     }
     let elapsed = started.elapsed();
+    summary("delegate-to-svid", "delegate-call", call, None, "");
     summary(
         "delegate-to-svid",
         "client=reused",
@@ -860,15 +863,20 @@ async fn delegate_to_svid(o: &Opts) -> Res<()> {
     agent.stop()
 }
 
-/// Ending a parent with N children → every child's stream told. Each child is a real process
-/// tree, as `mayfly delegate` makes it: `mayfly delegate -- mayfly svid watch`, started by this
-/// process (the parent's holder), the child lease bound to the `svid watch` process. The time
-/// is from Revoke returning to each `svid watch` reporting its stream's end on stderr.
+/// Ending a parent with N children → every child's stream told. Each child is its own
+/// process: a shell, held until its child lease exists (bound to the shell's pid, a descendant
+/// of this process, which holds the parent), that then execs `mayfly svid watch` in the same
+/// process. The time is from Revoke (of the parent) to each `svid watch` reporting its
+/// stream's end on stderr.
 async fn delegate_cascade(o: &Opts) -> Res<()> {
-    use tokio::io::AsyncBufReadExt;
+    use mayfly::proto::delegation as dpb;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let dir = temp_dir()?;
     let agent = AgentProc::start_configured(o, dir.path(), Some(DELEGATION_CONFIG)).await?;
     let mut admin = agent.admin().await?;
+    let mut delegation = dpb::delegation_client::DelegationClient::new(
+        mayfly::cli::connect::unix_channel(&agent.socket).await?,
+    );
     let reps = o.reps.unwrap_or(10);
     let n = o.children;
     let socket = agent.socket.display().to_string();
@@ -877,47 +885,42 @@ async fn delegate_cascade(o: &Opts) -> Res<()> {
     let mut from_call = Vec::new();
     for rep in 0..reps {
         let parent = grant_parent(&mut admin, &format!("cascade-{rep}")).await?;
-        let mut procs = Vec::with_capacity(n);
+        let mut ends = tokio::task::JoinSet::new();
         for i in 0..n {
-            let mut child = tokio::process::Command::new(&o.agent_bin)
+            let mut child = tokio::process::Command::new("sh")
                 .args([
-                    "delegate",
-                    "--task-id",
-                    &format!("c{rep}-{i}"),
-                    "--agent",
-                    "executor",
-                ])
-                .args([
-                    "--ttl",
-                    "10m",
-                    "--audience",
-                    "bench",
-                    "--socket",
-                    &socket,
-                    "--",
+                    "-c",
+                    r#"read _ && exec "$0" svid watch --output json --socket "$1""#,
                 ])
                 .arg(&o.agent_bin)
-                .args(["svid", "watch", "--output", "json", "--socket", &socket])
-                .stdin(Stdio::null())
+                .arg(&socket)
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()?;
-            let stdout = child.stdout.take().ok_or("no stdout")?;
-            let stderr = child.stderr.take().ok_or("no stderr")?;
-            procs.push((child, stdout, stderr));
-        }
-        // Every child's first SVID on its stream, then a reader per child for its end.
-        let mut ends = tokio::task::JoinSet::new();
-        for (child, stdout, stderr) in procs {
-            let mut out = tokio::io::BufReader::new(stdout).lines();
-            tokio::time::timeout(Duration::from_secs(60), out.next_line())
+            let pid = child.id().ok_or("child exited")?;
+            delegation
+                .delegate(delegation_request(dpb::DelegateRequest {
+                    task_id: format!("c{rep}-{i}"),
+                    agent: "executor".into(),
+                    ttl: Some(mayfly::time::to_duration(Duration::from_secs(600))),
+                    selectors: vec![format!("unix:pid:{pid}")],
+                    audiences: vec!["bench".into()],
+                    ..Default::default()
+                }))
+                .await?;
+            let mut stdin = child.stdin.take().ok_or("no stdin")?;
+            stdin.write_all(b"go\n").await?;
+            let mut out =
+                tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+            tokio::time::timeout(Duration::from_secs(30), out.next_line())
                 .await
                 .map_err(|_| "a child's stream never answered")??
                 .ok_or("a child's stream ended before its first SVID")?;
+            let stderr = child.stderr.take().ok_or("no stderr")?;
             ends.spawn(async move {
-                let _child = child;
-                let _out = out;
+                let (_child, _stdin, _out) = (child, stdin, out);
                 let mut err = tokio::io::BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = err.next_line().await {
                     if line.contains("no identity issued") {
@@ -940,33 +943,32 @@ async fn delegate_cascade(o: &Opts) -> Res<()> {
         }
         let lat: Vec<Duration> = got
             .iter()
-            .map(|i| i.saturating_duration_since(t0))
+            .map(|i| i.saturating_duration_since(called))
             .collect();
         all.push(lat.iter().copied().max().unwrap_or_default());
         each.extend(lat);
-        let last = got.iter().copied().max().unwrap_or(called);
-        from_call.push(last.saturating_duration_since(called));
+        from_call.push(t0.saturating_duration_since(called));
     }
     summary(
         "delegate-cascade",
         &format!("children={n} all"),
         all,
         None,
-        "",
+        "(from sending Revoke)",
     );
     summary(
         "delegate-cascade",
         &format!("children={n} each"),
         each,
         None,
-        "",
+        "(from sending Revoke)",
     );
     summary(
         "delegate-cascade",
-        &format!("revoke-call children={n} all"),
+        &format!("revoke-call children={n}"),
         from_call,
         None,
-        "(from sending Revoke)",
+        "(Revoke's own latency: it returns once every end is recorded)",
     );
     agent.stop()
 }

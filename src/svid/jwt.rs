@@ -359,6 +359,48 @@ impl Manager {
 }
 
 #[cfg(test)]
+mod act_tests {
+    use super::*;
+    use crate::lease::{test_limits, validate_grant, GrantInput, Link, Principal};
+    use spiffe::SpiffeId;
+
+    #[test]
+    fn the_chain_nests_with_the_current_actor_outermost_and_the_root_deepest() {
+        let input = GrantInput {
+            task_id: "tool-1".into(),
+            delegator: "user/alice".into(),
+            agent: "tool".into(),
+            ttl: Some(std::time::Duration::from_secs(60)),
+            selectors: vec!["unix:uid:1".into()],
+            ..Default::default()
+        };
+        let mut l =
+            validate_grant(input, &test_limits(), SystemTime::now(), Principal::agent()).unwrap();
+        assert_eq!(
+            act_claim(&l),
+            None,
+            "a lease granted directly has no act claim"
+        );
+        let link = |agent: &str| Link {
+            lease_id: LeaseId::random(),
+            spiffe_id: SpiffeId::new(format!("spiffe://example.org/{agent}")).unwrap(),
+            task_id: format!("{agent}-task"),
+        };
+        l.chain = vec![link("planner"), link("executor")];
+        let act = act_claim(&l).unwrap();
+        assert_eq!(act["sub"], l.spiffe_id.to_string());
+        assert_eq!(act["urn:mayfly:lease_id"], l.id.as_str());
+        assert_eq!(act["act"]["sub"], "spiffe://example.org/executor");
+        assert_eq!(act["act"]["act"]["sub"], "spiffe://example.org/planner");
+        assert_eq!(act["act"]["act"]["urn:mayfly:task_id"], "planner-task");
+        assert!(act["act"]["act"].get("act").is_none());
+        let chain = chain_claim(&l);
+        assert_eq!(chain[0]["sub"], "spiffe://example.org/planner");
+        assert_eq!(chain[1]["sub"], "spiffe://example.org/executor");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::audit::MemorySink;

@@ -113,9 +113,7 @@ impl Leases {
                     Some(ended) => {
                         let Some(me) = self.me.upgrade() else { break };
                         self.spawn(async move {
-                            for lease in &ended {
-                                me.record_end(lease).await;
-                            }
+                            me.record_ends(&ended).await;
                         });
                     }
                     // Not active (cannot happen: ends remove their deadline); never spin on it.

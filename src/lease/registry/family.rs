@@ -71,3 +71,127 @@ impl Leases {
         ended
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::audit::MemorySink;
+    use crate::lease::{validate_delegation, DelegateInput, LeaseState, LeaseStore, Principal};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    fn child_of(parent: &crate::lease::Lease, task: &str, extra: &str) -> crate::lease::Lease {
+        let input = DelegateInput {
+            task_id: task.into(),
+            agent: "executor".into(),
+            ttl: Some(Duration::from_secs(30)),
+            selectors: vec![extra.into()],
+            audiences: vec!["db".into()],
+            ..Default::default()
+        };
+        validate_delegation(
+            parent,
+            input,
+            &crate::lease::test_limits(),
+            SystemTime::now(),
+            Principal::agent(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ending_a_lease_ends_its_descendants_at_once() {
+        let store = crate::store::MemoryStore::new();
+        let r = registry_on(store.clone(), MemorySink::new());
+        let mut root = input("root", &["unix:uid:7"], Duration::from_secs(60));
+        root.max_delegation_depth = 2;
+        let root = r.grant_input(root, Principal::agent()).await.unwrap();
+        let child = r.grant(child_of(&root, "c", "unix:gid:1")).await.unwrap();
+        let grandchild = r.grant(child_of(&child, "g", "unix:gid:2")).await.unwrap();
+        let sibling = r.grant(child_of(&root, "s", "unix:gid:3")).await.unwrap();
+        assert_eq!(r.live_children(&root.id), 2);
+        let mut changes = store.watch();
+        r.end(&root.id, LeaseState::Revoked, Principal::agent(), "done")
+            .await
+            .unwrap();
+        for l in [&child, &grandchild, &sibling] {
+            let got = r.get(&l.id).await.unwrap();
+            assert_eq!(got.state, LeaseState::ParentEnded);
+            assert!(
+                got.end_reason.contains(root.id.as_str()),
+                "{}",
+                got.end_reason
+            );
+            assert!(
+                got.end_reason.contains("revoked: done"),
+                "{}",
+                got.end_reason
+            );
+        }
+        assert!(r
+            .matching(&selectors(&[
+                "unix:uid:7",
+                "unix:gid:1",
+                "unix:gid:2",
+                "unix:gid:3"
+            ]))
+            .is_empty());
+        assert_eq!(r.live_children(&root.id), 0);
+        assert!(r.inner.read().unwrap().children.is_empty());
+        // All four ends are stored.
+        let mut stored = 0;
+        while let Ok(crate::lease::StoreChange::Put(l)) = changes.try_recv() {
+            assert_ne!(l.state, LeaseState::Active);
+            stored += 1;
+        }
+        assert_eq!(stored, 4);
+        assert_eq!(r.children_of(&root.id).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_child_whose_parent_ended_while_the_agent_was_down_ends_at_restore() {
+        let store = crate::store::MemoryStore::new();
+        let r = registry_on(store.clone(), MemorySink::new());
+        let mut root = input("root", &["unix:uid:7"], Duration::from_secs(60));
+        root.max_delegation_depth = 2;
+        let root = r.grant_input(root, Principal::agent()).await.unwrap();
+        let child = r.grant(child_of(&root, "c", "unix:gid:1")).await.unwrap();
+        let grandchild = r.grant(child_of(&child, "g", "unix:gid:2")).await.unwrap();
+        // As if the agent died after storing the root's end and before its descendants'.
+        let mut ended = root.clone();
+        ended.mark_ended(LeaseState::Revoked, Principal::agent(), "before the crash");
+        store.put(&ended).unwrap();
+        let audit = MemorySink::new();
+        let again = registry_on(store.clone(), audit.clone());
+        again
+            .restore(store.load().unwrap(), Duration::from_secs(3600))
+            .await;
+        for l in [&child, &grandchild] {
+            let got = again.get(&l.id).await.unwrap();
+            assert_eq!(got.state, LeaseState::ParentEnded, "{got:?}");
+        }
+        assert!(again
+            .matching(&selectors(&["unix:uid:7", "unix:gid:1", "unix:gid:2"]))
+            .is_empty());
+        let stored: Vec<Arc<crate::lease::Lease>> = store.load().unwrap();
+        assert!(stored.iter().all(|l| l.state != LeaseState::Active));
+        assert_eq!(audit.events(), ["lease_parent_ended", "lease_parent_ended"]);
+    }
+
+    #[tokio::test]
+    async fn a_child_granted_as_its_parent_ends_is_ended_not_activated() {
+        let r = registry();
+        let mut root = input("root", &["unix:uid:7"], Duration::from_secs(60));
+        root.max_delegation_depth = 1;
+        let root = r.grant_input(root, Principal::agent()).await.unwrap();
+        let child = child_of(&root, "c", "unix:gid:1");
+        r.end(&root.id, LeaseState::Completed, Principal::agent(), "")
+            .await
+            .unwrap();
+        let got = r.grant(child).await.unwrap();
+        assert_eq!(got.state, LeaseState::ParentEnded);
+        assert!(r
+            .matching(&selectors(&["unix:uid:7", "unix:gid:1"]))
+            .is_empty());
+    }
+}

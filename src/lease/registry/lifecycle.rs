@@ -210,15 +210,12 @@ impl Leases {
         by: Principal,
         reason: &str,
     ) -> Result<Lease, LeaseError> {
-        let Some(mut ended) = self.end_now(id, state, by, reason) else {
+        let Some(ended) = self.end_now(id, state, by, reason) else {
             return Err(self.not_active(id).await);
         };
-        let descendants = ended.split_off(1);
-        let lease = ended.pop().expect("the lease itself");
-        // The lease's own end first, then its descendants' together.
-        self.record_end(&lease).await;
-        futures::future::join_all(descendants.iter().map(|d| self.record_end(d))).await;
-        Ok(lease)
+        // The lease and its descendants in one store transaction.
+        self.record_ends(&ended).await;
+        Ok(ended.into_iter().next().expect("the lease itself"))
     }
 
     /// The in-memory half of [`Leases::end`]: from here on the lease and its descendants match
@@ -277,38 +274,53 @@ impl Leases {
     /// durable (in the store, so that no restart can undo it). What cannot be recorded now is
     /// retried until it is: see [`Leases::retry_later`].
     pub(super) async fn record_end(&self, lease: &Lease) -> bool {
-        let reason = lease.end_reason.as_str();
-        tracing::info!(
-            event = "lease_ended",
-            lease_id = %lease.id,
-            task_id = %lease.task_id,
-            state = %lease.state,
-            ended_by_uid = lease.ended_by.as_ref().map(|p| p.uid),
-            reason,
-            "lease ended"
-        );
-        self.durable
-            .metrics
-            .lease_ends
-            .get_or_create(&crate::telemetry::StateLabel {
-                state: lease.state.to_string(),
-            })
-            .inc();
-        // The store first: it is what keeps a restart from bringing the lease back.
-        let stored = self.store_lease(lease).await.is_ok();
-        let audited = self
-            .audit_lease(lease.state.as_str(), lease, reason)
-            .await
-            .is_ok();
-        if !(stored && audited) {
-            tracing::error!(
-                event = "lease_end_not_recorded",
+        self.record_ends(std::slice::from_ref(lease)).await
+    }
+
+    /// [`Leases::record_end`] for leases that ended together (a lease and its descendants):
+    /// one store transaction for them all, their audit records together.
+    pub(super) async fn record_ends(&self, leases: &[Lease]) -> bool {
+        if leases.is_empty() {
+            return true;
+        }
+        for lease in leases {
+            tracing::info!(
+                event = "lease_ended",
                 lease_id = %lease.id,
-                stored,
-                audited,
-                "lease ended but its end is not yet recorded; retrying until it is"
+                task_id = %lease.task_id,
+                state = %lease.state,
+                ended_by_uid = lease.ended_by.as_ref().map(|p| p.uid),
+                reason = %lease.end_reason,
+                "lease ended"
             );
-            self.retry_later(lease.clone(), stored, audited);
+            self.durable
+                .metrics
+                .lease_ends
+                .get_or_create(&crate::telemetry::StateLabel {
+                    state: lease.state.to_string(),
+                })
+                .inc();
+        }
+        // The store first: it is what keeps a restart from bringing a lease back.
+        let stored = self.store_leases(leases).await.is_ok();
+        let audited = futures::future::join_all(
+            leases
+                .iter()
+                .map(|l| self.audit_lease(l.state.as_str(), l, &l.end_reason)),
+        )
+        .await;
+        for (lease, audited) in leases.iter().zip(audited) {
+            let audited = audited.is_ok();
+            if !(stored && audited) {
+                tracing::error!(
+                    event = "lease_end_not_recorded",
+                    lease_id = %lease.id,
+                    stored,
+                    audited,
+                    "lease ended but its end is not yet recorded; retrying until it is"
+                );
+                self.retry_later(lease.clone(), stored, audited);
+            }
         }
         stored
     }

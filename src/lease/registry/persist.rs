@@ -58,9 +58,14 @@ impl Leases {
     }
 
     pub(super) async fn store_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+        self.store_leases(std::slice::from_ref(lease)).await
+    }
+
+    /// Writes leases in one store transaction: all or none.
+    pub(super) async fn store_leases(&self, leases: &[Lease]) -> Result<(), LeaseError> {
         let store = self.durable.store.clone();
-        let record = lease.clone();
-        tokio::task::spawn_blocking(move || store.put(&record))
+        let records = leases.to_vec();
+        tokio::task::spawn_blocking(move || store.put_all(&records))
             .await
             .map_err(|e| LeaseError::Unavailable(format!("lease store: {e}")))?
             .map_err(|e| {
@@ -158,9 +163,7 @@ impl Leases {
             }
             self.record_end(&lease).await;
         }
-        for lease in orphans {
-            self.record_end(&lease).await;
-        }
+        self.record_ends(&orphans).await;
         tracing::info!(
             event = "leases_restored",
             active = self.active_count(),
