@@ -21,8 +21,10 @@ pub enum Event<'a> {
     RequestDenied(Requester<'a>, &'a str),
     /// An admin call came from a caller outside the allowlist.
     AdminDenied(AdminDenied<'a>),
-    /// A policy denied an admin call.
+    /// A policy denied an admin call or a delegation.
     PolicyDenied(PolicyDenied<'a>),
+    /// A narrowing rule or a limit refused a delegation.
+    DelegationRefused(DelegationRefused<'a>),
     /// A lease changed: granted, pending, approved, renewed or ended (`lease_<state>`).
     Lease(LeaseChange<'a>),
 }
@@ -82,6 +84,22 @@ pub struct AdminDenied<'a> {
     pub pid: Option<i32>,
     pub selectors: Vec<&'a str>,
     pub reason: &'a str,
+}
+
+/// A delegation a narrowing rule or a limit refused (a policy's refusal is `policy_denied`).
+#[derive(Debug, Serialize)]
+pub struct DelegationRefused<'a> {
+    /// The lease delegated from; none when the caller named a lease it does not hold.
+    pub parent_lease_id: Option<&'a str>,
+    pub parent_spiffe_id: Option<String>,
+    pub task_id: Option<&'a str>,
+    pub pid: Option<i32>,
+    pub uid: u32,
+    /// The rule or limit, in words.
+    pub reason: &'a str,
+    /// The parent's own chain, root first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Link<'a>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,6 +181,7 @@ impl Event<'_> {
             Event::RequestDenied(..) => "request_denied".into(),
             Event::AdminDenied(_) => "admin_denied".into(),
             Event::PolicyDenied(_) => "policy_denied".into(),
+            Event::DelegationRefused(_) => "delegation_refused".into(),
             Event::Lease(change) => format!("lease_{}", change.what),
         }
     }
@@ -181,6 +200,7 @@ impl Event<'_> {
             Event::RequestDenied(who, reason) => serde_json::to_value(Denied { who, reason }),
             Event::AdminDenied(e) => serde_json::to_value(e),
             Event::PolicyDenied(e) => serde_json::to_value(e),
+            Event::DelegationRefused(e) => serde_json::to_value(e),
             Event::Lease(e) => serde_json::to_value(e),
         };
         match value {

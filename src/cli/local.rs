@@ -123,14 +123,19 @@ pub fn policy_check(cmd: crate::cli::PolicyCommand) -> Result<i32> {
         }
     };
     if let Some(a) = action {
-        req.action = serde_json::from_value::<Action>(Value::String(a.clone()))
-            .map_err(|_| anyhow::anyhow!("--action {a:?}: one of grant, renew, revoke, approve"))?;
+        req.action = serde_json::from_value::<Action>(Value::String(a.clone())).map_err(|_| {
+            anyhow::anyhow!(
+                "--action {a:?}: one of grant, renew, revoke, approve, complete, read, delegate"
+            )
+        })?;
     }
     if !from_file && uid.is_none() {
         // The caller is whoever runs the dry run, as the agent would see them.
         req.principal = crate::policy::PrincipalAttrs::of_this_process();
         req.context.grantor_uid = req.principal.uid;
         req.context.agent_uid = req.principal.uid;
+        // A delegation's principal is the delegating workload, run by this user.
+        req.workload.uid = req.principal.uid;
     }
     if let Some(u) = uid {
         req.principal.uid = u;

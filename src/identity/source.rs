@@ -229,9 +229,8 @@ impl IdentitySource {
             Err(JwtFetchError::NoIdentity) => Err(self.deny(rpc, att).await),
             Err(e @ (JwtFetchError::NotHeld(_) | JwtFetchError::AudienceNotAllowed(_))) => {
                 tracing::info!(event = "request_denied", rpc, pid = att.pid, uid = att.uid, reason = %e, "jwt-svid refused");
-                // A scope violation: the caller's leases granted to end on one end now.
-                let what = format!("{rpc}: {e}");
-                self.parts.registry.violated(&att.selectors, &what).await;
+                self.scope_violation(&att.selectors, &format!("{rpc}: {e}"))
+                    .await;
                 Err(IdentityError::NotAllowed(e.to_string()))
             }
             Err(JwtFetchError::Audit(e)) => Err(IdentityError::Audit(e)),
@@ -240,6 +239,12 @@ impl IdentitySource {
                 Err(IdentityError::RateLimited(e.to_string()))
             }
         }
+    }
+
+    /// A caller asked for what its leases do not allow (an audience, a SPIFFE ID it does not
+    /// hold): those of its leases granted to end on a scope violation end now, revoked.
+    pub async fn scope_violation(&self, caller: &crate::selector::Selectors, what: &str) {
+        self.parts.registry.violated(caller, what).await;
     }
 
     /// Checks a JWT-SVID for `audience` against this trust domain's keys; its claims if valid.
@@ -373,6 +378,11 @@ pub struct X509Updates {
 }
 
 impl X509Updates {
+    /// The caller's selectors, as last attested.
+    pub fn selectors(&self) -> &crate::selector::Selectors {
+        &self.att.selectors
+    }
+
     /// The caller's SVIDs the next time they differ from the last ones handed out; an error
     /// once it holds none (or cannot be attested again), after which the caller is done.
     pub async fn next(&mut self) -> Result<Vec<Arc<X509Svid>>, IdentityError> {

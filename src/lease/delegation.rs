@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::attest::Attestation;
-use crate::audit::Audit;
+use crate::audit::{event, Audit, Event};
 use crate::policy::{Action, Decision, PolicyEngine, PolicyRequest, WorkloadAttrs};
 use crate::selector::{Key, Selector, Selectors, UnixKey};
 
@@ -100,6 +100,10 @@ pub struct DelegationService {
     approval_timeout: Duration,
     /// Per parent, what it may still delegate this second.
     budgets: Mutex<HashMap<LeaseId, Budget>>,
+    /// Held from the fan-out check until the child is in the registry, so that concurrent
+    /// delegations cannot together pass `max_children`. One for all parents: a delegation
+    /// waits for at most the durable writes of those ahead of it.
+    admitting: tokio::sync::Mutex<()>,
 }
 
 impl DelegationService {
@@ -115,6 +119,7 @@ impl DelegationService {
             policy,
             approval_timeout,
             budgets: Mutex::new(HashMap::new()),
+            admitting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -160,15 +165,37 @@ impl DelegationService {
         }
     }
 
-    /// A refusal that is a scope violation: the leases concerned that end on a violation end,
-    /// and the refusal is returned as it was. `parent`: the lease the caller delegated from;
-    /// `None`: every lease the caller holds.
+    /// A refusal that is a scope violation: audited, the leases concerned that end on a
+    /// violation end, and the refusal is returned as it was. `parent`: the lease the caller
+    /// delegated from; `None`: every lease the caller holds (it named one it does not hold).
     async fn violation(
         &self,
         holder: &Holder,
         parent: Option<&Lease>,
         what: String,
     ) -> DelegationError {
+        self.refused(holder, parent, &what).await;
+        match parent {
+            None => DelegationError::NotHeld(what),
+            Some(_) => DelegationError::Lease(LeaseError::Refused(what)),
+        }
+    }
+
+    /// Audits a refused delegation and ends what ends on a violation (see [`Self::violation`]).
+    async fn refused(&self, holder: &Holder, parent: Option<&Lease>, what: &str) {
+        tracing::info!(event = "delegation_refused", parent = ?parent.map(|p| &p.id), pid = holder.principal.pid, uid = holder.principal.uid, why = %what, "delegation refused");
+        let record = Event::DelegationRefused(event::DelegationRefused {
+            parent_lease_id: parent.map(|p| p.id.as_str()),
+            parent_spiffe_id: parent.map(|p| p.spiffe_id.to_string()),
+            task_id: parent.map(|p| p.task_id.as_str()),
+            pid: holder.principal.pid,
+            uid: holder.principal.uid,
+            reason: what,
+            chain: parent.map(Lease::audit_chain).unwrap_or_default(),
+        });
+        if let Err(e) = self.audit.record(&record).await {
+            tracing::error!(error = %e, "could not audit a refused delegation");
+        }
         let strict: Vec<LeaseId> = match parent {
             Some(p) if p.end_on_violation => vec![p.id.clone()],
             Some(_) => Vec::new(),
@@ -182,10 +209,6 @@ impl DelegationService {
         self.registry
             .end_for_violation(strict, &format!("delegation refused: {what}"))
             .await;
-        match parent {
-            None => DelegationError::NotHeld(what),
-            Some(_) => DelegationError::Lease(LeaseError::Refused(what)),
-        }
     }
 
     /// Creates a child lease from the caller's lease `parent` (a SPIFFE ID, or empty).
@@ -197,6 +220,7 @@ impl DelegationService {
     ) -> Result<Lease, DelegationError> {
         let parent = self.parent(holder, parent).await?;
         let limits = self.registry.limits().delegation;
+        let _admitting = self.admitting.lock().await;
         if parent.may_delegate > 0 {
             let live = self.registry.live_children(&parent.id);
             if live >= limits.max_children as usize {
@@ -214,17 +238,7 @@ impl DelegationService {
                     limits.rate.burst,
                     wait.as_millis() + 1
                 );
-                tracing::info!(event = "delegation_refused", lease_id = %parent.id, why = %what);
-                self.registry
-                    .end_for_violation(
-                        parent
-                            .end_on_violation
-                            .then(|| parent.id.clone())
-                            .into_iter()
-                            .collect(),
-                        &format!("delegation refused: {what}"),
-                    )
-                    .await;
+                self.refused(holder, Some(&parent), &what).await;
                 return Err(DelegationError::RateLimited(what));
             }
         }
@@ -237,7 +251,6 @@ impl DelegationService {
         ) {
             Ok(child) => child,
             Err(LeaseError::Refused(what)) => {
-                tracing::info!(event = "delegation_refused", lease_id = %parent.id, why = %what);
                 return Err(self.violation(holder, Some(&parent), what).await);
             }
             Err(e) => return Err(e.into()),

@@ -811,6 +811,18 @@ mod tests {
         let mut i = input();
         i.audiences = vec![String::new()];
         assert_eq!(field_of(validate_grant(i, &l, now, p())), "audiences");
+        let mut i = input();
+        i.max_delegation_depth = l.delegation.max_depth + 1;
+        assert_eq!(
+            field_of(validate_grant(i, &l, now, p())),
+            "max_delegation_depth"
+        );
+        let mut i = input();
+        i.max_delegation_depth = l.delegation.max_depth;
+        assert_eq!(
+            validate_grant(i, &l, now, p()).unwrap().may_delegate,
+            l.delegation.max_depth
+        );
     }
 
     #[test]

@@ -313,8 +313,19 @@ async fn the_narrowing_rules_are_refused_at_their_boundary_and_nothing_changes()
         assert_eq!(err.code(), code, "{request:?}: {err:?}");
         assert!(err.message().contains(says), "{says}: {}", err.message());
     }
-    // Nothing was created by any refusal.
+    // Nothing was created by any refusal, and each refusal by a rule is audited.
     assert_eq!(t.all_leases().await.len(), 1);
+    let refused = audit_events(&t.data_dir(), "delegation_refused");
+    assert_eq!(refused.len(), 9, "{refused:?}");
+    let by_rule = |rule: &str| {
+        refused
+            .iter()
+            .find(|r| r["reason"].as_str().unwrap().contains(rule))
+            .unwrap_or_else(|| panic!("no record for {rule}: {refused:?}"))
+    };
+    assert_eq!(by_rule("expires_at")["parent_lease_id"], root.lease_id);
+    assert_eq!(by_rule("nor a descendant")["uid"], my_uid());
+    assert!(by_rule("does not hold")["parent_lease_id"].is_null());
 
     // Just inside every boundary: accepted.
     let inside = dpb::DelegateRequest {
@@ -533,6 +544,50 @@ async fn policies_allow_deny_and_gate_delegations() {
     );
 }
 
+/// `mayfly policy check` answers for `delegate` as the agent would: the embedded policy permits
+/// it, and a request file's `workload` is the principal a policy sees.
+#[test]
+fn policy_check_dry_runs_delegations() {
+    let out = mayfly(&[
+        "policy",
+        "check",
+        "--action",
+        "delegate",
+        "--agent",
+        "executor",
+        "--audience",
+        "db",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("delegate"),
+        "{out:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), DELEGATION_POLICY).unwrap();
+    let request = dir.path().join("request.json");
+    let policy = dir.path().join("p.cedar");
+    for (depth, code) in [(1, 0), (2, 1)] {
+        std::fs::write(
+            &request,
+            format!(
+                r#"{{"action": "delegate", "workload": {{"spiffe_id": "spiffe://example.org/agent/planner", "depth": {depth}}},
+                    "resource": {{"agent": "executor"}}, "context": {{"audiences": ["db"]}}}}"#
+            ),
+        )
+        .unwrap();
+        let out = mayfly(&[
+            "policy",
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--request",
+            request.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(code), "depth {depth}: {out:?}");
+    }
+}
+
 /// The executor runs `mayfly delegate` itself: planner (this test) → executor (a shell) →
 /// tool (`mayfly svid watch`), each bound to its own process.
 #[tokio::test]
@@ -740,20 +795,26 @@ async fn the_planner_executor_example_runs() {
     };
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/planner-executor/run.sh");
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("bash")
-            .arg(script)
-            .env("MAYFLY", BIN)
-            .env("PYTHON", python)
-            .env_remove("SPIFFE_ENDPOINT_SOCKET")
-            .env_remove("MAYFLY_ADMIN_SOCKET")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the demo finished")
-    .unwrap();
+    // Its own process group: should it hang, the whole demo (agent and tool server too) goes.
+    let child = tokio::process::Command::new("bash")
+        .arg(script)
+        .env("MAYFLY", BIN)
+        .env("PYTHON", python)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .env_remove("MAYFLY_ADMIN_SOCKET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    let out = match tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            panic!("the demo did not finish within 120 s");
+        }
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::common::*;
+use mayfly::proto::admin as pb;
 
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const WAIT: Duration = Duration::from_secs(10);
@@ -556,5 +557,45 @@ async fn a_secret_whose_lease_ended_is_left_out_while_another_lease_goes_on() {
     let last = s.next().await;
     assert!(last.resources.is_empty());
     assert_eq!(s.end().await.code(), Code::PermissionDenied);
+    t.stop().await;
+}
+
+/// Issue 16: a lease granted with `end_on_violation` ends when its holder asks SDS for a SPIFFE
+/// ID it does not hold; a misspelt name or another trust domain is only refused.
+#[tokio::test]
+async fn asking_for_a_spiffe_id_not_held_ends_a_lease_that_ends_on_violation() {
+    let t = start().await;
+    let lease = t
+        .admin()
+        .await
+        .grant(pb::GrantRequest {
+            end_on_violation: true,
+            ..grant_request("sds-strict", "user/alice", HOUR)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for name in ["defualt", "spiffe://other.test"] {
+        let err = client(&t)
+            .await
+            .fetch_secrets(request(&[name], "", ""))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}");
+        assert_eq!(t.lease(&lease.lease_id).await.state, "active", "{name}");
+    }
+    let err = client(&t)
+        .await
+        .fetch_secrets(request(&["spiffe://example.org/nobody"], "", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let got = t.lease(&lease.lease_id).await;
+    assert_eq!(got.state, "revoked");
+    assert!(
+        got.end_reason.contains("scope violation") && got.end_reason.contains("nobody"),
+        "{}",
+        got.end_reason
+    );
     t.stop().await;
 }

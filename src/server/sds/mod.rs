@@ -138,6 +138,20 @@ struct Answer {
 }
 
 impl Inner {
+    /// Names refused because the caller does not hold them: asking for a SPIFFE ID it does not
+    /// hold is a scope violation (a trust domain or a misspelt alias is not).
+    async fn violation(&self, caller: &crate::selector::Selectors, refused: &[String]) {
+        let ids: Vec<&str> = refused
+            .iter()
+            .map(String::as_str)
+            .filter(|n| spiffe::SpiffeId::new(*n).is_ok_and(|id| !id.path().is_empty()))
+            .collect();
+        if !ids.is_empty() {
+            let what = format!("SDS: the caller does not hold {}", ids.join(", "));
+            self.source.scope_violation(caller, &what).await;
+        }
+    }
+
     fn answer(&self, names: &BTreeSet<String>, held: &Holdings, how: Validation) -> Answer {
         let own = self.source.trust_domain();
         let tds: Vec<String> = held
@@ -243,6 +257,8 @@ struct Driver {
     held: Holdings,
     /// The caller's identity is gone: the stream ends after the withdrawal.
     ended: bool,
+    /// The caller's selectors, for the leases a scope violation ends.
+    caller: crate::selector::Selectors,
     _open: StreamGuard,
 }
 
@@ -261,6 +277,7 @@ impl Driver {
                 Err(_) => Event::RequestsDone,
             })
             .chain(futures::stream::once(async { Event::RequestsDone }));
+        let caller = updates.selectors().clone();
         // `X509Updates::next` must not be dropped half way (it would lose a change), so it
         // runs as a stream of its own, merged with the others rather than raced against them.
         let svids = futures::stream::unfold(Some(updates), |updates| async move {
@@ -287,6 +304,7 @@ impl Driver {
             session: Session::default(),
             held,
             ended: false,
+            caller,
         }
     }
 
@@ -342,6 +360,7 @@ impl Driver {
                     .cloned()
                     .collect();
                 if !never.is_empty() {
+                    self.inner.violation(&self.caller, &never).await;
                     return Some(Err(Refusal::Unknown(never)));
                 }
             }
@@ -423,7 +442,7 @@ impl SecretDiscoveryService for Sds {
         let peer = peer(&request);
         let req = request.into_inner();
         let names = check_request(&req).map_err(status)?;
-        let (svids, _) = self
+        let (svids, updates) = self
             .inner
             .source
             .x509_svids(peer, "FetchSecrets")
@@ -439,6 +458,9 @@ impl SecretDiscoveryService for Sds {
         );
         let answer = self.inner.answer(&names, &held, how);
         if !answer.resolved.unknown.is_empty() {
+            self.inner
+                .violation(updates.selectors(), &answer.resolved.unknown)
+                .await;
             return Err(status(Refusal::Unknown(answer.resolved.unknown)));
         }
         // Unary: no version and no nonce.
