@@ -833,3 +833,52 @@ async fn the_planner_executor_example_runs() {
         assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
     }
 }
+
+#[tokio::test]
+async fn mayfly_delegate_passes_the_exit_status_on_and_starts_nothing_it_cannot_cover() {
+    let t = start().await;
+    grant_root(&t, "plan", 1, &[]).await;
+    let out = delegate_cmd(&t, "s", &["db"], &["sh", "-c", "exit 7"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    // A command that does not exist: 127, and no child lease.
+    let out = delegate_cmd(&t, "m", &["db"], &["/nonexistent/command"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    // A delegation the rules refuse: 125, the rule named, the command never run.
+    let marker = t.dir.path().join("ran");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "delegate",
+            "--task-id",
+            "w",
+            "--agent",
+            "executor",
+            "--ttl",
+            "5m",
+        ])
+        .args(["--audience", "db", "--max-delegation-depth", "3", "--"])
+        .args(["touch", marker.to_str().unwrap()])
+        .env("SPIFFE_ENDPOINT_SOCKET", t.endpoint())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_delegation_depth"),
+        "{out:?}"
+    );
+    assert!(!marker.exists(), "the command ran without a lease");
+    let children: Vec<pb::Lease> = t
+        .all_leases()
+        .await
+        .into_iter()
+        .filter(|l| !l.chain.is_empty())
+        .collect();
+    assert_eq!(children.len(), 1, "{children:?}");
+    assert_eq!(children[0].state, "completed");
+}

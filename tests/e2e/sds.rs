@@ -599,3 +599,58 @@ async fn asking_for_a_spiffe_id_not_held_ends_a_lease_that_ends_on_violation() {
     );
     t.stop().await;
 }
+
+/// Issue 16: ending a lease ends its descendants, and their SDS streams are told like a plain
+/// revoke's: the child's secret is withdrawn, then the stream ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delegated_lease_s_sds_stream_is_told_when_its_parent_ends() {
+    use mayfly::proto::delegation as dpb;
+    let t = start().await;
+    let root = t
+        .admin()
+        .await
+        .grant(pb::GrantRequest {
+            selectors: vec![
+                format!("unix:pid:{}", std::process::id()),
+                format!("unix:uid:{}", my_uid()),
+            ],
+            max_delegation_depth: 1,
+            ..grant_request("sds-root", "user/alice", HOUR)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A child bound to this very process, narrowed by its gid.
+    let mut delegate = tonic::Request::new(dpb::DelegateRequest {
+        task_id: "sds-child".into(),
+        agent: "executor".into(),
+        ttl: Some(mayfly::time::to_duration(Duration::from_secs(600))),
+        selectors: vec![
+            format!("unix:pid:{}", std::process::id()),
+            format!("unix:gid:{}", nix::unistd::getegid()),
+        ],
+        audiences: vec!["db".into()],
+        ..Default::default()
+    });
+    delegate
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let child = dpb::delegation_client::DelegationClient::new(
+        mayfly::cli::connect::unix_channel(&t.socket).await.unwrap(),
+    )
+    .delegate(delegate)
+    .await
+    .unwrap()
+    .into_inner();
+    let name = child.spiffe_id.as_str();
+    let mut s = SdsStream::ask(&t, &[name]).await;
+    let first = s.next().await;
+    assert_eq!(names(&first), [name]);
+    s.ack(&[name], &first).await;
+    t.revoke(&root.lease_id, "parent done").await;
+    let withdrawn = s.next().await;
+    assert!(secrets(&withdrawn).is_empty(), "{withdrawn:?}");
+    assert_eq!(s.end().await.code(), Code::PermissionDenied);
+    assert_eq!(t.lease(&child.lease_id).await.state, "parent_ended");
+    t.stop().await;
+}
