@@ -58,6 +58,15 @@ pub struct Holder {
     /// Its selectors with its own `unix:pid` binding replaced by its parent process's, if
     /// its parent could be read.
     through_parent: Option<Selectors>,
+    /// The caller's start time, with its pid: the process itself.
+    start_time: u64,
+}
+
+/// A lease the caller holds, and how.
+struct Held {
+    lease: Lease,
+    /// Held through the caller's parent process (not matched by the caller itself).
+    via_parent: bool,
 }
 
 impl Holder {
@@ -89,7 +98,14 @@ impl Holder {
             },
             selectors: att.selectors.clone(),
             through_parent,
+            start_time: att.start_time,
         }
+    }
+
+    /// Whether the process `(pid, start)` is one this caller started (a strict descendant).
+    fn started(&self, pid: i32, start: u64) -> bool {
+        let me = self.principal.pid.unwrap_or(0);
+        pid != me && crate::attest::is_descendant(pid, start, me, self.start_time)
     }
 }
 
@@ -123,28 +139,52 @@ impl DelegationService {
         }
     }
 
-    /// The active leases the caller holds, oldest first, without duplicates.
-    fn held(&self, holder: &Holder) -> Vec<Lease> {
-        let mut out: Vec<Lease> = Vec::new();
-        let sets = std::iter::once(&holder.selectors).chain(holder.through_parent.as_ref());
-        for set in sets {
+    /// The active leases the caller holds, oldest first, without duplicates: those it matches,
+    /// and (unless one of those is bound to the caller's own process, as a delegated
+    /// executor's is) those bound to its parent process.
+    fn held(&self, holder: &Holder) -> Vec<Held> {
+        let mut out: Vec<Held> = self
+            .registry
+            .matching(&holder.selectors)
+            .into_iter()
+            .map(|l| Held {
+                lease: Lease::clone(&l.lease),
+                via_parent: false,
+            })
+            .collect();
+        let me = (holder.principal.pid.unwrap_or(0), holder.start_time);
+        let bound_to_me = out
+            .iter()
+            .any(|h| h.lease.selectors.processes().any(|p| p == me));
+        if let (false, Some(set)) = (bound_to_me, &holder.through_parent) {
             for l in self.registry.matching(set) {
-                if !out.iter().any(|o| o.id == l.lease.id) {
-                    out.push(Lease::clone(&l.lease));
+                if !out.iter().any(|o| o.lease.id == l.lease.id) {
+                    out.push(Held {
+                        lease: Lease::clone(&l.lease),
+                        via_parent: true,
+                    });
                 }
             }
         }
         out
     }
 
-    /// The lease to delegate from: the one named (by SPIFFE ID), or the only one held.
-    async fn parent(&self, holder: &Holder, named: &str) -> Result<Lease, DelegationError> {
+    /// The lease to delegate from: the one named (by SPIFFE ID), or the only one held; and
+    /// whether the caller holds it through its parent process.
+    async fn parent(&self, holder: &Holder, named: &str) -> Result<Held, DelegationError> {
+        if named.len() > super::MAX_SPIFFE_ID_LEN
+            || (!named.is_empty() && spiffe::SpiffeId::new(named).is_err())
+        {
+            return Err(
+                LeaseError::invalid("parent", "must be a SPIFFE ID the caller holds").into(),
+            );
+        }
         let mut held = self.held(holder);
         if held.is_empty() {
             return Err(DelegationError::NoLease);
         }
         if !named.is_empty() {
-            held.retain(|l| l.spiffe_id.to_string() == named);
+            held.retain(|h| h.lease.spiffe_id.to_string() == named);
             return match held.len() {
                 0 => Err(self
                     .violation(holder, None, format!("the caller does not hold {named}"))
@@ -158,7 +198,7 @@ impl DelegationService {
             n => Err(DelegationError::Ambiguous(
                 n,
                 held.iter()
-                    .map(|l| l.spiffe_id.to_string())
+                    .map(|h| h.lease.spiffe_id.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
             )),
@@ -196,14 +236,20 @@ impl DelegationService {
         if let Err(e) = self.audit.record(&record).await {
             tracing::error!(error = %e, "could not audit a refused delegation");
         }
+        self.end_strict(holder, parent, what).await;
+    }
+
+    /// Ends, for a violation, the leases concerned that end on one: `parent`, or (`None`)
+    /// every lease the caller holds itself.
+    async fn end_strict(&self, holder: &Holder, parent: Option<&Lease>, what: &str) {
         let strict: Vec<LeaseId> = match parent {
             Some(p) if p.end_on_violation => vec![p.id.clone()],
             Some(_) => Vec::new(),
             None => self
                 .held(holder)
                 .into_iter()
-                .filter(|l| l.end_on_violation)
-                .map(|l| l.id)
+                .filter(|h| !h.via_parent && h.lease.end_on_violation)
+                .map(|h| h.lease.id)
                 .collect(),
         };
         self.registry
@@ -218,8 +264,25 @@ impl DelegationService {
         parent: &str,
         input: DelegateInput,
     ) -> Result<Lease, DelegationError> {
-        let parent = self.parent(holder, parent).await?;
+        let Held {
+            lease: parent,
+            via_parent,
+        } = self.parent(holder, parent).await?;
         let limits = self.registry.limits().delegation;
+        // Not a violation: a burst is retried, not anomalous use.
+        if parent.may_delegate > 0 {
+            if let Err(wait) = self.take(&parent.id, limits.rate) {
+                let what = format!(
+                    "rate: lease {} delegates at most {} a second ({} at once); try again in {} ms",
+                    parent.id,
+                    limits.rate.per_second,
+                    limits.rate.burst,
+                    wait.as_millis() + 1
+                );
+                tracing::info!(event = "delegation_refused", lease_id = %parent.id, why = %what);
+                return Err(DelegationError::RateLimited(what));
+            }
+        }
         let _admitting = self.admitting.lock().await;
         if parent.may_delegate > 0 {
             let live = self.registry.live_children(&parent.id);
@@ -229,17 +292,6 @@ impl DelegationService {
                     parent.id, limits.max_children
                 );
                 return Err(self.violation(holder, Some(&parent), what).await);
-            }
-            if let Err(wait) = self.take(&parent.id, limits.rate) {
-                let what = format!(
-                    "rate: lease {} delegates at most {} a second ({} at once); try again in {} ms",
-                    parent.id,
-                    limits.rate.per_second,
-                    limits.rate.burst,
-                    wait.as_millis() + 1
-                );
-                self.refused(holder, Some(&parent), &what).await;
-                return Err(DelegationError::RateLimited(what));
             }
         }
         let child = match validate_delegation(
@@ -255,6 +307,28 @@ impl DelegationService {
             }
             Err(e) => return Err(e.into()),
         };
+        // Acting for its parent process's lease, a caller (`mayfly delegate`) may bind children
+        // only to processes it started itself: not to the planner, nor to its siblings.
+        if via_parent {
+            if let Some((pid, start)) = child
+                .selectors
+                .processes()
+                .find(|&(pid, start)| !holder.started(pid, start))
+            {
+                let what = format!(
+                    "narrowing rule selectors: acting for the lease of its parent process, the caller may bind children only to processes it started; unix:pid:{pid}:{start} is not one"
+                );
+                return Err(self.violation(holder, Some(&parent), what).await);
+            }
+        }
+        // Never an identity a live lease holds already: a delegation names its own workload.
+        if let Some(holder_of) = self.registry.holder_of(&child.spiffe_id) {
+            let what = format!(
+                "narrowing rule spiffe_id: {} is held by lease {holder_of}; give the child its own agent or task ID",
+                child.spiffe_id
+            );
+            return Err(self.violation(holder, Some(&parent), what).await);
+        }
         let request = PolicyRequest {
             action: Action::Delegate,
             principal: Default::default(),
@@ -272,11 +346,10 @@ impl DelegationService {
         let decision = match judge(&self.policy, &self.audit, request, &child).await {
             Ok(d) => d,
             Err(why) => {
-                let what = format!("policy: {why}");
-                return Err(match self.violation(holder, Some(&parent), what).await {
-                    DelegationError::Lease(LeaseError::Refused(m)) => DelegationError::Denied(m),
-                    other => other,
-                });
+                // Audited as policy_denied already.
+                self.end_strict(holder, Some(&parent), &format!("policy: {why}"))
+                    .await;
+                return Err(DelegationError::Denied(why));
             }
         };
         let lease = match decision {
@@ -322,9 +395,16 @@ impl DelegationService {
         } else {
             vec![self.parent(holder, parent).await?]
         };
+        let me = holder.principal.pid;
+        // Through its parent process, a caller sees only the children it delegated itself.
         Ok(parents
             .iter()
-            .flat_map(|p| self.registry.children_of(&p.id))
+            .flat_map(|h| {
+                self.registry
+                    .children_of(&h.lease.id)
+                    .into_iter()
+                    .filter(move |c| !h.via_parent || c.granted_by.pid == me)
+            })
             .collect())
     }
 
@@ -342,15 +422,23 @@ impl DelegationService {
         if held.is_empty() {
             return Err(DelegationError::NoLease);
         }
-        let lease = self.registry.get(id).await?;
-        let Some(ancestor) = lease
-            .chain
-            .iter()
-            .find(|link| held.iter().any(|h| h.id == link.lease_id))
-        else {
-            return Err(DelegationError::NotHeld(format!(
+        // Only what the registry holds in memory (live and recently ended leases): a lease a
+        // caller can end is one of those, and an unknown ID reads nothing from the store.
+        let not_held = || {
+            DelegationError::NotHeld(format!(
                 "lease {id} was not delegated from a lease the caller holds"
-            )));
+            ))
+        };
+        let lease = self.registry.recent(id).ok_or_else(not_held)?;
+        // Held directly, any descendant; through the parent process, only the children the
+        // caller delegated itself.
+        let Some(ancestor) = lease.chain.iter().find(|link| {
+            held.iter().any(|h| {
+                h.lease.id == link.lease_id
+                    && (!h.via_parent || lease.granted_by.pid == holder.principal.pid)
+            })
+        }) else {
+            return Err(not_held());
         };
         let (state, why) = if completed {
             (LeaseState::Completed, "task completed".to_owned())

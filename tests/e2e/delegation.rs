@@ -413,33 +413,10 @@ async fn fan_out_and_rate_are_limited_per_parent() {
     d.delegate(req(child_request("c", vec![kids[2].selector()], &["db"])))
         .await
         .unwrap();
-    // Three delegations made (a refusal by fan-out takes none from the rate); with one more
-    // place freed, the fourth fits the burst of four and the fifth does not.
-    let end = |id: String| dpb::EndRequest {
-        lease_id: id,
-        reason: String::new(),
-        completed: true,
-    };
-    let live = d
-        .list(req(dpb::ListRequest::default()))
-        .await
-        .unwrap()
-        .into_inner();
-    let live: Vec<String> = live
-        .leases
-        .iter()
-        .filter(|l| l.state == "active")
-        .map(|l| l.lease_id.clone())
-        .collect();
-    assert_eq!(live.len(), 2);
-    let done = d.end(req(end(live[0].clone()))).await.unwrap().into_inner();
-    assert_eq!(done.state, "completed");
-    d.delegate(req(child_request("d", vec![kids[0].selector()], &["db"])))
-        .await
-        .unwrap();
-    d.end(req(end(live[1].clone()))).await.unwrap();
+    // Every request takes from the rate, refused ones too: the fifth in a row is past the
+    // burst of four.
     let err = d
-        .delegate(req(child_request("e", vec![kids[1].selector()], &["db"])))
+        .delegate(req(child_request("d", vec![kids[0].selector()], &["db"])))
         .await
         .unwrap_err();
     assert!(
@@ -881,4 +858,68 @@ async fn mayfly_delegate_passes_the_exit_status_on_and_starts_nothing_it_cannot_
         .collect();
     assert_eq!(children.len(), 1, "{children:?}");
     assert_eq!(children[0].state, "completed");
+}
+
+/// Review findings 1 and 2: an executor (bound to its own process) cannot act for the lease
+/// of the planner that started it, `mayfly delegate` acting for its parent's lease cannot bind
+/// a child to a process it did not start, and no child takes an identity a live lease holds.
+#[tokio::test]
+async fn acting_through_the_parent_process_is_held_to_what_that_process_started() {
+    let t = start().await;
+    let root = grant_root(&t, "plan", 2, &["db", "search"]).await;
+    // An executor that holds its own child lease asks, from inside it, for the planner's
+    // other audience: it holds only its own lease, which does not allow it.
+    let script = format!(
+        "{BIN} delegate --from {} --task-id wide --agent executor --ttl 1m --audience search -- true",
+        root.spiffe_id
+    );
+    let out = delegate_cmd(&t, "exec", &["db"], &["sh", "-c", &script])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not hold"),
+        "{out:?}"
+    );
+    assert_eq!(t.lease(&root.lease_id).await.state, "active");
+    // `mayfly delegate` (acting for this process's lease) asked to bind the child to a process
+    // it did not start, a sibling of its own: refused, and the command never runs.
+    let kid = Sleeper::start();
+    let marker = t.dir.path().join("sibling-ran");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "delegate",
+            "--task-id",
+            "other",
+            "--agent",
+            "executor",
+            "--ttl",
+            "1m",
+        ])
+        .args(["--audience", "db", "--selector", &kid.selector(), "--"])
+        .args(["touch", marker.to_str().unwrap()])
+        .env("SPIFFE_ENDPOINT_SOCKET", t.endpoint())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("processes it started"),
+        "{out:?}"
+    );
+    assert!(!marker.exists());
+    // An identity a live lease holds already: refused.
+    let mut d = delegation(&t).await;
+    let first = d
+        .delegate(req(child_request("same", vec![kid.selector()], &["db"])))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = d
+        .delegate(req(child_request("same", vec![kid.selector()], &["db"])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains(&first.lease_id), "{}", err.message());
 }

@@ -41,6 +41,24 @@ impl Leases {
         out
     }
 
+    /// A lease the registry holds in memory (live, or recently ended), without reading the
+    /// store.
+    pub fn recent(&self, id: &LeaseId) -> Option<Lease> {
+        self.get_cached(id)
+    }
+
+    /// The live (active or pending) lease that gives `spiffe_id`, if any.
+    pub fn holder_of(&self, spiffe_id: &spiffe::SpiffeId) -> Option<LeaseId> {
+        let inner = self.inner.read().expect("lease lock poisoned");
+        inner
+            .active
+            .values()
+            .map(|s| &*s.lease)
+            .chain(inner.pending.values().map(|(l, _)| l))
+            .find(|l| &l.spiffe_id == spiffe_id)
+            .map(|l| l.id.clone())
+    }
+
     /// A scope violation by a caller with these selectors: every lease it holds that ends on
     /// a violation is revoked now (its descendants with it), with `what` in the reason.
     /// Returns the leases ended.
@@ -56,7 +74,22 @@ impl Leases {
 
     /// Revokes `leases` (those that end on a violation) for a scope violation.
     pub async fn end_for_violation(&self, leases: Vec<LeaseId>, what: &str) -> Vec<LeaseId> {
-        let reason = format!("scope violation: {what}");
+        if leases.is_empty() {
+            return Vec::new();
+        }
+        // `what` may quote a caller: printable, and within a reason's bounds.
+        let mut reason: String = format!("scope violation: {what}")
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        if reason.len() > crate::lease::MAX_REASON_LEN {
+            let mut cut = crate::lease::MAX_REASON_LEN - 3;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+            reason.push_str("...");
+        }
         let mut ended = Vec::new();
         for id in leases {
             tracing::warn!(event = "scope_violation", lease_id = %id, what, "scope violation: ending the lease");

@@ -78,7 +78,40 @@ impl Leases {
             "lease held for approval"
         );
         self.park(lease.clone());
-        Ok(lease)
+        // Its parent may have ended while it was being written: it ends with it.
+        let orphans = self.end_orphans();
+        self.record_ends(&orphans).await;
+        Ok(orphans
+            .into_iter()
+            .find(|l| l.id == lease.id)
+            .unwrap_or(lease))
+    }
+
+    /// Ends, as `parent_ended`, every pending lease whose parent is no longer active (a parent
+    /// that ended while the child was being held, or while the agent was down).
+    pub(super) fn end_orphans(&self) -> Vec<Lease> {
+        let mut inner = self.inner.write().expect("lease lock poisoned");
+        let orphans: Vec<(LeaseId, LeaseId)> = inner
+            .pending
+            .values()
+            .filter_map(|(l, _)| {
+                let p = l.parent()?;
+                (!inner.active.contains_key(p)).then(|| (l.id.clone(), p.clone()))
+            })
+            .collect();
+        orphans
+            .into_iter()
+            .filter_map(|(id, parent)| {
+                let why = format!("delegated from lease {parent}, which is no longer active");
+                end_one(
+                    &mut inner,
+                    &id,
+                    LeaseState::ParentEnded,
+                    Principal::agent(),
+                    &why,
+                )
+            })
+            .collect()
     }
 
     /// Puts a pending lease aside with its approval deadline timer.

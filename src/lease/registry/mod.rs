@@ -171,7 +171,7 @@ impl Leases {
             .ok_or_else(|| LeaseError::NotFound(id.to_string()))
     }
 
-    fn get_cached(&self, id: &LeaseId) -> Option<Lease> {
+    pub(super) fn get_cached(&self, id: &LeaseId) -> Option<Lease> {
         let inner = self.inner.read().expect("lease lock poisoned");
         if let Some(slot) = inner.active.get(id) {
             return Some(Lease::clone(&slot.lease));

@@ -130,7 +130,8 @@ impl Leases {
             ended_now.push(lease);
         }
         // A child whose parent did not come back (it expired, say) ends with it.
-        let orphans = self.activate_all(active);
+        let mut orphans = self.activate_all(active);
+        orphans.extend(self.end_orphans());
         ended.sort_by_key(|l| l.ended_at);
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
