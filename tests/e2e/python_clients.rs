@@ -153,3 +153,8 @@ async fn raw_http2_with_a_real_hpack_encoder() {
 async fn python_orchestrator_on_the_admin_api() {
     check("admin").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcio_on_the_delegation_service() {
+    check("delegation").await;
+}

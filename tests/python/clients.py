@@ -16,7 +16,10 @@ CHECK is one of:
                     then a malformed header block that must cost only its own connection.
   admin             the admin API (Grant, Get, List, Renew, Revoke, Complete, errors) from a
                     Python client compiled at run time from proto/mayfly/admin/v1/admin.proto.
-  all               the four above in sequence, each in its own interpreter.
+  delegation        the Delegation service (Delegate, List, End, refusals) from grpcio stubs
+                    compiled at run time from proto/mayfly/delegation/v1/delegation.proto,
+                    this process holding the parent lease.
+  all               the five above in sequence, each in its own interpreter.
 
 Every lease a check grants is bound to this process (`unix:uid:<euid>` plus
 `unix:pid:<pid>`), so checks running concurrently against one agent never see each other's
@@ -177,6 +180,7 @@ class Admin:
         agent="pyclients",
         reason=None,
         track=True,
+        max_delegation_depth=0,
     ):
         req = self.pb.GrantRequest(
             task_id=task_id if task_id is not None else self.task_id(),
@@ -185,6 +189,7 @@ class Admin:
             selectors=list(selectors if selectors is not None else self.selectors()),
             audiences=list(audiences),
             reason=reason if reason is not None else f"clients.py {CHECK_NAME}",
+            max_delegation_depth=max_delegation_depth,
         )
         req.ttl.CopyFrom(self._dur(ttl))
         if svid_ttl is not None:
@@ -1098,6 +1103,60 @@ def check_raw_h2(args, admin):
 
 
 # ---------------------------------------------------------------------------------------------
+# Check: delegation
+# ---------------------------------------------------------------------------------------------
+
+
+def check_delegation(args, admin):
+    pb, pb_grpc = compile_proto("mayfly/delegation/v1/delegation.proto")
+    root = admin.grant(ttl=120, audiences=["db", "search"], max_delegation_depth=1)
+    channel = grpc.insecure_channel("unix:" + args.socket)
+    stub = pb_grpc.DelegationStub(channel)
+    header = [("workload.spiffe.io", "true")]
+    # The child is bound to a process this one started.
+    kid = subprocess.Popen(["sleep", "60"])
+    try:
+        def request(audiences, task="py-child"):
+            r = pb.DelegateRequest(task_id=admin.task_id(task), agent="py-executor",
+                                   selectors=[f"unix:pid:{kid.pid}"], audiences=audiences)
+            r.ttl.CopyFrom(admin._dur(60))
+            return r
+
+        expect_rpc_error(grpc.StatusCode.INVALID_ARGUMENT,
+                         lambda: stub.Delegate(request(["db"]), timeout=RPC_TIMEOUT),
+                         "Delegate without the security header")
+        e = expect_rpc_error(grpc.StatusCode.PERMISSION_DENIED,
+                             lambda: stub.Delegate(request(["mail"]), metadata=header,
+                                                   timeout=RPC_TIMEOUT),
+                             "Delegate for an audience the parent lacks")
+        ensure("audiences" in e.details(), f"the refusal names the rule: {e.details()}")
+        child = stub.Delegate(request(["db"]), metadata=header, timeout=RPC_TIMEOUT)
+        admin.granted.append(child.lease_id)
+        log(f"delegated lease {child.lease_id} spiffe_id={child.spiffe_id} state={child.state}")
+        ensure(child.state == "active", f"child state {child.state}")
+        ensure([l.lease_id for l in child.chain] == [root.lease_id], f"chain {child.chain}")
+        ensure(list(child.audiences) == ["db"], f"audiences {child.audiences}")
+        ensure(f"unix:pid:{kid.pid}:" in " ".join(child.selectors), f"selectors {child.selectors}")
+        listed = stub.List(pb.ListRequest(), metadata=header, timeout=RPC_TIMEOUT).leases
+        ensure([l.lease_id for l in listed] == [child.lease_id], f"List: {listed}")
+        ended = stub.End(pb.EndRequest(lease_id=child.lease_id, reason="py done"),
+                         metadata=header, timeout=RPC_TIMEOUT)
+        ensure(ended.state == "revoked" and "py done" in ended.end_reason,
+               f"End: {ended.state} {ended.end_reason}")
+        # Revoking the parent ends a second child with it.
+        second = stub.Delegate(request(["search"], "py-second"), metadata=header,
+                               timeout=RPC_TIMEOUT)
+        admin.granted.append(second.lease_id)
+        admin.revoke(root.lease_id)
+        ensure(admin.get(second.lease_id).state == "parent_ended", "the child ended with its parent")
+        log("delegation: delegate, refusals, list, end and cascade: ok")
+    finally:
+        kid.kill()
+        kid.wait()
+        channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
 
@@ -1106,6 +1165,7 @@ CHECKS = {
     "grpcio-authority": check_grpcio_authority,
     "raw-h2": check_raw_h2,
     "admin": check_admin,
+    "delegation": check_delegation,
 }
 
 
