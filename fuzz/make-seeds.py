@@ -233,6 +233,11 @@ write("store_record", "format-3-no-reason", bytes.fromhex("03" + fmt2[2:] + "00"
 fmt4 = "".join(re.findall(r'"([0-9a-f]+)"', re.search(r"const FROZEN_FORMAT_4: &str = concat!\((.*?)\);", src, re.S).group(1)))
 write("store_record", "format-4-delegated", bytes.fromhex(fmt4))
 write("store_record", "format-4-plain", bytes.fromhex("04" + fmt3[2:] + "00"))
+# Format 5: format 4 with the node and the remote callers (src/store/redb.rs, the frozen test).
+text = lambda t: "%02x" % len(t) + t.encode().hex()
+write("store_record", "format-5-plain", bytes.fromhex("05" + fmt4[2:] + "0000"))
+write("store_record", "format-5-remote", bytes.fromhex(
+    "05" + fmt4[2:] + "01" + text("node-a") + "01" + "01" + text("spiffe://example.org/orchestrator") + "0000"))
 rec = json.loads(fmt1)
 rec.pop("approval_deadline"), rec.pop("approved_at"), rec.pop("approved_by"), rec.pop("jwt_ttl_nanos")
 rec["state"], rec["ended_at"], rec["ended_by"] = "active", None, None

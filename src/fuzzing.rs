@@ -6,13 +6,13 @@ use crate::lease::{GrantInput, Lease};
 use crate::proto::admin as pb;
 use crate::store::{RedbError, RedbStore};
 
-/// A lease record as the store decodes it (`RedbStore::decode`): format 1 (JSON), 2 to 4
+/// A lease record as the stores decode it (`RedbStore::decode`): format 1 (JSON), 2 to 5
 /// (postcard), checked to hold the lease named by `key`.
 pub fn store_decode(store: &RedbStore, key: &str, bytes: &[u8]) -> Result<Lease, RedbError> {
     store.decode(key, bytes)
 }
 
-/// A lease as the store writes it now (format 4).
+/// A lease as the stores write it now (format 5).
 pub fn store_encode(store: &RedbStore, lease: &Lease) -> Result<Vec<u8>, RedbError> {
     store.encode(lease)
 }

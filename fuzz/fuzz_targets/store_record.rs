@@ -1,6 +1,6 @@
 //! Stored lease records as the redb store decodes them (`RedbStore::decode`: format 1 JSON,
-//! formats 2 to 4 postcard), for the key of the frozen records in the store's tests. Never a
-//! panic; a record that decodes is written back (format 4) to bytes that decode to a lease
+//! formats 2 to 5 postcard), for the key of the frozen records in the store's tests. Never a
+//! panic; a record that decodes is written back (format 5) to bytes that decode to a lease
 //! written the same way again.
 #![no_main]
 

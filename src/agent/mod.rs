@@ -17,10 +17,12 @@ use crate::audit::{Audit, AuditLog, AuditOptions, ReportingSink};
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
 use crate::authority::x509::{CaHandle, SigningCa};
 use crate::config::Config;
+use crate::config::StoreSettings;
+use crate::lease::LeaseStore;
 use crate::lease::{Durable, Leases};
 use crate::policy::PolicyEngine;
 use crate::server::health::HealthServer;
-use crate::store::RedbStore;
+use crate::store::{EtcdStore, RedbStore};
 use crate::svid::Manager;
 use crate::telemetry::{Metrics, Readiness, StateLabel};
 use prometheus_client::registry::Registry as PromRegistry;
@@ -36,6 +38,10 @@ pub enum StartError {
     Ca(#[from] crate::authority::x509::CaError),
     #[error("lease store: {0}")]
     Store(#[from] crate::store::RedbError),
+    #[error("lease store: {0}")]
+    Etcd(#[from] crate::store::EtcdError),
+    #[error("lease store: {0}")]
+    StoreOther(String),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("policies: {0}")]
@@ -68,6 +74,7 @@ pub struct Agent {
     pub registry: Arc<Leases>,
     pub manager: Arc<Manager>,
     audit: AuditLog,
+    etcd: Option<Arc<EtcdStore>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -125,26 +132,40 @@ impl Agent {
         // agent keeps the log itself to close it.
         let sink: Audit = ReportingSink::new(Arc::new(audit.clone()), readiness.clone());
         let started = std::time::Instant::now();
-        let store = Arc::new(RedbStore::open(&config.data_dir.join("leases.redb"))?);
-        let opened = started.elapsed();
-        let stored = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.load())
-                .await
-                .expect("loading leases")?
+        let (store, etcd): (Arc<dyn LeaseStore>, _) = match &config.store {
+            StoreSettings::Redb => (
+                Arc::new(RedbStore::open(&config.data_dir.join("leases.redb"))?),
+                None,
+            ),
+            StoreSettings::Etcd(settings) => {
+                let etcd = EtcdStore::connect(settings.clone(), &config.node_name).await?;
+                (etcd.clone(), Some(etcd))
+            }
         };
+        let opened = started.elapsed();
+        // Taken before the load: a change another agent makes meanwhile is not missed.
+        let changes = store.watch();
+        let stored = load_store(&store, &shutdown).await?;
         drop(ready_store);
         let registry = Leases::new(
             config.limits.clone(),
             Durable {
-                store,
+                store: store.clone(),
                 audit: sink.clone(),
                 metrics: metrics.clone(),
+                node: config.node_name.clone(),
             },
         );
         let loaded = started.elapsed();
         let count = stored.len();
         registry.restore(stored, config.retention).await;
+        registry.follow(changes);
+        tasks.spawn(report_store_health(
+            store.health(),
+            readiness.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(
             event = "store_loaded",
             leases = count,
@@ -344,6 +365,7 @@ impl Agent {
             registry,
             manager,
             audit,
+            etcd,
             shutdown,
             tasks,
         })
@@ -382,6 +404,9 @@ impl Agent {
         // Lease tasks stop (leases stay as stored); everything acknowledged is already
         // durable, and closing the audit log drains what is queued.
         self.registry.close().await;
+        if let Some(etcd) = &self.etcd {
+            etcd.close();
+        }
         self.audit.close().await;
         tracing::info!(event = "agent_stopped", "mayfly agent stopped");
     }
@@ -389,6 +414,66 @@ impl Agent {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.wait().await;
+    }
+}
+
+/// Reads every lease from the store. A shared store that does not answer yet is asked again
+/// until it does (the agent is not ready meanwhile); the embedded store's failure is final.
+async fn load_store(
+    store: &Arc<dyn LeaseStore>,
+    shutdown: &CancellationToken,
+) -> Result<Vec<Arc<crate::lease::Lease>>, StartError> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let s = store.clone();
+        let loaded = tokio::task::spawn_blocking(move || s.load())
+            .await
+            .expect("loading leases");
+        match loaded {
+            Ok(stored) => return Ok(stored),
+            Err(e) if store.shared() && !shutdown.is_cancelled() => {
+                tracing::warn!(event = "store_unreachable", error = %e, retry_in = ?wait, "cannot read the lease store yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(match e {
+                    crate::lease::StoreError::Failed(e) => {
+                        match e.downcast::<crate::store::RedbError>() {
+                            Ok(e) => StartError::Store(*e),
+                            Err(e) => StartError::StoreOther(e.to_string()),
+                        }
+                    }
+                    other => StartError::StoreOther(other.to_string()),
+                })
+            }
+        }
+    }
+}
+
+/// Readiness and metrics follow the store's health: not ready while it is stale.
+async fn report_store_health(
+    mut health: tokio::sync::watch::Receiver<crate::lease::StoreHealth>,
+    readiness: Arc<Readiness>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let h = *health.borrow_and_update();
+        metrics.store_reachable.set(h.reachable as i64);
+        metrics.store_stale.set(h.stale as i64);
+        readiness.set_failing(
+            "lease store",
+            h.stale.then(|| {
+                "not heard from the shared lease store for longer than store.max_staleness: \
+                 issuing nothing"
+                    .to_string()
+            }),
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = health.changed() => if changed.is_err() { return },
+        }
     }
 }
 

@@ -128,6 +128,9 @@ pub struct Principal<'a> {
     pub gid: u32,
     pub pid: Option<i32>,
     pub user: Option<&'a str>,
+    /// A remote admin caller's certificate identity (absent for a local caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<&'a str>,
 }
 
 /// A lease as its records show it, and why it changed.
@@ -238,6 +241,7 @@ mod tests {
             gid: 0,
             pid: None,
             user: None,
+            spiffe_id: None,
         };
         let change = |reason| LeaseChange {
             what: "revoked",

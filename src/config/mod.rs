@@ -54,6 +54,38 @@ pub struct FileConfig {
     pub sds: SdsSection,
     #[serde(default)]
     pub delegation: DelegationSection,
+    #[serde(default)]
+    pub store: StoreSection,
+    /// This node's name: what a lease bound to a process here records, and (on a shared
+    /// store) the key range only this agent reads. Default: `kubernetes.node_name`, then
+    /// `$NODE_NAME`, then the host name.
+    pub node_name: Option<String>,
+}
+
+/// Where leases live: `kind = "redb"` (the default, under the data dir) or `"etcd"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub kind: Option<String>,
+    pub endpoints: Option<Vec<String>>,
+    /// Default `/mayfly/`.
+    pub prefix: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Defaults 2s and 2s.
+    pub dial_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    /// Default 5s.
+    pub max_staleness: Option<String>,
+}
+
+/// Where this agent keeps its leases.
+#[derive(Clone, Debug)]
+pub enum StoreSettings {
+    /// `leases.redb` under the data dir.
+    Redb,
+    Etcd(crate::store::EtcdSettings),
 }
 
 /// Delegation limits (the Delegation service on the workload socket).
@@ -226,6 +258,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub policy: crate::policy::PolicySource,
     pub approval_timeout: Duration,
+    pub store: StoreSettings,
+    pub node_name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +374,80 @@ pub fn client_socket(
     } else {
         mine
     }
+}
+
+/// The `[store]` section, checked.
+fn store_settings(errors: &mut Vec<String>, st: &StoreSection) -> StoreSettings {
+    let etcd_only = [
+        ("endpoints", st.endpoints.is_some()),
+        ("prefix", st.prefix.is_some()),
+        ("ca_file", st.ca_file.is_some()),
+        ("cert_file", st.cert_file.is_some()),
+        ("key_file", st.key_file.is_some()),
+        ("dial_timeout", st.dial_timeout.is_some()),
+        ("request_timeout", st.request_timeout.is_some()),
+        ("max_staleness", st.max_staleness.is_some()),
+    ];
+    match st.kind.as_deref().unwrap_or("redb") {
+        "redb" => {
+            for (key, set) in etcd_only {
+                if set {
+                    errors.push(format!("store.{key}: only for kind = \"etcd\""));
+                }
+            }
+            StoreSettings::Redb
+        }
+        "etcd" => {
+            let endpoints = st.endpoints.clone().unwrap_or_default();
+            if endpoints.is_empty() {
+                errors.push("store.endpoints: name at least one etcd endpoint".into());
+            }
+            for e in &endpoints {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    errors.push(format!("store.endpoints: {e:?} is not http:// or https://"));
+                }
+            }
+            let prefix = st.prefix.clone().unwrap_or_else(|| "/mayfly/".into());
+            if !prefix.ends_with('/') {
+                errors.push(format!("store.prefix {prefix:?}: must end with '/'"));
+            }
+            if st.cert_file.is_some() != st.key_file.is_some() {
+                errors.push("store.cert_file and store.key_file go together".into());
+            }
+            let timeout = |errors: &mut Vec<String>, key: &str, v: &Option<String>, d: u64| {
+                let t = duration(errors, key, v.as_deref(), Duration::from_secs(d));
+                if t < Duration::from_millis(100) {
+                    errors.push(format!("{key}: must be at least 100ms"));
+                }
+                t
+            };
+            let settings = crate::store::EtcdSettings {
+                endpoints,
+                prefix,
+                ca_file: st.ca_file.clone(),
+                cert_file: st.cert_file.clone(),
+                key_file: st.key_file.clone(),
+                dial_timeout: timeout(errors, "store.dial_timeout", &st.dial_timeout, 2),
+                request_timeout: timeout(errors, "store.request_timeout", &st.request_timeout, 2),
+                max_staleness: timeout(errors, "store.max_staleness", &st.max_staleness, 5),
+            };
+            if settings.max_staleness < settings.request_timeout {
+                errors.push("store.max_staleness: must be at least store.request_timeout".into());
+            }
+            StoreSettings::Etcd(settings)
+        }
+        other => {
+            errors.push(format!("store.kind {other:?}: \"redb\" or \"etcd\""));
+            StoreSettings::Redb
+        }
+    }
+}
+
+/// The kernel's host name (the default node name).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn duration(
@@ -631,6 +739,32 @@ impl Config {
                 .ok(),
         };
 
+        let store = store_settings(&mut errors, &file.store);
+        let node_name = file
+            .node_name
+            .clone()
+            .or_else(|| file.kubernetes.node_name.clone())
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(host_name);
+        if node_name.is_empty()
+            || node_name.len() > 253
+            || !node_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            errors.push(format!(
+                "node_name {node_name:?}: 1 to 253 letters, digits, '-', '.' or '_'"
+            ));
+        }
+        if matches!(store, StoreSettings::Etcd(_)) && file.ca.cert_file.is_none() {
+            errors.push(
+                "store.kind = \"etcd\" needs [ca] cert_file and key_file: agents sharing leases \
+                 must sign under one trust bundle (for example one intermediate per node under \
+                 one root, see deploy/cert-manager/), not each its own embedded CA"
+                    .into(),
+            );
+        }
+
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -680,6 +814,8 @@ impl Config {
                 schema_file: file.policy.schema,
             },
             approval_timeout,
+            store,
+            node_name,
         })
     }
 }

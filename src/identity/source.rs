@@ -56,6 +56,10 @@ pub enum IdentityError {
     InvalidToken(String),
     #[error("agent shutting down")]
     ShuttingDown,
+    /// This agent has not heard its shared lease store for too long to know of revocations:
+    /// it issues nothing until it does.
+    #[error("lease store out of reach for longer than store.max_staleness: no identity issued until it answers")]
+    StoreStale,
 }
 
 /// One trust domain's X.509 roots.
@@ -124,6 +128,9 @@ impl IdentitySource {
 
     /// Refuses a caller that holds no identity; the denial is logged and audited.
     pub async fn deny(&self, rpc: &'static str, att: &Attestation) -> IdentityError {
+        if self.parts.registry.suspended() {
+            return IdentityError::StoreStale;
+        }
         tracing::info!(
             event = "request_denied",
             rpc,
@@ -353,7 +360,10 @@ async fn attest_unix(
 /// Ends what a caller follows once it no longer holds any identity (its lease ended). Not
 /// audited per stream: the lease's end is the audited event, and one revocation can close
 /// thousands of streams.
-fn ended(rpc: &'static str, att: &Attestation) -> IdentityError {
+fn ended(rpc: &'static str, att: &Attestation, registry: &Leases) -> IdentityError {
+    if registry.suspended() {
+        return IdentityError::StoreStale;
+    }
     tracing::debug!(
         event = "stream_ended",
         rpc,
@@ -394,7 +404,7 @@ impl X509Updates {
             // Telling a caller its identity is gone needs no attestation, and must not wait
             // for one: with a thousand streams on one lease, this is the fan-out.
             if !self.watcher.holds_any() {
-                return Err(ended(self.rpc, &self.att));
+                return Err(ended(self.rpc, &self.att, &self.source.parts.registry));
             }
             // The process may have exec'd something else since it opened the stream: attest
             // again before handing it anything new. Boxed, like `current` below: the stream
@@ -411,7 +421,7 @@ impl X509Updates {
             self.att = now;
             let svids = Box::pin(self.watcher.current()).await?;
             if svids.is_empty() {
-                return Err(ended(self.rpc, &self.att));
+                return Err(ended(self.rpc, &self.att, &self.source.parts.registry));
             }
             let serials = serials(&svids);
             if serials != self.sent {
@@ -443,7 +453,7 @@ impl BundleUpdates {
                 _ = self.source.parts.shutdown.cancelled() => return Err(IdentityError::ShuttingDown),
                 _ = self.leases.changed() => {
                     if !self.source.parts.registry.matches_any(&self.att.selectors) {
-                        return Err(ended(self.rpc, &self.att));
+                        return Err(ended(self.rpc, &self.att, &self.source.parts.registry));
                     }
                 }
                 // The sender goes only with the agent.

@@ -92,6 +92,7 @@ impl Holder {
         Holder {
             principal: Principal {
                 uid: att.uid,
+                spiffe_id: None,
                 gid: att.gid,
                 pid: Some(att.pid),
                 user: None,

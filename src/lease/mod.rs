@@ -17,7 +17,7 @@ pub use narrow::{validate_delegation, DelegateInput};
 pub use rate::Budget;
 pub use registry::{ActiveLease, Changes, Durable, Leases};
 pub use service::{Admitted, Allowlist, Caller, TaskError, TaskService};
-pub use store::{LeaseStore, StoreChange, StoreError, StoreWatch};
+pub use store::{LeaseStore, StoreChange, StoreError, StoreHealth, StoreWatch};
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -124,13 +124,17 @@ impl fmt::Display for LeaseState {
     }
 }
 
-/// An authenticated caller of the admin API, from its socket's peer credentials.
+/// An authenticated caller of the admin API: from its socket's peer credentials, or (on the
+/// remote admin API) from its client certificate, whose SPIFFE ID (or subject name) it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
     pub user: Option<String>,
+    /// A remote caller's identity: the SPIFFE ID of its X.509-SVID, or `cn:NAME` for a
+    /// certificate from an operator CA without one. `None` for a local caller.
+    pub spiffe_id: Option<String>,
 }
 
 impl Principal {
@@ -141,6 +145,29 @@ impl Principal {
             gid: rustix::process::getegid().as_raw(),
             pid: Some(std::process::id() as i32),
             user: Some("mayfly-agent".to_owned()),
+            spiffe_id: None,
+        }
+    }
+
+    /// A caller of the remote admin API, known by its certificate alone: no uid, gid or pid
+    /// (uid and gid are `u32::MAX`, which no local caller has).
+    pub fn remote(identity: String) -> Self {
+        Principal {
+            uid: u32::MAX,
+            gid: u32::MAX,
+            pid: None,
+            user: None,
+            spiffe_id: Some(identity),
+        }
+    }
+
+    /// Whether two principals are the same party (for four eyes): the same remote identity,
+    /// or the same local uid.
+    pub fn same_party(&self, other: &Principal) -> bool {
+        match (&self.spiffe_id, &other.spiffe_id) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.uid == other.uid,
+            _ => false,
         }
     }
 }
@@ -183,6 +210,14 @@ pub struct Lease {
     /// A scope violation by a process holding it (an audience, identity or delegation it was
     /// refused) ends it at once, revoked.
     pub end_on_violation: bool,
+    /// The node a lease bound to a process (`unix:pid`) belongs to: only that node's agent
+    /// matches it, and on a shared store only that node reads it. `None` for a lease any node
+    /// may serve.
+    pub node: Option<String>,
+    /// How many times the store has written this lease, as this agent last saw it: what a
+    /// shared store compares before it takes a change, so that two agents cannot both move
+    /// the lease from one state. Not stored in the record; 0 for a lease never written.
+    pub revision: u64,
 }
 
 /// One ancestor in a delegation chain.
@@ -350,6 +385,10 @@ pub enum LeaseError {
     /// The change could not be made durable (audit log or lease store), so it was refused.
     #[error("{0}")]
     Unavailable(String),
+    /// Another agent sharing the lease store changed the lease first; nothing was changed
+    /// here. Asking again acts on the lease as it is now.
+    #[error("{0}")]
+    Changed(String),
 }
 
 impl LeaseError {
@@ -667,6 +706,9 @@ pub fn validate_grant(
         chain: Vec::new(),
         may_delegate: input.max_delegation_depth,
         end_on_violation: input.end_on_violation,
+        // Set by the registry, which knows the node, for a lease bound to a process.
+        node: None,
+        revision: 0,
     })
 }
 

@@ -212,6 +212,9 @@ pub fn validate_delegation(
         chain,
         may_delegate,
         end_on_violation: parent.end_on_violation || input.end_on_violation,
+        // Set by the registry, which knows the node, for a lease bound to a process.
+        node: None,
+        revision: 0,
     })
 }
 

@@ -72,6 +72,7 @@ impl Caller {
         Caller {
             principal: Principal {
                 uid: att.uid,
+                spiffe_id: None,
                 gid: att.gid,
                 pid: Some(att.pid),
                 user,

@@ -1,6 +1,7 @@
-//! The lease-store port: where the registry makes leases durable, and where it reads them back
-//! at start-up. The embedded redb store (`crate::store::redb`) implements it; a store shared by
-//! many nodes will too, and `crate::store::memory` serves tests.
+//! The lease-store port: where the registry makes leases durable, where it reads them back at
+//! start-up, and (for a store shared by many nodes) how it hears of changes made elsewhere.
+//! The embedded redb store (`crate::store::redb`) and the etcd store (`crate::store::etcd`)
+//! implement it; `crate::store::memory` serves tests.
 //!
 //! Calls block until the change is durable, so the registry makes them on the blocking pool.
 
@@ -18,6 +19,10 @@ pub enum StoreChange {
     Put(Arc<Lease>),
     /// The lease was deleted by compaction.
     Removed(LeaseId),
+    /// The watch lost its place (the store compacted the history it would resume from):
+    /// every lease in the store now. A lease the watcher holds that is not among them was
+    /// deleted.
+    Reloaded(Arc<Vec<Arc<Lease>>>),
 }
 
 /// Changes committed to a store from the moment of [`LeaseStore::watch`] on. A watcher that
@@ -29,18 +34,50 @@ pub const WATCH_CAPACITY: usize = 1024;
 
 /// A store failure, with the store's own description of what went wrong.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct StoreError(Box<dyn std::error::Error + Send + Sync>);
+pub enum StoreError {
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+    /// Nothing was written: another agent sharing the store changed these leases since this
+    /// one read them (their `revision` moved on). They are here as the store holds them now.
+    #[error("{} changed on another node since this agent read {}", conflict_names(.0), if .0.len() == 1 { "it" } else { "them" })]
+    Conflict(Vec<Arc<Lease>>),
+}
+
+fn conflict_names(leases: &[Arc<Lease>]) -> String {
+    let ids: Vec<String> = leases.iter().map(|l| format!("lease {}", l.id)).collect();
+    ids.join(", ")
+}
 
 impl StoreError {
     pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        StoreError(Box::new(e))
+        StoreError::Failed(Box::new(e))
     }
 
     /// The store's own error, for callers that know which store they hold.
     pub fn source_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        &*self.0
+        match self {
+            StoreError::Failed(e) => &**e,
+            conflict => conflict,
+        }
     }
+}
+
+/// How well this agent hears its store. An embedded store is always both; a shared store
+/// that has not answered for its `max_staleness` is stale: this agent may have missed a
+/// revocation, so it issues nothing until it hears again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// The last request (or watch message) succeeded.
+    pub reachable: bool,
+    /// Nothing heard for longer than the store's `max_staleness`.
+    pub stale: bool,
+}
+
+impl StoreHealth {
+    pub const FINE: StoreHealth = StoreHealth {
+        reachable: true,
+        stale: false,
+    };
 }
 
 /// Where leases live. Every method blocks until done; writes are durable when they return.
@@ -70,4 +107,15 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// Changes committed from now on, by this agent or (for a shared store) any other.
     fn watch(&self) -> StoreWatch;
+
+    /// Whether this agent hears its store, now and as it changes.
+    fn health(&self) -> tokio::sync::watch::Receiver<StoreHealth> {
+        // The sender goes at once: a receiver whose health never changes.
+        tokio::sync::watch::channel(StoreHealth::FINE).1
+    }
+
+    /// Whether other agents share this store (and their changes arrive through `watch`).
+    fn shared(&self) -> bool {
+        false
+    }
 }

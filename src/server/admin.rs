@@ -76,6 +76,7 @@ fn status(e: TaskError) -> Status {
             LeaseError::NotFound(_) => Status::not_found(e.to_string()),
             LeaseError::NotActive { .. } => Status::failed_precondition(e.to_string()),
             LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
+            LeaseError::Changed(_) => Status::aborted(e.to_string()),
             LeaseError::SelfApproval(_) | LeaseError::Refused(_) => {
                 Status::permission_denied(e.to_string())
             }
@@ -126,6 +127,7 @@ fn principal(p: &Principal) -> pb::Principal {
         gid: p.gid,
         pid: p.pid.unwrap_or(0),
         user: p.user.clone().unwrap_or_default(),
+        spiffe_id: p.spiffe_id.clone().unwrap_or_default(),
     }
 }
 

@@ -66,6 +66,7 @@ impl DelegationApi {
         match e {
             DelegationError::NoLease => match self.source.deny(rpc, att).await {
                 IdentityError::NoIdentity => Status::permission_denied(e.to_string()),
+                other @ IdentityError::StoreStale => Status::unavailable(other.to_string()),
                 other => Status::permission_denied(other.to_string()),
             },
             DelegationError::Lease(ref l) => match l {
@@ -73,6 +74,7 @@ impl DelegationApi {
                 LeaseError::NotFound(_) => Status::not_found(e.to_string()),
                 LeaseError::NotActive { .. } => Status::failed_precondition(e.to_string()),
                 LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
+                LeaseError::Changed(_) => Status::aborted(e.to_string()),
                 LeaseError::Refused(_) | LeaseError::SelfApproval(_) => {
                     Status::permission_denied(e.to_string())
                 }

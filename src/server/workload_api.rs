@@ -47,7 +47,8 @@ fn status(e: IdentityError) -> Status {
         IdentityError::NotAttested(_)
         | IdentityError::Audit(_)
         | IdentityError::Signing(_)
-        | IdentityError::ShuttingDown => Status::unavailable(e.to_string()),
+        | IdentityError::ShuttingDown
+        | IdentityError::StoreStale => Status::unavailable(e.to_string()),
     }
 }
 

@@ -1,5 +1,7 @@
 //! A lease store in memory: nothing survives the process. For tests of everything above the
-//! store, and as the reference the store contract tests hold every other store to.
+//! store, and as the reference the store contract tests hold every other store to. Made with
+//! [`MemoryStore::shared`], it checks revisions as a store shared by many agents does, so
+//! that two registries on one of them behave as two nodes on etcd.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,8 @@ pub struct MemoryStore {
     changes: broadcast::Sender<StoreChange>,
     /// While set, every write fails (a full disk, an unreachable cluster).
     failing: Mutex<Option<String>>,
+    /// Writes compare each lease's revision with the stored one (see [`MemoryStore::shared`]).
+    shared: bool,
 }
 
 /// What a failing [`MemoryStore`] answers.
@@ -28,6 +32,7 @@ impl Default for MemoryStore {
             leases: Mutex::new(HashMap::new()),
             changes: broadcast::channel(WATCH_CAPACITY).0,
             failing: Mutex::new(None),
+            shared: false,
         }
     }
 }
@@ -35,6 +40,15 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A store that takes a write only if every lease in it is at the revision stored, as
+    /// the etcd store does for agents sharing it.
+    pub fn shared() -> Arc<Self> {
+        Arc::new(MemoryStore {
+            shared: true,
+            ..Self::default()
+        })
     }
 
     /// From now on every write fails with `why` (`None`: writes succeed again).
@@ -53,8 +67,33 @@ impl MemoryStore {
 impl LeaseStore for MemoryStore {
     fn put_all(&self, leases: &[Lease]) -> Result<(), StoreError> {
         self.check()?;
-        let stored: Vec<Arc<Lease>> = leases.iter().cloned().map(Arc::new).collect();
         let mut map = self.leases.lock().expect("memory store poisoned");
+        if self.shared {
+            let moved: Vec<Arc<Lease>> = leases
+                .iter()
+                .filter_map(|l| {
+                    let now = map.get(&l.id);
+                    (now.map_or(0, |n| n.revision) != l.revision).then(|| now.cloned())?
+                })
+                .collect();
+            if !moved.is_empty()
+                || leases
+                    .iter()
+                    .any(|l| l.revision > 0 && !map.contains_key(&l.id))
+            {
+                return Err(StoreError::Conflict(moved));
+            }
+        }
+        let stored: Vec<Arc<Lease>> = leases
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                if self.shared {
+                    l.revision += 1;
+                }
+                Arc::new(l)
+            })
+            .collect();
         for lease in &stored {
             map.insert(lease.id.clone(), lease.clone());
         }
@@ -94,5 +133,9 @@ impl LeaseStore for MemoryStore {
 
     fn watch(&self) -> StoreWatch {
         self.changes.subscribe()
+    }
+
+    fn shared(&self) -> bool {
+        self.shared
     }
 }

@@ -1,11 +1,14 @@
 //! Implementations of the lease-store port (`crate::lease::LeaseStore`): the embedded redb
-//! store under the data dir (`redb`), the default, and one in memory for tests (`memory`).
+//! store under the data dir (`redb`), the default; etcd, shared by many nodes (`etcd`); and
+//! one in memory for tests (`memory`).
 
+pub mod etcd;
 pub mod memory;
 mod record;
 pub mod redb;
 pub mod reserve;
 
+pub use self::etcd::{EtcdError, EtcdSettings, EtcdStore};
 pub use self::memory::MemoryStore;
 pub use self::redb::{RedbError, RedbStore};
 

@@ -1,5 +1,6 @@
-//! The lease record as redb stores it: a private, versioned copy of [`Lease`], so that the
-//! in-memory model can change without silently changing what is on disk.
+//! The lease record as the stores keep it (redb on disk, etcd as key values): a private,
+//! versioned copy of [`Lease`], so that the in-memory model can change without silently
+//! changing what is stored.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +12,7 @@ use crate::selector::Selector;
 
 /// The record format written by this version. Bump it (and keep reading the old one) whenever the
 /// meaning of a field or the encoding changes.
-pub(super) const FORMAT_VERSION: u32 = 4;
+pub(super) const FORMAT_VERSION: u32 = 5;
 
 /// Format 1: the record as JSON.
 pub(super) const FORMAT_JSON: u32 = 1;
@@ -21,6 +22,9 @@ pub(super) const FORMAT_2: u32 = 2;
 
 /// Format 3: postcard, as format 4 without its last field (`delegation`).
 pub(super) const FORMAT_3: u32 = 3;
+
+/// Format 4: postcard, as format 5 without its last two fields (`node`, `remote`).
+pub(super) const FORMAT_4: u32 = 4;
 
 /// JWT TTL of leases stored before leases had one.
 pub(super) const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
@@ -71,6 +75,22 @@ pub(super) struct LeaseRecord {
     /// was not delegated, delegates nothing and does not end on a violation.
     #[serde(default)]
     pub(super) delegation: Option<DelegationRecord>,
+    /// Added in format 5; absent means a lease of no particular node.
+    #[serde(default)]
+    pub(super) node: Option<String>,
+    /// Added in format 5; absent (and `None` when all three are local callers) means no
+    /// remote caller granted, approved or ended the lease.
+    #[serde(default)]
+    pub(super) remote: Option<RemoteRecord>,
+}
+
+/// The identities of remote admin callers (their certificates' SPIFFE IDs or names).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RemoteRecord {
+    pub(super) granted_by: Option<String>,
+    pub(super) ended_by: Option<String>,
+    pub(super) approved_by: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -138,6 +158,17 @@ impl From<&Lease> for LeaseRecord {
                     end_on_violation: l.end_on_violation,
                 },
             ),
+            node: l.node.clone(),
+            remote: {
+                let id = |p: Option<&Principal>| p.and_then(|p| p.spiffe_id.clone());
+                let r = RemoteRecord {
+                    granted_by: id(Some(&l.granted_by)),
+                    ended_by: id(l.ended_by.as_ref()),
+                    approved_by: id(l.approved_by.as_ref()),
+                };
+                (r.granted_by.is_some() || r.ended_by.is_some() || r.approved_by.is_some())
+                    .then_some(r)
+            },
         }
     }
 }
@@ -165,6 +196,14 @@ impl LeaseRecord {
                 d.may_delegate,
                 d.end_on_violation,
             ),
+        };
+        let (granted_id, ended_id, approved_id) = match self.remote {
+            None => (None, None, None),
+            Some(r) => (r.granted_by, r.ended_by, r.approved_by),
+        };
+        let principal = |p: PrincipalRecord, id: Option<String>| Principal {
+            spiffe_id: id,
+            ..Principal::from(p)
         };
         Ok(Lease {
             chain,
@@ -197,8 +236,8 @@ impl LeaseRecord {
                 .collect::<Result<_, _>>()?,
             audiences: self.audiences,
             reason: self.reason,
-            granted_by: self.granted_by.into(),
-            ended_by: self.ended_by.map(Principal::from),
+            granted_by: principal(self.granted_by, granted_id),
+            ended_by: self.ended_by.map(|p| principal(p, ended_id)),
             approval_deadline: self
                 .approval_deadline
                 .map(|n| time("approval_deadline", n))
@@ -207,10 +246,82 @@ impl LeaseRecord {
                 .approved_at
                 .map(|n| time("approved_at", n))
                 .transpose()?,
-            approved_by: self.approved_by.map(Principal::from),
+            approved_by: self.approved_by.map(|p| principal(p, approved_id)),
             end_reason: self.end_reason.unwrap_or_default(),
+            node: self.node,
+            revision: 0,
         })
     }
+}
+
+/// A lease in the current format (postcard).
+pub(super) fn encode(lease: &Lease) -> Result<Vec<u8>, String> {
+    postcard::to_stdvec(&LeaseRecord::from(lease)).map_err(|e| e.to_string())
+}
+
+/// A lease stored under `key` (its ID), in any format this agent reads; why not, if it is not.
+pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<Lease, String> {
+    // A version this agent knows in the other encoding is damage, not a newer format.
+    let unknown = |v: u32| match v {
+        FORMAT_JSON => format!("format version {v} in binary (format {v} is JSON)"),
+        FORMAT_2 | FORMAT_3 | FORMAT_4 | FORMAT_VERSION => {
+            format!("format version {v} in JSON (format {v} is binary)")
+        }
+        _ => format!(
+            "unknown format version {v} (this agent reads {FORMAT_JSON} to {FORMAT_VERSION})"
+        ),
+    };
+    let record = if bytes.first() == Some(&b'{') {
+        // Parsed once; only a record that fails is parsed again for its version alone, so
+        // that a future format is reported as such rather than as whatever field it lacks.
+        match serde_json::from_slice::<LeaseRecord>(bytes) {
+            Ok(record) if record.v == FORMAT_JSON => record,
+            Ok(record) => return Err(unknown(record.v)),
+            Err(e) => {
+                return Err(match serde_json::from_slice::<Version>(bytes) {
+                    Ok(version) if version.v != FORMAT_JSON => unknown(version.v),
+                    Ok(_) => format!("invalid record: {e}"),
+                    Err(e) => format!("invalid JSON: {e}"),
+                })
+            }
+        }
+    } else {
+        // The version comes first, and is checked before the rest is trusted to be laid out
+        // as this agent expects.
+        let (v, _) = postcard::take_from_bytes::<u32>(bytes)
+            .map_err(|e| format!("invalid record: no format version ({e})"))?;
+        // Formats 3 and 4 each appended an `Option`, and format 5 two; postcard writes `None`
+        // as one zero byte, so an older record with those bytes after it is the same lease.
+        let missing = match v {
+            FORMAT_VERSION => 0,
+            FORMAT_4 => 2,
+            FORMAT_3 => 3,
+            FORMAT_2 => 4,
+            _ => return Err(unknown(v)),
+        };
+        let padded;
+        let bytes = if missing == 0 {
+            bytes
+        } else {
+            padded = [bytes, &[0u8; 4][..missing]].concat();
+            &padded[..]
+        };
+        match postcard::take_from_bytes::<LeaseRecord>(bytes) {
+            Ok((record, [])) => record,
+            Ok((_, rest)) => {
+                return Err(format!(
+                    "invalid record: {} bytes after its end",
+                    rest.len()
+                ))
+            }
+            Err(e) => return Err(format!("invalid record: {e}")),
+        }
+    };
+    let lease = record.into_lease()?;
+    if lease.id.as_str() != key {
+        return Err(format!("holds lease {}", lease.id));
+    }
+    Ok(lease)
 }
 
 impl From<&Principal> for PrincipalRecord {
@@ -231,6 +342,7 @@ impl From<PrincipalRecord> for Principal {
             gid: p.gid,
             pid: p.pid,
             user: p.user,
+            spiffe_id: None,
         }
     }
 }

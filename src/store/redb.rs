@@ -28,7 +28,6 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use tokio::sync::broadcast;
 
-use super::record::{LeaseRecord, Version, FORMAT_2, FORMAT_3, FORMAT_JSON, FORMAT_VERSION};
 use super::reserve::{EndReserve, ReservedEnd};
 use crate::lease::store::WATCH_CAPACITY;
 use crate::lease::{
@@ -464,81 +463,19 @@ impl RedbStore {
     }
 
     pub(crate) fn encode(&self, lease: &Lease) -> Result<Vec<u8>, RedbError> {
-        postcard::to_stdvec(&LeaseRecord::from(lease)).map_err(|e| RedbError::Encode {
+        super::record::encode(lease).map_err(|reason| RedbError::Encode {
             path: self.path.clone(),
             key: lease.id.to_string(),
-            reason: e.to_string(),
+            reason,
         })
     }
 
     pub(crate) fn decode(&self, key: &str, bytes: &[u8]) -> Result<Lease, RedbError> {
-        let fail = |reason: String| RedbError::Decode {
+        super::record::decode(key, bytes).map_err(|reason| RedbError::Decode {
             path: self.path.clone(),
             key: key.to_owned(),
             reason,
-        };
-        // A version this agent knows in the other encoding is damage, not a newer format.
-        let unknown = |v: u32| {
-            fail(match v {
-                FORMAT_JSON => format!("format version {v} in binary (format {v} is JSON)"),
-                FORMAT_2 | FORMAT_3 | FORMAT_VERSION => {
-                    format!("format version {v} in JSON (format {v} is binary)")
-                }
-                _ => format!(
-                    "unknown format version {v} (this agent reads {FORMAT_JSON} to {FORMAT_VERSION})"
-                ),
-            })
-        };
-        let record = if bytes.first() == Some(&b'{') {
-            // Parsed once; only a record that fails is parsed again for its version alone, so
-            // that a future format is reported as such rather than as whatever field it lacks.
-            match serde_json::from_slice::<LeaseRecord>(bytes) {
-                Ok(record) if record.v == FORMAT_JSON => record,
-                Ok(record) => return Err(unknown(record.v)),
-                Err(e) => {
-                    return Err(match serde_json::from_slice::<Version>(bytes) {
-                        Ok(version) if version.v != FORMAT_JSON => unknown(version.v),
-                        Ok(_) => fail(format!("invalid record: {e}")),
-                        Err(e) => fail(format!("invalid JSON: {e}")),
-                    })
-                }
-            }
-        } else {
-            // The version comes first, and is checked before the rest is trusted to be laid
-            // out as this agent expects.
-            let (v, _) = postcard::take_from_bytes::<u32>(bytes)
-                .map_err(|e| fail(format!("invalid record: no format version ({e})")))?;
-            // Formats 3 and 4 each only appended an `Option`; postcard writes `None` as one zero
-            // byte, so an older record with those bytes after it is the same lease in format 4.
-            let padded;
-            let bytes = match v {
-                FORMAT_VERSION => bytes,
-                FORMAT_3 => {
-                    padded = [bytes, &[0]].concat();
-                    &padded[..]
-                }
-                FORMAT_2 => {
-                    padded = [bytes, &[0, 0]].concat();
-                    &padded[..]
-                }
-                _ => return Err(unknown(v)),
-            };
-            match postcard::take_from_bytes::<LeaseRecord>(bytes) {
-                Ok((record, [])) => record,
-                Ok((_, rest)) => {
-                    return Err(fail(format!(
-                        "invalid record: {} bytes after its end",
-                        rest.len()
-                    )))
-                }
-                Err(e) => return Err(fail(format!("invalid record: {e}"))),
-            }
-        };
-        let lease = record.into_lease().map_err(fail)?;
-        if lease.id.as_str() != key {
-            return Err(fail(format!("holds lease {}", lease.id)));
-        }
-        Ok(lease)
+        })
     }
 }
 
@@ -588,7 +525,7 @@ mod tests {
 
     use spiffe::SpiffeId;
 
-    use super::super::record::DEFAULT_JWT_TTL;
+    use super::super::record::{LeaseRecord, DEFAULT_JWT_TTL, FORMAT_JSON};
     use super::super::reserve::{EndReserve, ReservedEnd};
     use crate::selector::Selector;
 
@@ -605,6 +542,7 @@ mod tests {
             gid: uid + 1,
             pid: Some(4242),
             user: user.map(str::to_owned),
+            spiffe_id: None,
         }
     }
 
@@ -639,6 +577,8 @@ mod tests {
             chain: Vec::new(),
             may_delegate: 0,
             end_on_violation: false,
+            node: None,
+            revision: 0,
         }
     }
 
@@ -1000,6 +940,7 @@ mod tests {
             gid: uid,
             pid: Some(pid),
             user: Some(name.to_owned()),
+            spiffe_id: None,
         };
         Lease {
             id: LeaseId::parse("9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c").unwrap(),
@@ -1026,6 +967,7 @@ mod tests {
                 gid: 0,
                 pid: None,
                 user: None,
+                spiffe_id: None,
             }),
             approval_deadline: Some(created + Duration::from_secs(30)),
             approved_at: Some(created + Duration::from_secs(10)),
@@ -1034,6 +976,8 @@ mod tests {
             chain: Vec::new(),
             may_delegate: 0,
             end_on_violation: false,
+            node: None,
+            revision: 0,
         }
     }
 
@@ -1102,7 +1046,7 @@ mod tests {
     }
 
     #[test]
-    fn frozen_records_of_every_format_decode_and_format_4_is_what_is_written() {
+    fn frozen_records_of_every_format_decode_and_format_5_is_what_is_written() {
         let dir = tempdir();
         let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let want = frozen_lease();
@@ -1111,20 +1055,36 @@ mod tests {
         let mut want_3 = want.clone();
         want_3.end_reason = "policy change".into();
         let want_4 = frozen_delegated();
+        // Format 5 is format 4 with the node and the remote callers after it, each `None`
+        // (one zero byte) or `Some` (a one, then the value: a string's length first). Any
+        // other change is a new format version.
         assert_eq!(
             hex::encode(store.encode(&want_4).unwrap()),
-            FROZEN_FORMAT_4,
-            "the format 4 encoding changed: that is a new format version"
+            format!("05{}0000", &FROZEN_FORMAT_4[2..]),
+            "the format 5 encoding changed: that is a new format version"
         );
-        // Without a delegation, format 4 is format 3 with a `None` after it, and without a
-        // reason format 2 with two.
+        let mut want_5 = want_4.clone();
+        want_5.node = Some("node-a".into());
+        want_5.granted_by.spiffe_id = Some("spiffe://example.org/orchestrator".into());
+        let text = |t: &str| format!("{:02x}{}", t.len(), hex::encode(t));
+        let format_5 = format!(
+            "05{}01{}0101{}0000",
+            &FROZEN_FORMAT_4[2..],
+            text("node-a"),
+            text("spiffe://example.org/orchestrator"),
+        );
+        assert_eq!(hex::encode(store.encode(&want_5).unwrap()), format_5);
+        let got = store.decode(key, &hex::decode(&format_5).unwrap()).unwrap();
+        assert!(same(&got, &want_5), "got {got:?}\nwant {want_5:?}");
+        // Without a delegation, format 5 is format 3 with three `None`s after it, and without
+        // a reason format 2 with four.
         assert_eq!(
             hex::encode(store.encode(&want_3).unwrap()),
-            format!("04{}00", &FROZEN_FORMAT_3[2..])
+            format!("05{}000000", &FROZEN_FORMAT_3[2..])
         );
         assert_eq!(
             hex::encode(store.encode(&want).unwrap()),
-            format!("04{}0000", &FROZEN_FORMAT_2[2..])
+            format!("05{}00000000", &FROZEN_FORMAT_2[2..])
         );
         for bytes in [FROZEN_FORMAT_1.as_bytes(), &format_2] {
             let got = store.decode(key, bytes).unwrap();
@@ -1156,7 +1116,7 @@ mod tests {
     }
 
     #[test]
-    fn format_1_records_still_load_and_are_rewritten_as_format_4() {
+    fn format_1_records_still_load_and_are_rewritten_as_format_5() {
         let dir = tempdir();
         let store = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
         let old = ended("old", LeaseState::Revoked, SystemTime::now());
@@ -1177,6 +1137,8 @@ mod tests {
             "approved_by",
             "end_reason",
             "delegation",
+            "node",
+            "remote",
         ] {
             fields.remove(added_later);
         }
@@ -1195,12 +1157,12 @@ mod tests {
         assert_eq!(bare.jwt_ttl, DEFAULT_JWT_TTL);
         assert_eq!(bare.approval_deadline, None);
 
-        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 4);
+        assert_eq!(get_raw(&store, fresh.id.as_str())[0], 5);
         assert_eq!(get_raw(&store, renewed.id.as_str())[0], b'{');
         renewed.expires_at += Duration::from_secs(60);
         store.put(&renewed).unwrap();
         let rewritten = get_raw(&store, renewed.id.as_str());
-        assert_eq!(rewritten[0], 4, "a changed lease is written in format 4");
+        assert_eq!(rewritten[0], 5, "a changed lease is written in format 5");
         assert!(rewritten.len() * 2 < as_format_1(&renewed).len());
         assert!(same(&by_id(store.load().unwrap(), &renewed.id), &renewed));
     }
@@ -1225,7 +1187,8 @@ mod tests {
         let encoded = store.encode(&good).unwrap();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"{not json".to_vec(), "invalid JSON"),
-            (as_json(&|v| v["v"] = 5.into()), "unknown format version 5"),
+            (as_json(&|v| v["v"] = 6.into()), "unknown format version 6"),
+            (as_json(&|v| v["v"] = 5.into()), "format version 5 in JSON"),
             (as_json(&|v| v["v"] = 2.into()), "format version 2 in JSON"),
             (as_json(&|v| v["v"] = 3.into()), "format version 3 in JSON"),
             (
@@ -1240,7 +1203,7 @@ mod tests {
             ),
             (Vec::new(), "no format version"),
             (vec![0xff], "no format version"),
-            (as_postcard(&|r| r.v = 5), "unknown format version 5"),
+            (as_postcard(&|r| r.v = 6), "unknown format version 6"),
             (as_postcard(&|r| r.v = 1), "format version 1 in binary"),
             (encoded[..encoded.len() - 3].to_vec(), "invalid record"),
             ([&encoded[..], &[0]].concat(), "1 bytes after its end"),

@@ -236,6 +236,9 @@ fn decode(b: &[u8]) -> Option<ReservedEnd> {
             gid: u32_at(53),
             pid: (pid != 0).then_some(pid),
             user: None,
+            // The reserve keeps a local caller's facts only: a remote caller's identity is
+            // in the audit record of the end.
+            spiffe_id: None,
         },
         end_reason,
     })
@@ -255,6 +258,7 @@ mod tests {
                 gid: 100,
                 pid: Some(4242),
                 user: Some("alice".into()),
+                spiffe_id: None,
             },
             end_reason: reason.into(),
         }

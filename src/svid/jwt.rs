@@ -444,6 +444,7 @@ mod tests {
             store: crate::store::MemoryStore::new(),
             audit: audit.clone(),
             metrics: metrics.clone(),
+            node: "node-a".into(),
         };
         let leases = Leases::new(limits, durable);
         let input = GrantInput {

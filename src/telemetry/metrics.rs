@@ -60,6 +60,10 @@ pub struct Metrics {
     pub audit_write_seconds: Histogram,
     pub ca_not_after: Gauge<i64, AtomicI64>,
     pub svid_not_after: Gauge<i64, AtomicI64>,
+    /// 1 while the lease store answers (always, for the embedded store).
+    pub store_reachable: Gauge,
+    /// 1 while this agent has not heard its shared store for `store.max_staleness`.
+    pub store_stale: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -86,7 +90,10 @@ impl Metrics {
             audit_write_seconds: latency_histogram(),
             ca_not_after: Gauge::default(),
             svid_not_after: Gauge::default(),
+            store_reachable: Gauge::default(),
+            store_stale: Gauge::default(),
         };
+        m.store_reachable.set(1);
         let r = registry;
         r.register("mayfly_leases", "Task leases by state", m.leases.clone());
         r.register(
@@ -99,6 +106,17 @@ impl Metrics {
             "Lease ends in effect but not yet recorded in the lease store or the audit log \
              (retried until they are)",
             m.lease_ends_unrecorded.clone(),
+        );
+        r.register(
+            "mayfly_store_reachable",
+            "1 while the lease store answers (0: grants and renewals are refused)",
+            m.store_reachable.clone(),
+        );
+        r.register(
+            "mayfly_store_stale",
+            "1 while this agent has not heard its shared lease store for store.max_staleness \
+             (it issues nothing and has ended its streams)",
+            m.store_stale.clone(),
         );
         r.register(
             "mayfly_svids_issued",

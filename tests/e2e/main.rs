@@ -6,6 +6,7 @@ mod common;
 
 mod attest;
 mod cli;
+mod cluster;
 mod delegation;
 mod durability;
 mod envoy;

@@ -75,6 +75,19 @@ impl Leases {
         }
     }
 
+    /// Wakes every listener (each one once, however many selectors it holds).
+    pub(super) fn wake_all(&self) {
+        let listeners = self.listeners.lock().expect("listeners poisoned");
+        let mut woken = std::collections::HashSet::new();
+        for set in listeners.by_selector.values() {
+            for (id, notify) in set {
+                if woken.insert(*id) {
+                    notify.notify_one();
+                }
+            }
+        }
+    }
+
     /// Wakes the listeners a change to a lease indexed under `key` concerns.
     pub(super) fn changed(&self, key: &Selector) {
         let listeners = self.listeners.lock().expect("listeners poisoned");

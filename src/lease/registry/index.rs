@@ -41,6 +41,9 @@ pub(super) struct Inner {
     /// Every active lease by its deadline on the boot clock, soonest first (what the expiry
     /// task serves).
     pub(super) deadlines: BTreeSet<(Boot, LeaseId)>,
+    /// Set while this agent has not heard its shared store for longer than it may go without
+    /// (see [`StoreHealth`](crate::lease::StoreHealth)): no lease matches.
+    pub(super) suspended: bool,
 }
 
 /// The slots of the active, unexpired leases whose selectors are all among the caller's: each
@@ -49,8 +52,11 @@ fn matched<'a>(inner: &'a Inner, caller: &'a Selectors) -> impl Iterator<Item = 
     // Either clock saying the lease is over is enough: the boot clock cannot be stepped back,
     // and a wall clock stepped forward makes certificates that end before they are issued.
     let (now, boot) = (SystemTime::now(), Boot::now());
+    // A stale view of a shared store may miss a revocation: nothing matches until it is fresh.
+    let suspended = inner.suspended;
     caller
         .iter()
+        .filter(move |_| !suspended)
         .filter_map(|s| inner.index.get(s))
         .flatten()
         .map(|id| &inner.active[id])
@@ -60,6 +66,33 @@ fn matched<'a>(inner: &'a Inner, caller: &'a Selectors) -> impl Iterator<Item = 
                 && slot.lease.selectors.all_in(caller)
                 && slot.bound.iter().all(|p| p.is_alive())
         })
+}
+
+/// Moves an active lease's end to `wanted` if that is later, and records the store revision
+/// the change has: the lease as it is now, or `None` if it is not active.
+pub(super) fn extend(
+    inner: &mut Inner,
+    id: &LeaseId,
+    wanted: SystemTime,
+    revision: u64,
+) -> Option<Lease> {
+    let Inner {
+        active, deadlines, ..
+    } = inner;
+    let slot = active.get_mut(id)?;
+    if wanted > slot.lease.expires_at {
+        deadlines.remove(&(slot.deadline, id.clone()));
+        slot.deadline = Boot::at_wall(wanted);
+        deadlines.insert((slot.deadline, id.clone()));
+        Arc::make_mut(&mut slot.lease).expires_at = wanted;
+        if let Some(tx) = slot.expires_at.get() {
+            tx.send_replace(wanted);
+        }
+    }
+    if revision > slot.lease.revision {
+        Arc::make_mut(&mut slot.lease).revision = revision;
+    }
+    Some(Lease::clone(&slot.lease))
 }
 
 /// The selector a lease is indexed under: the kind that narrows callers most.
@@ -105,6 +138,11 @@ impl Leases {
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             for (lease, bound) in leases {
+                // Once: a lease that came back through a shared store's watch before its
+                // grant finished here is active already, with its streams' tokens.
+                if inner.active.contains_key(&lease.id) {
+                    continue;
+                }
                 let ended = CancellationToken::new();
                 let key = index_key(&lease.selectors);
                 inner

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::{Lease, LeaseError, LeaseId, LeaseState, Principal};
 
 use super::index::{index_key, Inner};
+use super::persist::StoreFailure;
 use super::{Leases, ENDED_KEPT};
 
 /// Takes one lease out of the active (or pending) set, marks it ended and keeps it among the
@@ -20,7 +21,16 @@ pub(super) fn end_one(
     by: Principal,
     reason: &str,
 ) -> Option<Lease> {
-    let mut lease = match inner.active.remove(id) {
+    let mut lease = take_live(inner, id)?;
+    lease.mark_ended(state, by, reason);
+    keep_ended(inner, lease.clone());
+    Some(lease)
+}
+
+/// Takes one lease out of the active (or pending) set: from now on it matches nobody, and its
+/// SVID cache is torn down (through its `ended` token).
+pub(super) fn take_live(inner: &mut Inner, id: &LeaseId) -> Option<Lease> {
+    let lease = match inner.active.remove(id) {
         // A pending lease can be ended too (revoked before anyone approved it).
         None => {
             let (lease, timer) = inner.pending.remove(id)?;
@@ -49,12 +59,56 @@ pub(super) fn end_one(
             }
         }
     }
-    lease.mark_ended(state, by, reason);
+    Some(lease)
+}
+
+/// Keeps a lease that has just ended among the recently ended (the oldest goes when there are
+/// too many). A live lease has no ended record yet: one that ended never lives again.
+pub(super) fn keep_ended(inner: &mut Inner, lease: Lease) {
     if inner.ended.len() >= ENDED_KEPT {
         inner.ended.pop_front();
     }
-    inner.ended.push_back(lease.clone());
-    Some(lease)
+    inner.ended.push_back(lease);
+}
+
+/// Ends, as `parent_ended`, every live descendant of `first` (which has just ended), breadth
+/// first under the caller's lock: no descendant outlives this instant. Returns `first`, then
+/// its descendants, parents before their children.
+pub(super) fn end_descendants(inner: &mut Inner, first: Lease) -> Vec<Lease> {
+    let id = first.id.clone();
+    let why = format!(
+        "delegated from lease {id}, which ended ({}{}{})",
+        first.state,
+        if first.end_reason.is_empty() {
+            ""
+        } else {
+            ": "
+        },
+        first.end_reason
+    );
+    let mut ended = vec![first];
+    let mut next = 0;
+    while next < ended.len() {
+        let parent = ended[next].id.clone();
+        next += 1;
+        let Some(children) = inner.children.remove(&parent) else {
+            continue;
+        };
+        let mut children: Vec<LeaseId> = children.into_iter().collect();
+        children.sort();
+        for child in children {
+            if let Some(l) = end_one(
+                inner,
+                &child,
+                LeaseState::ParentEnded,
+                Principal::agent(),
+                &why,
+            ) {
+                ended.push(l);
+            }
+        }
+    }
+    ended
 }
 
 impl Leases {
@@ -69,7 +123,9 @@ impl Leases {
     ) -> Result<Lease, LeaseError> {
         lease.state = LeaseState::Pending;
         lease.approval_deadline = Some(SystemTime::now() + approval_timeout);
-        self.persist("pending", &lease, &gates.join(", ")).await?;
+        self.place(&mut lease);
+        self.persist("pending", &mut lease, &gates.join(", "))
+            .await?;
         tracing::info!(
             event = "lease_pending",
             lease_id = %lease.id,
@@ -114,12 +170,16 @@ impl Leases {
             .collect()
     }
 
-    /// Puts a pending lease aside with its approval deadline timer.
+    /// Puts a pending lease aside with its approval deadline timer (once: a lease already
+    /// held, say one that came back through a shared store's watch, stays as it is).
     pub(super) fn park(&self, lease: Lease) {
         let cancel = CancellationToken::new();
         let deadline = lease.approval_deadline.unwrap_or_else(SystemTime::now);
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
+            if inner.pending.contains_key(&lease.id) || inner.active.contains_key(&lease.id) {
+                return;
+            }
             if let Some(parent) = lease.parent() {
                 inner
                     .children
@@ -177,10 +237,13 @@ impl Leases {
         let Some(mut lease) = pending else {
             return Err(self.not_active(id).await);
         };
-        if approver.uid == lease.granted_by.uid {
+        if approver.same_party(&lease.granted_by) {
+            let who = match &approver.spiffe_id {
+                Some(id) => id.clone(),
+                None => format!("uid {}", approver.uid),
+            };
             return Err(LeaseError::SelfApproval(format!(
-                "uid {} granted lease {id} and cannot approve it (four eyes)",
-                approver.uid
+                "{who} granted lease {id} and cannot approve it (four eyes)"
             )));
         }
         let now = SystemTime::now();
@@ -200,7 +263,7 @@ impl Leases {
         lease.state = LeaseState::Active;
         lease.approved_at = Some(now);
         lease.approved_by = Some(approver);
-        self.persist("approved", &lease, "").await?;
+        self.persist("approved", &mut lease, "").await?;
         let taken = self
             .inner
             .write()
@@ -208,6 +271,11 @@ impl Leases {
             .pending
             .remove(id);
         let Some((_, timer)) = taken else {
+            // On a shared store, this very approval may have come back through the store's
+            // watch first, and be active already.
+            if let Some(active) = self.get_active(id).filter(|l| l.revision >= lease.revision) {
+                return Ok(active);
+            }
             // Expired (or approved by someone else) while this approval was being written.
             return Err(self.not_active(id).await);
         };
@@ -263,44 +331,20 @@ impl Leases {
         let ended = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             let first = end_one(&mut inner, id, state, by, reason)?;
-            let mut ended = vec![first];
-            // Breadth first, under the same lock: no descendant outlives this instant.
-            let mut next = 0;
-            while next < ended.len() {
-                let parent = ended[next].id.clone();
-                next += 1;
-                let Some(children) = inner.children.remove(&parent) else {
-                    continue;
-                };
-                let why = format!(
-                    "delegated from lease {id}, which ended ({}{}{})",
-                    state,
-                    if reason.is_empty() { "" } else { ": " },
-                    reason
-                );
-                let mut children: Vec<LeaseId> = children.into_iter().collect();
-                children.sort();
-                for child in children {
-                    if let Some(l) = end_one(
-                        &mut inner,
-                        &child,
-                        LeaseState::ParentEnded,
-                        Principal::agent(),
-                        &why,
-                    ) {
-                        ended.push(l);
-                    }
-                }
-            }
-            ended
+            end_descendants(&mut inner, first)
         };
-        let mut keys: Vec<_> = ended.iter().map(|l| index_key(&l.selectors)).collect();
+        self.wake_for(&ended);
+        Some(ended)
+    }
+
+    /// Wakes every open stream that could match one of these leases.
+    pub(super) fn wake_for(&self, leases: &[Lease]) {
+        let mut keys: Vec<_> = leases.iter().map(|l| index_key(&l.selectors)).collect();
         keys.sort_unstable();
         keys.dedup();
         for key in keys {
             self.changed(&key);
         }
-        Some(ended)
     }
 
     /// Logs and persists an end that has already taken effect, and says whether the end is
@@ -335,7 +379,18 @@ impl Leases {
                 .inc();
         }
         // The store first: it is what keeps a restart from bringing a lease back.
-        let stored = self.store_leases(leases).await.is_ok();
+        let (stored, leases) = match self.store_ends(leases).await {
+            Ok(theirs) => {
+                // An end another agent made first is theirs to audit; this one only follows.
+                let ours: Vec<Lease> = leases
+                    .iter()
+                    .zip(theirs)
+                    .filter_map(|(l, theirs)| theirs.is_none().then(|| l.clone()))
+                    .collect();
+                (true, ours)
+            }
+            Err(_) => (false, leases.to_vec()),
+        };
         let audited = futures::future::join_all(
             leases
                 .iter()
@@ -356,5 +411,75 @@ impl Leases {
             }
         }
         stored
+    }
+
+    /// Writes ends, in one transaction if it can. On a shared store another agent may have
+    /// moved some of these leases first: one it ended keeps that end (returned, and kept here
+    /// in place of this agent's), one it changed otherwise (a renewal) is ended on top of that
+    /// change. Per lease: `None` if this agent's end is what the store holds.
+    pub(super) async fn store_ends(
+        &self,
+        leases: &[Lease],
+    ) -> Result<Vec<Option<Lease>>, LeaseError> {
+        match self.store_leases(leases).await {
+            Ok(()) => return Ok(vec![None; leases.len()]),
+            Err(StoreFailure::Unavailable(e)) => return Err(e),
+            Err(StoreFailure::Conflict(_)) => {}
+        }
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            let mut mine = lease.clone();
+            let mut outcome = None;
+            for _ in 0..END_ATTEMPTS {
+                let now = match self.store_lease(&mine).await {
+                    Ok(()) => {
+                        outcome = Some(None);
+                        break;
+                    }
+                    Err(StoreFailure::Unavailable(e)) => return Err(e),
+                    Err(StoreFailure::Conflict(now)) => now.into_iter().find(|l| l.id == mine.id),
+                };
+                let Some(now) = now else {
+                    // Gone from the store (compacted): nothing there to bring it back.
+                    outcome = Some(None);
+                    break;
+                };
+                if matches!(now.state, LeaseState::Active | LeaseState::Pending) {
+                    mine.revision = now.revision;
+                    continue;
+                }
+                // Ended already: by this very end (an earlier attempt that did land), or by
+                // another agent, whose end stands.
+                let same = now.state == mine.state && now.ended_at == mine.ended_at;
+                if !same {
+                    let theirs = Lease::clone(&now);
+                    let mut inner = self.inner.write().expect("lease lock poisoned");
+                    replace_ended(&mut inner, theirs.clone());
+                    outcome = Some(Some(theirs));
+                } else {
+                    outcome = Some(None);
+                }
+                break;
+            }
+            out.push(outcome.ok_or_else(|| {
+                LeaseError::Changed(format!(
+                    "lease {} kept changing on other nodes while this agent ended it",
+                    lease.id
+                ))
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+/// How many times an end is written again over changes other agents keep making to the lease.
+const END_ATTEMPTS: usize = 8;
+
+/// Puts an ended lease among the recently ended, in place of this agent's record of it if it
+/// has one.
+pub(super) fn replace_ended(inner: &mut Inner, lease: Lease) {
+    match inner.ended.iter_mut().rev().find(|l| l.id == lease.id) {
+        Some(kept) => *kept = lease,
+        None => keep_ended(inner, lease),
     }
 }

@@ -15,6 +15,7 @@
 mod changes;
 mod expiry;
 mod family;
+mod follow;
 mod index;
 mod lifecycle;
 mod persist;
@@ -60,6 +61,8 @@ pub struct Durable {
     pub store: Arc<dyn LeaseStore>,
     pub audit: Audit,
     pub metrics: crate::telemetry::Metrics,
+    /// This agent's node name: what leases bound to a process here record.
+    pub node: String,
 }
 
 pub struct Leases {
@@ -140,8 +143,9 @@ impl Leases {
 
     /// Makes a prepared lease durable (audit record, then store), and only then activates it.
     /// Must run inside a Tokio runtime.
-    pub async fn grant(&self, lease: Lease) -> Result<Lease, LeaseError> {
-        self.persist("granted", &lease, "").await?;
+    pub async fn grant(&self, mut lease: Lease) -> Result<Lease, LeaseError> {
+        self.place(&mut lease);
+        self.persist("granted", &mut lease, "").await?;
         tracing::info!(
             event = "lease_granted",
             lease_id = %lease.id,
@@ -157,6 +161,19 @@ impl Leases {
             "lease granted"
         );
         Ok(self.activate_recorded(lease).await)
+    }
+
+    /// A lease bound to a process belongs to this node: only this agent matches it (and, on
+    /// a shared store, reads it).
+    pub(super) fn place(&self, lease: &mut Lease) {
+        if lease.selectors.processes().next().is_some() {
+            lease.node = Some(self.durable.node.clone());
+        }
+    }
+
+    /// Whether this agent serves the lease: one of no particular node, or of this one.
+    pub(super) fn serves(&self, lease: &Lease) -> bool {
+        lease.node.as_ref().is_none_or(|n| *n == self.durable.node)
     }
 
     pub async fn get(&self, id: &LeaseId) -> Result<Lease, LeaseError> {
@@ -251,24 +268,10 @@ impl Leases {
             });
         }
         lease.expires_at = lease.expires_at.max(wanted);
-        self.persist("renewed", &lease, "").await?;
+        self.persist("renewed", &mut lease, "").await?;
         let renewed = {
             let mut inner = self.inner.write().expect("lease lock poisoned");
-            let Inner {
-                active, deadlines, ..
-            } = &mut *inner;
-            active.get_mut(id).map(|slot| {
-                if wanted > slot.lease.expires_at {
-                    deadlines.remove(&(slot.deadline, id.clone()));
-                    slot.deadline = crate::time::Boot::at_wall(wanted);
-                    deadlines.insert((slot.deadline, id.clone()));
-                    Arc::make_mut(&mut slot.lease).expires_at = wanted;
-                    if let Some(tx) = slot.expires_at.get() {
-                        tx.send_replace(wanted);
-                    }
-                }
-                Lease::clone(&slot.lease)
-            })
+            index::extend(&mut inner, id, wanted, lease.revision)
         };
         // It may have ended while the renewal was being written.
         let Some(lease) = renewed else {
@@ -346,6 +349,25 @@ mod test_support {
     }
 
     pub(super) fn registry_on(store: Arc<dyn LeaseStore>, audit: Arc<MemorySink>) -> Arc<Leases> {
+        registry_on_node(store, audit, "node-a")
+    }
+
+    /// A registry as the agent on `node` has it, following `store` (shared with others).
+    pub(super) fn node_on(
+        store: Arc<dyn LeaseStore>,
+        audit: Arc<MemorySink>,
+        node: &str,
+    ) -> Arc<Leases> {
+        let r = registry_on_node(store.clone(), audit, node);
+        r.follow(store.watch());
+        r
+    }
+
+    pub(super) fn registry_on_node(
+        store: Arc<dyn LeaseStore>,
+        audit: Arc<MemorySink>,
+        node: &str,
+    ) -> Arc<Leases> {
         let metrics =
             crate::telemetry::Metrics::new(&mut prometheus_client::registry::Registry::default());
         let limits = crate::lease::test_limits();
@@ -353,6 +375,7 @@ mod test_support {
             store,
             audit,
             metrics,
+            node: node.into(),
         };
         Leases::new(limits, durable)
     }

@@ -5,7 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::audit::{event, Event};
-use crate::lease::{Lease, LeaseError, LeaseState, Principal};
+use crate::lease::{Lease, LeaseError, LeaseState, Principal, StoreError};
+
+/// Why a store write did not happen.
+#[derive(Debug)]
+pub(super) enum StoreFailure {
+    /// Another agent sharing the store moved these leases first: the leases as stored now.
+    Conflict(Vec<Arc<Lease>>),
+    /// The store could not be written (or reached).
+    Unavailable(LeaseError),
+}
 
 use super::{Leases, ENDED_KEPT};
 
@@ -29,15 +38,27 @@ fn stale(lease: &Lease, now: SystemTime) -> Option<(LeaseState, String)> {
 }
 
 impl Leases {
-    /// Writes the audit record, then the store. Either failing refuses the change.
+    /// Writes the audit record, then the store. Either failing refuses the change. Once
+    /// written, the lease is at its next revision.
     pub(super) async fn persist(
         &self,
         what: &str,
-        lease: &Lease,
+        lease: &mut Lease,
         reason: &str,
     ) -> Result<(), LeaseError> {
         self.audit_lease(what, lease, reason).await?;
-        self.store_lease(lease).await
+        match self.store_lease(lease).await {
+            Ok(()) => {
+                lease.revision += 1;
+                Ok(())
+            }
+            Err(StoreFailure::Conflict(_)) => Err(LeaseError::Changed(format!(
+                "lease {} was changed on another node at the same time; nothing was changed \
+                 here, ask again",
+                lease.id
+            ))),
+            Err(StoreFailure::Unavailable(e)) => Err(e),
+        }
     }
 
     pub(super) async fn audit_lease(
@@ -57,21 +78,29 @@ impl Leases {
         })
     }
 
-    pub(super) async fn store_lease(&self, lease: &Lease) -> Result<(), LeaseError> {
+    pub(super) async fn store_lease(&self, lease: &Lease) -> Result<(), StoreFailure> {
         self.store_leases(std::slice::from_ref(lease)).await
     }
 
     /// Writes leases in one store transaction: all or none.
-    pub(super) async fn store_leases(&self, leases: &[Lease]) -> Result<(), LeaseError> {
+    pub(super) async fn store_leases(&self, leases: &[Lease]) -> Result<(), StoreFailure> {
         let store = self.durable.store.clone();
         let records = leases.to_vec();
-        tokio::task::spawn_blocking(move || store.put_all(&records))
+        let written = tokio::task::spawn_blocking(move || store.put_all(&records))
             .await
-            .map_err(|e| LeaseError::Unavailable(format!("lease store: {e}")))?
             .map_err(|e| {
+                StoreFailure::Unavailable(LeaseError::Unavailable(format!("lease store: {e}")))
+            })?;
+        match written {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict(now)) => Err(StoreFailure::Conflict(now)),
+            Err(e) => {
                 tracing::error!(event = "store_failed", error = %e, "lease store unavailable");
-                LeaseError::Unavailable(format!("lease store unavailable: {e}"))
-            })
+                Err(StoreFailure::Unavailable(LeaseError::Unavailable(format!(
+                    "lease store unavailable: {e}"
+                ))))
+            }
+        }
     }
 
     /// Every lease in the store.
@@ -102,6 +131,10 @@ impl Leases {
         let mut ended = Vec::new();
         let mut active = Vec::with_capacity(stored.len());
         for stored in stored {
+            // A lease bound to a process on another node is that node's (a shared store).
+            if !self.serves(&stored) {
+                continue;
+            }
             // What ends here while the agent was down is copied out of its `Arc` to change
             // its state; what resumes is not copied at all.
             let (state, why) = match stored.state {
@@ -202,6 +235,7 @@ fn audit_principal(p: &Principal) -> event::Principal<'_> {
         gid: p.gid,
         pid: p.pid,
         user: p.user.as_deref(),
+        spiffe_id: p.spiffe_id.as_deref(),
     }
 }
 

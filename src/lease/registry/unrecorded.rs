@@ -72,7 +72,16 @@ impl Leases {
         };
         for mut u in waiting {
             if !u.stored {
-                u.stored = self.store_lease(&u.lease).await.is_ok();
+                match self.store_ends(std::slice::from_ref(&u.lease)).await {
+                    Ok(theirs) => {
+                        u.stored = true;
+                        // Another agent's end stands, and is its to audit.
+                        if theirs.into_iter().flatten().next().is_some() {
+                            u.audited = true;
+                        }
+                    }
+                    Err(_) => u.stored = false,
+                }
             }
             if !u.audited {
                 let reason = u.lease.end_reason.as_str();

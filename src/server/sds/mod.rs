@@ -81,7 +81,8 @@ fn status(r: Refusal) -> Status {
             IdentityError::NotAttested(_)
             | IdentityError::Audit(_)
             | IdentityError::Signing(_)
-            | IdentityError::ShuttingDown => Status::unavailable(e.to_string()),
+            | IdentityError::ShuttingDown
+            | IdentityError::StoreStale => Status::unavailable(e.to_string()),
         },
         Refusal::Unknown(names) => {
             const SHOWN: usize = 8;

@@ -1,0 +1,693 @@
+//! The lease store on etcd, shared by every agent that names the same endpoints and prefix.
+//!
+//! Layout, under the configured prefix:
+//! - `leases/shared/<id>`: leases any node may serve;
+//! - `leases/node/<node>/<id>`: leases bound to a process on `<node>`, read and watched by
+//!   that node's agent only.
+//!
+//! Every value is the lease record of `record.rs`. A write compares each key's etcd `version`
+//! (how many times it was written) with the lease's `revision` in one transaction, so that of
+//! two agents moving the same lease from what they both read, one wins and the other is told
+//! ([`StoreError::Conflict`], with the lease as it is now).
+//!
+//! One task watches both key ranges on one stream, from the revision of the last read on, and
+//! asks etcd for a progress report every quarter of `max_staleness`. Whatever etcd says counts
+//! as hearing from it; when it has said nothing for `max_staleness`, the store is stale (see
+//! [`StoreHealth`]). A watch that lost its place to compaction reads everything again.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::lease::store::WATCH_CAPACITY;
+use crate::lease::{
+    Lease, LeaseId, LeaseState, LeaseStore, StoreChange, StoreError, StoreHealth, StoreWatch,
+};
+
+/// Leases written in one transaction at most (etcd refuses more than 128 operations by
+/// default); a larger batch is written in several, each all or none.
+const TXN_LEASES: usize = 100;
+
+/// How a node reaches etcd (`[store]` with `kind = "etcd"`).
+#[derive(Clone, Debug)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    /// Every key starts with it; agents sharing leases share it.
+    pub prefix: String,
+    /// The CA that signs etcd's serving certificates (TLS when set, or when endpoints are
+    /// `https://`).
+    pub ca_file: Option<PathBuf>,
+    /// This agent's client certificate and key, for etcd's client-certificate auth.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    /// How long this agent may go without hearing from etcd before it issues nothing.
+    pub max_staleness: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        op: &'static str,
+        source: etcd_client::Error,
+    },
+    #[error("etcd {op}: no answer within {timeout:?}")]
+    Timeout { op: &'static str, timeout: Duration },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("etcd key {key}: {reason}")]
+    Decode { key: String, reason: String },
+    #[error("etcd store: {0}")]
+    Config(String),
+}
+
+pub struct EtcdStore {
+    me: std::sync::Weak<EtcdStore>,
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    /// `<prefix>leases/`, and in it the shared range and this node's own.
+    leases: String,
+    shared: String,
+    mine: String,
+    settings: EtcdSettings,
+    changes: broadcast::Sender<StoreChange>,
+    health: watch::Sender<StoreHealth>,
+    /// When etcd last answered anything, and whether the last call succeeded.
+    heard: Mutex<(Instant, bool)>,
+    /// Set by the first `load`: the watch starts right after the revision it read.
+    watching: Mutex<bool>,
+    closing: CancellationToken,
+}
+
+impl EtcdStore {
+    /// Connects (lazily: an unreachable etcd is found at the first call) and starts the
+    /// staleness clock. Must run inside a Tokio runtime, which the store's calls then use.
+    pub async fn connect(settings: EtcdSettings, node: &str) -> Result<Arc<Self>, EtcdError> {
+        if settings.endpoints.is_empty() {
+            return Err(EtcdError::Config(
+                "store.endpoints: name at least one".into(),
+            ));
+        }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(settings.dial_timeout)
+            .with_timeout(settings.request_timeout)
+            .with_keep_alive(settings.max_staleness / 4, settings.request_timeout)
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its leader answers nothing rather than old data.
+            .with_require_leader(true);
+        let tls = settings.ca_file.is_some()
+            || settings.cert_file.is_some()
+            || settings.endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|source| EtcdError::Read {
+                    path: p.clone(),
+                    source,
+                })
+            };
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &settings.ca_file {
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            }
+            match (&settings.cert_file, &settings.key_file) {
+                (Some(c), Some(k)) => {
+                    t = t.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(EtcdError::Config(
+                        "store.cert_file and store.key_file go together".into(),
+                    ))
+                }
+            }
+            options = options.with_tls(t);
+        }
+        let client = Client::connect(&settings.endpoints, Some(options))
+            .await
+            .map_err(|source| EtcdError::Etcd {
+                op: "connect",
+                source,
+            })?;
+        let leases = format!("{}leases/", settings.prefix);
+        let store = Arc::new_cyclic(|me| EtcdStore {
+            me: me.clone(),
+            client,
+            runtime: tokio::runtime::Handle::current(),
+            shared: format!("{leases}shared/"),
+            mine: format!("{leases}node/{node}/"),
+            leases,
+            settings,
+            changes: broadcast::channel(WATCH_CAPACITY).0,
+            health: watch::channel(StoreHealth::FINE).0,
+            heard: Mutex::new((Instant::now(), true)),
+            watching: Mutex::new(false),
+            closing: CancellationToken::new(),
+        });
+        tokio::spawn(staleness_clock(Arc::downgrade(&store)));
+        Ok(store)
+    }
+
+    /// Stops the watch and the staleness clock.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    fn key(&self, lease: &Lease) -> String {
+        match &lease.node {
+            None => format!("{}{}", self.shared, lease.id),
+            Some(node) => format!("{}node/{node}/{}", self.leases, lease.id),
+        }
+    }
+
+    /// Something etcd said (or failed to say).
+    fn heard(&self, ok: bool) {
+        let mut heard = self.heard.lock().expect("etcd state poisoned");
+        if ok {
+            heard.0 = Instant::now();
+        }
+        heard.1 = ok;
+        drop(heard);
+        self.update_health();
+    }
+
+    fn update_health(&self) {
+        let (at, ok) = *self.heard.lock().expect("etcd state poisoned");
+        let now = StoreHealth {
+            reachable: ok,
+            stale: at.elapsed() > self.settings.max_staleness,
+        };
+        self.health
+            .send_if_modified(|h| std::mem::replace(h, now) != now);
+    }
+
+    /// Runs an etcd call on the store's runtime, within the request timeout, noting whether
+    /// etcd answered.
+    fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, EtcdError> {
+        self.block(op, async {
+            f.await.map_err(|source| EtcdError::Etcd { op, source })
+        })
+    }
+
+    /// [`EtcdStore::call`] for a future that makes several calls.
+    fn block<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, EtcdError>>,
+    ) -> Result<T, EtcdError> {
+        let timeout = self.settings.request_timeout;
+        let r = self.runtime.block_on(async {
+            tokio::time::timeout(timeout, f)
+                .await
+                .unwrap_or(Err(EtcdError::Timeout { op, timeout }))
+        });
+        self.heard(r.is_ok());
+        r
+    }
+
+    fn decode(&self, kv: &KeyValue) -> Result<Lease, EtcdError> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let id = key.rsplit('/').next().unwrap_or_default();
+        let mut lease =
+            super::record::decode(id, kv.value()).map_err(|reason| EtcdError::Decode {
+                key: key.clone(),
+                reason,
+            })?;
+        lease.revision = kv.version() as u64;
+        Ok(lease)
+    }
+
+    /// Every lease this node reads, at one revision, and that revision.
+    async fn read_all(&self) -> Result<(Vec<Arc<Lease>>, i64), EtcdError> {
+        let mut kv = self.client.kv_client();
+        let first = kv
+            .get(self.shared.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|source| EtcdError::Etcd {
+                op: "range",
+                source,
+            })?;
+        let revision = first.header().map_or(0, |h| h.revision());
+        let second = kv
+            .get(
+                self.mine.as_str(),
+                Some(GetOptions::new().with_prefix().with_revision(revision)),
+            )
+            .await
+            .map_err(|source| EtcdError::Etcd {
+                op: "range",
+                source,
+            })?;
+        let leases = first
+            .kvs()
+            .iter()
+            .chain(second.kvs())
+            .map(|kv| self.decode(kv).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((leases, revision))
+    }
+
+    fn put_chunk(&self, leases: &[Lease]) -> Result<(), StoreError> {
+        let keys: Vec<String> = leases.iter().map(|l| self.key(l)).collect();
+        let mut compares = Vec::with_capacity(leases.len());
+        let mut puts = Vec::with_capacity(leases.len());
+        for (lease, key) in leases.iter().zip(&keys) {
+            let value = super::record::encode(lease).map_err(|reason| {
+                StoreError::new(EtcdError::Decode {
+                    key: key.clone(),
+                    reason,
+                })
+            })?;
+            compares.push(Compare::version(
+                key.as_str(),
+                CompareOp::Equal,
+                lease.revision as i64,
+            ));
+            puts.push(TxnOp::put(key.as_str(), value, None));
+        }
+        let gets: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+        let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
+        let mut kv = self.client.kv_client();
+        let resp = self.call("txn", kv.txn(txn)).map_err(StoreError::new)?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let mut moved = Vec::new();
+        for (op, lease) in resp.op_responses().into_iter().zip(leases) {
+            let TxnOpResponse::Get(get) = op else {
+                continue;
+            };
+            match get.kvs().first() {
+                Some(kv) if kv.version() as u64 != lease.revision => {
+                    moved.push(Arc::new(self.decode(kv).map_err(StoreError::new)?));
+                }
+                Some(_) => {}
+                // Deleted (compacted) since it was read: nothing to hand back.
+                None => {}
+            }
+        }
+        Err(StoreError::Conflict(moved))
+    }
+
+    /// Starts the watch once, from just after `revision`.
+    fn start_watch(&self, revision: i64) {
+        let mut watching = self.watching.lock().expect("etcd state poisoned");
+        if std::mem::replace(&mut *watching, true) {
+            return;
+        }
+        let me = self.me.clone();
+        let closing = self.closing.clone();
+        self.runtime.spawn(async move {
+            tokio::select! {
+                _ = closing.cancelled() => {}
+                _ = follow(me, revision + 1) => {}
+            }
+        });
+    }
+}
+
+/// Keeps `StoreHealth::stale` true to the clock, even while nothing at all arrives.
+async fn staleness_clock(store: std::sync::Weak<EtcdStore>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        if store.closing.is_cancelled() {
+            return;
+        }
+        store.update_health();
+    }
+}
+
+/// Why a watch stream stopped.
+enum Stop {
+    /// etcd compacted the history it would resume from: read everything again.
+    Compacted,
+    Failed(String),
+}
+
+/// The watch: both key ranges, each resumed from the revision after its last event.
+async fn follow(store: std::sync::Weak<EtcdStore>, from: i64) {
+    let mut next = [from, from];
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        match watch_once(&s, &mut next).await {
+            Stop::Compacted => {
+                tracing::warn!(
+                    event = "store_watch_compacted",
+                    "etcd compacted the history this agent would resume from; reading every lease again"
+                );
+                match s.read_all().await {
+                    Ok((all, revision)) => {
+                        s.heard(true);
+                        next = [revision + 1, revision + 1];
+                        let _ = s.changes.send(StoreChange::Reloaded(Arc::new(all)));
+                    }
+                    Err(e) => {
+                        s.heard(false);
+                        tracing::warn!(error = %e, "reading the lease store again failed");
+                    }
+                }
+            }
+            Stop::Failed(why) => {
+                s.heard(false);
+                tracing::warn!(event = "store_watch_failed", error = %why, retry_in = ?backoff, "etcd watch stopped; resuming");
+                drop(s);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        }
+        backoff = Duration::from_millis(100);
+    }
+}
+
+async fn watch_once(s: &Arc<EtcdStore>, next: &mut [i64; 2]) -> Stop {
+    let ranges = [s.shared.clone(), s.mine.clone()];
+    let options = |i: usize| {
+        WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next[i])
+            .with_watch_id(i as i64 + 1)
+    };
+    let mut client = s.client.watch_client();
+    let mut stream = match client.watch(ranges[0].as_str(), Some(options(0))).await {
+        Ok(stream) => stream,
+        Err(e) => return Stop::Failed(e.to_string()),
+    };
+    if let Err(e) = stream.watch(ranges[1].as_str(), Some(options(1))).await {
+        return Stop::Failed(e.to_string());
+    }
+    let mut progress = tokio::time::interval(s.settings.max_staleness / 4);
+    loop {
+        let message = tokio::select! {
+            _ = progress.tick() => {
+                if let Err(e) = stream.request_progress().await {
+                    return Stop::Failed(e.to_string());
+                }
+                continue;
+            }
+            m = stream.message() => m,
+        };
+        let resp = match message {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Stop::Failed("the watch stream ended".into()),
+            Err(e) => return Stop::Failed(e.to_string()),
+        };
+        s.heard(true);
+        if resp.compact_revision() > 0 {
+            return Stop::Compacted;
+        }
+        if resp.canceled() {
+            return Stop::Failed(format!("watch cancelled: {}", resp.cancel_reason()));
+        }
+        let slot = match resp.watch_id() {
+            1 => 0,
+            2 => 1,
+            // A progress report for the whole stream.
+            _ => continue,
+        };
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            next[slot] = next[slot].max(kv.mod_revision() + 1);
+            let change = match event.event_type() {
+                EventType::Put => match s.decode(kv) {
+                    Ok(lease) => StoreChange::Put(Arc::new(lease)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a lease in etcd cannot be read; ignored");
+                        continue;
+                    }
+                },
+                EventType::Delete => {
+                    let key = String::from_utf8_lossy(kv.key());
+                    match LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) {
+                        Ok(id) => StoreChange::Removed(id),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            // No watcher is not an error.
+            let _ = s.changes.send(change);
+        }
+    }
+}
+
+impl LeaseStore for EtcdStore {
+    fn put_all(&self, leases: &[Lease]) -> Result<(), StoreError> {
+        for chunk in leases.chunks(TXN_LEASES) {
+            self.put_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError> {
+        let (leases, revision) = self
+            .block("range", self.read_all())
+            .map_err(StoreError::new)?;
+        // The first read starts the watch: from here on, nothing is missed.
+        self.start_watch(revision);
+        Ok(leases)
+    }
+
+    fn compact(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
+        let (all, _) = self
+            .block("range", self.read_all())
+            .map_err(StoreError::new)?;
+        let mut removed = 0;
+        for lease in all.iter().filter(|l| {
+            !matches!(l.state, LeaseState::Active | LeaseState::Pending)
+                && l.ended_at.is_some_and(|t| t < cutoff)
+        }) {
+            let key = self.key(lease);
+            // Only the record that was read: never one another agent has just rewritten.
+            let txn = Txn::new()
+                .when([Compare::version(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    lease.revision as i64,
+                )])
+                .and_then([TxnOp::delete(key.as_str(), None::<DeleteOptions>)]);
+            let mut kv = self.client.kv_client();
+            if self
+                .call("txn", kv.txn(txn))
+                .map_err(StoreError::new)?
+                .succeeded()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn watch(&self) -> StoreWatch {
+        self.changes.subscribe()
+    }
+
+    fn health(&self) -> watch::Receiver<StoreHealth> {
+        self.health.subscribe()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+#[path = "../../tests/support/etcd.rs"]
+mod etcd_server;
+
+#[cfg(test)]
+mod tests {
+    use super::etcd_server::{binary, Etcd};
+    use super::*;
+    use crate::lease::{GrantInput, Principal};
+
+    /// A real etcd, or `None` (the test skips, saying why) outside CI; in CI it must be there.
+    fn etcd() -> Option<Etcd> {
+        match binary() {
+            Ok(bin) => Some(Etcd::start(&bin)),
+            Err(why) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipping: {why}");
+                None
+            }
+            Err(why) => panic!("etcd is required in CI: {why}"),
+        }
+    }
+
+    fn settings(etcd: &Etcd) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: "/test/".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            dial_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+            max_staleness: Duration::from_secs(2),
+        }
+    }
+
+    fn lease(task: &str, selectors: &[&str]) -> Lease {
+        let input = GrantInput {
+            task_id: task.into(),
+            delegator: "alice".into(),
+            agent: "a".into(),
+            ttl: Some(Duration::from_secs(60)),
+            selectors: selectors.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        crate::lease::validate_grant(
+            input,
+            &crate::lease::test_limits(),
+            SystemTime::now(),
+            Principal::agent(),
+        )
+        .unwrap()
+    }
+
+    /// A store call from a test's async body, as the registry makes it from the blocking pool.
+    fn blocking<T>(f: impl FnOnce() -> T) -> T {
+        tokio::task::block_in_place(f)
+    }
+
+    async fn next_put(watch: &mut StoreWatch) -> Arc<Lease> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), watch.recv()).await {
+                Ok(Ok(StoreChange::Put(l))) => return l,
+                Ok(Ok(_)) => continue,
+                other => panic!("expected a put, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_compare_revisions_and_two_agents_see_each_others_changes() {
+        let Some(etcd) = etcd() else { return };
+        let a = EtcdStore::connect(settings(&etcd), "node-a").await.unwrap();
+        let b = EtcdStore::connect(settings(&etcd), "node-b").await.unwrap();
+        let mut b_watch = b.watch();
+        assert!(blocking(|| b.load()).unwrap().is_empty());
+        let mut l = lease("t", &["unix:uid:7"]);
+        blocking(|| a.put(&l)).unwrap();
+        let seen = next_put(&mut b_watch).await;
+        assert_eq!((seen.id.clone(), seen.revision), (l.id.clone(), 1));
+        // A write from the old revision (what a second agent would do) is refused, with the
+        // lease as it is now.
+        let stale = l.clone();
+        l.revision = 1;
+        l.expires_at += Duration::from_secs(10);
+        blocking(|| b.put(&l)).unwrap();
+        match blocking(|| a.put(&stale)) {
+            Err(StoreError::Conflict(now)) => {
+                assert_eq!(now.len(), 1);
+                assert_eq!(now[0].revision, 2);
+                assert_eq!(now[0].expires_at, l.expires_at);
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        // A lease bound to node B's process is B's alone.
+        let mut bound = lease("bound", &["unix:uid:8"]);
+        bound.node = Some("node-b".into());
+        blocking(|| b.put(&bound)).unwrap();
+        let ids = |s: &EtcdStore| -> Vec<LeaseId> {
+            let mut ids: Vec<LeaseId> = blocking(|| s.load())
+                .unwrap()
+                .iter()
+                .map(|l| l.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids(&a), vec![l.id.clone()]);
+        let mut both = vec![l.id.clone(), bound.id.clone()];
+        both.sort();
+        assert_eq!(ids(&b), both);
+        // Compaction deletes only what ended before the cutoff.
+        l.revision = 2;
+        l.mark_ended(LeaseState::Revoked, Principal::agent(), "done");
+        blocking(|| a.put(&l)).unwrap();
+        assert_eq!(
+            blocking(|| a.compact(SystemTime::now() - Duration::from_secs(60))).unwrap(),
+            0
+        );
+        assert_eq!(
+            blocking(|| a.compact(SystemTime::now() + Duration::from_secs(1))).unwrap(),
+            1
+        );
+        assert_eq!(ids(&a), Vec::<LeaseId>::new());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_resuming_from_compacted_history_reads_everything_again() {
+        let Some(etcd) = etcd() else { return };
+        let a = EtcdStore::connect(settings(&etcd), "node-a").await.unwrap();
+        let first = lease("first", &["unix:uid:7"]);
+        blocking(|| a.put(&first)).unwrap();
+        let mut client = a.client.clone();
+        let revision = client
+            .get("x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        client.compact(revision, None).await.unwrap();
+        let mut watch = a.watch();
+        // As if the agent had read the store long ago, before the compaction.
+        a.start_watch(0);
+        match tokio::time::timeout(Duration::from_secs(5), watch.recv()).await {
+            Ok(Ok(StoreChange::Reloaded(all))) => {
+                assert_eq!(all.len(), 1);
+                assert_eq!(all[0].id, first.id);
+            }
+            other => panic!("expected a full read, got {other:?}"),
+        }
+        // And it follows from there.
+        let second = lease("second", &["unix:uid:7"]);
+        blocking(|| a.put(&second)).unwrap();
+        assert_eq!(next_put(&mut watch).await.id, second.id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_etcd_makes_the_store_stale_and_it_recovers_on_its_own() {
+        let Some(etcd) = etcd() else { return };
+        let a = EtcdStore::connect(settings(&etcd), "node-a").await.unwrap();
+        blocking(|| a.load()).unwrap();
+        let mut health = a.health();
+        etcd.freeze();
+        let refused = blocking(|| a.put(&lease("t", &["unix:uid:7"])));
+        assert!(matches!(refused, Err(StoreError::Failed(_))), "{refused:?}");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            health.wait_for(|h| h.stale && !h.reachable),
+        )
+        .await
+        .expect("stale within max_staleness")
+        .unwrap();
+        etcd.thaw();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            health.wait_for(|h| *h == StoreHealth::FINE),
+        )
+        .await
+        .expect("fresh again once etcd answers")
+        .unwrap();
+        blocking(|| a.put(&lease("u", &["unix:uid:7"]))).unwrap();
+    }
+}
