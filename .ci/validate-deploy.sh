@@ -156,8 +156,12 @@ ALLOWED = {
     None: {"trust_domain": STR, "socket": STR, "admin_socket": STR, "data_dir": STR,
            "extra_sockets": "list of strings",
            "log_format": STR, "health_addr": STR,
+           "node_name": STR,
            # also accepted by src/config/mod.rs, not used by these files
            "spiffe_id_template": STR},
+    "store": {"kind": STR, "endpoints": "list of strings", "prefix": STR, "ca_file": STR,
+              "cert_file": STR, "key_file": STR, "dial_timeout": DUR, "request_timeout": DUR,
+              "max_staleness": DUR},
     "leases": {k: DUR for k in ("max_ttl", "default_svid_ttl", "max_svid_ttl",
                                 "default_jwt_ttl", "max_jwt_ttl", "retention")},
     "admin": {"allowed_uids": INTS, "allowed_gids": INTS},
@@ -439,6 +443,14 @@ else:
                                 "config": {"ca": {"certFile": "/etc/mayfly-ca/ca.pem",
                                                   "keyFile": "/etc/mayfly-ca/ca-key.pem",
                                                   "ttl": "8760h"}}}, False),
+        "etcd-store": ({"config": {"ca": {"certFile": "/etc/mayfly-ca/tls.crt",
+                                          "keyFile": "/etc/mayfly-ca/tls.key",
+                                          "bundleFile": "/etc/mayfly-ca/ca.crt"},
+                                   "store": {"kind": "etcd",
+                                             "endpoints": ["https://etcd.mayfly-system.svc:2379"],
+                                             "caFile": "/etc/etcd/ca.crt",
+                                             "certFile": "/etc/etcd/tls.crt",
+                                             "keyFile": "/etc/etcd/tls.key"}}}, True),
     }
     with_namespace = {"namespace+example"}
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mayfly-helm-"))
@@ -970,7 +982,7 @@ notes.append("deploy/Dockerfile is not built here (no container engine)")
 # ================================================================ summary
 secs = time.monotonic() - T0
 status = "PASS" if failed == 0 else "FAIL"
-chart = (f"rendered (3 value sets), linted, schema-validated, and put through {helm_installs} "
+chart = (f"rendered (4 value sets), linted, schema-validated, and put through {helm_installs} "
          "installs/upgrades against a stand-in API server" if chart_rendered
          else "NOT rendered (see note)" if helm_reason else "FAILED to render")
 print()

@@ -144,6 +144,7 @@ fn main() -> Res<()> {
             "delegate-cascade" => delegate_cascade(&opts).await,
             "memory" => memory(&opts).await,
             "startup" => startup(&opts).await,
+            "cluster" => cluster(&opts).await,
             "all" => {
                 fetch(&opts).await?;
                 grant_to_svid(&opts).await?;
@@ -152,7 +153,8 @@ fn main() -> Res<()> {
                 delegate_to_svid(&opts).await?;
                 delegate_cascade(&opts).await?;
                 memory(&opts).await?;
-                startup(&opts).await
+                startup(&opts).await?;
+                cluster(&opts).await
             }
             other => Err(format!("unknown scenario {other}").into()),
         }
@@ -642,6 +644,24 @@ async fn open_streams(
     Ok(set)
 }
 
+/// Waits for every stream of `set` to be told, counting how each ended into `kinds`: when each
+/// was, and how long after `t0`.
+async fn told(
+    set: tokio::task::JoinSet<(Instant, SystemTime, End)>,
+    t0: Instant,
+    kinds: &mut std::collections::BTreeMap<End, usize>,
+) -> Res<(Vec<(Instant, SystemTime)>, Vec<Duration>)> {
+    let (got, k) = collect(set).await?;
+    for (kind, c) in k {
+        *kinds.entry(kind).or_insert(0) += c;
+    }
+    let lat = got
+        .iter()
+        .map(|(i, _)| i.saturating_duration_since(t0))
+        .collect();
+    Ok((got, lat))
+}
+
 async fn collect(
     mut set: tokio::task::JoinSet<(Instant, SystemTime, End)>,
 ) -> Res<(
@@ -689,14 +709,7 @@ async fn teardown(o: &Opts) -> Res<()> {
             let called = Instant::now();
             revoke(&mut admin, &lease.lease_id).await?;
             let t0 = Instant::now();
-            let (got, k) = collect(set).await?;
-            for (kind, c) in k {
-                *kinds.entry(kind).or_insert(0) += c;
-            }
-            let lat: Vec<Duration> = got
-                .iter()
-                .map(|(i, _)| i.saturating_duration_since(t0))
-                .collect();
+            let (got, lat) = told(set, t0, &mut kinds).await?;
             all.push(lat.iter().copied().max().unwrap_or_default());
             per_stream.extend(lat);
             let last = got.iter().map(|(i, _)| *i).max().unwrap_or(called);
@@ -1162,5 +1175,144 @@ async fn startup(o: &Opts) -> Res<()> {
             "(spawn to /healthz/ready 200, CA on disk)",
         );
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many nodes: three agents on one etcd (Debian's etcd-server on PATH)
+
+#[path = "../tests/support/etcd.rs"]
+mod etcd_server;
+
+/// A root and one intermediate per node (as cert-manager would issue them), written into each
+/// node's dir; the config for an agent on `etcd` with that CA.
+fn cluster_config(
+    etcd: &str,
+    node: &str,
+    dir: &Path,
+    root: &(rcgen::CertificateParams, rcgen::KeyPair, String),
+) -> Res<String> {
+    let (root_params, root_key, root_pem) = root;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = ca_params(node, true)
+        .signed_by(&key, &rcgen::Issuer::from_params(root_params, root_key))?;
+    std::fs::write(dir.join("ca.pem"), cert.pem())?;
+    std::fs::write(dir.join("ca.key"), key.serialize_pem())?;
+    std::fs::write(dir.join("root.pem"), root_pem)?;
+    Ok(format!(
+        "trust_domain = \"example.org\"\nnode_name = \"{node}\"\n\n[ca]\ncert_file = {:?}\nkey_file = {:?}\nbundle_file = {:?}\n\n[store]\nkind = \"etcd\"\nendpoints = [\"{etcd}\"]\n",
+        dir.join("ca.pem"),
+        dir.join("ca.key"),
+        dir.join("root.pem"),
+    ))
+}
+
+fn ca_params(cn: &str, intermediate: bool) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org".try_into().expect("a URI"),
+    )];
+    p.is_ca = rcgen::IsCa::Ca(if intermediate {
+        rcgen::BasicConstraints::Constrained(0)
+    } else {
+        rcgen::BasicConstraints::Unconstrained
+    });
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    p.use_authority_key_identifier_extension = intermediate;
+    p
+}
+
+/// Waits until `agent` holds lease `id` as active (it came through etcd's watch).
+async fn until_active(admin: &mut TasksClient<Channel>, id: &str) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = admin
+            .get(pb::GetRequest {
+                lease_id: id.into(),
+            })
+            .await;
+        if got.is_ok_and(|l| l.into_inner().state == "active") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("lease {id} never became active on another node").into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A revocation on node A (from sending Revoke) until the streams open on nodes B and C (half
+/// each) are told; and grants per second through etcd.
+async fn cluster(o: &Opts) -> Res<()> {
+    let bin = etcd_server::binary()?;
+    let etcd = tokio::task::block_in_place(|| etcd_server::Etcd::start(&bin));
+    let root_key = rcgen::KeyPair::generate()?;
+    let root_params = ca_params("root", false);
+    let root_pem = root_params.self_signed(&root_key)?.pem();
+    let root = (root_params, root_key, root_pem);
+    let mut dirs = Vec::new();
+    let mut agents = Vec::new();
+    for node in ["node-a", "node-b", "node-c"] {
+        let dir = temp_dir()?;
+        let toml = cluster_config(&etcd.endpoint, node, dir.path(), &root)?;
+        agents.push(AgentProc::start_configured(o, dir.path(), Some(&toml)).await?);
+        dirs.push(dir);
+    }
+    let (mut a, mut b, mut c) = (
+        agents[0].admin().await?,
+        agents[1].admin().await?,
+        agents[2].admin().await?,
+    );
+    let uid = format!("unix:uid:{}", rustix::process::geteuid().as_raw());
+    let reps = o.reps.unwrap_or(10);
+    let mut seq = 0;
+    for &n in &o.streams {
+        let mut clients = connect_clients(&agents[1], n / 2).await?;
+        clients.extend(connect_clients(&agents[2], n - n / 2).await?);
+        let mut all = Vec::new();
+        let mut per_stream = Vec::new();
+        let mut kinds = std::collections::BTreeMap::new();
+        for _ in 0..reps {
+            seq += 1;
+            let lease = grant(&mut a, &format!("cl-{seq}"), vec![uid.clone()], HOUR).await?;
+            until_active(&mut b, &lease.lease_id).await?;
+            until_active(&mut c, &lease.lease_id).await?;
+            let set = open_streams(&clients).await?;
+            // From sending Revoke to node A: the call's own write to etcd is part of it.
+            let t0 = Instant::now();
+            revoke(&mut a, &lease.lease_id).await?;
+            let (_, lat) = told(set, t0, &mut kinds).await?;
+            all.push(lat.iter().copied().max().unwrap_or_default());
+            per_stream.extend(lat);
+        }
+        summary(
+            "cluster",
+            &format!("revoke-on-A streams={n} on B+C all"),
+            all,
+            None,
+            &format!("ends={}", kinds_str(&kinds)),
+        );
+        summary(
+            "cluster",
+            &format!("revoke-on-A streams={n} on B+C each"),
+            per_stream,
+            None,
+            "",
+        );
+    }
+    for n in [500usize, 2000] {
+        let took = grant_many(&agents[0], n, &format!("gr-{n}"), HOUR).await?;
+        println!(
+            "cluster  grants through etcd n={n} (64 in flight)  {:.0}/s",
+            n as f64 / took.as_secs_f64()
+        );
+    }
+    drop(agents);
+    drop(dirs);
+    drop(etcd);
     Ok(())
 }

@@ -63,6 +63,9 @@ admin_socket = {{ include "mayfly.adminSocket" . | quote }}
 data_dir = {{ .Values.hostPaths.dataDir | quote }}
 log_format = {{ $c.logFormat | quote }}
 health_addr = {{ printf "0.0.0.0:%d" (int .Values.health.port) | quote }}
+{{- if eq $c.store.kind "etcd" }}
+node_name = "@NODE_NAME@"
+{{- end }}
 
 [leases]
 max_ttl = {{ $c.leases.maxTtl | quote }}
@@ -103,6 +106,28 @@ bundle_file = {{ . | quote }}
 {{- with .ttl }}
 ttl = {{ . | quote }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- with $c.store }}
+{{- if eq .kind "etcd" }}
+
+[store]
+kind = "etcd"
+endpoints = [{{ range $i, $e := .endpoints }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
+prefix = {{ .prefix | quote }}
+{{- with .caFile }}
+ca_file = {{ . | quote }}
+{{- end }}
+{{- with .certFile }}
+cert_file = {{ . | quote }}
+{{- end }}
+{{- with .keyFile }}
+key_file = {{ . | quote }}
+{{- end }}
+request_timeout = {{ .requestTimeout | quote }}
+max_staleness = {{ .maxStaleness | quote }}
+{{- else if ne .kind "redb" }}
+{{- fail "config.store.kind: redb or etcd" }}
 {{- end }}
 {{- end }}
 {{- if .Values.kubelet.enabled }}
