@@ -22,6 +22,7 @@ use crate::lease::LeaseStore;
 use crate::lease::{Durable, Leases};
 use crate::policy::PolicyEngine;
 use crate::server::health::HealthServer;
+use crate::server::remote_admin::RemoteAdmin;
 use crate::store::{EtcdStore, RedbStore};
 use crate::svid::Manager;
 use crate::telemetry::{Metrics, Readiness, StateLabel};
@@ -58,6 +59,8 @@ pub enum StartError {
         addr: crate::config::HealthAddr,
         source: crate::server::health::HealthBindError,
     },
+    #[error("remote admin API: {0}")]
+    RemoteAdmin(#[from] crate::server::remote_admin::RemoteAdminError),
     #[error("workload socket: {0}")]
     Workload(crate::server::listen::BindError),
     #[error("admin socket: {0}")]
@@ -70,6 +73,8 @@ pub struct Agent {
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
     pub health_addr: crate::config::HealthAddr,
+    /// The remote admin API's bound address, if `admin_addr` is set.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub policy: Arc<PolicyEngine>,
     pub registry: Arc<Leases>,
     pub manager: Arc<Manager>,
@@ -245,11 +250,38 @@ impl Agent {
             crate::lease::Allowlist {
                 uids: config.allowed_uids.clone(),
                 gids: config.allowed_gids.clone(),
+                remote: config.allowed_remote.clone(),
             },
             config.approval_timeout,
         );
         let admin_api =
             crate::server::admin::AdminApi::new(tasks_service, attestor, &config.socket);
+        let remote_admin = match config.admin_addr {
+            None => None,
+            Some(addr) => Some(
+                RemoteAdmin::bind(
+                    addr,
+                    ca.clone(),
+                    &config.node_name,
+                    &config.admin_client_ca_files,
+                )
+                .await?,
+            ),
+        };
+        let admin_addr = remote_admin.as_ref().map(|r| r.addr);
+        if let Some(remote) = remote_admin {
+            let (api, token) = (admin_api.clone(), shutdown.clone());
+            let incoming = remote.incoming(config.handshake_timeout, token.clone());
+            tasks.spawn(async move {
+                let r = server()
+                    .add_service(api)
+                    .serve_with_incoming_shutdown(incoming, token.cancelled())
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "remote admin API server failed");
+                }
+            });
+        }
 
         let (workload_admission, admin_admission) = admissions(&config, &metrics);
         let token = shutdown.clone();
@@ -361,6 +393,7 @@ impl Agent {
             admin_socket: config.admin_socket,
             data_dir: config.data_dir,
             health_addr,
+            admin_addr,
             policy,
             registry,
             manager,

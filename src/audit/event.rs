@@ -83,6 +83,9 @@ pub struct AdminDenied<'a> {
     pub gid: u32,
     pub pid: Option<i32>,
     pub selectors: Vec<&'a str>,
+    /// A remote caller's certificate identity (absent on the admin socket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<&'a str>,
     pub reason: &'a str,
 }
 

@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub delegation: DelegationSection,
     #[serde(default)]
     pub store: StoreSection,
+    /// The remote admin API's TCP address (`IP:PORT`), mutual TLS only; unset: none.
+    pub admin_addr: Option<String>,
     /// This node's name: what a lease bound to a process here records, and (on a shared
     /// store) the key range only this agent reads. Default: `kubernetes.node_name`, then
     /// `$NODE_NAME`, then the host name.
@@ -194,6 +196,15 @@ pub struct ConnectionsSection {
 pub struct AdminSection {
     pub allowed_uids: Option<Vec<u32>>,
     pub allowed_gids: Option<Vec<u32>>,
+    /// Remote admin API callers by SPIFFE ID: exact, or `spiffe://td/path/*` for every ID
+    /// below a path.
+    pub allowed_spiffe_ids: Option<Vec<String>>,
+    /// Remote admin API callers with a certificate from an operator CA and no SPIFFE ID, by
+    /// subject common name.
+    pub allowed_cert_names: Option<Vec<String>>,
+    /// PEM files of the roots client certificates must chain to on the remote admin API
+    /// (default: this agent's own trust bundle).
+    pub client_ca_files: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +271,11 @@ pub struct Config {
     pub approval_timeout: Duration,
     pub store: StoreSettings,
     pub node_name: String,
+    /// The remote admin API, if `admin_addr` is set.
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// Remote callers the admin allowlist admits (`spiffe://` patterns and `cn:NAME`).
+    pub allowed_remote: Vec<String>,
+    pub admin_client_ca_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -696,6 +712,33 @@ impl Config {
         allowed_uids.sort_unstable();
         allowed_uids.dedup();
         let allowed_gids = file.admin.allowed_gids.unwrap_or_default();
+        let mut allowed_remote = Vec::new();
+        for p in file.admin.allowed_spiffe_ids.clone().unwrap_or_default() {
+            let id = p.strip_suffix("/*").unwrap_or(&p);
+            match spiffe::SpiffeId::new(id) {
+                Ok(_) => allowed_remote.push(p),
+                Err(e) => errors.push(format!(
+                    "admin.allowed_spiffe_ids {p:?}: not a SPIFFE ID (or one followed by /*): {e}"
+                )),
+            }
+        }
+        for n in file.admin.allowed_cert_names.clone().unwrap_or_default() {
+            if n.is_empty() {
+                errors.push("admin.allowed_cert_names: an empty name".into());
+            }
+            allowed_remote.push(format!("cn:{n}"));
+        }
+        let admin_client_ca_files = file.admin.client_ca_files.clone().unwrap_or_default();
+        let admin_addr = match &file.admin_addr {
+            None => None,
+            Some(a) => match a.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    errors.push(format!("admin_addr {a:?}: not IP:PORT: {e}"));
+                    None
+                }
+            },
+        };
 
         let socket = o
             .socket
@@ -816,6 +859,9 @@ impl Config {
             approval_timeout,
             store,
             node_name,
+            admin_addr,
+            allowed_remote,
+            admin_client_ca_files,
         })
     }
 }

@@ -31,11 +31,25 @@ pub enum TaskError {
     WrongState(String),
 }
 
-/// Who may call at all: uids, and gids (primary or supplementary).
+/// Who may call at all: uids, and gids (primary or supplementary), on the admin socket; on the
+/// remote admin API, certificate identities.
 #[derive(Clone, Debug, Default)]
 pub struct Allowlist {
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    /// `spiffe://...` exactly, `spiffe://.../*` for every ID below a path, or `cn:NAME`.
+    pub remote: Vec<String>,
+}
+
+/// Whether an allowlist pattern admits a remote identity: the same string, or (a pattern
+/// ending in `/*`) any SPIFFE ID strictly below that path.
+pub fn remote_allowed(pattern: &str, identity: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with('/') && prefix.starts_with("spiffe://") => {
+            identity.len() > prefix.len() && identity.starts_with(prefix)
+        }
+        _ => pattern == identity,
+    }
 }
 
 /// A caller of the task API, from its kernel facts.
@@ -51,6 +65,20 @@ pub struct Caller {
 impl Caller {
     /// The caller an attestation describes: its uid and gid, its user and group names, and
     /// every group it is in.
+    /// A caller of the remote admin API, by its client certificate's identity alone.
+    pub fn remote(identity: &str) -> Caller {
+        Caller {
+            principal: Principal::remote(identity.to_owned()),
+            attrs: PrincipalAttrs {
+                uid: u32::MAX,
+                name: identity.to_owned(),
+                spiffe_id: identity.to_owned(),
+                ..Default::default()
+            },
+            selectors: Selectors::default(),
+        }
+    }
+
     pub fn from_attestation(att: &Attestation) -> Caller {
         let values = |keys: &[UnixKey]| -> Vec<&str> {
             let keys: Vec<Key> = keys.iter().map(|k| Key::Unix(*k)).collect();
@@ -68,6 +96,7 @@ impl Caller {
                 .into_iter()
                 .filter_map(|g| g.parse().ok())
                 .collect(),
+            spiffe_id: String::new(),
         };
         Caller {
             principal: Principal {
@@ -122,9 +151,14 @@ impl TaskService {
     /// Refuses (and audits) a caller outside the allowlist.
     pub async fn admit(&self, caller: Caller, rpc: &'static str) -> Result<Admitted, TaskError> {
         let a = &self.allowlist;
-        if a.uids.contains(&caller.principal.uid)
-            || caller.attrs.gids.iter().any(|g| a.gids.contains(g))
-        {
+        let admitted = match &caller.principal.spiffe_id {
+            Some(id) => a.remote.iter().any(|p| remote_allowed(p, id)),
+            None => {
+                a.uids.contains(&caller.principal.uid)
+                    || caller.attrs.gids.iter().any(|g| a.gids.contains(g))
+            }
+        };
+        if admitted {
             return Ok(Admitted(caller));
         }
         let p = &caller.principal;
@@ -142,15 +176,22 @@ impl TaskService {
             gid: p.gid,
             pid: p.pid,
             selectors: caller.selectors.iter().map(|s| s.as_str()).collect(),
+            spiffe_id: p.spiffe_id.as_deref(),
             reason: "caller not in the admin allowlist",
         });
         if let Err(e) = self.audit.record(&denied).await {
             tracing::error!(error = %e, "could not audit an admin denial");
         }
-        Err(TaskError::NotAllowed(format!(
-            "uid {} is not allowed to use the admin API (allowed uids {:?}, gids {:?})",
-            p.uid, a.uids, a.gids
-        )))
+        Err(TaskError::NotAllowed(match &p.spiffe_id {
+            Some(id) => format!(
+                "{id} is not allowed to use the admin API (admin.allowed_spiffe_ids and \
+                 admin.allowed_cert_names name who is)"
+            ),
+            None => format!(
+                "uid {} is not allowed to use the admin API (allowed uids {:?}, gids {:?})",
+                p.uid, a.uids, a.gids
+            ),
+        }))
     }
 
     /// Grants a lease, or holds it pending approval when a policy says so.
@@ -397,4 +438,33 @@ fn remaining(lease: &Lease) -> Duration {
         .expires_at
         .duration_since(SystemTime::now())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod remote_allowlist_tests {
+    use super::remote_allowed;
+
+    #[test]
+    fn patterns_match_exactly_or_strictly_below_a_path() {
+        let p = "spiffe://example.org/orchestrator/*";
+        assert!(remote_allowed(p, "spiffe://example.org/orchestrator/ci"));
+        assert!(remote_allowed(p, "spiffe://example.org/orchestrator/ci/eu"));
+        assert!(!remote_allowed(p, "spiffe://example.org/orchestrator/"));
+        assert!(!remote_allowed(p, "spiffe://example.org/orchestrator"));
+        assert!(!remote_allowed(p, "spiffe://example.org/orchestratorx/ci"));
+        assert!(!remote_allowed(p, "spiffe://evil.org/orchestrator/ci"));
+        assert!(remote_allowed(
+            "spiffe://example.org/a",
+            "spiffe://example.org/a"
+        ));
+        assert!(!remote_allowed(
+            "spiffe://example.org/a",
+            "spiffe://example.org/a/b"
+        ));
+        assert!(remote_allowed("cn:deployer", "cn:deployer"));
+        assert!(!remote_allowed("cn:deployer", "cn:deployer2"));
+        // A bare `*` is not a wildcard: only a path ending in `/*` is.
+        assert!(!remote_allowed("*", "spiffe://example.org/a"));
+        assert!(!remote_allowed("cn:*", "cn:anyone"));
+    }
 }

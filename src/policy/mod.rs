@@ -338,6 +338,7 @@ pub(super) mod test_support {
                 name: format!("user{uid}"),
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 gids: vec![uid],
+                ..Default::default()
             },
             workload: Default::default(),
             resource: ResourceAttrs {

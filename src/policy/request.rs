@@ -51,7 +51,8 @@ impl std::fmt::Display for Action {
     }
 }
 
-/// Attributes of the caller (`Mayfly::User`).
+/// Attributes of the caller: `Mayfly::User` on the admin socket, or `Mayfly::Client` (only
+/// `spiffe_id`) on the remote admin API.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrincipalAttrs {
@@ -63,6 +64,9 @@ pub struct PrincipalAttrs {
     pub groups: Vec<String>,
     /// Group ids of the caller.
     pub gids: Vec<u32>,
+    /// A remote caller's identity (its certificate's SPIFFE ID, or `cn:NAME`); empty for a
+    /// caller on the admin socket. When set, the principal is `Mayfly::Client`.
+    pub spiffe_id: String,
 }
 
 impl PrincipalAttrs {
@@ -89,6 +93,7 @@ impl PrincipalAttrs {
                 .filter_map(|g| Group::from_gid(*g).ok().flatten().map(|g| g.name))
                 .collect(),
             gids: gids.iter().map(|g| g.as_raw()).collect(),
+            spiffe_id: String::new(),
         }
     }
 }
@@ -210,6 +215,19 @@ pub(super) fn build_request(
             "parents": [],
         });
         (uid_of("Mayfly::Workload", &w.spiffe_id)?, entity)
+    } else if !p.spiffe_id.is_empty() {
+        let entity = json!({
+            "uid": { "type": "Mayfly::Client", "id": p.spiffe_id },
+            "attrs": {
+                "spiffe_id": p.spiffe_id,
+                "uid": -1,
+                "name": p.spiffe_id,
+                "groups": Vec::<String>::new(),
+                "gids": Vec::<i64>::new(),
+            },
+            "parents": [],
+        });
+        (uid_of("Mayfly::Client", &p.spiffe_id)?, entity)
     } else {
         let principal_id = p.uid.to_string();
         let entity = json!({
@@ -265,6 +283,29 @@ mod tests {
     use super::*;
     use crate::policy::test_support::{grant, names, strict, HOUR};
     use crate::policy::{Decision, PolicyEngine, PolicySource};
+
+    #[test]
+    fn a_remote_client_is_judged_as_mayfly_client() {
+        let mut req = grant(u32::MAX, &[], 900);
+        req.principal = PrincipalAttrs {
+            uid: u32::MAX,
+            name: "spiffe://example.org/orchestrator/ci".into(),
+            spiffe_id: "spiffe://example.org/orchestrator/ci".into(),
+            ..Default::default()
+        };
+        let default = PolicyEngine::load(PolicySource::default()).unwrap();
+        assert!(
+            matches!(default.evaluate(&req), Decision::Allow { .. }),
+            "{:?}",
+            default.evaluate(&req)
+        );
+        // The strict example permits only users (by group): a client is denied, not an error.
+        assert!(
+            matches!(strict().evaluate(&req), Decision::Deny { .. }),
+            "{:?}",
+            strict().evaluate(&req)
+        );
+    }
 
     #[test]
     fn request_json_round_trip() {

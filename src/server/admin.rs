@@ -51,6 +51,17 @@ impl AdminApi {
     /// The caller, from its peer credentials (primary and supplementary groups from /proc),
     /// once the allowlist admits it.
     async fn caller<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Admitted, Status> {
+        // On the remote admin API: the verified client certificate is the caller.
+        if let Some(remote) = req
+            .extensions()
+            .get::<crate::server::remote_admin::RemotePeer>()
+        {
+            return self
+                .tasks
+                .admit(Caller::remote(&remote.identity), rpc)
+                .await
+                .map_err(status);
+        }
         let peer =
             req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
                 Status::unauthenticated("no peer credentials on the admin socket")

@@ -6,5 +6,6 @@ pub mod admin;
 pub mod delegation;
 pub mod health;
 pub mod listen;
+pub mod remote_admin;
 pub mod sds;
 pub mod workload_api;

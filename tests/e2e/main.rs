@@ -17,6 +17,7 @@ mod limits;
 mod mtls;
 mod policy;
 mod python_clients;
+mod remote_admin;
 mod run;
 mod sds;
 mod workload_api;

@@ -13,14 +13,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Accepts exactly one SPIFFE ID whose chain verifies to the trust bundle.
 #[derive(Debug)]
-struct SpiffeVerifier {
+pub(crate) struct SpiffeVerifier {
     roots: Vec<CertificateDer<'static>>,
     expect: String,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeVerifier {
-    fn new(roots: Vec<CertificateDer<'static>>, expect: &str) -> Arc<Self> {
+    pub(crate) fn new(roots: Vec<CertificateDer<'static>>, expect: &str) -> Arc<Self> {
         Arc::new(SpiffeVerifier {
             roots,
             expect: expect.to_owned(),

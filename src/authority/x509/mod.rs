@@ -145,6 +145,28 @@ pub struct IssuedX509 {
     pub not_after: SystemTime,
 }
 
+impl IssuedX509 {
+    /// The chain's certificates, one DER each: the leaf first.
+    pub fn chain_certs(&self) -> Vec<&[u8]> {
+        let mut der = &self.chain_der[..];
+        let mut out = Vec::new();
+        while !der.is_empty() {
+            match x509_parser::parse_x509_certificate(der) {
+                Ok((rest, _)) => {
+                    out.push(&der[..der.len() - rest.len()]);
+                    der = rest;
+                }
+                // Our own issuer wrote it; a chain that does not parse is a bug, not input.
+                Err(_) => {
+                    out.push(der);
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
 impl fmt::Debug for IssuedX509 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IssuedX509")

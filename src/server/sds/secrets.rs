@@ -103,28 +103,9 @@ fn pem_key(pkcs8: &[u8]) -> Zeroizing<Vec<u8>> {
     out
 }
 
-/// The certificates of a chain of concatenated DER, one each.
-fn split_chain(mut der: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    while !der.is_empty() {
-        match x509_parser::parse_x509_certificate(der) {
-            Ok((rest, _)) => {
-                out.push(&der[..der.len() - rest.len()]);
-                der = rest;
-            }
-            // Our own issuer wrote it; a chain that does not parse is a bug, not input.
-            Err(_) => {
-                out.push(der);
-                break;
-            }
-        }
-    }
-    out
-}
-
 /// An SVID as a `TlsCertificate` secret named `name`.
 pub fn tls_certificate(name: &str, svid: &X509Svid) -> Secret {
-    let chain = pem_certs(split_chain(&svid.issued.chain_der));
+    let chain = pem_certs(svid.issued.chain_certs());
     let key = pem_key(&svid.issued.key_pkcs8);
     Secret {
         name: name.to_owned(),

@@ -1,0 +1,346 @@
+//! The admin API over TCP (`admin_addr`), mutual TLS only: for orchestrators that are not on
+//! this node. The same `mayfly.admin.v1.Tasks` service as on the admin socket; the caller is
+//! its client certificate, verified against the configured roots (by default this agent's own
+//! trust bundle, so an orchestrator holding an X.509-SVID of this trust domain can call).
+//!
+//! The caller's identity is its certificate's SPIFFE ID (its one `spiffe://` URI SAN), or
+//! `cn:NAME` for a certificate from an operator CA without one; the admin allowlist and the
+//! policies judge that identity (see `lease::service`). The server presents an X.509-SVID of
+//! its own, `spiffe://<trust domain>/mayfly/agent/<node>`, issued from the signing CA and
+//! renewed long before it expires: clients verify it as SPIFFE peers do, by chain and ID.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use spiffe::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::authority::x509::CaHandle;
+
+/// How long the server's own certificate lives, and how often it is replaced.
+const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+const SERVING_RENEW: Duration = Duration::from_secs(3600);
+
+/// Connections open at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// The caller on the remote admin API, as its verified client certificate names it.
+#[derive(Clone, Debug)]
+pub struct RemotePeer {
+    /// Its SPIFFE ID, or `cn:NAME`.
+    pub identity: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteAdminError {
+    #[error("binding {addr}: {source} (is it taken? choose another admin_addr)")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("reading admin.client_ca_files {path}: {problem}")]
+    Roots { path: String, problem: String },
+    #[error("remote admin TLS: {0}")]
+    Tls(String),
+}
+
+/// The server's certificate, replaced as it ages (and when the signing CA changes).
+struct ServingCert {
+    ca: Arc<CaHandle>,
+    id: SpiffeId,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("id", &self.id.to_string())
+            .finish()
+    }
+}
+
+impl ServingCert {
+    fn issue(ca: &CaHandle, id: &SpiffeId) -> Result<Arc<CertifiedKey>, RemoteAdminError> {
+        let issued = ca
+            .current()
+            .issue_x509_svid(id, SystemTime::now() + SERVING_TTL)
+            .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> = issued
+            .chain_certs()
+            .into_iter()
+            .map(|der| CertificateDer::from(der.to_vec()))
+            .collect();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8.to_vec()));
+        let key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
+        Ok(Arc::new(CertifiedKey::new(chain, key)))
+    }
+
+    async fn renew(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut changed = self.ca.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SERVING_RENEW) => {}
+                r = changed.changed() => if r.is_err() { return },
+            }
+            match Self::issue(&self.ca, &self.id) {
+                Ok(key) => *self.current.write().expect("serving cert poisoned") = key,
+                Err(e) => {
+                    tracing::error!(error = %e, "renewing the remote admin API's certificate failed")
+                }
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("serving cert poisoned").clone())
+    }
+}
+
+/// A bound listener and what it needs to serve mutual TLS.
+pub struct RemoteAdmin {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    serving: Arc<ServingCert>,
+    pub addr: SocketAddr,
+}
+
+/// The roots client certificates must chain to: the PEM files named, or else this agent's own
+/// trust bundle.
+fn client_roots(
+    ca: &CaHandle,
+    files: &[std::path::PathBuf],
+) -> Result<rustls::RootCertStore, RemoteAdminError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ders: Vec<Vec<u8>> = if files.is_empty() {
+        ca.current().roots_der().to_vec()
+    } else {
+        let mut ders = Vec::new();
+        for path in files {
+            let bad = |problem: String| RemoteAdminError::Roots {
+                path: path.display().to_string(),
+                problem,
+            };
+            let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let blocks = pem::parse_many(&text).map_err(|e| bad(e.to_string()))?;
+            let certs: Vec<Vec<u8>> = blocks
+                .into_iter()
+                .filter(|b| b.tag() == "CERTIFICATE")
+                .map(|b| b.into_contents())
+                .collect();
+            if certs.is_empty() {
+                return Err(bad("no CERTIFICATE block".into()));
+            }
+            ders.extend(certs);
+        }
+        ders
+    };
+    for der in ders {
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| RemoteAdminError::Tls(format!("a client root: {e}")))?;
+    }
+    Ok(roots)
+}
+
+impl RemoteAdmin {
+    /// Binds `addr` (a taken port fails start-up) and prepares the TLS side: this agent's
+    /// serving SVID, and client certificates required and verified against `client_ca_files`
+    /// (or the agent's own bundle).
+    pub async fn bind(
+        addr: SocketAddr,
+        ca: Arc<CaHandle>,
+        node: &str,
+        client_ca_files: &[std::path::PathBuf],
+    ) -> Result<RemoteAdmin, RemoteAdminError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RemoteAdminError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| RemoteAdminError::Bind { addr, source })?;
+        let td = ca.current().trust_domain().to_string();
+        let id = SpiffeId::new(format!("spiffe://{td}/mayfly/agent/{node}"))
+            .map_err(|e| RemoteAdminError::Tls(format!("the agent's own SPIFFE ID: {e}")))?;
+        let serving = Arc::new(ServingCert {
+            current: RwLock::new(ServingCert::issue(&ca, &id)?),
+            ca: ca.clone(),
+            id,
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(client_roots(&ca, client_ca_files)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| RemoteAdminError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(serving.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(RemoteAdmin {
+            listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            serving,
+            addr,
+        })
+    }
+
+    /// Accepted connections whose handshake succeeded and whose client certificate names an
+    /// identity; handshakes run concurrently, each within `handshake_timeout`. Also keeps the
+    /// serving certificate fresh until `shutdown`.
+    pub fn incoming(
+        self,
+        handshake_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio_stream::wrappers::ReceiverStream<io::Result<RemoteConn>> {
+        tokio::spawn(self.serving.clone().renew(shutdown.clone()));
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let (listener, acceptor) = (self.listener, self.acceptor);
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let accepted = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let (tcp, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "remote admin API: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::warn!(event = "remote_admin_refused", peer = %addr, error = %e, "remote admin API: TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(event = "remote_admin_refused", peer = %addr, "remote admin API: TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let leaf = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
+                    let identity = match leaf.as_deref().map(identity_of) {
+                        Some(Ok(identity)) => identity,
+                        Some(Err(why)) => {
+                            tracing::warn!(event = "remote_admin_refused", peer = %addr, reason = %why, "remote admin API: client certificate names no identity");
+                            return;
+                        }
+                        None => return,
+                    };
+                    let conn = RemoteConn {
+                        io: tls,
+                        peer: RemotePeer { identity, addr },
+                        _permit: permit,
+                    };
+                    let _ = tx.send(Ok(conn)).await;
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// The identity a verified client certificate names: its one SPIFFE ID, or else `cn:` and
+/// its subject's common name.
+pub fn identity_of(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                if uri.starts_with("spiffe://") {
+                    ids.push(*uri);
+                }
+            }
+        }
+    }
+    match ids.as_slice() {
+        [id] => SpiffeId::new(*id)
+            .map(|id| id.to_string())
+            .map_err(|e| format!("SPIFFE ID {id:?}: {e}")),
+        [] => {
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .filter(|cn| !cn.is_empty())
+                .ok_or("neither a SPIFFE ID nor a common name")?;
+            Ok(format!("cn:{cn}"))
+        }
+        _ => Err("more than one SPIFFE ID".into()),
+    }
+}
+
+/// One mutual-TLS connection on the remote admin API, with its caller.
+pub struct RemoteConn {
+    io: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: RemotePeer,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connected for RemoteConn {
+    type ConnectInfo = RemotePeer;
+
+    fn connect_info(&self) -> RemotePeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for RemoteConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for RemoteConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

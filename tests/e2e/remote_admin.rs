@@ -1,0 +1,214 @@
+//! The admin API over TCP with mutual TLS: an orchestrator holding an X.509-SVID from the agent
+//! itself grants with it; no certificate, an untrusted one, and one whose SPIFFE ID the
+//! allowlist or a policy rejects are refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use mayfly::proto::admin as pb;
+use mayfly::proto::admin::tasks_client::TasksClient;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::common::{self, TestAgent};
+use crate::mtls::SpiffeVerifier;
+
+const ORCHESTRATORS: &str = "spiffe://example.org/agent/orchestrator/*";
+
+/// An agent serving the remote admin API on a loopback port, admitting orchestrators by SPIFFE
+/// ID, with a policy that refuses one task's orchestrator.
+async fn agent() -> TestAgent {
+    let policies = common::shared_tempdir();
+    let extra = policies.path().join("remote.cedar");
+    std::fs::write(
+        &extra,
+        r#"@id("no-denied-orchestrator")
+forbid (principal is Mayfly::Client, action == Mayfly::Action::"grant", resource)
+when { principal.spiffe_id like "*/task/denied/*" };
+"#,
+    )
+    .unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let t = common::start_with(|f| {
+        f.admin_addr = Some("127.0.0.1:0".into());
+        f.node_name = Some("node-a".into());
+        f.admin.allowed_spiffe_ids = Some(vec![ORCHESTRATORS.into()]);
+        f.policy.files = Some(vec![root.join("default.cedar"), extra]);
+    })
+    .await;
+    std::mem::forget(policies);
+    t
+}
+
+fn addr(t: &TestAgent) -> SocketAddr {
+    t.agent
+        .as_ref()
+        .unwrap()
+        .admin_addr
+        .expect("admin_addr bound")
+}
+
+/// An X.509-SVID of this process from the agent's Workload API, for a lease granted to agent
+/// `agent` for task `task`: what an orchestrator would use.
+async fn svid(
+    t: &TestAgent,
+    agent: &str,
+    task: &str,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let lease = t
+        .admin()
+        .await
+        .grant(pb::GrantRequest {
+            agent: agent.into(),
+            ..common::grant_request(task, "user/alice", Duration::from_secs(300))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ctx = t.workload().await.fetch_x509_context().await.unwrap();
+    let svid = ctx
+        .svids()
+        .iter()
+        .find(|s| s.spiffe_id().to_string() == lease.spiffe_id)
+        .expect("the lease's SVID");
+    let chain = common::ders(svid.cert_chain());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        svid.private_key().as_bytes().to_vec(),
+    ));
+    (chain, key)
+}
+
+/// A client verifying the agent as SPIFFE peers do (its chain to the bundle, its SPIFFE ID),
+/// presenting `cert` if given.
+async fn client(
+    t: &TestAgent,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<TasksClient<Channel>, String> {
+    let roots = common::bundle_roots(&t.workload().await.fetch_x509_context().await.unwrap());
+    let verifier = SpiffeVerifier::new(roots, "spiffe://example.org/mayfly/agent/node-a");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let target = addr(t);
+    let channel = Endpoint::from_shared(format!("http://{target}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target).await?;
+                let name = ServerName::try_from("mayfly").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(TasksClient::new(channel))
+}
+
+fn grant(task: &str) -> pb::GrantRequest {
+    pb::GrantRequest {
+        selectors: vec!["unix:uid:4242".into()],
+        ..common::grant_request(task, "orchestrator/ci", Duration::from_secs(60))
+    }
+}
+
+#[tokio::test]
+async fn an_orchestrator_grants_with_its_svid_and_is_the_grantor() {
+    let t = agent().await;
+    let cert = svid(&t, "orchestrator", "orchestrate").await;
+    let orchestrator_id = spiffe::cert::spiffe_id_from_der(cert.0[0].as_ref())
+        .unwrap()
+        .to_string();
+    let mut admin = client(&t, Some(cert)).await.unwrap();
+    let lease = admin.grant(grant("remote-1")).await.unwrap().into_inner();
+    let by = lease.granted_by.unwrap();
+    assert_eq!(by.spiffe_id, orchestrator_id);
+    assert_eq!(by.uid, u32::MAX);
+    // The same lease on the admin socket, with its remote grantor recorded.
+    let local = t.lease(&lease.lease_id).await;
+    assert_eq!(local.granted_by.unwrap().spiffe_id, orchestrator_id);
+    let granted = common::audit_events(&t.data_dir(), "lease_granted");
+    let record = granted
+        .iter()
+        .find(|r| r["lease_id"] == lease.lease_id.as_str())
+        .unwrap();
+    assert_eq!(record["granted_by"]["spiffe_id"], orchestrator_id.as_str());
+    // And it ends it again.
+    admin
+        .revoke(pb::RevokeRequest {
+            lease_id: lease.lease_id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    t.wait_state(&lease.lease_id, "revoked", Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test]
+async fn callers_without_a_trusted_allowed_certificate_are_refused() {
+    let t = agent().await;
+    // (This process holds an SVID whose SPIFFE ID the allowlist does not name.)
+    let other = svid(&t, "reporter", "report").await;
+    // No client certificate: the handshake fails.
+    let refused = match client(&t, None).await {
+        Err(e) => e,
+        Ok(mut admin) => format!("{:?}", admin.grant(grant("no-cert")).await.unwrap_err()),
+    };
+    assert!(!refused.is_empty());
+    // A certificate from a CA the agent does not trust, naming an allowed SPIFFE ID.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org/agent/orchestrator/task/x/delegator/user/alice"
+            .try_into()
+            .unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let forged = params.self_signed(&key).unwrap();
+    let forged = (
+        vec![forged.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    );
+    let refused = match client(&t, Some(forged)).await {
+        Err(e) => e,
+        Ok(mut admin) => format!("{:?}", admin.grant(grant("forged")).await.unwrap_err()),
+    };
+    assert!(!refused.contains("lease_id"), "{refused}");
+    // A trusted SVID whose SPIFFE ID the allowlist does not name.
+    let mut admin = client(&t, Some(other)).await.unwrap();
+    let err = admin.grant(grant("other")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not allowed"), "{err:?}");
+    let denied = common::audit_events(&t.data_dir(), "admin_denied");
+    assert!(
+        denied.iter().any(|r| r["spiffe_id"]
+            .as_str()
+            .is_some_and(|id| id.contains("/agent/reporter/"))),
+        "{denied:?}"
+    );
+    // An allowed SPIFFE ID a policy refuses.
+    let denied = svid(&t, "orchestrator", "denied").await;
+    let mut admin = client(&t, Some(denied)).await.unwrap();
+    let err = admin.grant(grant("by-policy")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("no-denied-orchestrator"), "{err:?}");
+    // None of them granted anything.
+    assert!(t
+        .all_leases()
+        .await
+        .iter()
+        .all(|l| l.selectors != vec!["unix:uid:4242".to_string()]));
+}
