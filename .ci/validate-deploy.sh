@@ -156,7 +156,7 @@ ALLOWED = {
     None: {"trust_domain": STR, "socket": STR, "admin_socket": STR, "data_dir": STR,
            "extra_sockets": "list of strings",
            "log_format": STR, "health_addr": STR,
-           "node_name": STR,
+           "node_name": STR, "admin_addr": STR,
            # also accepted by src/config/mod.rs, not used by these files
            "spiffe_id_template": STR},
     "store": {"kind": STR, "endpoints": "list of strings", "prefix": STR, "ca_file": STR,
@@ -164,7 +164,8 @@ ALLOWED = {
               "max_staleness": DUR},
     "leases": {k: DUR for k in ("max_ttl", "default_svid_ttl", "max_svid_ttl",
                                 "default_jwt_ttl", "max_jwt_ttl", "retention")},
-    "admin": {"allowed_uids": INTS, "allowed_gids": INTS},
+    "admin": {"allowed_uids": INTS, "allowed_gids": INTS, "allowed_spiffe_ids": "list of strings",
+              "allowed_cert_names": "list of strings", "client_ca_files": "list of strings"},
     "ca": {"cert_file": STR, "key_file": STR, "chain_file": STR, "bundle_file": STR, "ttl": DUR},
     "attestation": {"max_digest_bytes": INT},
     "audit": {"max_segment_bytes": INT},
@@ -450,7 +451,10 @@ else:
                                              "endpoints": ["https://etcd.mayfly-system.svc:2379"],
                                              "caFile": "/etc/etcd/ca.crt",
                                              "certFile": "/etc/etcd/tls.crt",
-                                             "keyFile": "/etc/etcd/tls.key"}}}, True),
+                                             "keyFile": "/etc/etcd/tls.key"}},
+                        "remoteAdmin": {"enabled": True,
+                                        "allowedSpiffeIds": ["spiffe://mayfly.internal/orchestrator/*"]}},
+                       True),
     }
     with_namespace = {"namespace+example"}
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mayfly-helm-"))
@@ -897,6 +901,19 @@ for f in sorted((DEPLOY / "examples" / "envoy").glob("*.yaml")):
 istio = (DEPLOY / "examples" / "envoy" / "istio.yaml").read_text()
 check("mountPath: /var/run/secrets/workload-spiffe-uds" in istio and "extra_sockets" in istio,
       "istio.yaml: mounts workload-spiffe-uds and names extra_sockets")
+
+# ================================================================ deploy/examples/orchestrator
+# The example orchestrator client: every Kubernetes resource strict-schema-checked (the
+# cert-manager Certificate beside it is a custom resource and only parsed).
+print("== deploy/examples/orchestrator")
+for f in sorted((DEPLOY / "examples" / "orchestrator").glob("*.yaml")):
+    docs = load_docs(f.read_text(), str(f))
+    if check(bool(docs), f"{f.name}: parses"):
+        kube = [d for d in docs if not d.get("apiVersion", "").startswith("cert-manager.io/")]
+        if kube:
+            only = pathlib.Path(tempfile.mkdtemp(prefix="mayfly-orch-")) / f.name
+            only.write_text(yaml.safe_dump_all(kube, sort_keys=False))
+            kubernetes_validate([only], f"{f.name}")
 
 # ================================================================ deploy/systemd
 print("== deploy/systemd")

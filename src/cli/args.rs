@@ -313,8 +313,32 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct AdminConn {
     /// Admin socket (default: $MAYFLY_ADMIN_SOCKET, else the default path).
-    #[arg(long, value_parser = crate::config::parse_socket)]
+    #[arg(long, value_parser = crate::config::parse_socket, conflicts_with = "server")]
     pub admin_socket: Option<PathBuf>,
+    /// The remote admin API instead, https://HOST:PORT (mutual TLS; see --svid-from-socket
+    /// and --cert).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// With --server: present this process's own X.509-SVID from the Workload API, and trust
+    /// its trust domain's bundle.
+    #[arg(long, requires = "server")]
+    pub svid_from_socket: bool,
+    /// The Workload API for --svid-from-socket (default: $SPIFFE_ENDPOINT_SOCKET, else the
+    /// default path).
+    #[arg(long, value_parser = crate::config::parse_socket, requires = "svid_from_socket")]
+    pub workload_socket: Option<PathBuf>,
+    /// With --server: a client certificate chain (PEM), with --key and --ca.
+    #[arg(long, requires_all = ["server", "key", "ca"], conflicts_with = "svid_from_socket")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The roots the agent's certificate must chain to (PEM).
+    #[arg(long, requires = "cert")]
+    pub ca: Option<PathBuf>,
+    /// With --server: the agent's SPIFFE ID (default: any spiffe://<trust domain>/mayfly/agent/...).
+    #[arg(long, requires = "server")]
+    pub server_id: Option<String>,
     /// text for people, json for programs (one object; `task list`: an array).
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,

@@ -7,6 +7,7 @@ pub mod connect;
 pub mod delegate;
 pub mod healthcheck;
 pub mod local;
+pub mod remote;
 pub mod run;
 pub mod task;
 pub mod workload;

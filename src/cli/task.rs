@@ -20,6 +20,7 @@ fn ts(t: &Option<prost_types::Timestamp>) -> Value {
 fn principal_json(p: &Option<pb::Principal>) -> Value {
     match p {
         None => Value::Null,
+        Some(p) if !p.spiffe_id.is_empty() => json!({ "spiffe_id": p.spiffe_id }),
         Some(p) => json!({ "uid": p.uid, "gid": p.gid, "pid": p.pid, "user": p.user }),
     }
 }
@@ -118,11 +119,13 @@ fn print_lease_text(l: &pb::Lease) {
         ("granted_by", &l.granted_by),
         ("approved_by", &l.approved_by),
     ] {
-        if let Some(p) = p {
-            println!(
+        match p {
+            Some(p) if !p.spiffe_id.is_empty() => println!("{key:<15} {}", p.spiffe_id),
+            Some(p) => println!(
                 "{key:<15} uid={} gid={} pid={} user={}",
                 p.uid, p.gid, p.pid, p.user
-            );
+            ),
+            None => {}
         }
     }
     if let Value::String(d) = &v["approval_deadline"] {
@@ -317,11 +320,27 @@ pub async fn task(cmd: TaskCommand) -> Result<()> {
         | TaskCommand::Approve { conn, .. }
         | TaskCommand::Complete { conn, .. } => conn,
     };
-    let path = admin_socket(conn);
     let output = conn.output;
-    let mut client = crate::cli::connect::connect(&path)
-        .await
-        .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
+    let mut client = match &conn.server {
+        Some(server) => pb::tasks_client::TasksClient::new(
+            crate::cli::remote::channel(&crate::cli::remote::RemoteTarget {
+                server,
+                svid_from_socket: conn.svid_from_socket,
+                workload_socket: conn.workload_socket.as_deref(),
+                cert: conn.cert.as_deref(),
+                key: conn.key.as_deref(),
+                ca: conn.ca.as_deref(),
+                server_id: conn.server_id.as_deref(),
+            })
+            .await?,
+        ),
+        None => {
+            let path = admin_socket(conn);
+            crate::cli::connect::connect(&path)
+                .await
+                .with_context(|| format!("connecting to the admin socket {}", path.display()))?
+        }
+    };
     match cmd {
         TaskCommand::Grant { grant, .. } => {
             let lease = client

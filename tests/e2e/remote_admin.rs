@@ -212,3 +212,108 @@ async fn callers_without_a_trusted_allowed_certificate_are_refused() {
         .iter()
         .all(|l| l.selectors != vec!["unix:uid:4242".to_string()]));
 }
+
+/// PEM of DER blocks with one tag.
+fn pem_of(tag: &str, ders: &[&[u8]]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new(tag, d.to_vec())))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_cli_grants_remotely_with_its_own_svid_or_with_certificate_files() {
+    let t = agent().await;
+    // The CLI is another process: it holds an orchestrator SVID by this user's uid.
+    t.admin()
+        .await
+        .grant(pb::GrantRequest {
+            agent: "orchestrator".into(),
+            selectors: vec![format!("unix:uid:{}", common::my_uid())],
+            ..common::grant_request("cli", "user/alice", Duration::from_secs(300))
+        })
+        .await
+        .unwrap();
+    let server = format!("https://{}", addr(&t));
+    let socket = t.socket.display().to_string();
+    let grant_args = |task: &'static str| {
+        vec![
+            "task",
+            "grant",
+            "--server",
+            server.as_str(),
+            "--task-id",
+            task,
+            "--delegator",
+            "orchestrator/ci",
+            "--agent",
+            "worker",
+            "--ttl",
+            "1m",
+            "--selector",
+            "unix:uid:4243",
+            "--output",
+            "json",
+        ]
+    };
+    let mut args = grant_args("by-svid");
+    args.extend(["--svid-from-socket", "--workload-socket", socket.as_str()]);
+    let lease = common::json(common::mayfly_async(&args).await);
+    let by = lease["granted_by"]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(by.contains("/agent/orchestrator/task/cli/"), "{lease}");
+
+    // Certificate files: an SVID and the bundle written out, as an operator would have them.
+    let (chain, key) = svid(&t, "orchestrator", "files").await;
+    let roots = common::bundle_roots(&t.workload().await.fetch_x509_context().await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let cert = write(
+        "cert.pem",
+        pem_of(
+            "CERTIFICATE",
+            &chain.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
+        ),
+    );
+    let key = write("key.pem", pem_of("PRIVATE KEY", &[key.secret_der()]));
+    let ca = write(
+        "ca.pem",
+        pem_of(
+            "CERTIFICATE",
+            &roots.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
+        ),
+    );
+    let mut args = grant_args("by-files");
+    args.extend([
+        "--cert",
+        cert.as_str(),
+        "--key",
+        key.as_str(),
+        "--ca",
+        ca.as_str(),
+    ]);
+    let lease = common::json(common::mayfly_async(&args).await);
+    assert!(
+        lease["granted_by"]["spiffe_id"]
+            .as_str()
+            .unwrap()
+            .contains("/task/files/"),
+        "{lease}"
+    );
+    // The wrong server identity is refused before anything is sent.
+    args.extend(["--server-id", "spiffe://example.org/someone-else"]);
+    let out = common::mayfly_async(&args).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("remote admin API"), "{err}");
+    // Without a way to authenticate, the CLI says what it needs.
+    let out = common::mayfly_async(&grant_args("none")).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--svid-from-socket"), "{err}");
+}

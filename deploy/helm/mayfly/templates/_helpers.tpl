@@ -63,8 +63,8 @@ admin_socket = {{ include "mayfly.adminSocket" . | quote }}
 data_dir = {{ .Values.hostPaths.dataDir | quote }}
 log_format = {{ $c.logFormat | quote }}
 health_addr = {{ printf "0.0.0.0:%d" (int .Values.health.port) | quote }}
-{{- if eq $c.store.kind "etcd" }}
-node_name = "@NODE_NAME@"
+{{- if .Values.remoteAdmin.enabled }}
+admin_addr = {{ printf "0.0.0.0:%d" (int .Values.remoteAdmin.port) | quote }}
 {{- end }}
 
 [leases]
@@ -78,6 +78,15 @@ retention = {{ $c.leases.retention | quote }}
 [admin]
 allowed_uids = [{{ range $i, $u := $c.admin.allowedUids }}{{ if $i }}, {{ end }}{{ int $u }}{{ end }}]
 allowed_gids = [{{ range $i, $g := $c.admin.allowedGids }}{{ if $i }}, {{ end }}{{ int $g }}{{ end }}]
+{{- with .Values.remoteAdmin }}
+{{- if .enabled }}
+allowed_spiffe_ids = [{{ range $i, $e := .allowedSpiffeIds }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
+allowed_cert_names = [{{ range $i, $e := .allowedCertNames }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
+{{- with .clientCaFiles }}
+client_ca_files = [{{ range $i, $e := . }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
+{{- end }}
+{{- end }}
+{{- end }}
 
 [jwt]
 key_rotation = {{ $c.jwt.keyRotation | quote }}
