@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
         store: MemoryStore::new(),
         audit: MemorySink::new(),
         metrics: metrics(),
+        node: "fuzz".into(),
     };
     let registry = Leases::new(limits.clone(), durable);
     runtime().block_on(async {

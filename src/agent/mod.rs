@@ -164,7 +164,10 @@ impl Agent {
         let loaded = started.elapsed();
         let count = stored.len();
         registry.restore(stored, config.retention).await;
-        registry.follow(changes);
+        // Only a shared store brings changes this agent did not make itself.
+        if store.shared() {
+            registry.follow(changes);
+        }
         tasks.spawn(report_store_health(
             store.health(),
             readiness.clone(),

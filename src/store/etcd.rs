@@ -518,16 +518,21 @@ mod tests {
     use super::*;
     use crate::lease::{GrantInput, Principal};
 
-    /// A real etcd, or `None` (the test skips, saying why) outside CI; in CI it must be there.
-    fn etcd() -> Option<Etcd> {
+    /// The etcd binary, or `None` (the test skips, saying why) outside CI; in CI it must be
+    /// there.
+    fn etcd_binary() -> Option<std::path::PathBuf> {
         match binary() {
-            Ok(bin) => Some(Etcd::start(&bin)),
+            Ok(bin) => Some(bin),
             Err(why) if std::env::var_os("CI").is_none() => {
                 eprintln!("skipping: {why}");
                 None
             }
             Err(why) => panic!("etcd is required in CI: {why}"),
         }
+    }
+
+    fn etcd() -> Option<Etcd> {
+        etcd_binary().map(|bin| Etcd::start(&bin))
     }
 
     fn settings(etcd: &Etcd) -> EtcdSettings {
@@ -662,6 +667,24 @@ mod tests {
         let second = lease("second", &["unix:uid:7"]);
         blocking(|| a.put(&second)).unwrap();
         assert_eq!(next_put(&mut watch).await.id, second.id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_etcd_with_tls_and_client_certificates_is_reached_with_the_configured_files() {
+        let Some(bin) = etcd_binary() else { return };
+        let (etcd, tls) = Etcd::start_tls(&bin);
+        let mut s = settings(&etcd);
+        assert!(s.endpoints[0].starts_with("https://"));
+        // Without a client certificate, etcd refuses.
+        s.ca_file = Some(tls.ca.clone());
+        let without = EtcdStore::connect(s.clone(), "node-a").await.unwrap();
+        assert!(blocking(|| without.load()).is_err());
+        s.cert_file = Some(tls.cert.clone());
+        s.key_file = Some(tls.key.clone());
+        let with = EtcdStore::connect(s, "node-a").await.unwrap();
+        let l = lease("tls", &["unix:uid:7"]);
+        blocking(|| with.put(&l)).unwrap();
+        assert_eq!(blocking(|| with.load()).unwrap()[0].id, l.id);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

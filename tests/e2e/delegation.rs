@@ -584,8 +584,19 @@ async fn ending_the_root_ends_every_descendant_and_their_streams_at_once() {
     let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .expect("the tool's stream answered")
-        .unwrap()
-        .expect("a first SVID");
+        .unwrap();
+    let Some(first) = first else {
+        // Say why: what the executor and the tool wrote before they exited.
+        let mut err = String::new();
+        let mut stderr = executor.stderr.take().unwrap();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err)
+            .await
+            .unwrap();
+        panic!(
+            "no first SVID; the executor exited ({:?}): {err}",
+            executor.wait().await
+        );
+    };
     let first: serde_json::Value = serde_json::from_str(&first).unwrap();
     let tool_id = "spiffe://example.org/agent/tool/task/tool-1/delegator/user/alice";
     assert!(first.to_string().contains(tool_id), "{first}");

@@ -20,6 +20,10 @@ const ORCHESTRATORS: &str = "spiffe://example.org/agent/orchestrator/*";
 /// An agent serving the remote admin API on a loopback port, admitting orchestrators by SPIFFE
 /// ID, with a policy that refuses one task's orchestrator.
 async fn agent() -> TestAgent {
+    agent_with(|_| {}).await
+}
+
+async fn agent_with(edit: impl FnOnce(&mut mayfly::config::FileConfig)) -> TestAgent {
     let policies = common::shared_tempdir();
     let extra = policies.path().join("remote.cedar");
     std::fs::write(
@@ -36,6 +40,7 @@ when { principal.spiffe_id like "*/task/denied/*" };
         f.node_name = Some("node-a".into());
         f.admin.allowed_spiffe_ids = Some(vec![ORCHESTRATORS.into()]);
         f.policy.files = Some(vec![root.join("default.cedar"), extra]);
+        edit(f);
     })
     .await;
     std::mem::forget(policies);
@@ -316,4 +321,56 @@ async fn the_cli_grants_remotely_with_its_own_svid_or_with_certificate_files() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--svid-from-socket"), "{err}");
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_operator_ca_is_admitted_by_its_common_name() {
+    // An operator CA the agent is told to trust for clients, and a certificate it issued to a
+    // deployer, with no SPIFFE ID.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "operator CA");
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issue = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p
+            .signed_by(&key, &rcgen::Issuer::from_params(&ca, &ca_key))
+            .unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("operator-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let t = agent_with(|f| {
+        f.admin.allowed_cert_names = Some(vec!["deployer".into()]);
+        f.admin.client_ca_files = Some(vec![ca_file.clone()]);
+    })
+    .await;
+    // (This process holds an SVID, so that the test can fetch the agent's bundle.)
+    let orchestrator = svid(&t, "orchestrator", "bundle").await;
+    let mut admin = client(&t, Some(issue("deployer"))).await.unwrap();
+    let lease = admin.grant(grant("deploy")).await.unwrap().into_inner();
+    assert_eq!(lease.granted_by.unwrap().spiffe_id, "cn:deployer");
+    // Another name from the same CA is not on the allowlist.
+    let mut admin = client(&t, Some(issue("intern"))).await.unwrap();
+    let err = admin.grant(grant("intern")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    // With client_ca_files set, only those roots are trusted: the agent's own SVIDs are not.
+    let refused = match client(&t, Some(orchestrator)).await {
+        Err(e) => e,
+        Ok(mut admin) => format!("{:?}", admin.grant(grant("svid")).await.unwrap_err()),
+    };
+    assert!(
+        !refused.contains("PermissionDenied"),
+        "refused at the handshake: {refused}"
+    );
 }

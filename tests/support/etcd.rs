@@ -13,8 +13,16 @@ use std::time::{Duration, Instant};
 pub struct Etcd {
     child: Child,
     _dir: tempfile::TempDir,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` for [`Etcd::start_tls`].
     pub endpoint: String,
+}
+
+/// What a client needs for an etcd started with [`Etcd::start_tls`]: the CA of its serving
+/// certificate, and a client certificate it requires.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The etcd binary, or why there is none.
@@ -57,9 +65,70 @@ fn healthy(port: u16) -> bool {
 impl Etcd {
     /// A fresh single-member etcd; waits until it is healthy.
     pub fn start(etcd: &std::path::Path) -> Etcd {
+        Self::launch(
+            etcd,
+            tempfile::tempdir().expect("etcd data dir"),
+            "http",
+            &[],
+        )
+    }
+
+    /// A fresh etcd serving TLS (a certificate for 127.0.0.1 from a test CA) and requiring
+    /// client certificates from that CA.
+    pub fn start_tls(etcd: &std::path::Path) -> (Etcd, EtcdTls) {
         let dir = tempfile::tempdir().expect("etcd data dir");
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let write = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("writing a test certificate");
+            p
+        };
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "etcd test CA");
+        ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+        let leaf = |cn: &str, names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(names).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            p.extended_key_usages = vec![usage];
+            (
+                p.signed_by(&key, &issuer).unwrap().pem(),
+                key.serialize_pem(),
+            )
+        };
+        let (server, server_key) = leaf(
+            "etcd",
+            vec!["127.0.0.1".into(), "localhost".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client, client_key) =
+            leaf("mayfly", vec![], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+        let files = EtcdTls {
+            ca: write("ca.pem", ca_pem),
+            cert: write("client.pem", client),
+            key: write("client.key", client_key),
+        };
+        let args = [
+            format!("--cert-file={}", write("server.pem", server).display()),
+            format!("--key-file={}", write("server.key", server_key).display()),
+            format!("--trusted-ca-file={}", files.ca.display()),
+            "--client-cert-auth".to_string(),
+        ];
+        (Self::launch(etcd, dir, "https", &args), files)
+    }
+
+    fn launch(
+        etcd: &std::path::Path,
+        dir: tempfile::TempDir,
+        scheme: &str,
+        extra: &[String],
+    ) -> Etcd {
+        let (client, peer, metrics) = (free_port(), free_port(), free_port());
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
         let child = Command::new(etcd)
@@ -70,6 +139,9 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=test={peer_url}"))
+            // /health in plain HTTP whatever the client port speaks.
+            .arg(format!("--listen-metrics-urls=http://127.0.0.1:{metrics}"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -81,7 +153,7 @@ impl Etcd {
             endpoint,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !healthy(client) {
+        while !healthy(metrics) {
             assert!(
                 Instant::now() < deadline,
                 "etcd did not become healthy: {}",

@@ -365,6 +365,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lease_held_for_approval_on_one_node_is_approved_on_another() {
+        let store = crate::store::MemoryStore::shared();
+        let a = node_on(store.clone(), MemorySink::new(), "a");
+        let b = node_on(store.clone(), MemorySink::new(), "b");
+        let lease = a
+            .prepare(
+                input("gated", &["unix:uid:7"], Duration::from_secs(60)),
+                Principal::agent(),
+            )
+            .unwrap();
+        let held = a
+            .hold(lease, Duration::from_secs(60), &["gate".into()])
+            .await
+            .unwrap();
+        eventually("B holds it pending", || {
+            b.get_cached(&held.id)
+                .is_some_and(|l| l.state == LeaseState::Pending)
+        })
+        .await;
+        let approver = Principal {
+            uid: 4242,
+            ..Principal::agent()
+        };
+        b.approve(&held.id, approver).await.unwrap();
+        eventually("A serves it, approved", || {
+            !a.matching(&selectors(&["unix:uid:7"])).is_empty()
+        })
+        .await;
+        assert_eq!(a.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn every_node_expires_a_lease_itself_and_the_store_holds_one_end() {
+        let store = crate::store::MemoryStore::shared();
+        let (audit_a, audit_b) = (MemorySink::new(), MemorySink::new());
+        let a = node_on(store.clone(), audit_a.clone(), "a");
+        let b = node_on(store.clone(), audit_b.clone(), "b");
+        let l = grant(&a, "short", &["unix:uid:7"], Duration::from_secs(1)).await;
+        eventually("B holds the lease", || b.get_active(&l.id).is_some()).await;
+        for r in [&a, &b] {
+            for _ in 0..400 {
+                if r.get_active(&l.id).is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                r.get_active(&l.id).is_none(),
+                "every node ends it at its deadline"
+            );
+        }
+        eventually("the end is stored", || {
+            store.load().unwrap()[0].state == LeaseState::Expired
+        })
+        .await;
+        let expired = |audit: &MemorySink| {
+            audit
+                .events()
+                .iter()
+                .filter(|e| e.ends_with("expired"))
+                .count()
+        };
+        eventually("one end audited", || {
+            expired(&audit_a) + expired(&audit_b) == 1
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_stale_store_suspends_every_lease_and_wakes_the_streams() {
         let r = registry();
         let caller = selectors(&["unix:uid:7"]);
