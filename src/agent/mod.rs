@@ -243,6 +243,7 @@ impl Agent {
                 sink.clone(),
                 policy.clone(),
                 config.approval_timeout,
+                config.allowed_remote.clone(),
             ),
         );
         let sds = crate::server::sds::Sds::new(identities, config.sds.clone(), metrics.clone());

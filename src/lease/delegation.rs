@@ -121,6 +121,9 @@ pub struct DelegationService {
     /// delegations cannot together pass `max_children`. One for all parents: a delegation
     /// waits for at most the durable writes of those ahead of it.
     admitting: tokio::sync::Mutex<()>,
+    /// Who the remote admin API admits (`admin.allowed_spiffe_ids`): a delegated identity is
+    /// never one of them, or a workload could delegate itself the power to grant.
+    admin_callers: Vec<String>,
 }
 
 impl DelegationService {
@@ -129,12 +132,14 @@ impl DelegationService {
         audit: Audit,
         policy: Arc<PolicyEngine>,
         approval_timeout: Duration,
+        admin_callers: Vec<String>,
     ) -> Self {
         DelegationService {
             registry,
             audit,
             policy,
             approval_timeout,
+            admin_callers,
             budgets: Mutex::new(HashMap::new()),
             admitting: tokio::sync::Mutex::new(()),
         }
@@ -321,6 +326,18 @@ impl DelegationService {
                 );
                 return Err(self.violation(holder, Some(&parent), what).await);
             }
+        }
+        // Never an identity the remote admin API admits.
+        let id = child.spiffe_id.to_string();
+        if self
+            .admin_callers
+            .iter()
+            .any(|p| super::service::remote_allowed(p, &id))
+        {
+            let what = format!(
+                "narrowing rule spiffe_id: {id} is admitted to the remote admin API (admin.allowed_spiffe_ids); a delegated identity never is"
+            );
+            return Err(self.violation(holder, Some(&parent), what).await);
         }
         // Never an identity a live lease holds already: a delegation names its own workload.
         if let Some(holder_of) = self.registry.holder_of(&child.spiffe_id) {

@@ -934,3 +934,31 @@ async fn acting_through_the_parent_process_is_held_to_what_that_process_started(
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains(&first.lease_id), "{}", err.message());
 }
+
+/// A planner cannot delegate itself a remote admin caller's identity: with
+/// `admin.allowed_spiffe_ids` naming `agent/orchestrator/*`, a child for agent "orchestrator"
+/// is refused (and audited), so delegation never leads to the power to grant.
+#[tokio::test]
+async fn a_delegated_identity_is_never_one_the_remote_admin_api_admits() {
+    let t = start_with(|f| {
+        f.admin.allowed_spiffe_ids = Some(vec!["spiffe://example.org/agent/orchestrator/*".into()]);
+    })
+    .await;
+    grant_root(&t, "plan", 1, &["db"]).await;
+    let kid = Sleeper::start();
+    let mut child = child_request("escalate", vec![kid.selector()], &["db"]);
+    child.agent = "orchestrator".into();
+    let err = delegation(&t).await.delegate(req(child)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("remote admin API"), "{err:?}");
+    let refused = audit_events(&t.data_dir(), "delegation_refused");
+    assert!(
+        refused.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|w| w.contains("admin.allowed_spiffe_ids"))),
+        "{refused:?}"
+    );
+    // Another agent name is delegated as usual.
+    let ok = child_request("fine", vec![kid.selector()], &["db"]);
+    delegation(&t).await.delegate(req(ok)).await.unwrap();
+}
