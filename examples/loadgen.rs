@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `sds-teardown`, `delegate-to-svid`,
-//! `delegate-cascade`, `memory`, `startup`, `all`.
+//! `delegate-cascade`, `memory`, `startup`, `cluster`, `staleness`, `all`.
 //!
 //! Options:
 //!   --agent-bin PATH      agent binary (default target/release/mayfly)
@@ -25,6 +25,8 @@
 //!   --wrap "CMD ARGS"     run the agent under a wrapper, e.g. `heaptrack -o /tmp/ht` or
 //!                         `perf record -g -o /tmp/perf.data --`; RSS and CPU figures then
 //!                         describe the wrapper's process, not the agent
+//!   --nodes LIST          `staleness`: how many nodes' lease stores watch one etcd (default 100,1000)
+//!   --staleness LIST      `staleness`: `store.max_staleness` values in seconds (default 1,5,20)
 //!   --hold-secs N         `memory`: keep the agent, its leases and streams N seconds after the
 //!                         last measurement (a profiler can attach, or stop the agent, meanwhile)
 //!
@@ -72,6 +74,9 @@ struct Opts {
     wrap: Vec<String>,
     /// Memory scenario: how long to keep everything open after the last measurement.
     hold: Duration,
+    /// Staleness scenario: node counts, and `max_staleness` values.
+    nodes: Vec<usize>,
+    staleness: Vec<Duration>,
 }
 
 fn parse_args() -> Res<(String, Opts)> {
@@ -92,6 +97,8 @@ fn parse_args() -> Res<(String, Opts)> {
         wrap: Vec::new(),
         hold: Duration::ZERO,
         interval: None,
+        nodes: vec![100, 1000],
+        staleness: [1, 5, 20].map(Duration::from_secs).to_vec(),
     };
     let list = |s: String| -> Res<Vec<usize>> {
         s.split(',')
@@ -115,6 +122,13 @@ fn parse_args() -> Res<(String, Opts)> {
             }
             "--wrap" => o.wrap = val()?.split_whitespace().map(String::from).collect(),
             "--hold-secs" => o.hold = Duration::from_secs(val()?.parse()?),
+            "--nodes" => o.nodes = list(val()?)?,
+            "--staleness" => {
+                o.staleness = val()?
+                    .split(',')
+                    .map(|x| x.trim().parse::<f64>().map(Duration::from_secs_f64))
+                    .collect::<Result<_, _>>()?
+            }
             other => return Err(format!("unknown option {other}").into()),
         }
     }
@@ -145,6 +159,7 @@ fn main() -> Res<()> {
             "memory" => memory(&opts).await,
             "startup" => startup(&opts).await,
             "cluster" => cluster(&opts).await,
+            "staleness" => staleness(&opts).await,
             "all" => {
                 fetch(&opts).await?;
                 grant_to_svid(&opts).await?;
@@ -154,7 +169,8 @@ fn main() -> Res<()> {
                 delegate_cascade(&opts).await?;
                 memory(&opts).await?;
                 startup(&opts).await?;
-                cluster(&opts).await
+                cluster(&opts).await?;
+                staleness(&opts).await
             }
             other => Err(format!("unknown scenario {other}").into()),
         }
@@ -1313,6 +1329,89 @@ async fn cluster(o: &Opts) -> Res<()> {
     }
     drop(agents);
     drop(dirs);
+    drop(etcd);
+    Ok(())
+}
+
+/// What `store.max_staleness` costs: `nodes` real etcd lease stores (one client connection,
+/// one watch stream and one staleness clock each, as in N agents) follow one etcd for
+/// `--duration`, asking for watch progress every quarter of `max_staleness` as agents do.
+/// Reports etcd's CPU, the stores' own CPU (this process), and how many stores went stale
+/// though etcd was up: a false suspension would end a node's streams for nothing.
+async fn staleness(o: &Opts) -> Res<()> {
+    use mayfly::lease::LeaseStore;
+    use mayfly::store::{EtcdSettings, EtcdStore};
+    let bin = etcd_server::binary()?;
+    let etcd = tokio::task::block_in_place(|| etcd_server::Etcd::start(&bin));
+    let etcd_pid = etcd.pid().to_string();
+    let me = std::process::id().to_string();
+    let idle = |secs: f64| -> f64 {
+        let before = cpu_secs(&etcd_pid);
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        (cpu_secs(&etcd_pid) - before) / secs
+    };
+    let base = tokio::task::block_in_place(|| idle(o.duration.as_secs_f64()));
+    println!(
+        "staleness  etcd alone  etcd CPU {:.2} % of a core",
+        base * 100.0
+    );
+    for &max_staleness in &o.staleness {
+        for &n in &o.nodes {
+            let settings = EtcdSettings {
+                endpoints: vec![etcd.endpoint.clone()],
+                prefix: "/mayfly/".into(),
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+                dial_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(2),
+                max_staleness,
+            };
+            let mut stores = Vec::with_capacity(n);
+            for i in 0..n {
+                let store = EtcdStore::connect(settings.clone(), &format!("node-{i}")).await?;
+                // The first read starts the watch, as at an agent's start.
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || s.load()).await??;
+                stores.push(store);
+            }
+            // Count every turn to stale from here on.
+            let went_stale = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for s in &stores {
+                let mut health = s.health();
+                let went_stale = went_stale.clone();
+                tokio::spawn(async move {
+                    while health.changed().await.is_ok() {
+                        if health.borrow_and_update().stale {
+                            went_stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            // Settle: every watch open and its first progress report in.
+            tokio::time::sleep(max_staleness.max(Duration::from_secs(2))).await;
+            let stale_now = stores.iter().filter(|s| s.health().borrow().stale).count();
+            let (e0, m0, t0) = (cpu_secs(&etcd_pid), cpu_secs(&me), Instant::now());
+            tokio::time::sleep(o.duration).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let etcd_cpu = (cpu_secs(&etcd_pid) - e0) / secs;
+            let own_cpu = (cpu_secs(&me) - m0) / secs;
+            println!(
+                "staleness  max_staleness={:?} nodes={n}  progress requests {:.0}/s  etcd CPU {:.1} % of a core ({:.1} % above idle)  stores' CPU {:.1} %  stale at start {stale_now}, went stale {}",
+                max_staleness,
+                n as f64 * 4.0 / max_staleness.as_secs_f64(),
+                etcd_cpu * 100.0,
+                (etcd_cpu - base) * 100.0,
+                own_cpu * 100.0,
+                went_stale.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            for s in &stores {
+                s.close();
+            }
+            drop(stores);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
     drop(etcd);
     Ok(())
 }
