@@ -179,7 +179,8 @@ ALLOWED = {
     "leases": {k: DUR for k in ("max_ttl", "default_svid_ttl", "max_svid_ttl",
                                 "default_jwt_ttl", "max_jwt_ttl", "retention")},
     "admin": {"allowed_uids": INTS, "allowed_gids": INTS, "allowed_spiffe_ids": "list of strings",
-              "allowed_cert_names": "list of strings", "client_ca_files": "list of strings"},
+              "allowed_cert_names": "list of strings", "client_ca_files": "list of strings",
+              "server_names": "list of strings"},
     "ca": {"cert_file": STR, "key_file": STR, "chain_file": STR, "bundle_file": STR, "ttl": DUR},
     "attestation": {"max_digest_bytes": INT},
     "audit": {"max_segment_bytes": INT},
@@ -478,9 +479,12 @@ def cluster_problems(docs, cfg, orchestrator_server):
             problems.append(f"Service {svc['metadata']['name']} selects {svc['spec'].get('selector')}, "
                             f"not the agent's pods {labels}")
         sp = next(sp for sp in svc["spec"]["ports"] if named.get(sp.get("targetPort")) == port or sp.get("targetPort") == port)
-        want = f"https://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{sp['port']}"
+        host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+        want = f"https://{host}:{sp['port']}"
         if orchestrator_server != want:
             problems.append(f"deploy/examples/orchestrator calls {orchestrator_server}, the Service is {want}")
+        if host not in cfg.get("admin", {}).get("server_names", []):
+            problems.append(f"[admin] server_names lacks {host}: clients checking host names refuse the agent")
     return problems
 
 
@@ -528,7 +532,8 @@ if cluster_docs:
         rest = {k: v for k, v in cluster_cfg.items() if k not in ("admin_addr", "store", "ca")}
         if base is not None:
             rest["admin"] = {k: v for k, v in rest["admin"].items()
-                             if k not in ("allowed_spiffe_ids", "allowed_cert_names", "client_ca_files")}
+                             if k not in ("allowed_spiffe_ids", "allowed_cert_names", "client_ca_files",
+                                          "server_names")}
             check(rest == base, f"{cdir}: config is deploy/kubernetes's but for admin_addr, [store], [ca] "
                   "and the remote callers", f"{rest} != {base}")
 

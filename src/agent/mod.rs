@@ -268,6 +268,7 @@ impl Agent {
                     ca.clone(),
                     &config.node_name,
                     &config.admin_client_ca_files,
+                    &config.admin_server_names,
                 )
                 .await?,
             ),

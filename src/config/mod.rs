@@ -205,6 +205,9 @@ pub struct AdminSection {
     /// PEM files of the roots client certificates must chain to on the remote admin API
     /// (default: this agent's own trust bundle).
     pub client_ca_files: Option<Vec<PathBuf>>,
+    /// DNS names and IP addresses the remote admin API's certificate names beside the agent's
+    /// SPIFFE ID, for clients that check the host they dialled (gRPC C-core, grpc-java).
+    pub server_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +279,8 @@ pub struct Config {
     /// Remote callers the admin allowlist admits (`spiffe://` patterns and `cn:NAME`).
     pub allowed_remote: Vec<String>,
     pub admin_client_ca_files: Vec<PathBuf>,
+    /// Host names the remote admin API's certificate carries.
+    pub admin_server_names: Vec<crate::authority::x509::HostName>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -729,6 +734,14 @@ impl Config {
             allowed_remote.push(format!("cn:{n}"));
         }
         let admin_client_ca_files = file.admin.client_ca_files.clone().unwrap_or_default();
+        let mut admin_server_names = Vec::new();
+        for n in file.admin.server_names.clone().unwrap_or_default() {
+            match n.parse() {
+                Ok(name) if !admin_server_names.contains(&name) => admin_server_names.push(name),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("admin.server_names {n:?}: {e}")),
+            }
+        }
         let admin_addr = match &file.admin_addr {
             None => None,
             Some(a) => match a.parse::<std::net::SocketAddr>() {
@@ -862,6 +875,7 @@ impl Config {
             admin_addr,
             allowed_remote,
             admin_client_ca_files,
+            admin_server_names,
         })
     }
 }
@@ -907,6 +921,36 @@ mod tests {
     }
 
     #[test]
+    fn admin_server_names_are_hosts_kept_once_in_order() {
+        use crate::authority::x509::HostName;
+        let file: FileConfig = toml::from_str(
+            "[admin]\nserver_names = [\"Admin.Example.org\", \"10.1.2.3\", \"admin.example.org\"]",
+        )
+        .unwrap();
+        let c = Config::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(
+            c.admin_server_names,
+            vec![
+                HostName::Dns("admin.example.org".into()),
+                HostName::Ip([10, 1, 2, 3].into())
+            ]
+        );
+        let file: FileConfig =
+            toml::from_str("[admin]\nserver_names = [\"*.example.org\", \"spiffe://x/y\"]")
+                .unwrap();
+        match Config::resolve(file, Overrides::default()) {
+            Err(ConfigError::Invalid(errs)) => {
+                assert_eq!(errs.len(), 2, "{errs:?}");
+                assert!(
+                    errs.iter().all(|e| e.starts_with("admin.server_names")),
+                    "{errs:?}"
+                );
+            }
+            other => panic!("expected errors, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn defaults_resolve() {
         let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(c.limits.trust_domain.as_str(), DEFAULT_TRUST_DOMAIN);
@@ -928,10 +972,8 @@ mod shipped_configs {
         resolve(include_str!("../../deploy/systemd/mayfly.toml"));
     }
 
-    #[test]
-    fn the_daemonset_config_is_valid() {
-        // The TOML block of the ConfigMap, with the init container's placeholders filled in.
-        let yaml = include_str!("../../deploy/kubernetes/configmap.yaml");
+    /// The TOML block of a ConfigMap, with the init container's placeholders filled in.
+    fn configmap(yaml: &str) -> Config {
         let start = yaml.find("mayfly.toml: |").expect("config block") + "mayfly.toml: |".len();
         let block: String = yaml[start..]
             .lines()
@@ -940,13 +982,31 @@ mod shipped_configs {
             .map(|l| l.strip_prefix("    ").unwrap_or(l))
             .collect::<Vec<_>>()
             .join("\n");
-        let c = resolve(
+        resolve(
             &block
                 .replace("@HOST_IP@", "10.0.0.7")
                 .replace("@NODE_NAME@", "node-a"),
-        );
+        )
+    }
+
+    #[test]
+    fn the_daemonset_config_is_valid() {
+        let c = configmap(include_str!("../../deploy/kubernetes/configmap.yaml"));
         let k = c.kubelet.expect("kubelet configured");
         assert_eq!(k.url, "https://10.0.0.7:10250");
         assert_eq!(k.node_name.as_deref(), Some("node-a"));
+    }
+
+    #[test]
+    fn the_cluster_config_is_valid() {
+        let c = configmap(include_str!("../../deploy/kubernetes-cluster/config.yaml"));
+        assert!(matches!(c.store, StoreSettings::Etcd(_)), "{:?}", c.store);
+        assert!(c.admin_addr.is_some());
+        assert_eq!(c.node_name, "node-a");
+        assert!(c.admin_server_names.contains(
+            &"mayfly-admin.mayfly-system.svc"
+                .parse::<crate::authority::x509::HostName>()
+                .unwrap()
+        ));
     }
 }

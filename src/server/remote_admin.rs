@@ -8,6 +8,8 @@
 //! policies judge that identity (see `lease::service`). The server presents an X.509-SVID of
 //! its own, `spiffe://<trust domain>/mayfly/agent/<node>`, issued from the signing CA and
 //! renewed long before it expires: clients verify it as SPIFFE peers do, by chain and ID.
+//! For clients that can only check the host they dialled (gRPC C-core, grpc-java), it also
+//! names `admin.server_names`, such as the Service in front of the agents.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use crate::authority::x509::CaHandle;
+use crate::authority::x509::{CaHandle, HostName};
 
 /// How long the server's own certificate lives, and how often it is replaced.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -56,6 +58,7 @@ pub enum RemoteAdminError {
 struct ServingCert {
     ca: Arc<CaHandle>,
     id: SpiffeId,
+    hosts: Vec<HostName>,
     current: RwLock<Arc<CertifiedKey>>,
 }
 
@@ -63,15 +66,20 @@ impl std::fmt::Debug for ServingCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServingCert")
             .field("id", &self.id.to_string())
+            .field("hosts", &self.hosts)
             .finish()
     }
 }
 
 impl ServingCert {
-    fn issue(ca: &CaHandle, id: &SpiffeId) -> Result<Arc<CertifiedKey>, RemoteAdminError> {
+    fn issue(
+        ca: &CaHandle,
+        id: &SpiffeId,
+        hosts: &[HostName],
+    ) -> Result<Arc<CertifiedKey>, RemoteAdminError> {
         let issued = ca
             .current()
-            .issue_x509_svid(id, SystemTime::now() + SERVING_TTL)
+            .issue_server_svid(id, SystemTime::now() + SERVING_TTL, hosts)
             .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
         let chain: Vec<CertificateDer<'static>> = issued
             .chain_certs()
@@ -92,7 +100,7 @@ impl ServingCert {
                 _ = tokio::time::sleep(SERVING_RENEW) => {}
                 r = changed.changed() => if r.is_err() { return },
             }
-            match Self::issue(&self.ca, &self.id) {
+            match Self::issue(&self.ca, &self.id, &self.hosts) {
                 Ok(key) => *self.current.write().expect("serving cert poisoned") = key,
                 Err(e) => {
                     tracing::error!(error = %e, "renewing the remote admin API's certificate failed")
@@ -156,13 +164,14 @@ fn client_roots(
 
 impl RemoteAdmin {
     /// Binds `addr` (a taken port fails start-up) and prepares the TLS side: this agent's
-    /// serving SVID, and client certificates required and verified against `client_ca_files`
-    /// (or the agent's own bundle).
+    /// serving SVID, also naming `hosts`, and client certificates required and verified
+    /// against `client_ca_files` (or the agent's own bundle).
     pub async fn bind(
         addr: SocketAddr,
         ca: Arc<CaHandle>,
         node: &str,
         client_ca_files: &[std::path::PathBuf],
+        hosts: &[HostName],
     ) -> Result<RemoteAdmin, RemoteAdminError> {
         let listener = TcpListener::bind(addr)
             .await
@@ -174,9 +183,10 @@ impl RemoteAdmin {
         let id = SpiffeId::new(format!("spiffe://{td}/mayfly/agent/{node}"))
             .map_err(|e| RemoteAdminError::Tls(format!("the agent's own SPIFFE ID: {e}")))?;
         let serving = Arc::new(ServingCert {
-            current: RwLock::new(ServingCert::issue(&ca, &id)?),
+            current: RwLock::new(ServingCert::issue(&ca, &id, hosts)?),
             ca: ca.clone(),
             id,
+            hosts: hosts.to_vec(),
         });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = WebPkiClientVerifier::builder_with_provider(

@@ -1,6 +1,7 @@
 //! Clients we did not write, against a real agent: py-spiffe (gRPC C-core) unchanged, grpcio
 //! with each `:authority` form, a bare HTTP/2 client built from Python's `hyperframe` and
-//! `hpack`, and an orchestrator's admin client in Python (`tests/python/clients.py`).
+//! `hpack`, and an orchestrator's admin client in Python, on the admin socket and on the remote
+//! admin API over mutual TLS (`tests/python/clients.py`).
 //!
 //! The clients come from PyPI into a venv under the target dir, made on first use from
 //! `tests/python/requirements.txt` (or set `MAYFLY_PYTHON` to an interpreter that has them).
@@ -105,10 +106,14 @@ fn make_venv() -> Result<PathBuf, String> {
 
 /// Runs one check of `clients.py` against a fresh agent.
 async fn check(name: &str) {
+    check_on(name, crate::common::start().await, &[]).await;
+}
+
+/// Runs one check of `clients.py` against `agent`, with `extra` arguments.
+async fn check_on(name: &str, agent: crate::common::TestAgent, extra: &[String]) {
     let Some(python) = required("Python clients", python()) else {
         return;
     };
-    let agent = crate::common::start().await;
     let mut cmd = tokio::process::Command::new(python);
     cmd.arg(python_file("clients.py"))
         .arg(name)
@@ -116,6 +121,7 @@ async fn check(name: &str) {
         .arg(&agent.socket)
         .arg("--admin-socket")
         .arg(&agent.admin_socket)
+        .args(extra)
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
         .await
@@ -157,4 +163,32 @@ async fn python_orchestrator_on_the_admin_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcio_on_the_delegation_service() {
     check("delegation").await;
+}
+
+/// The remote admin API from grpcio: an agent on a loopback port whose certificate also names
+/// `mayfly-admin.test`, admitting this process's `py-orchestrator` SVIDs.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcio_orchestrator_on_the_remote_admin_api_over_mutual_tls() {
+    const HOST: &str = "mayfly-admin.test";
+    let agent = crate::common::start_with(|f| {
+        f.admin_addr = Some("127.0.0.1:0".into());
+        f.node_name = Some("node-a".into());
+        f.admin.allowed_spiffe_ids =
+            Some(vec!["spiffe://example.org/agent/py-orchestrator/*".into()]);
+        f.admin.server_names = Some(vec![HOST.into(), "127.0.0.1".into()]);
+    })
+    .await;
+    let addr = agent
+        .agent
+        .as_ref()
+        .unwrap()
+        .admin_addr
+        .expect("admin_addr bound");
+    let extra = [
+        "--admin-addr".to_string(),
+        addr.to_string(),
+        "--admin-server-name".to_string(),
+        HOST.to_string(),
+    ];
+    check_on("remote-admin", agent, &extra).await;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Clients we did not write, run against a live mayfly agent.
 
-    python clients.py CHECK --socket WORKLOAD_SOCKET --admin-socket ADMIN_SOCKET
+    python clients.py CHECK --socket WORKLOAD_SOCKET --admin-socket ADMIN_SOCKET \
+        [--admin-addr HOST:PORT --admin-server-name NAME]
 
 CHECK is one of:
 
@@ -19,7 +20,15 @@ CHECK is one of:
   delegation        the Delegation service (Delegate, List, End, refusals) from grpcio stubs
                     compiled at run time from proto/mayfly/delegation/v1/delegation.proto,
                     this process holding the parent lease.
-  all               the five above in sequence, each in its own interpreter.
+  remote-admin      the remote admin API over mutual TLS from grpcio (C-core) as an
+                    orchestrator would call it: its client certificate is its own X.509-SVID
+                    from the Workload API (py-spiffe), and it checks the agent by the host name
+                    it dialled (--admin-server-name, one of the agent's admin.server_names) and
+                    the trust bundle. Grant, Get and Revoke; refusals without a client
+                    certificate, with a self-signed one, with an SVID the allowlist lacks; and
+                    the client's own refusal of a host name the agent's certificate lacks.
+  all               the checks above in sequence, each in its own interpreter (remote-admin
+                    only with --admin-addr).
 
 Every lease a check grants is bound to this process (`unix:uid:<euid>` plus
 `unix:pid:<pid>`), so checks running concurrently against one agent never see each other's
@@ -44,7 +53,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -145,10 +154,10 @@ class Admin:
     """A thin client of mayfly.admin.v1.Tasks that remembers every lease it granted."""
 
     def __init__(self, admin_socket):
-        self.pb, pb_grpc = compile_proto("mayfly/admin/v1/admin.proto")
+        self.pb, self.pb_grpc = compile_proto("mayfly/admin/v1/admin.proto")
         # No authority option: C-core's default (the percent-encoded path) is part of the test.
         self.channel = grpc.insecure_channel("unix:" + admin_socket)
-        self.stub = pb_grpc.TasksStub(self.channel)
+        self.stub = self.pb_grpc.TasksStub(self.channel)
         self.granted = []
         self._n = 0
 
@@ -1157,6 +1166,118 @@ def check_delegation(args, admin):
 
 
 # ---------------------------------------------------------------------------------------------
+# Check: remote-admin
+# ---------------------------------------------------------------------------------------------
+
+
+def check_remote_admin(args, admin):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from spiffe import WorkloadApiClient
+
+    ensure(args.admin_addr and args.admin_server_name,
+           "remote-admin needs --admin-addr and --admin-server-name")
+    pb = admin.pb
+    pem = serialization.Encoding.PEM
+
+    def key_pem(key):
+        return key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    # Two identities of this process: one the agent's allowlist admits, one it does not.
+    orchestrator = admin.grant(agent="py-orchestrator", ttl=120)
+    stranger = admin.grant(agent="py-stranger", ttl=120)
+    with WorkloadApiClient("unix:" + args.socket) as workload:
+        ctx = workload.fetch_x509_context(timeout=RPC_TIMEOUT)
+    svids = {str(s.spiffe_id): s for s in ctx.x509_svids}
+    ensure({orchestrator.spiffe_id, stranger.spiffe_id} <= set(svids),
+           f"both SVIDs from the Workload API, got {sorted(svids)}")
+    bundle = ctx.x509_bundle_set.get_bundle_for_trust_domain(
+        svids[orchestrator.spiffe_id].spiffe_id.trust_domain)
+    roots = b"".join(a.public_bytes(pem) for a in bundle.x509_authorities)
+
+    def identity(svid):
+        return (key_pem(svid.private_key),
+                b"".join(c.public_bytes(pem) for c in svid.cert_chain))
+
+    channels = []
+
+    def tasks(identity=None, host=args.admin_server_name):
+        key, chain = identity or (None, None)
+        creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key,
+                                             certificate_chain=chain)
+        # The host name the client checks the agent's certificate against (C-core's only check
+        # beside the chain), as a client that resolved it through DNS would.
+        channel = grpc.secure_channel(args.admin_addr, creds,
+                                      options=[("grpc.ssl_target_name_override", host)])
+        channels.append(channel)
+        return admin.pb_grpc.TasksStub(channel)
+
+    def grant_request(task):
+        req = pb.GrantRequest(task_id=admin.task_id(task), delegator="orchestrator/py",
+                              agent="py-worker", selectors=["unix:uid:4242"],
+                              reason="granted over the remote admin API by grpcio")
+        req.ttl.CopyFrom(admin._dur(60))
+        return req
+
+    try:
+        remote = tasks(identity(svids[orchestrator.spiffe_id]))
+        lease = remote.Grant(grant_request("remote"), timeout=RPC_TIMEOUT)
+        admin.granted.append(lease.lease_id)
+        log(f"remote Grant: lease {lease.lease_id} granted by {lease.granted_by.spiffe_id}")
+        ensure(lease.state == "active", f"state {lease.state}")
+        ensure(lease.granted_by.spiffe_id == orchestrator.spiffe_id,
+               f"grantor {lease.granted_by.spiffe_id}, want {orchestrator.spiffe_id}")
+        local = admin.get(lease.lease_id)
+        ensure(local.granted_by.spiffe_id == orchestrator.spiffe_id,
+               f"the admin socket shows grantor {local.granted_by.spiffe_id}")
+        got = remote.Get(pb.GetRequest(lease_id=lease.lease_id), timeout=RPC_TIMEOUT)
+        ensure(got.lease_id == lease.lease_id, "remote Get")
+        ended = remote.Revoke(pb.RevokeRequest(lease_id=lease.lease_id, reason="py remote done"),
+                              timeout=RPC_TIMEOUT)
+        ensure(ended.state == "revoked", f"remote Revoke: state {ended.state}")
+        ensure(admin.get(lease.lease_id).state == "revoked", "revoked on the admin socket too")
+
+        # Refused by the agent.
+        expect_rpc_error(grpc.StatusCode.UNAVAILABLE,
+                         lambda: tasks().Grant(grant_request("no-cert"), timeout=RPC_TIMEOUT),
+                         "Grant without a client certificate")
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(timezone.utc)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged orchestrator")])
+        forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                  .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                  .not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+                  .add_extension(x509.SubjectAlternativeName(
+                      [x509.UniformResourceIdentifier(orchestrator.spiffe_id)]), critical=False)
+                  .sign(key, hashes.SHA256()))
+        expect_rpc_error(grpc.StatusCode.UNAVAILABLE,
+                         lambda: tasks((key_pem(key), forged.public_bytes(pem)))
+                         .Grant(grant_request("forged"), timeout=RPC_TIMEOUT),
+                         "Grant with a self-signed certificate naming the allowed SPIFFE ID")
+        e = expect_rpc_error(grpc.StatusCode.PERMISSION_DENIED,
+                             lambda: tasks(identity(svids[stranger.spiffe_id]))
+                             .Grant(grant_request("stranger"), timeout=RPC_TIMEOUT),
+                             "Grant with an SVID whose SPIFFE ID the allowlist lacks")
+        ensure("allowed_spiffe_ids" in e.details(), f"the refusal says why: {e.details()}")
+        # Refused by the client: the agent's certificate does not name that host.
+        expect_rpc_error(grpc.StatusCode.UNAVAILABLE,
+                         lambda: tasks(identity(svids[orchestrator.spiffe_id]),
+                                       host="elsewhere." + args.admin_server_name)
+                         .Grant(grant_request("elsewhere"), timeout=RPC_TIMEOUT),
+                         "Grant to a host name the agent's certificate lacks")
+        ensure(not [l for l in admin.list() if l.task_id.endswith(("-no-cert", "-forged",
+                                                                    "-stranger", "-elsewhere"))],
+               "no refused grant made a lease")
+        log("remote-admin: grant with an SVID, refusals by the agent and by the client: ok")
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
 
@@ -1166,6 +1287,7 @@ CHECKS = {
     "raw-h2": check_raw_h2,
     "admin": check_admin,
     "delegation": check_delegation,
+    "remote-admin": check_remote_admin,
 }
 
 
@@ -1215,10 +1337,16 @@ def run_one(name, args):
 
 
 def run_all(args):
-    failed = []
+    failed, ran = [], []
     for name in CHECKS:
         cmd = [sys.executable, str(Path(__file__).resolve()), name,
                "--socket", args.socket, "--admin-socket", args.admin_socket]
+        if name == "remote-admin":
+            if not args.admin_addr:
+                continue
+            cmd += ["--admin-addr", args.admin_addr,
+                    "--admin-server-name", args.admin_server_name or ""]
+        ran.append(name)
         child = subprocess.Popen(cmd)
         try:
             rc = child.wait(timeout=CHECK_WATCHDOG + 25)
@@ -1238,7 +1366,7 @@ def run_all(args):
     if failed:
         print(f"[all] FAIL: {', '.join(failed)}", file=sys.stderr, flush=True)
         return 1
-    print(f"[all] PASS: {', '.join(CHECKS)}", flush=True)
+    print(f"[all] PASS: {', '.join(ran)}", flush=True)
     return 0
 
 
@@ -1247,6 +1375,9 @@ def main():
     p.add_argument("check", choices=list(CHECKS) + ["all"])
     p.add_argument("--socket", required=True, help="the agent's workload socket path")
     p.add_argument("--admin-socket", required=True, help="the agent's admin socket path")
+    p.add_argument("--admin-addr", help="remote-admin: the agent's admin_addr, HOST:PORT")
+    p.add_argument("--admin-server-name",
+                   help="remote-admin: a host name the agent's admin.server_names holds")
     args = p.parse_args()
     args.socket = os.path.abspath(args.socket)
     args.admin_socket = os.path.abspath(args.admin_socket)

@@ -1,6 +1,7 @@
 //! Minting one X509-SVID: a fresh key, the leaf profile of the SPIFFE standard,
 //! and a random serial, signed by the CA.
 
+use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::string::Ia5String;
@@ -14,14 +15,74 @@ use zeroize::Zeroizing;
 
 use super::{from_unix_u, odt, unix_secs, CaError, IssuedX509, SigningCa, BACKDATE, SUBJECT_ORG};
 
+/// A host name a server's SVID carries beside its SPIFFE ID, for TLS clients that check the
+/// host they dialled (gRPC C-core, browsers) rather than a SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostName {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+impl std::str::FromStr for HostName {
+    type Err = String;
+
+    /// An IP address, or a DNS name as TLS clients match it: letters, digits and hyphens in
+    /// dot-separated labels, no wildcard; kept in lower case.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(HostName::Ip(ip));
+        }
+        let valid = !s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if valid {
+            Ok(HostName::Dns(s.to_ascii_lowercase()))
+        } else {
+            Err(
+                "not an IP address or a DNS name (letters, digits, hyphens and dots; no wildcard)"
+                    .into(),
+            )
+        }
+    }
+}
+
 impl SigningCa {
-    /// Issue a leaf. `not_after` is the caller's cap; the leaf's notAfter is
+    /// Issue a workload's leaf. `not_after` is the caller's cap; the leaf's notAfter is
     /// min(`not_after`, CA notAfter) rounded down to whole seconds. Error if
     /// that is not after now.
     pub fn issue_x509_svid(
         &self,
         spiffe_id: &SpiffeId,
         not_after: SystemTime,
+    ) -> Result<IssuedX509, CaError> {
+        self.issue_leaf(spiffe_id, not_after, &[])
+    }
+
+    /// Issue a leaf for one of the agent's own servers: a workload's leaf that also names
+    /// `hosts`, so that clients checking host names accept it. Workload SVIDs never carry a
+    /// host name, so no workload can pose as such a server to those clients.
+    pub fn issue_server_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        not_after: SystemTime,
+        hosts: &[HostName],
+    ) -> Result<IssuedX509, CaError> {
+        self.issue_leaf(spiffe_id, not_after, hosts)
+    }
+
+    fn issue_leaf(
+        &self,
+        spiffe_id: &SpiffeId,
+        not_after: SystemTime,
+        hosts: &[HostName],
     ) -> Result<IssuedX509, CaError> {
         let id = spiffe_id.to_string();
         let issue_err = |problem: String| CaError::Issue {
@@ -67,9 +128,18 @@ impl SigningCa {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, SUBJECT_ORG);
         params.distinguished_name = dn;
-        // §2: exactly one URI SAN, the SPIFFE ID, and no other SAN types.
+        // §2: exactly one URI SAN, the SPIFFE ID. Other SAN types are allowed; only the
+        // agent's own servers get any (host names).
         let uri = Ia5String::try_from(id.clone()).map_err(|e| issue_err(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
+        for host in hosts {
+            params.subject_alt_names.push(match host {
+                HostName::Dns(name) => SanType::DnsName(
+                    Ia5String::try_from(name.as_str()).map_err(|e| issue_err(e.to_string()))?,
+                ),
+                HostName::Ip(ip) => SanType::IpAddress(*ip),
+            });
+        }
         // §4.1: leaf SVIDs have cA=false. ExplicitNoCa writes the (critical)
         // BasicConstraints extension and makes rcgen add the SKI.
         params.is_ca = IsCa::ExplicitNoCa;
@@ -284,5 +354,77 @@ mod tests {
         let bare = SpiffeId::new("spiffe://example.org").unwrap();
         let err = ca.issue_x509_svid(&bare, in_an_hour()).unwrap_err();
         assert!(matches!(err, CaError::Issue { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_server_svid_names_its_hosts_beside_its_one_spiffe_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = embedded(tmp.path());
+        let hosts: Vec<HostName> = ["Mayfly-Admin.mayfly-system.svc", "10.0.0.7", "::1"]
+            .iter()
+            .map(|h| h.parse().unwrap())
+            .collect();
+        let svid = ca
+            .issue_server_svid(&id("/mayfly/agent/node-a"), in_an_hour(), &hosts)
+            .unwrap();
+        let (_, x) = x509_parser::parse_x509_certificate(&svid.leaf_der).unwrap();
+        let san = x.subject_alternative_name().unwrap().unwrap();
+        let v4: &[u8] = &[10, 0, 0, 7];
+        let v6: &[u8] = &std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(
+            san.value.general_names,
+            vec![
+                GeneralName::URI("spiffe://example.org/mayfly/agent/node-a"),
+                GeneralName::DNSName("mayfly-admin.mayfly-system.svc"),
+                GeneralName::IPAddress(v4),
+                GeneralName::IPAddress(v6),
+            ]
+        );
+        // Still an X509-SVID to SPIFFE validators (one URI SAN), and a server certificate for
+        // its host names to WebPKI ones.
+        let parsed = spiffe::X509Svid::parse_from_der(&svid.chain_der, &svid.key_pkcs8).unwrap();
+        assert_eq!(parsed.spiffe_id(), &id("/mayfly/agent/node-a"));
+        let leaf = rustls::pki_types::CertificateDer::from(svid.leaf_der.as_slice());
+        let cert = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        for name in ["mayfly-admin.mayfly-system.svc", "10.0.0.7"] {
+            let name = rustls::pki_types::ServerName::try_from(name).unwrap();
+            cert.verify_is_valid_for_subject_name(&name).unwrap();
+        }
+        let other = rustls::pki_types::ServerName::try_from("mayfly-admin").unwrap();
+        assert!(cert.verify_is_valid_for_subject_name(&other).is_err());
+        // A workload's SVID names no host.
+        let workload = ca.issue_x509_svid(&id("/w"), in_an_hour()).unwrap();
+        let leaf = rustls::pki_types::CertificateDer::from(workload.leaf_der.as_slice());
+        let cert = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        let name =
+            rustls::pki_types::ServerName::try_from("mayfly-admin.mayfly-system.svc").unwrap();
+        assert!(cert.verify_is_valid_for_subject_name(&name).is_err());
+    }
+
+    #[test]
+    fn host_names_are_ip_addresses_or_plain_dns_names() {
+        assert_eq!(
+            "Node-A.Example.org".parse(),
+            Ok(HostName::Dns("node-a.example.org".into()))
+        );
+        assert_eq!(
+            "127.0.0.1".parse(),
+            Ok(HostName::Ip(std::net::Ipv4Addr::LOCALHOST.into()))
+        );
+        for bad in [
+            "",
+            "*.example.org",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b",
+            "spiffe://x/y",
+            "é.org",
+        ] {
+            assert!(bad.parse::<HostName>().is_err(), "{bad:?} accepted");
+        }
+        assert!(format!("{}.org", "a".repeat(64))
+            .parse::<HostName>()
+            .is_err());
     }
 }

@@ -17,7 +17,7 @@ mod issue;
 mod load;
 
 pub use handle::{CaHandle, WrongTrustDomain};
-pub use issue::serial_hex;
+pub use issue::{serial_hex, HostName};
 
 use std::fmt;
 use std::io;

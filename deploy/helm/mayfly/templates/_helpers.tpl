@@ -46,6 +46,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/*
+The host names the remote admin API's certificate carries, as a JSON list: the admin Service's
+DNS names, for clients that check the host they dialled, then remoteAdmin.serverNames.
+*/}}
+{{- define "mayfly.adminServerNames" -}}
+{{- $svc := printf "%s-admin" (include "mayfly.fullname" .) -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.remoteAdmin.clusterDomain) -}}
+{{- concat $names .Values.remoteAdmin.serverNames | uniq | toJson -}}
+{{- end -}}
+
 {{/* The admin socket inside the container. */}}
 {{- define "mayfly.adminSocket" -}}
 {{- printf "%s/admin.sock" .Values.hostPaths.adminSocketDir -}}
@@ -85,6 +96,7 @@ allowed_cert_names = [{{ range $i, $e := .allowedCertNames }}{{ if $i }}, {{ end
 {{- with .clientCaFiles }}
 client_ca_files = [{{ range $i, $e := . }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
 {{- end }}
+server_names = [{{ range $i, $e := include "mayfly.adminServerNames" $ | fromJsonArray }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
 {{- end }}
 {{- end }}
 
