@@ -139,7 +139,8 @@ pub struct Principal<'a> {
 /// A lease as its records show it, and why it changed.
 #[derive(Debug, Serialize)]
 pub struct LeaseChange<'a> {
-    /// `granted`, `pending`, `approved`, `renewed`, or the state it ended in.
+    /// `granted`, `pending`, `approved`, `renewed`, the state it ended in, or `withdrawn`
+    /// (no longer served on this node: its record in a shared store cannot be read here).
     #[serde(skip)]
     pub what: &'a str,
     pub lease_id: &'a str,

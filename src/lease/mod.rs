@@ -17,7 +17,7 @@ pub use narrow::{validate_delegation, DelegateInput};
 pub use rate::Budget;
 pub use registry::{ActiveLease, Changes, Durable, Leases};
 pub use service::{Admitted, Allowlist, Caller, TaskError, TaskService};
-pub use store::{LeaseStore, StoreChange, StoreError, StoreHealth, StoreWatch};
+pub use store::{LeaseStore, StoreChange, StoreError, StoreHealth, StoreWatch, Stored};
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

@@ -17,12 +17,25 @@ use super::{Lease, LeaseId};
 pub enum StoreChange {
     /// The lease was written (granted, renewed, approved or ended).
     Put(Arc<Lease>),
-    /// The lease was deleted by compaction.
+    /// The lease was deleted (by compaction, once it had ended; or by hand).
     Removed(LeaseId),
-    /// The watch lost its place (the store compacted the history it would resume from):
-    /// every lease in the store now. A lease the watcher holds that is not among them was
-    /// deleted.
+    /// The lease was written in a form this agent cannot read (a newer agent's record
+    /// format, or damage): it may have ended, so it is not to be served.
+    Unreadable(LeaseId),
+    /// Every lease the store could read, as of one moment, after the watch lost its place (it
+    /// reconnected, or the store compacted the history it would resume from). A lease the
+    /// watcher holds that is not among them may have been deleted, written unreadably, or
+    /// written since: [`LeaseStore::read`] tells which.
     Reloaded(Arc<Vec<Arc<Lease>>>),
+}
+
+/// One lease as the store holds it now.
+#[derive(Clone, Debug)]
+pub enum Stored {
+    Absent,
+    Present(Arc<Lease>),
+    /// Present, in a form this agent cannot read.
+    Unreadable,
 }
 
 /// Changes committed to a store from the moment of [`LeaseStore::watch`] on. A watcher that
@@ -63,13 +76,14 @@ impl StoreError {
 }
 
 /// How well this agent hears its store. An embedded store is always both; a shared store
-/// that has not answered for its `max_staleness` is stale: this agent may have missed a
-/// revocation, so it issues nothing until it hears again.
+/// whose view here has not been known current for its `max_staleness` is stale: this agent
+/// may have missed a revocation, so it issues nothing until it is current again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreHealth {
-    /// The last request (or watch message) succeeded.
+    /// The last request (or watch message) got an answer.
     pub reachable: bool,
-    /// Nothing heard for longer than the store's `max_staleness`.
+    /// This agent's view of the store has not been known current for longer than the
+    /// store's `max_staleness`.
     pub stale: bool,
 }
 
@@ -104,6 +118,16 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Deletes ended leases that ended before `cutoff`; returns how many went. Never an
     /// active or pending lease.
     fn compact(&self, cutoff: SystemTime) -> Result<usize, StoreError>;
+
+    /// `lease` (found by its ID, and its node where the store keeps nodes apart) as the store
+    /// holds it now. Stores that can look one lease up override this full read.
+    fn read(&self, lease: &Lease) -> Result<Stored, StoreError> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .find(|l| l.id == lease.id)
+            .map_or(Stored::Absent, Stored::Present))
+    }
 
     /// Changes committed from now on, by this agent or (for a shared store) any other.
     fn watch(&self) -> StoreWatch;

@@ -11,10 +11,16 @@
 //! ([`StoreError::Conflict`], with the lease as it is now).
 //!
 //! One task watches both key ranges on one stream, from the revision of the last read on, and
-//! asks etcd for a progress report every quarter of `max_staleness`. Whatever etcd says counts
-//! as hearing from it; when it has said nothing for `max_staleness`, the store is stale (see
-//! [`StoreHealth`]). A watch that lost its place to compaction reads everything again.
+//! asks etcd for a progress report every quarter of `max_staleness`. This agent's view is
+//! known current as of the start of its last full read, or as of the sending of the last
+//! progress request etcd answered; when that is more than `max_staleness` ago, the store is
+//! stale (see [`StoreHealth`]). Nothing else counts: not a write that succeeded, nor a watch
+//! that was merely created, since neither says that every change has arrived. A watch that
+//! stopped, for whatever reason, starts again from a full read (sent as
+//! [`StoreChange::Reloaded`]), so that a node coming back from a partition is current before
+//! it serves, and never trusts a watch to catch up on what it missed.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -29,11 +35,22 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::store::WATCH_CAPACITY;
 use crate::lease::{
     Lease, LeaseId, LeaseState, LeaseStore, StoreChange, StoreError, StoreHealth, StoreWatch,
+    Stored,
 };
 
 /// Leases written in one transaction at most (etcd refuses more than 128 operations by
 /// default); a larger batch is written in several, each all or none.
 const TXN_LEASES: usize = 100;
+
+/// Watch progress requests left unanswered before the watch asks no more: etcd answers each
+/// in turn, or (newer versions, while the watch is behind) not at all.
+const PROGRESS_ASKED_MAX: usize = 4;
+
+/// The pause before a failed watch or read is tried again: doubling from the first to the
+/// last, plus up to as much again at random, so that nodes cut off together do not all come
+/// back at the same instant.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_LAST: Duration = Duration::from_secs(2);
 
 /// How a node reaches etcd (`[store]` with `kind = "etcd"`).
 #[derive(Clone, Debug)]
@@ -84,11 +101,22 @@ pub struct EtcdStore {
     settings: EtcdSettings,
     changes: broadcast::Sender<StoreChange>,
     health: watch::Sender<StoreHealth>,
-    /// When etcd last answered anything, and whether the last call succeeded.
-    heard: Mutex<(Instant, bool)>,
+    heard: Mutex<Heard>,
     /// Set by the first `load`: the watch starts right after the revision it read.
     watching: Mutex<bool>,
     closing: CancellationToken,
+}
+
+/// What this agent has heard from etcd.
+struct Heard {
+    /// Every change etcd had committed by this instant has reached this agent: the start of
+    /// its last full read, or the sending of a progress request etcd has since answered.
+    current_as_of: Instant,
+    /// The last call or watch message got an answer.
+    reachable: bool,
+    /// When the progress requests still unanswered on the current watch were sent, oldest
+    /// first.
+    asked: VecDeque<Instant>,
 }
 
 impl EtcdStore {
@@ -110,6 +138,15 @@ impl EtcdStore {
         let tls = settings.ca_file.is_some()
             || settings.cert_file.is_some()
             || settings.endpoints.iter().any(|e| e.starts_with("https://"));
+        if !tls {
+            for endpoint in settings.endpoints.iter().filter(|e| !loopback(e)) {
+                tracing::warn!(
+                    event = "store_plaintext",
+                    endpoint = %endpoint,
+                    "etcd without TLS off this host: whoever is on the path can read and forge leases (set store.ca_file, and cert_file/key_file)"
+                );
+            }
+        }
         if tls {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|source| EtcdError::Read {
@@ -151,7 +188,12 @@ impl EtcdStore {
             settings,
             changes: broadcast::channel(WATCH_CAPACITY).0,
             health: watch::channel(StoreHealth::FINE).0,
-            heard: Mutex::new((Instant::now(), true)),
+            // Current as of now: nothing has been read yet, and the first `load` reads it all.
+            heard: Mutex::new(Heard {
+                current_as_of: Instant::now(),
+                reachable: true,
+                asked: VecDeque::new(),
+            }),
             watching: Mutex::new(false),
             closing: CancellationToken::new(),
         });
@@ -171,29 +213,67 @@ impl EtcdStore {
         }
     }
 
-    /// Something etcd said (or failed to say).
-    fn heard(&self, ok: bool) {
-        let mut heard = self.heard.lock().expect("etcd state poisoned");
-        if ok {
-            heard.0 = Instant::now();
-        }
-        heard.1 = ok;
-        drop(heard);
+    fn with_heard<T>(&self, f: impl FnOnce(&mut Heard) -> T) -> T {
+        let t = f(&mut self.heard.lock().expect("etcd state poisoned"));
         self.update_health();
+        t
+    }
+
+    /// Whether etcd answered a call or sent a watch message.
+    fn answered(&self, ok: bool) {
+        self.with_heard(|h| h.reachable = ok);
+    }
+
+    /// Every change etcd had committed at `at` has reached this agent's watchers.
+    fn current_as_of(&self, at: Instant) {
+        self.with_heard(|h| {
+            h.current_as_of = h.current_as_of.max(at);
+            h.reachable = true;
+        });
+    }
+
+    /// Notes a progress request about to be sent; false when enough are unanswered already.
+    fn asking_progress(&self) -> bool {
+        self.with_heard(|h| {
+            let ask = h.asked.len() < PROGRESS_ASKED_MAX;
+            if ask {
+                h.asked.push_back(Instant::now());
+            }
+            ask
+        })
+    }
+
+    /// etcd answered a progress request: every change it had committed when it answered has
+    /// reached the watch, and it answered after the oldest request still waiting was sent
+    /// (answers come in order; one it skipped only makes this time earlier than it could be).
+    fn progress_answered(&self) {
+        self.with_heard(|h| {
+            if let Some(asked) = h.asked.pop_front() {
+                h.current_as_of = h.current_as_of.max(asked);
+            }
+            h.reachable = true;
+        });
+    }
+
+    /// A new watch stream: no request on it is waiting.
+    fn new_stream(&self) {
+        self.with_heard(|h| h.asked.clear());
     }
 
     fn update_health(&self) {
-        let (at, ok) = *self.heard.lock().expect("etcd state poisoned");
-        let now = StoreHealth {
-            reachable: ok,
-            stale: at.elapsed() > self.settings.max_staleness,
+        let now = {
+            let heard = self.heard.lock().expect("etcd state poisoned");
+            StoreHealth {
+                reachable: heard.reachable,
+                stale: heard.current_as_of.elapsed() > self.settings.max_staleness,
+            }
         };
         self.health
             .send_if_modified(|h| std::mem::replace(h, now) != now);
     }
 
     /// Runs an etcd call on the store's runtime, within the request timeout, noting whether
-    /// etcd answered.
+    /// etcd answered (which says nothing of what this agent may have missed).
     fn call<T>(
         &self,
         op: &'static str,
@@ -216,7 +296,7 @@ impl EtcdStore {
                 .await
                 .unwrap_or(Err(EtcdError::Timeout { op, timeout }))
         });
-        self.heard(r.is_ok());
+        self.answered(r.is_ok());
         r
     }
 
@@ -232,7 +312,9 @@ impl EtcdStore {
         Ok(lease)
     }
 
-    /// Every lease this node reads, at one revision, and that revision.
+    /// Every lease this node reads, at one revision, and that revision. A record this agent
+    /// cannot read is left out, and said: it is not served here (a later look-up finds it
+    /// unreadable, see [`LeaseStore::read`]).
     async fn read_all(&self) -> Result<(Vec<Arc<Lease>>, i64), EtcdError> {
         let mut kv = self.client.kv_client();
         let first = kv
@@ -257,9 +339,40 @@ impl EtcdStore {
             .kvs()
             .iter()
             .chain(second.kvs())
-            .map(|kv| self.decode(kv).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|kv| match self.decode(kv) {
+                Ok(lease) => Some(Arc::new(lease)),
+                Err(e) => {
+                    tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
+                    None
+                }
+            })
+            .collect();
         Ok((leases, revision))
+    }
+
+    /// Reads every lease again and hands them to the watchers ([`StoreChange::Reloaded`]),
+    /// then counts this agent current as of the moment the read began. Returns the revision
+    /// read.
+    async fn snapshot(&self) -> Result<i64, EtcdError> {
+        let began = Instant::now();
+        let timeout = self.settings.request_timeout;
+        let read = tokio::time::timeout(timeout, self.read_all())
+            .await
+            .unwrap_or(Err(EtcdError::Timeout {
+                op: "range",
+                timeout,
+            }));
+        let (leases, revision) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                self.answered(false);
+                return Err(e);
+            }
+        };
+        // The leases first: the registry applies them before it hears that it is current.
+        let _ = self.changes.send(StoreChange::Reloaded(Arc::new(leases)));
+        self.current_as_of(began);
+        Ok(revision)
     }
 
     fn put_chunk(&self, leases: &[Lease]) -> Result<(), StoreError> {
@@ -315,10 +428,28 @@ impl EtcdStore {
         self.runtime.spawn(async move {
             tokio::select! {
                 _ = closing.cancelled() => {}
-                _ = follow(me, revision + 1) => {}
+                _ = follow(me, revision) => {}
             }
         });
     }
+}
+
+/// Whether an etcd endpoint (`[http://]host[:port]`) is on this host.
+fn loopback(endpoint: &str) -> bool {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .unwrap_or(endpoint)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => rest.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Keeps `StoreHealth::stale` true to the clock, even while nothing at all arrives.
@@ -336,70 +467,85 @@ async fn staleness_clock(store: std::sync::Weak<EtcdStore>) {
 
 /// Why a watch stream stopped.
 enum Stop {
-    /// etcd compacted the history it would resume from: read everything again.
+    /// etcd compacted the history it would resume from.
     Compacted,
     Failed(String),
 }
 
-/// The watch: both key ranges, each resumed from the revision after its last event.
+/// The watch: both key ranges, from just after the last full read. Whenever a watch stops,
+/// this agent reads every lease again before it watches from there: what it missed meanwhile
+/// arrives in that read, and it is current again only once that read is in.
 async fn follow(store: std::sync::Weak<EtcdStore>, from: i64) {
-    let mut next = [from, from];
-    let mut backoff = Duration::from_millis(100);
+    let mut from = Some(from);
+    let mut retry = RETRY_FIRST;
     loop {
         let Some(s) = store.upgrade() else { return };
-        match watch_once(&s, &mut next).await {
-            Stop::Compacted => {
-                tracing::warn!(
-                    event = "store_watch_compacted",
-                    "etcd compacted the history this agent would resume from; reading every lease again"
-                );
-                match s.read_all().await {
-                    Ok((all, revision)) => {
-                        s.heard(true);
-                        next = [revision + 1, revision + 1];
-                        let _ = s.changes.send(StoreChange::Reloaded(Arc::new(all)));
-                    }
-                    Err(e) => {
-                        s.heard(false);
-                        tracing::warn!(error = %e, "reading the lease store again failed");
-                    }
+        let start = match from.take() {
+            Some(revision) => revision,
+            None => match s.snapshot().await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    tracing::warn!(event = "store_read_failed", error = %e, retry_in = ?retry, "reading the lease store again failed");
+                    drop(s);
+                    retry = pause(retry).await;
+                    continue;
                 }
-            }
+            },
+        };
+        let (stop, heard) = watch_once(&s, start + 1).await;
+        if heard {
+            retry = RETRY_FIRST;
+        }
+        match stop {
+            Stop::Compacted => tracing::warn!(
+                event = "store_watch_compacted",
+                "etcd compacted the history this agent would resume from; reading every lease again"
+            ),
             Stop::Failed(why) => {
-                s.heard(false);
-                tracing::warn!(event = "store_watch_failed", error = %why, retry_in = ?backoff, "etcd watch stopped; resuming");
+                s.answered(false);
+                tracing::warn!(event = "store_watch_failed", error = %why, retry_in = ?retry, "etcd watch stopped; reading every lease again, then watching");
                 drop(s);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
+                retry = pause(retry).await;
             }
         }
-        backoff = Duration::from_millis(100);
     }
 }
 
-async fn watch_once(s: &Arc<EtcdStore>, next: &mut [i64; 2]) -> Stop {
+/// Sleeps `retry` and up to as much again; returns the next pause.
+async fn pause(retry: Duration) -> Duration {
+    let jitter = retry.mul_f64(rand::random::<f64>());
+    tokio::time::sleep(retry + jitter).await;
+    (retry * 2).min(RETRY_LAST)
+}
+
+/// One watch stream over both ranges, from revision `from`, until it stops; and whether etcd
+/// said anything on it.
+async fn watch_once(s: &Arc<EtcdStore>, from: i64) -> (Stop, bool) {
     let ranges = [s.shared.clone(), s.mine.clone()];
     let options = |i: usize| {
         WatchOptions::new()
             .with_prefix()
-            .with_start_revision(next[i])
+            .with_start_revision(from)
             .with_watch_id(i as i64 + 1)
     };
     let mut client = s.client.watch_client();
     let mut stream = match client.watch(ranges[0].as_str(), Some(options(0))).await {
         Ok(stream) => stream,
-        Err(e) => return Stop::Failed(e.to_string()),
+        Err(e) => return (Stop::Failed(e.to_string()), false),
     };
     if let Err(e) = stream.watch(ranges[1].as_str(), Some(options(1))).await {
-        return Stop::Failed(e.to_string());
+        return (Stop::Failed(e.to_string()), false);
     }
+    s.new_stream();
+    let mut heard = false;
     let mut progress = tokio::time::interval(s.settings.max_staleness / 4);
     loop {
         let message = tokio::select! {
             _ = progress.tick() => {
-                if let Err(e) = stream.request_progress().await {
-                    return Stop::Failed(e.to_string());
+                if s.asking_progress() {
+                    if let Err(e) = stream.request_progress().await {
+                        return (Stop::Failed(e.to_string()), heard);
+                    }
                 }
                 continue;
             }
@@ -407,40 +553,43 @@ async fn watch_once(s: &Arc<EtcdStore>, next: &mut [i64; 2]) -> Stop {
         };
         let resp = match message {
             Ok(Some(resp)) => resp,
-            Ok(None) => return Stop::Failed("the watch stream ended".into()),
-            Err(e) => return Stop::Failed(e.to_string()),
+            Ok(None) => return (Stop::Failed("the watch stream ended".into()), heard),
+            Err(e) => return (Stop::Failed(e.to_string()), heard),
         };
-        s.heard(true);
+        heard = true;
+        s.answered(true);
         if resp.compact_revision() > 0 {
-            return Stop::Compacted;
+            return (Stop::Compacted, heard);
         }
         if resp.canceled() {
-            return Stop::Failed(format!("watch cancelled: {}", resp.cancel_reason()));
+            return (
+                Stop::Failed(format!("watch cancelled: {}", resp.cancel_reason())),
+                heard,
+            );
         }
-        let slot = match resp.watch_id() {
-            1 => 0,
-            2 => 1,
-            // A progress report for the whole stream.
-            _ => continue,
-        };
+        if !matches!(resp.watch_id(), 1 | 2) {
+            // The answer to a progress request, for the whole stream.
+            if resp.events().is_empty() && !resp.created() {
+                s.progress_answered();
+            }
+            continue;
+        }
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
-            next[slot] = next[slot].max(kv.mod_revision() + 1);
+            let key = String::from_utf8_lossy(kv.key());
+            let Ok(id) = LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) else {
+                tracing::warn!(key = %key, "a key under the lease prefix that names no lease; ignored");
+                continue;
+            };
             let change = match event.event_type() {
                 EventType::Put => match s.decode(kv) {
                     Ok(lease) => StoreChange::Put(Arc::new(lease)),
                     Err(e) => {
-                        tracing::error!(error = %e, "a lease in etcd cannot be read; ignored");
-                        continue;
+                        tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
+                        StoreChange::Unreadable(id)
                     }
                 },
-                EventType::Delete => {
-                    let key = String::from_utf8_lossy(kv.key());
-                    match LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) {
-                        Ok(id) => StoreChange::Removed(id),
-                        Err(_) => continue,
-                    }
-                }
+                EventType::Delete => StoreChange::Removed(id),
             };
             // No watcher is not an error.
             let _ = s.changes.send(change);
@@ -457,12 +606,32 @@ impl LeaseStore for EtcdStore {
     }
 
     fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError> {
+        let began = Instant::now();
         let (leases, revision) = self
             .block("range", self.read_all())
             .map_err(StoreError::new)?;
+        self.current_as_of(began);
         // The first read starts the watch: from here on, nothing is missed.
         self.start_watch(revision);
         Ok(leases)
+    }
+
+    fn read(&self, lease: &Lease) -> Result<Stored, StoreError> {
+        let key = self.key(lease);
+        let mut kv = self.client.kv_client();
+        let got = self
+            .call("range", kv.get(key.as_str(), None))
+            .map_err(StoreError::new)?;
+        Ok(match got.kvs().first() {
+            None => Stored::Absent,
+            Some(kv) => match self.decode(kv) {
+                Ok(lease) => Stored::Present(Arc::new(lease)),
+                Err(e) => {
+                    tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
+                    Stored::Unreadable
+                }
+            },
+        })
     }
 
     fn compact(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
@@ -712,5 +881,77 @@ mod tests {
         .expect("fresh again once etcd answers")
         .unwrap();
         blocking(|| a.put(&lease("u", &["unix:uid:7"]))).unwrap();
+    }
+
+    /// A record this agent cannot read (a newer agent's format, or damage) is never served:
+    /// the watch says so, a look-up says so, and a full read leaves it out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_this_agent_cannot_read_is_reported_and_not_served() {
+        let Some(etcd) = etcd() else { return };
+        let a = EtcdStore::connect(settings(&etcd), "node-a").await.unwrap();
+        let mut watch = a.watch();
+        blocking(|| a.load()).unwrap();
+        let l = lease("t", &["unix:uid:7"]);
+        blocking(|| a.put(&l)).unwrap();
+        assert_eq!(next_put(&mut watch).await.id, l.id);
+        // Record format 99, as a later version of mayfly might write it.
+        let mut client = a.client.clone();
+        client
+            .put(a.key(&l), vec![99u8, 1, 2, 3], None)
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), watch.recv()).await {
+            Ok(Ok(StoreChange::Unreadable(id))) => assert_eq!(id, l.id),
+            other => panic!("expected an unreadable lease, got {other:?}"),
+        }
+        assert!(matches!(
+            blocking(|| a.read(&l)).unwrap(),
+            Stored::Unreadable
+        ));
+        assert!(blocking(|| a.load()).unwrap().is_empty());
+        let gone = lease("gone", &["unix:uid:7"]);
+        assert!(matches!(
+            blocking(|| a.read(&gone)).unwrap(),
+            Stored::Absent
+        ));
+    }
+
+    /// A quiet, healthy etcd keeps the store current through its answers to progress
+    /// requests alone: nothing else counts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answered_progress_requests_keep_a_quiet_store_current() {
+        let Some(etcd) = etcd() else { return };
+        let mut s = settings(&etcd);
+        s.max_staleness = Duration::from_millis(800);
+        let a = EtcdStore::connect(s, "node-a").await.unwrap();
+        blocking(|| a.load()).unwrap();
+        let mut health = a.health();
+        let went_stale =
+            tokio::time::timeout(Duration::from_secs(4), health.wait_for(|h| h.stale)).await;
+        assert!(
+            went_stale.is_err(),
+            "stale while etcd answered: {went_stale:?}"
+        );
+        let current_as_of = a.heard.lock().unwrap().current_as_of;
+        assert!(current_as_of.elapsed() < Duration::from_millis(800));
+    }
+
+    #[test]
+    fn loopback_endpoints_are_told_apart() {
+        for e in [
+            "http://127.0.0.1:2379",
+            "localhost:2379",
+            "[::1]:2379",
+            "http://[::1]:2379",
+        ] {
+            assert!(loopback(e), "{e}");
+        }
+        for e in [
+            "http://10.0.0.5:2379",
+            "etcd.mayfly-system.svc:2379",
+            "http://[2001:db8::1]:2379",
+        ] {
+            assert!(!loopback(e), "{e}");
+        }
     }
 }

@@ -114,8 +114,8 @@ impl Metrics {
         );
         r.register(
             "mayfly_store_stale",
-            "1 while this agent has not heard its shared lease store for store.max_staleness \
-             (it issues nothing and has ended its streams)",
+            "1 while this agent's view of its shared lease store has not been confirmed current \
+             for store.max_staleness (it issues nothing and has ended its streams)",
             m.store_stale.clone(),
         );
         r.register(

@@ -95,12 +95,17 @@ impl Cluster {
     }
 
     async fn agent_in(&self, node: &str, dir: tempfile::TempDir) -> TestAgent {
+        self.agent_at(node, dir, &self.etcd.endpoint).await
+    }
+
+    /// An agent that reaches etcd at `endpoint` (a [`Relay`] to it, say).
+    async fn agent_at(&self, node: &str, dir: tempfile::TempDir, endpoint: &str) -> TestAgent {
         let path = dir.path().to_path_buf();
         common::start_in(dir, |f| {
             f.node_name = Some(node.into());
             f.store = StoreSection {
                 kind: Some("etcd".into()),
-                endpoints: Some(vec![self.etcd.endpoint.clone()]),
+                endpoints: Some(vec![endpoint.into()]),
                 request_timeout: Some("1s".into()),
                 max_staleness: Some("2s".into()),
                 ..Default::default()
@@ -109,6 +114,92 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// A TCP relay to etcd for one agent, which can cut that agent (and only it) off: while cut,
+/// no byte crosses either way and new connections hang, as across a network partition.
+struct Relay {
+    endpoint: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn to(upstream: &str) -> Relay {
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let ((down_r, down_w), (up_r, up_w)) = (down.into_split(), up.into_split());
+                tokio::spawn(Self::pipe(down_r, up_w, cut_rx.clone()));
+                tokio::spawn(Self::pipe(up_r, down_w, cut_rx.clone()));
+            }
+        });
+        Relay { endpoint, cut }
+    }
+
+    /// Copies one way, holding every byte while the link is cut.
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut cut: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if cut.wait_for(|cut| !cut).await.is_err() {
+                return;
+            }
+            let n = tokio::select! {
+                r = from.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => {
+                        let _ = to.shutdown().await;
+                        return;
+                    }
+                    Ok(n) => n,
+                },
+                _ = cut.changed() => continue,
+            };
+            // Bytes read as the cut came are held until it heals.
+            if cut.wait_for(|cut| !cut).await.is_err() {
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+/// Waits until `agent` issues this process an X.509-SVID.
+async fn serves(agent: &TestAgent) {
+    eventually(Duration::from_secs(10), async || {
+        agent
+            .workload()
+            .await
+            .fetch_x509_svid()
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+}
+
+/// Whether metrics say the agent is stale (`mayfly_store_stale 1`, the sample, not its help).
+fn stale(metrics: &str) -> bool {
+    metrics.lines().any(|l| l.trim() == "mayfly_store_stale 1")
 }
 
 /// A lease for this test process by its uid only: one any node serves.
@@ -348,20 +439,12 @@ async fn a_frozen_etcd_refuses_grants_then_ends_streams_then_recovers() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("lease store"), "{body}");
     let metrics = a.metrics().await;
-    assert!(metrics.contains("mayfly_store_stale 1"), "{metrics}");
+    assert!(stale(&metrics), "{metrics}");
     cluster.etcd.thaw();
-    eventually(Duration::from_secs(10), async || {
-        a.workload()
-            .await
-            .fetch_x509_svid()
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    serves(&a).await;
     let (code, body) = common::http_get(health, "/healthz/ready").await;
     assert_eq!(code, 200, "{body}");
-    assert!(a.metrics().await.contains("mayfly_store_stale 0"));
+    assert!(!stale(&a.metrics().await));
     a.revoke(&lease.lease_id, "done").await;
 }
 
@@ -379,4 +462,58 @@ fn an_etcd_store_with_an_embedded_ca_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("one trust bundle"), "{err}");
+}
+
+/// The attack: a node cut off from etcd while a lease is revoked elsewhere must not serve
+/// that lease when the link heals, not even for the moment its watch takes to catch up. It is
+/// current again only once it has read every lease anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_etcd_never_serves_a_lease_revoked_meanwhile() {
+    let Some(cluster) = Cluster::new() else {
+        return;
+    };
+    let relay = Relay::to(&cluster.etcd.endpoint).await;
+    let a = cluster
+        .agent_at("node-a", common::shared_tempdir(), &relay.endpoint)
+        .await;
+    let b = cluster.agent("node-b").await;
+    let lease = b
+        .grant("cut-off", &mine(), Duration::from_secs(120), None)
+        .await;
+    serves(&a).await;
+    relay.cut();
+    eventually(Duration::from_secs(15), async || {
+        let m = a.metrics().await;
+        stale(&m).then_some(()).ok_or(m)
+    })
+    .await;
+    b.revoke(&lease.lease_id, "revoked while node-a was cut off")
+        .await;
+    relay.heal();
+    // From the moment the link heals until well after node-a is current again, it issues
+    // nothing for the revoked lease.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut current_since = None;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        if let Ok(svid) = a.workload().await.fetch_x509_svid().await {
+            panic!(
+                "node-a issued {} for a lease revoked while it was cut off (try {tries})",
+                svid.spiffe_id()
+            );
+        }
+        if tries % 20 == 0 && !stale(&a.metrics().await) {
+            let since = *current_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-a never became current again"
+        );
+    }
+    let on_a = a.lease(&lease.lease_id).await;
+    assert_eq!(on_a.state, "revoked", "{on_a:?}");
 }

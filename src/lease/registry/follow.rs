@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::lease::{Lease, LeaseId, LeaseState, Principal, StoreChange, StoreHealth, StoreWatch};
+use crate::lease::{
+    Lease, LeaseId, LeaseState, Principal, StoreChange, StoreHealth, StoreWatch, Stored,
+};
 
 use super::index::{extend, index_key};
 use super::lifecycle::{end_descendants, keep_ended, replace_ended, take_live};
@@ -37,16 +39,10 @@ impl Leases {
             let mut health_open = true;
             loop {
                 tokio::select! {
+                    // Changes before health: a store that has become current again sends what
+                    // it missed first, and every bit of it is applied before leases resume.
+                    biased;
                     _ = closing.cancelled() => return,
-                    changed = health.changed(), if health_open => {
-                        if changed.is_err() {
-                            health_open = false;
-                            continue;
-                        }
-                        let now = *health.borrow_and_update();
-                        let Some(r) = me.upgrade() else { return };
-                        r.set_health(now);
-                    }
                     change = changes.recv() => {
                         let Some(r) = me.upgrade() else { return };
                         match change {
@@ -60,6 +56,15 @@ impl Leases {
                             }
                             Err(RecvError::Closed) => return,
                         }
+                    }
+                    changed = health.changed(), if health_open => {
+                        if changed.is_err() {
+                            health_open = false;
+                            continue;
+                        }
+                        let now = *health.borrow_and_update();
+                        let Some(r) = me.upgrade() else { return };
+                        r.set_health(now);
                     }
                 }
             }
@@ -100,36 +105,100 @@ impl Leases {
         match change {
             StoreChange::Put(lease) => self.apply_put(lease).await,
             StoreChange::Removed(id) => {
-                let mut inner = self.inner.write().expect("lease lock poisoned");
-                inner.ended.retain(|l| l.id != id);
+                // Compaction deletes ended leases only: a live one was deleted by hand, and
+                // ends here (its end written back, and kept among the recent ends).
+                if self.held_live(&id) {
+                    self.end_deleted(&id).await;
+                } else {
+                    let mut inner = self.inner.write().expect("lease lock poisoned");
+                    inner.ended.retain(|l| l.id != id);
+                }
             }
+            StoreChange::Unreadable(id) => self.withdraw(&id).await,
             StoreChange::Reloaded(all) => self.reconcile(&all).await,
         }
     }
 
-    /// Takes a full read of the store: every lease in it applied, and every live lease this
-    /// agent holds that the store no longer has ended (someone deleted it).
-    async fn reconcile(&self, all: &[Arc<Lease>]) {
+    /// Takes a full read of the store: every lease in it applied. A live lease this agent
+    /// holds that the read lacks is looked up again, since it may have been written after the
+    /// read: gone, it ends here (someone deleted it); unreadable, it is withdrawn; there, it
+    /// is applied.
+    pub(super) async fn reconcile(&self, all: &[Arc<Lease>]) {
         for lease in all {
             self.apply_put(lease.clone()).await;
         }
         let present: std::collections::HashSet<&LeaseId> = all.iter().map(|l| &l.id).collect();
-        let gone: Vec<LeaseId> = {
+        let missing: Vec<Lease> = {
             let inner = self.inner.read().expect("lease lock poisoned");
             inner
                 .active
-                .keys()
-                .chain(inner.pending.keys())
-                .filter(|id| !present.contains(id))
-                .cloned()
+                .values()
+                .map(|slot| Lease::clone(&slot.lease))
+                .chain(inner.pending.values().map(|(l, _)| l.clone()))
+                .filter(|l| !present.contains(&l.id))
                 .collect()
         };
-        for id in gone {
-            let why = "deleted from the lease store";
-            let _ = self
-                .end(&id, LeaseState::Revoked, Principal::agent(), why)
-                .await;
+        for lease in missing {
+            let store = self.durable.store.clone();
+            let looked = {
+                let lease = lease.clone();
+                tokio::task::spawn_blocking(move || store.read(&lease)).await
+            };
+            match looked {
+                Ok(Ok(Stored::Present(now))) => self.apply_put(now).await,
+                Ok(Ok(Stored::Absent)) => self.end_deleted(&lease.id).await,
+                Ok(Ok(Stored::Unreadable)) => self.withdraw(&lease.id).await,
+                // Left as it is: the next full read looks again, and a store that cannot be
+                // read for long turns stale.
+                Ok(Err(e)) => {
+                    tracing::warn!(lease_id = %lease.id, error = %e, "looking a lease up in the store failed")
+                }
+                Err(e) => {
+                    tracing::warn!(lease_id = %lease.id, error = %e, "looking a lease up in the store failed")
+                }
+            }
         }
+    }
+
+    fn held_live(&self, id: &LeaseId) -> bool {
+        matches!(self.held(id), Some(Held::Active(_) | Held::Pending(_)))
+    }
+
+    /// Ends a live lease the store no longer holds, and writes that end back.
+    async fn end_deleted(&self, id: &LeaseId) {
+        let why = "deleted from the lease store";
+        let _ = self
+            .end(id, LeaseState::Revoked, Principal::agent(), why)
+            .await;
+    }
+
+    /// Stops serving a lease the store holds in a form this agent cannot read (written by a
+    /// newer agent, or damaged): it may have ended, so it ends here, with its descendants.
+    /// Nothing is written over the record this agent cannot read; the end is audited as
+    /// `lease_withdrawn`.
+    async fn withdraw(&self, id: &LeaseId) {
+        let why = "its record in the lease store cannot be read by this agent";
+        let ended = {
+            let mut inner = self.inner.write().expect("lease lock poisoned");
+            take_live(&mut inner, id).map(|mut lease| {
+                lease.mark_ended(LeaseState::Revoked, Principal::agent(), why);
+                keep_ended(&mut inner, lease.clone());
+                end_descendants(&mut inner, lease)
+            })
+        };
+        let Some(ended) = ended else { return };
+        self.wake_for(&ended);
+        tracing::error!(
+            event = "lease_withdrawn",
+            lease_id = %id,
+            task_id = %ended[0].task_id,
+            reason = why,
+            "lease withdrawn on this node"
+        );
+        if let Err(e) = self.audit_lease("withdrawn", &ended[0], why).await {
+            tracing::error!(lease_id = %id, error = %e, "the withdrawal is not in the audit log");
+        }
+        self.record_ends(&ended[1..]).await;
     }
 
     fn held(&self, id: &LeaseId) -> Option<Held> {
@@ -236,7 +305,7 @@ impl Leases {
 mod tests {
     use super::super::test_support::*;
     use crate::audit::MemorySink;
-    use crate::lease::{LeaseError, LeaseState, LeaseStore, Principal, StoreHealth};
+    use crate::lease::{LeaseError, LeaseState, LeaseStore, Principal, StoreChange, StoreHealth};
     use std::time::Duration;
 
     /// Waits (briefly) until `check` holds: changes reach the other registry through the
@@ -451,5 +520,62 @@ mod tests {
         assert!(!r.matches_any(&caller));
         r.set_health(StoreHealth::FINE);
         assert_eq!(r.matching(&caller).len(), 1, "the lease serves again");
+    }
+
+    #[tokio::test]
+    async fn a_full_read_taken_before_a_grant_does_not_end_it() {
+        let store = crate::store::MemoryStore::shared();
+        let a = node_on(store.clone(), MemorySink::new(), "a");
+        // A full read of the store, taken just before another lease was granted here (as a
+        // watch that reconnects reads while grants go on).
+        let before = store.load().unwrap();
+        let l = grant(&a, "t", &["unix:uid:7"], Duration::from_secs(60)).await;
+        a.reconcile(&before).await;
+        assert!(a.get_active(&l.id).is_some(), "the new lease stands");
+        assert_eq!(store.load().unwrap()[0].state, LeaseState::Active);
+    }
+
+    /// A lease granted on a node of a shared store, then `change(id)` applied there: the
+    /// lease must be gone from matching, its SVID cache torn down.
+    async fn applied_to_a_held_lease(
+        change: impl FnOnce(crate::lease::LeaseId) -> StoreChange,
+    ) -> (
+        std::sync::Arc<crate::store::MemoryStore>,
+        std::sync::Arc<MemorySink>,
+        std::sync::Arc<super::super::Leases>,
+        crate::lease::Lease,
+    ) {
+        let store = crate::store::MemoryStore::shared();
+        let audit = MemorySink::new();
+        let a = node_on(store.clone(), audit.clone(), "a");
+        let caller = selectors(&["unix:uid:7"]);
+        let l = grant(&a, "t", &["unix:uid:7"], Duration::from_secs(60)).await;
+        let held = a.matching(&caller).remove(0);
+        a.apply(change(l.id.clone())).await;
+        tokio::time::timeout(Duration::from_secs(1), held.ended.cancelled())
+            .await
+            .expect("the lease's SVID cache is torn down");
+        assert!(a.matching(&caller).is_empty());
+        (store, audit, a, l)
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_deleted_from_the_store_ends() {
+        let (_, audit, a, l) = applied_to_a_held_lease(StoreChange::Removed).await;
+        let ended = a.get_cached(&l.id).unwrap();
+        assert_eq!(ended.state, LeaseState::Revoked);
+        assert_eq!(ended.end_reason, "deleted from the lease store");
+        assert!(audit.events().iter().any(|e| e == "lease_revoked"));
+    }
+
+    #[tokio::test]
+    async fn a_lease_this_agent_cannot_read_is_withdrawn_and_not_overwritten() {
+        let (store, audit, a, l) = applied_to_a_held_lease(StoreChange::Unreadable).await;
+        assert!(a.get_active(&l.id).is_none());
+        assert!(audit.events().iter().any(|e| e == "lease_withdrawn"));
+        // The record it cannot read (a newer agent's) is left as it is.
+        let stored = store.load().unwrap();
+        assert_eq!(stored[0].state, LeaseState::Active);
+        assert_eq!(stored[0].revision, l.revision);
     }
 }
