@@ -29,6 +29,8 @@ impl AdminApi {
         attestor: Arc<Attestor>,
         workload_socket: &std::path::Path,
     ) -> TasksServer<Self> {
+        // Admin requests are small; a caller's request is held whole before it is judged.
+        const MAX_REQUEST: usize = 64 * 1024;
         TasksServer::new(AdminApi {
             tasks,
             attestor,
@@ -37,6 +39,7 @@ impl AdminApi {
                 .to_string_lossy()
                 .into_owned(),
         })
+        .max_decoding_message_size(MAX_REQUEST)
     }
 
     fn lease(&self, l: &Lease) -> pb::Lease {

@@ -11,12 +11,13 @@
 //! For clients that can only check the host they dialled (gRPC C-core, grpc-java), it also
 //! names `admin.server_names`, such as the Service in front of the agents.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -35,6 +36,11 @@ const SERVING_RENEW: Duration = Duration::from_secs(3600);
 
 /// Connections open at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
+
+/// Connections one caller (one identity) may hold open at once. Every workload of the trust
+/// domain holds a certificate the default roots accept, whether or not the allowlist names
+/// it, so without this one workload could hold every connection and shut orchestrators out.
+pub const MAX_CONNECTIONS_PER_CALLER: usize = 16;
 
 /// The caller on the remote admin API, as its verified client certificate names it.
 #[derive(Clone, Debug)]
@@ -86,7 +92,8 @@ impl ServingCert {
             .into_iter()
             .map(|der| CertificateDer::from(der.to_vec()))
             .collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8.to_vec()));
+        // Borrowed, so that the only copy of the key outside the signer is wiped with `issued`.
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&issued.key_pkcs8[..]));
         let key = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
         Ok(Arc::new(CertifiedKey::new(chain, key)))
@@ -201,6 +208,10 @@ impl RemoteAdmin {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(serving.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a resumed session skips the client certificate's verification, and
+        // would carry an identity past its certificate's expiry.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(RemoteAdmin {
             listener,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
@@ -220,6 +231,7 @@ impl RemoteAdmin {
         tokio::spawn(self.serving.clone().renew(shutdown.clone()));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let callers = Callers::default();
         let (listener, acceptor) = (self.listener, self.acceptor);
         tokio::spawn(async move {
             loop {
@@ -238,7 +250,7 @@ impl RemoteAdmin {
                         continue;
                     }
                 };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx, callers) = (acceptor.clone(), tx.clone(), callers.clone());
                 tokio::spawn(async move {
                     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
                         .await
@@ -259,17 +271,31 @@ impl RemoteAdmin {
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| c.as_ref().to_vec());
-                    let identity = match leaf.as_deref().map(identity_of) {
-                        Some(Ok(identity)) => identity,
+                    let caller = match leaf.as_deref().map(caller_of) {
+                        Some(Ok(caller)) => caller,
                         Some(Err(why)) => {
                             tracing::warn!(event = "remote_admin_refused", peer = %addr, reason = %why, "remote admin API: client certificate names no identity");
                             return;
                         }
                         None => return,
                     };
+                    let Some(slot) = callers.take(&caller.identity) else {
+                        tracing::warn!(event = "remote_admin_refused", peer = %addr, identity = %caller.identity, limit = MAX_CONNECTIONS_PER_CALLER, "remote admin API: this caller holds as many connections as it may");
+                        return;
+                    };
+                    // The connection ends when the certificate that admitted it does.
+                    let Ok(left) = caller.not_after.duration_since(SystemTime::now()) else {
+                        tracing::warn!(event = "remote_admin_refused", peer = %addr, identity = %caller.identity, "remote admin API: client certificate expired");
+                        return;
+                    };
                     let conn = RemoteConn {
                         io: tls,
-                        peer: RemotePeer { identity, addr },
+                        peer: RemotePeer {
+                            identity: caller.identity,
+                            addr,
+                        },
+                        expires: Box::pin(tokio::time::sleep(left)),
+                        _slot: slot,
                         _permit: permit,
                     };
                     let _ = tx.send(Ok(conn)).await;
@@ -280,25 +306,78 @@ impl RemoteAdmin {
     }
 }
 
-/// The identity a verified client certificate names: its one SPIFFE ID, or else `cn:` and
-/// its subject's common name.
-pub fn identity_of(der: &[u8]) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let mut ids = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = name {
-                if uri.starts_with("spiffe://") {
-                    ids.push(*uri);
-                }
+/// How many connections each caller holds.
+#[derive(Clone, Default)]
+struct Callers(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl Callers {
+    /// One more connection for `identity`, or `None` if it holds as many as it may.
+    fn take(&self, identity: &str) -> Option<CallerSlot> {
+        let mut held = self.0.lock().expect("caller counts poisoned");
+        let n = held.entry(identity.to_owned()).or_default();
+        if *n >= MAX_CONNECTIONS_PER_CALLER {
+            return None;
+        }
+        *n += 1;
+        Some(CallerSlot {
+            callers: self.clone(),
+            identity: identity.to_owned(),
+        })
+    }
+}
+
+/// One connection of a caller; dropped with the connection.
+struct CallerSlot {
+    callers: Callers,
+    identity: String,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut held = self.callers.0.lock().expect("caller counts poisoned");
+        if let Some(n) = held.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.identity);
             }
         }
     }
-    match ids.as_slice() {
-        [id] => SpiffeId::new(*id)
-            .map(|id| id.to_string())
-            .map_err(|e| format!("SPIFFE ID {id:?}: {e}")),
-        [] => {
+}
+
+/// A verified client certificate as the remote admin API knows its caller.
+struct Caller {
+    identity: String,
+    not_after: SystemTime,
+}
+
+/// The identity a verified certificate names: its one SPIFFE ID, or else `cn:` and its
+/// subject's common name.
+pub fn identity_of(der: &[u8]) -> Result<String, String> {
+    caller_of(der).map(|c| c.identity)
+}
+
+/// A certificate with a SPIFFE ID must be an X509-SVID: exactly one URI SAN, that SPIFFE ID
+/// in canonical form (a URI of scheme `spiffe`, in any case, is taken for one). Only a
+/// certificate without any is known by its common name.
+fn caller_of(der: &[u8]) -> Result<Caller, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                uris.push(*uri);
+            }
+        }
+    }
+    let spiffe = uris
+        .iter()
+        .filter(|uri| {
+            uri.get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://"))
+        })
+        .count();
+    let identity = match (spiffe, uris.as_slice()) {
+        (0, _) => {
             let cn = cert
                 .subject()
                 .iter_common_name()
@@ -306,17 +385,54 @@ pub fn identity_of(der: &[u8]) -> Result<String, String> {
                 .and_then(|cn| cn.as_str().ok())
                 .filter(|cn| !cn.is_empty())
                 .ok_or("neither a SPIFFE ID nor a common name")?;
-            Ok(format!("cn:{cn}"))
+            format!("cn:{cn}")
         }
-        _ => Err("more than one SPIFFE ID".into()),
-    }
+        // In canonical form only: what the allowlist and the policies compare is what the
+        // certificate says.
+        (1, [id]) => match SpiffeId::new(*id) {
+            Ok(parsed) if parsed.to_string() == *id => parsed.to_string(),
+            Ok(parsed) => {
+                return Err(format!(
+                    "SPIFFE ID {id:?} is not in canonical form ({parsed})"
+                ))
+            }
+            Err(e) => return Err(format!("SPIFFE ID {id:?}: {e}")),
+        },
+        _ => {
+            return Err(format!(
+                "a SPIFFE ID among {} URI SANs (an X509-SVID has exactly one)",
+                uris.len()
+            ))
+        }
+    };
+    let not_after = UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
+    Ok(Caller {
+        identity,
+        not_after,
+    })
 }
 
-/// One mutual-TLS connection on the remote admin API, with its caller.
+/// One mutual-TLS connection on the remote admin API, with its caller. It fails (and so
+/// closes) when the caller's certificate expires: the identity it admitted is no longer
+/// vouched for.
 pub struct RemoteConn {
     io: tokio_rustls::server::TlsStream<TcpStream>,
     peer: RemotePeer,
+    expires: Pin<Box<tokio::time::Sleep>>,
+    _slot: CallerSlot,
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl RemoteConn {
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.expires.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client certificate expired",
+            )
+        })
+    }
 }
 
 impl Connected for RemoteConn {
@@ -333,7 +449,11 @@ impl AsyncRead for RemoteConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let me = self.get_mut();
+        if let Some(e) = me.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.io).poll_read(cx, buf)
     }
 }
 
@@ -343,7 +463,11 @@ impl AsyncWrite for RemoteConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let me = self.get_mut();
+        if let Some(e) = me.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -352,5 +476,70 @@ impl AsyncWrite for RemoteConn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    fn cert(uris: &[&str], cn: Option<&str>) -> Vec<u8> {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        if let Some(cn) = cn {
+            p.distinguished_name.push(DnType::CommonName, cn);
+        }
+        p.self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_certificate_names_one_spiffe_id_or_else_its_common_name() {
+        let id = "spiffe://example.org/orchestrator/ci";
+        assert_eq!(identity_of(&cert(&[id], Some("ignored"))).unwrap(), id);
+        assert_eq!(
+            identity_of(&cert(&["https://example.org/deployer"], Some("deployer"))).unwrap(),
+            "cn:deployer"
+        );
+        assert_eq!(
+            identity_of(&cert(&[], Some("deployer"))).unwrap(),
+            "cn:deployer"
+        );
+        assert!(identity_of(&cert(&[], None)).is_err());
+    }
+
+    /// The attacks: a certificate that is not an X509-SVID (a SPIFFE ID beside another URI, or
+    /// two), or one whose SPIFFE ID is spelled to slip past a check, names no one; in
+    /// particular it is never taken for its common name.
+    #[test]
+    fn a_certificate_that_is_not_an_x509_svid_names_no_one() {
+        let id = "spiffe://example.org/orchestrator/ci";
+        for uris in [
+            vec![id, "https://example.org/other"],
+            vec![id, "spiffe://example.org/other"],
+            vec!["SPIFFE://example.org/orchestrator/ci"],
+            vec!["spiffe://example.org/a/../orchestrator/ci"],
+        ] {
+            let got = identity_of(&cert(&uris, Some("deployer")));
+            assert!(got.is_err(), "{uris:?} named {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_caller_is_known_until_its_certificate_expires() {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "deployer");
+        p.not_after = rcgen::date_time_ymd(2031, 1, 2);
+        let der = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let caller = caller_of(der.der()).unwrap();
+        let want = UNIX_EPOCH + Duration::from_secs(1_925_078_400);
+        assert_eq!(caller.not_after, want);
     }
 }

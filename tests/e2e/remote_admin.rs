@@ -62,11 +62,22 @@ async fn svid(
     agent: &str,
     task: &str,
 ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    svid_lasting(t, agent, task, None).await
+}
+
+/// [`svid`], with SVIDs that live `svid_ttl`.
+async fn svid_lasting(
+    t: &TestAgent,
+    agent: &str,
+    task: &str,
+    svid_ttl: Option<Duration>,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let lease = t
         .admin()
         .await
         .grant(pb::GrantRequest {
             agent: agent.into(),
+            svid_ttl: svid_ttl.map(mayfly::time::to_duration),
             ..common::grant_request(task, "user/alice", Duration::from_secs(300))
         })
         .await
@@ -373,4 +384,89 @@ async fn a_certificate_from_an_operator_ca_is_admitted_by_its_common_name() {
         !refused.contains("PermissionDenied"),
         "refused at the handshake: {refused}"
     );
+}
+
+fn dup(
+    cert: &(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    (cert.0.clone(), cert.1.clone_key())
+}
+
+/// The attack: a workload whose SVID the default roots accept, though the allowlist does not
+/// name it, opens connections until none are left for orchestrators. It gets its share, and
+/// no more; orchestrators still get in.
+#[tokio::test]
+async fn one_caller_holds_only_its_share_of_connections() {
+    use mayfly::server::remote_admin::MAX_CONNECTIONS_PER_CALLER;
+    let t = agent().await;
+    let stranger = svid(&t, "reporter", "flood").await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_CALLER {
+        let mut admin = client(&t, Some(dup(&stranger))).await.unwrap();
+        let err = admin.list(pb::ListRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        held.push(admin);
+    }
+    // One more from the same caller is closed as it opens.
+    let refused = match client(&t, Some(dup(&stranger))).await {
+        Err(e) => e,
+        Ok(mut admin) => {
+            let err = admin.list(pb::ListRequest::default()).await.unwrap_err();
+            assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+            format!("{err:?}")
+        }
+    };
+    assert!(!refused.is_empty());
+    // An orchestrator still gets in.
+    let orchestrator = svid(&t, "orchestrator", "still-in").await;
+    client(&t, Some(orchestrator))
+        .await
+        .unwrap()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap();
+    // A connection the caller closes is one it may open again.
+    held.pop();
+    common::eventually(Duration::from_secs(5), async || {
+        let mut admin = client(&t, Some(dup(&stranger))).await?;
+        match admin.list(pb::ListRequest::default()).await {
+            Err(e) if e.code() == tonic::Code::PermissionDenied => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// A connection is as good as the certificate that opened it: when that expires, so does the
+/// connection, though the client keeps it open.
+#[tokio::test]
+async fn a_connection_ends_with_the_certificate_that_opened_it() {
+    let t = agent().await;
+    let cert = svid_lasting(&t, "orchestrator", "brief", Some(Duration::from_secs(2))).await;
+    let mut admin = client(&t, Some(cert)).await.unwrap();
+    admin.list(pb::ListRequest::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = admin.list(pb::ListRequest::default()).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}
+
+/// An admin request is small: one far larger is refused before it is judged.
+#[tokio::test]
+async fn an_oversized_request_is_refused() {
+    let t = agent().await;
+    let cert = svid(&t, "orchestrator", "big").await;
+    let mut admin = client(&t, Some(cert)).await.unwrap();
+    let err = admin
+        .grant(pb::GrantRequest {
+            reason: "x".repeat(1 << 20),
+            ..grant("oversized")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(t
+        .all_leases()
+        .await
+        .iter()
+        .all(|l| l.selectors != vec!["unix:uid:4242".to_string()]));
 }
