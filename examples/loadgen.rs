@@ -1335,7 +1335,7 @@ async fn cluster(o: &Opts) -> Res<()> {
 
 /// What `store.max_staleness` costs: `nodes` real etcd lease stores (one client connection,
 /// one watch stream and one staleness clock each, as in N agents) follow one etcd for
-/// `--duration`, asking for watch progress every quarter of `max_staleness` as agents do.
+/// `--duration`, reading their change markers every quarter of `max_staleness` as agents do.
 /// Reports etcd's CPU, the stores' own CPU (this process), and how many stores went stale
 /// though etcd was up: a false suspension would end a node's streams for nothing.
 async fn staleness(o: &Opts) -> Res<()> {
@@ -1388,7 +1388,7 @@ async fn staleness(o: &Opts) -> Res<()> {
                     }
                 });
             }
-            // Settle: every watch open and its first progress report in.
+            // Settle: every watch open and its first marker read in.
             tokio::time::sleep(max_staleness.max(Duration::from_secs(2))).await;
             let stale_now = stores.iter().filter(|s| s.health().borrow().stale).count();
             let (e0, m0, t0) = (cpu_secs(&etcd_pid), cpu_secs(&me), Instant::now());
@@ -1397,7 +1397,7 @@ async fn staleness(o: &Opts) -> Res<()> {
             let etcd_cpu = (cpu_secs(&etcd_pid) - e0) / secs;
             let own_cpu = (cpu_secs(&me) - m0) / secs;
             println!(
-                "staleness  max_staleness={:?} nodes={n}  progress requests {:.0}/s  etcd CPU {:.1} % of a core ({:.1} % above idle)  stores' CPU {:.1} %  stale at start {stale_now}, went stale {}",
+                "staleness  max_staleness={:?} nodes={n}  marker reads {:.0}/s  etcd CPU {:.1} % of a core ({:.1} % above idle)  stores' CPU {:.1} %  stale at start {stale_now}, went stale {}",
                 max_staleness,
                 n as f64 * 4.0 / max_staleness.as_secs_f64(),
                 etcd_cpu * 100.0,

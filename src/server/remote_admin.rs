@@ -42,6 +42,10 @@ const MAX_CONNECTIONS: usize = 1024;
 /// it, so without this one workload could hold every connection and shut orchestrators out.
 pub const MAX_CONNECTIONS_PER_CALLER: usize = 16;
 
+/// Connections from one address, in their handshake or open: one host cannot hold every
+/// connection with handshakes it never finishes.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+
 /// The caller on the remote admin API, as its verified client certificate names it.
 #[derive(Clone, Debug)]
 pub struct RemotePeer {
@@ -231,7 +235,7 @@ impl RemoteAdmin {
         tokio::spawn(self.serving.clone().renew(shutdown.clone()));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        let callers = Callers::default();
+        let (callers, addresses) = (Counts::default(), Counts::default());
         let (listener, acceptor) = (self.listener, self.acceptor);
         tokio::spawn(async move {
             loop {
@@ -249,6 +253,12 @@ impl RemoteAdmin {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                let Some(from) =
+                    addresses.take(&addr.ip().to_string(), MAX_CONNECTIONS_PER_ADDRESS)
+                else {
+                    tracing::warn!(event = "remote_admin_refused", peer = %addr, limit = MAX_CONNECTIONS_PER_ADDRESS, "remote admin API: this address holds as many connections as it may");
+                    continue;
                 };
                 let (acceptor, tx, callers) = (acceptor.clone(), tx.clone(), callers.clone());
                 tokio::spawn(async move {
@@ -279,7 +289,8 @@ impl RemoteAdmin {
                         }
                         None => return,
                     };
-                    let Some(slot) = callers.take(&caller.identity) else {
+                    let Some(slot) = callers.take(&caller.identity, MAX_CONNECTIONS_PER_CALLER)
+                    else {
                         tracing::warn!(event = "remote_admin_refused", peer = %addr, identity = %caller.identity, limit = MAX_CONNECTIONS_PER_CALLER, "remote admin API: this caller holds as many connections as it may");
                         return;
                     };
@@ -295,7 +306,7 @@ impl RemoteAdmin {
                             addr,
                         },
                         expires: Box::pin(tokio::time::sleep(left)),
-                        _slot: slot,
+                        _slots: [slot, from],
                         _permit: permit,
                     };
                     let _ = tx.send(Ok(conn)).await;
@@ -306,39 +317,39 @@ impl RemoteAdmin {
     }
 }
 
-/// How many connections each caller holds.
+/// How many connections each caller (or address) holds.
 #[derive(Clone, Default)]
-struct Callers(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+struct Counts(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
 
-impl Callers {
-    /// One more connection for `identity`, or `None` if it holds as many as it may.
-    fn take(&self, identity: &str) -> Option<CallerSlot> {
-        let mut held = self.0.lock().expect("caller counts poisoned");
-        let n = held.entry(identity.to_owned()).or_default();
-        if *n >= MAX_CONNECTIONS_PER_CALLER {
+impl Counts {
+    /// One more connection for `who`, or `None` if it holds `limit` already.
+    fn take(&self, who: &str, limit: usize) -> Option<Slot> {
+        let mut held = self.0.lock().expect("connection counts poisoned");
+        let n = held.entry(who.to_owned()).or_default();
+        if *n >= limit {
             return None;
         }
         *n += 1;
-        Some(CallerSlot {
-            callers: self.clone(),
-            identity: identity.to_owned(),
+        Some(Slot {
+            counts: self.clone(),
+            who: who.to_owned(),
         })
     }
 }
 
-/// One connection of a caller; dropped with the connection.
-struct CallerSlot {
-    callers: Callers,
-    identity: String,
+/// One connection of a caller or address; dropped with the connection.
+struct Slot {
+    counts: Counts,
+    who: String,
 }
 
-impl Drop for CallerSlot {
+impl Drop for Slot {
     fn drop(&mut self) {
-        let mut held = self.callers.0.lock().expect("caller counts poisoned");
-        if let Some(n) = held.get_mut(&self.identity) {
+        let mut held = self.counts.0.lock().expect("connection counts poisoned");
+        if let Some(n) = held.get_mut(&self.who) {
             *n -= 1;
             if *n == 0 {
-                held.remove(&self.identity);
+                held.remove(&self.who);
             }
         }
     }
@@ -420,7 +431,8 @@ pub struct RemoteConn {
     io: tokio_rustls::server::TlsStream<TcpStream>,
     peer: RemotePeer,
     expires: Pin<Box<tokio::time::Sleep>>,
-    _slot: CallerSlot,
+    /// Its caller's, and its address's.
+    _slots: [Slot; 2],
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 

@@ -10,17 +10,21 @@
 //! two agents moving the same lease from what they both read, one wins and the other is told
 //! ([`StoreError::Conflict`], with the lease as it is now).
 //!
-//! One task watches both key ranges on one stream, from the revision of the last read on, and
-//! asks etcd for a progress report every quarter of `max_staleness`. This agent's view is
-//! known current as of the start of its last full read, or as of the sending of the last
-//! progress request etcd answered; when that is more than `max_staleness` ago, the store is
-//! stale (see [`StoreHealth`]). Nothing else counts: not a write that succeeded, nor a watch
-//! that was merely created, since neither says that every change has arrived. A watch that
-//! stopped, for whatever reason, starts again from a full read (sent as
-//! [`StoreChange::Reloaded`]), so that a node coming back from a partition is current before
-//! it serves, and never trusts a watch to catch up on what it missed.
+//! Every write also touches a marker for its key range (`changes/shared`, `changes/node/<node>`)
+//! in the same transaction, so a marker's revision is that of the range's latest change.
+//!
+//! One task watches both key ranges on one stream, from the revision of the last full read
+//! on. Every quarter of `max_staleness` it reads this node's two markers (a linearizable read)
+//! and waits for the watch to deliver up to their revisions: then this agent has every change
+//! committed before it asked, and its view is current as of that moment. It is also current
+//! as of the start of a full read. When it has not been current for `max_staleness`, the store
+//! is stale (see [`StoreHealth`]). Nothing else counts: not a write that succeeded, nor any
+//! message on the watch (a watch may be created, and etcd may answer a progress request,
+//! before the watch has caught up). A watch that stops, or that stays behind for
+//! `max_staleness`, starts again from a full read (sent as [`StoreChange::Reloaded`]), so that
+//! a node coming back from a partition is current before it serves, and never trusts a watch
+//! to catch up on what it missed.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -41,10 +45,6 @@ use crate::lease::{
 /// Leases written in one transaction at most (etcd refuses more than 128 operations by
 /// default); a larger batch is written in several, each all or none.
 const TXN_LEASES: usize = 100;
-
-/// Watch progress requests left unanswered before the watch asks no more: etcd answers each
-/// in turn, or (newer versions, while the watch is behind) not at all.
-const PROGRESS_ASKED_MAX: usize = 4;
 
 /// The pause before a failed watch or read is tried again: doubling from the first to the
 /// last, plus up to as much again at random, so that nodes cut off together do not all come
@@ -98,6 +98,8 @@ pub struct EtcdStore {
     leases: String,
     shared: String,
     mine: String,
+    /// The markers of the shared range and of this node's.
+    markers: [String; 2],
     settings: EtcdSettings,
     changes: broadcast::Sender<StoreChange>,
     health: watch::Sender<StoreHealth>,
@@ -110,13 +112,10 @@ pub struct EtcdStore {
 /// What this agent has heard from etcd.
 struct Heard {
     /// Every change etcd had committed by this instant has reached this agent: the start of
-    /// its last full read, or the sending of a progress request etcd has since answered.
+    /// its last full read, or of the last read of the markers its watch then caught up with.
     current_as_of: Instant,
     /// The last call or watch message got an answer.
     reachable: bool,
-    /// When the progress requests still unanswered on the current watch were sent, oldest
-    /// first.
-    asked: VecDeque<Instant>,
 }
 
 impl EtcdStore {
@@ -184,6 +183,10 @@ impl EtcdStore {
             runtime: tokio::runtime::Handle::current(),
             shared: format!("{leases}shared/"),
             mine: format!("{leases}node/{node}/"),
+            markers: [
+                format!("{}changes/shared", settings.prefix),
+                format!("{}changes/node/{node}", settings.prefix),
+            ],
             leases,
             settings,
             changes: broadcast::channel(WATCH_CAPACITY).0,
@@ -192,7 +195,6 @@ impl EtcdStore {
             heard: Mutex::new(Heard {
                 current_as_of: Instant::now(),
                 reachable: true,
-                asked: VecDeque::new(),
             }),
             watching: Mutex::new(false),
             closing: CancellationToken::new(),
@@ -213,10 +215,52 @@ impl EtcdStore {
         }
     }
 
-    fn with_heard<T>(&self, f: impl FnOnce(&mut Heard) -> T) -> T {
-        let t = f(&mut self.heard.lock().expect("etcd state poisoned"));
+    /// The marker of `lease`'s key range, written with every change to it.
+    fn marker(&self, lease: &Lease) -> String {
+        match &lease.node {
+            None => format!("{}changes/shared", self.settings.prefix),
+            Some(node) => format!("{}changes/node/{node}", self.settings.prefix),
+        }
+    }
+
+    /// Puts of the markers of `leases`' ranges, one each.
+    fn touch_markers<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>) -> Vec<TxnOp> {
+        let mut markers: Vec<String> = leases.into_iter().map(|l| self.marker(l)).collect();
+        markers.sort();
+        markers.dedup();
+        markers
+            .into_iter()
+            .map(|m| TxnOp::put(m, Vec::<u8>::new(), None))
+            .collect()
+    }
+
+    /// The revisions of the latest changes to the two ranges this node reads (0: none yet),
+    /// by a linearizable read.
+    async fn latest_changes(&self) -> Result<[i64; 2], EtcdError> {
+        let txn = Txn::new().and_then(
+            self.markers
+                .iter()
+                .map(|m| TxnOp::get(m.as_str(), None))
+                .collect::<Vec<_>>(),
+        );
+        let mut kv = self.client.kv_client();
+        let timeout = self.settings.request_timeout;
+        let read = tokio::time::timeout(timeout, kv.txn(txn))
+            .await
+            .map_err(|_| EtcdError::Timeout { op: "txn", timeout })?
+            .map_err(|source| EtcdError::Etcd { op: "txn", source })?;
+        let mut latest = [0; 2];
+        for (slot, op) in latest.iter_mut().zip(read.op_responses()) {
+            if let TxnOpResponse::Get(get) = op {
+                *slot = get.kvs().first().map_or(0, |kv| kv.mod_revision());
+            }
+        }
+        Ok(latest)
+    }
+
+    fn with_heard(&self, f: impl FnOnce(&mut Heard)) {
+        f(&mut self.heard.lock().expect("etcd state poisoned"));
         self.update_health();
-        t
     }
 
     /// Whether etcd answered a call or sent a watch message.
@@ -232,41 +276,13 @@ impl EtcdStore {
         });
     }
 
-    /// Notes a progress request about to be sent; false when enough are unanswered already.
-    fn asking_progress(&self) -> bool {
-        self.with_heard(|h| {
-            let ask = h.asked.len() < PROGRESS_ASKED_MAX;
-            if ask {
-                h.asked.push_back(Instant::now());
-            }
-            ask
-        })
-    }
-
-    /// etcd answered a progress request: every change it had committed when it answered has
-    /// reached the watch, and it answered after the oldest request still waiting was sent
-    /// (answers come in order; one it skipped only makes this time earlier than it could be).
-    fn progress_answered(&self) {
-        self.with_heard(|h| {
-            if let Some(asked) = h.asked.pop_front() {
-                h.current_as_of = h.current_as_of.max(asked);
-            }
-            h.reachable = true;
-        });
-    }
-
-    /// A new watch stream: no request on it is waiting.
-    fn new_stream(&self) {
-        self.with_heard(|h| h.asked.clear());
-    }
-
+    /// Publishes health as `heard` says, under its lock, so that two callers never publish
+    /// out of order (nothing that locks `heard` runs while the sender's lock is held).
     fn update_health(&self) {
-        let now = {
-            let heard = self.heard.lock().expect("etcd state poisoned");
-            StoreHealth {
-                reachable: heard.reachable,
-                stale: heard.current_as_of.elapsed() > self.settings.max_staleness,
-            }
+        let heard = self.heard.lock().expect("etcd state poisoned");
+        let now = StoreHealth {
+            reachable: heard.reachable,
+            stale: heard.current_as_of.elapsed() > self.settings.max_staleness,
         };
         self.health
             .send_if_modified(|h| std::mem::replace(h, now) != now);
@@ -393,6 +409,7 @@ impl EtcdStore {
             ));
             puts.push(TxnOp::put(key.as_str(), value, None));
         }
+        puts.extend(self.touch_markers(leases));
         let gets: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
         let mut kv = self.client.kv_client();
@@ -431,6 +448,29 @@ impl EtcdStore {
                 _ = follow(me, revision) => {}
             }
         });
+    }
+}
+
+impl EtcdStore {
+    /// Hands one watched change to the watchers.
+    fn send_change(&self, kind: EventType, kv: &KeyValue) {
+        let key = String::from_utf8_lossy(kv.key());
+        let Ok(id) = LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) else {
+            tracing::warn!(key = %key, "a key under the lease prefix that names no lease; ignored");
+            return;
+        };
+        let change = match kind {
+            EventType::Put => match self.decode(kv) {
+                Ok(lease) => StoreChange::Put(Arc::new(lease)),
+                Err(e) => {
+                    tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
+                    StoreChange::Unreadable(id)
+                }
+            },
+            EventType::Delete => StoreChange::Removed(id),
+        };
+        // No watcher is not an error.
+        let _ = self.changes.send(change);
     }
 }
 
@@ -536,63 +576,87 @@ async fn watch_once(s: &Arc<EtcdStore>, from: i64) -> (Stop, bool) {
     if let Err(e) = stream.watch(ranges[1].as_str(), Some(options(1))).await {
         return (Stop::Failed(e.to_string()), false);
     }
-    s.new_stream();
+    let max_staleness = s.settings.max_staleness;
     let mut heard = false;
-    let mut progress = tokio::time::interval(s.settings.max_staleness / 4);
+    // Per range, the revision up to which every change has been delivered.
+    let mut delivered = [from - 1; 2];
+    // The markers' revisions and when they were asked for, until the watch delivers them.
+    let mut target: Option<(Instant, [i64; 2])> = None;
+    let mut asking = false;
+    let (answers, mut answered) = tokio::sync::mpsc::channel(1);
+    let mut check = tokio::time::interval(max_staleness / 4);
     loop {
-        let message = tokio::select! {
-            _ = progress.tick() => {
-                if s.asking_progress() {
-                    if let Err(e) = stream.request_progress().await {
-                        return (Stop::Failed(e.to_string()), heard);
+        tokio::select! {
+            _ = check.tick() => {
+                match target {
+                    Some((asked, latest)) if asked.elapsed() > max_staleness => {
+                        return (
+                            Stop::Failed(format!(
+                                "the watch is behind: it delivered {delivered:?} of {latest:?} in max_staleness"
+                            )),
+                            heard,
+                        );
+                    }
+                    Some(_) => {}
+                    None if asking => {}
+                    None => {
+                        asking = true;
+                        let (s, answers) = (s.clone(), answers.clone());
+                        tokio::spawn(async move {
+                            let asked = Instant::now();
+                            let _ = answers.send((asked, s.latest_changes().await)).await;
+                        });
                     }
                 }
-                continue;
             }
-            m = stream.message() => m,
-        };
-        let resp = match message {
-            Ok(Some(resp)) => resp,
-            Ok(None) => return (Stop::Failed("the watch stream ended".into()), heard),
-            Err(e) => return (Stop::Failed(e.to_string()), heard),
-        };
-        heard = true;
-        s.answered(true);
-        if resp.compact_revision() > 0 {
-            return (Stop::Compacted, heard);
-        }
-        if resp.canceled() {
-            return (
-                Stop::Failed(format!("watch cancelled: {}", resp.cancel_reason())),
-                heard,
-            );
-        }
-        if !matches!(resp.watch_id(), 1 | 2) {
-            // The answer to a progress request, for the whole stream.
-            if resp.events().is_empty() && !resp.created() {
-                s.progress_answered();
-            }
-            continue;
-        }
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            let key = String::from_utf8_lossy(kv.key());
-            let Ok(id) = LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) else {
-                tracing::warn!(key = %key, "a key under the lease prefix that names no lease; ignored");
-                continue;
-            };
-            let change = match event.event_type() {
-                EventType::Put => match s.decode(kv) {
-                    Ok(lease) => StoreChange::Put(Arc::new(lease)),
-                    Err(e) => {
-                        tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
-                        StoreChange::Unreadable(id)
+            Some((asked, latest)) = answered.recv() => {
+                asking = false;
+                match latest {
+                    Ok(latest) => {
+                        s.answered(true);
+                        target = Some((asked, latest));
                     }
-                },
-                EventType::Delete => StoreChange::Removed(id),
-            };
-            // No watcher is not an error.
-            let _ = s.changes.send(change);
+                    Err(e) => {
+                        s.answered(false);
+                        tracing::debug!(error = %e, "reading the change markers failed");
+                    }
+                }
+            }
+            message = stream.message() => {
+                let resp = match message {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return (Stop::Failed("the watch stream ended".into()), heard),
+                    Err(e) => return (Stop::Failed(e.to_string()), heard),
+                };
+                heard = true;
+                s.answered(true);
+                if resp.compact_revision() > 0 {
+                    return (Stop::Compacted, heard);
+                }
+                if resp.canceled() {
+                    return (
+                        Stop::Failed(format!("watch cancelled: {}", resp.cancel_reason())),
+                        heard,
+                    );
+                }
+                let slot = match resp.watch_id() {
+                    1 => 0,
+                    2 => 1,
+                    _ => continue,
+                };
+                for event in resp.events() {
+                    if let Some(kv) = event.kv() {
+                        delivered[slot] = delivered[slot].max(kv.mod_revision());
+                        s.send_change(event.event_type(), kv);
+                    }
+                }
+            }
+        }
+        if let Some((asked, latest)) = target {
+            if delivered[0] >= latest[0] && delivered[1] >= latest[1] {
+                s.current_as_of(asked);
+                target = None;
+            }
         }
     }
 }
@@ -606,11 +670,16 @@ impl LeaseStore for EtcdStore {
     }
 
     fn load(&self) -> Result<Vec<Arc<Lease>>, StoreError> {
+        let first = !*self.watching.lock().expect("etcd state poisoned");
         let began = Instant::now();
         let (leases, revision) = self
             .block("range", self.read_all())
             .map_err(StoreError::new)?;
-        self.current_as_of(began);
+        // The first read is what the registry starts from: it is current as of then. A later
+        // one (an admin's listing, say) reaches no registry, and counts for nothing.
+        if first {
+            self.current_as_of(began);
+        }
         // The first read starts the watch: from here on, nothing is missed.
         self.start_watch(revision);
         Ok(leases)
@@ -651,7 +720,12 @@ impl LeaseStore for EtcdStore {
                     CompareOp::Equal,
                     lease.revision as i64,
                 )])
-                .and_then([TxnOp::delete(key.as_str(), None::<DeleteOptions>)]);
+                .and_then(
+                    [TxnOp::delete(key.as_str(), None::<DeleteOptions>)]
+                        .into_iter()
+                        .chain(self.touch_markers([lease.as_ref()]))
+                        .collect::<Vec<_>>(),
+                );
             let mut kv = self.client.kv_client();
             if self
                 .call("txn", kv.txn(txn))
@@ -748,6 +822,17 @@ mod tests {
                 other => panic!("expected a put, got {other:?}"),
             }
         }
+    }
+
+    /// A store on `settings`, loaded and watched, holding one lease its watch has delivered.
+    async fn one_lease_watched(settings: EtcdSettings) -> (Arc<EtcdStore>, StoreWatch, Lease) {
+        let a = EtcdStore::connect(settings, "node-a").await.unwrap();
+        let mut watch = a.watch();
+        blocking(|| a.load()).unwrap();
+        let l = lease("t", &["unix:uid:7"]);
+        blocking(|| a.put(&l)).unwrap();
+        assert_eq!(next_put(&mut watch).await.id, l.id);
+        (a, watch, l)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -888,12 +973,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_this_agent_cannot_read_is_reported_and_not_served() {
         let Some(etcd) = etcd() else { return };
-        let a = EtcdStore::connect(settings(&etcd), "node-a").await.unwrap();
-        let mut watch = a.watch();
-        blocking(|| a.load()).unwrap();
-        let l = lease("t", &["unix:uid:7"]);
-        blocking(|| a.put(&l)).unwrap();
-        assert_eq!(next_put(&mut watch).await.id, l.id);
+        let (a, mut watch, l) = one_lease_watched(settings(&etcd)).await;
         // Record format 99, as a later version of mayfly might write it.
         let mut client = a.client.clone();
         client
@@ -916,24 +996,64 @@ mod tests {
         ));
     }
 
-    /// A quiet, healthy etcd keeps the store current through its answers to progress
-    /// requests alone: nothing else counts.
+    /// A quiet, healthy etcd keeps the store current: the markers' reads find nothing the
+    /// watch has not delivered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn answered_progress_requests_keep_a_quiet_store_current() {
+    async fn a_quiet_store_stays_current() {
         let Some(etcd) = etcd() else { return };
         let mut s = settings(&etcd);
-        s.max_staleness = Duration::from_millis(800);
+        s.max_staleness = Duration::from_millis(1500);
         let a = EtcdStore::connect(s, "node-a").await.unwrap();
         blocking(|| a.load()).unwrap();
         let mut health = a.health();
         let went_stale =
-            tokio::time::timeout(Duration::from_secs(4), health.wait_for(|h| h.stale)).await;
+            tokio::time::timeout(Duration::from_secs(5), health.wait_for(|h| h.stale)).await;
         assert!(
             went_stale.is_err(),
             "stale while etcd answered: {went_stale:?}"
         );
-        let current_as_of = a.heard.lock().unwrap().current_as_of;
-        assert!(current_as_of.elapsed() < Duration::from_millis(800));
+    }
+
+    /// The attack on the clock: a watch that has not delivered a change must not count as
+    /// current however much else etcd says, nor may a read that reaches no registry (an
+    /// admin's listing) make it current. Here the change is one the watch cannot see (the
+    /// marker moved with no lease written, as if its event were stuck): the store turns stale,
+    /// then reads everything again and is current as of that read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_the_watch_has_not_delivered_holds_the_clock_back() {
+        let Some(etcd) = etcd() else { return };
+        let mut s = settings(&etcd);
+        s.max_staleness = Duration::from_secs(3);
+        let (a, mut watch, l) = one_lease_watched(s).await;
+        let mut client = a.client.clone();
+        client
+            .put(a.marker(&l), Vec::<u8>::new(), None)
+            .await
+            .unwrap();
+        let mut health = a.health();
+        tokio::time::timeout(Duration::from_secs(8), health.wait_for(|h| h.stale))
+            .await
+            .expect("stale: the watch never delivered the marker's revision")
+            .unwrap();
+        blocking(|| a.load()).unwrap();
+        assert!(
+            a.health().borrow().stale,
+            "a listing made the store current"
+        );
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), watch.recv()).await {
+                Ok(Ok(StoreChange::Reloaded(all))) => {
+                    assert_eq!(all.len(), 1);
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                other => panic!("expected a full read, got {other:?}"),
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), health.wait_for(|h| !h.stale))
+            .await
+            .expect("current again after the full read")
+            .unwrap();
     }
 
     #[test]

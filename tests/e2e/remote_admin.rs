@@ -386,6 +386,17 @@ async fn a_certificate_from_an_operator_ca_is_admitted_by_its_common_name() {
     );
 }
 
+/// An orchestrator with a fresh SVID for `task` is served.
+async fn orchestrator_gets_in(t: &TestAgent, task: &str) {
+    let orchestrator = svid(t, "orchestrator", task).await;
+    client(t, Some(orchestrator))
+        .await
+        .unwrap()
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap();
+}
+
 fn dup(
     cert: &(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
@@ -418,13 +429,7 @@ async fn one_caller_holds_only_its_share_of_connections() {
     };
     assert!(!refused.is_empty());
     // An orchestrator still gets in.
-    let orchestrator = svid(&t, "orchestrator", "still-in").await;
-    client(&t, Some(orchestrator))
-        .await
-        .unwrap()
-        .list(pb::ListRequest::default())
-        .await
-        .unwrap();
+    orchestrator_gets_in(&t, "still-in").await;
     // A connection the caller closes is one it may open again.
     held.pop();
     common::eventually(Duration::from_secs(5), async || {
@@ -442,10 +447,17 @@ async fn one_caller_holds_only_its_share_of_connections() {
 #[tokio::test]
 async fn a_connection_ends_with_the_certificate_that_opened_it() {
     let t = agent().await;
-    let cert = svid_lasting(&t, "orchestrator", "brief", Some(Duration::from_secs(2))).await;
+    let cert = svid_lasting(&t, "orchestrator", "brief", Some(Duration::from_secs(5))).await;
+    let not_after = {
+        let (_, leaf) = x509_parser::parse_x509_certificate(cert.0[0].as_ref()).unwrap();
+        std::time::UNIX_EPOCH + Duration::from_secs(leaf.validity().not_after.timestamp() as u64)
+    };
     let mut admin = client(&t, Some(cert)).await.unwrap();
     admin.list(pb::ListRequest::default()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_secs(1)).await;
     let err = admin.list(pb::ListRequest::default()).await.unwrap_err();
     assert_ne!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
@@ -469,4 +481,35 @@ async fn an_oversized_request_is_refused() {
         .await
         .iter()
         .all(|l| l.selectors != vec!["unix:uid:4242".to_string()]));
+}
+
+/// The attack: one host opens connections and never finishes their handshakes, to hold every
+/// connection the listener has. It gets its share, and no more; another host still gets in.
+#[tokio::test]
+async fn one_address_holds_only_its_share_of_connections() {
+    use mayfly::server::remote_admin::MAX_CONNECTIONS_PER_ADDRESS;
+    use tokio::io::AsyncReadExt;
+    let t = agent().await;
+    let target = addr(&t);
+    let from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((std::net::Ipv4Addr::from(ip), 0).into())
+            .unwrap();
+        socket.connect(target).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_ADDRESS {
+        held.push(from([127, 0, 0, 2]).await);
+    }
+    // One more from that address is closed at once, before any handshake.
+    let mut extra = from([127, 0, 0, 2]).await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("closed, not left waiting");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // An orchestrator on another address still gets in.
+    orchestrator_gets_in(&t, "other-host").await;
+    drop(held);
 }

@@ -20,6 +20,9 @@ use super::index::{extend, index_key};
 use super::lifecycle::{end_descendants, keep_ended, replace_ended, take_live};
 use super::Leases;
 
+/// How many times a lease missing from a full read is looked up before it is left as it is.
+const LOOK_UP_ATTEMPTS: u32 = 3;
+
 /// What this agent holds of a lease, for comparing with a change from the store.
 enum Held {
     Active(u64),
@@ -46,7 +49,15 @@ impl Leases {
                     change = changes.recv() => {
                         let Some(r) = me.upgrade() else { return };
                         match change {
-                            Ok(change) => r.apply(change).await,
+                            Ok(change) => {
+                                r.apply(change).await;
+                                // Turning stale waits for no change: a store behind on its
+                                // changes must not keep this node serving by sending them.
+                                if health_open && health.borrow().stale && !r.suspended() {
+                                    let now = *health.borrow_and_update();
+                                    r.set_health(now);
+                                }
+                            }
                             Err(RecvError::Lagged(missed)) => {
                                 tracing::warn!(event = "store_watch_lagged", missed, "fell behind the lease store's changes; reading it again");
                                 match r.stored().await {
@@ -139,25 +150,31 @@ impl Leases {
                 .collect()
         };
         for lease in missing {
-            let store = self.durable.store.clone();
-            let looked = {
-                let lease = lease.clone();
-                tokio::task::spawn_blocking(move || store.read(&lease)).await
-            };
-            match looked {
-                Ok(Ok(Stored::Present(now))) => self.apply_put(now).await,
-                Ok(Ok(Stored::Absent)) => self.end_deleted(&lease.id).await,
-                Ok(Ok(Stored::Unreadable)) => self.withdraw(&lease.id).await,
-                // Left as it is: the next full read looks again, and a store that cannot be
-                // read for long turns stale.
-                Ok(Err(e)) => {
-                    tracing::warn!(lease_id = %lease.id, error = %e, "looking a lease up in the store failed")
-                }
-                Err(e) => {
-                    tracing::warn!(lease_id = %lease.id, error = %e, "looking a lease up in the store failed")
-                }
+            match self.look_up(&lease).await {
+                Some(Stored::Present(now)) => self.apply_put(now).await,
+                Some(Stored::Absent) => self.end_deleted(&lease.id).await,
+                Some(Stored::Unreadable) => self.withdraw(&lease.id).await,
+                // Left as it is: a store that cannot be read for long turns stale, and its
+                // next full read looks again.
+                None => {}
             }
         }
+    }
+
+    /// `lease` as the store holds it now, asked a few times; `None` if the store never says.
+    async fn look_up(&self, lease: &Lease) -> Option<Stored> {
+        for attempt in 1..=LOOK_UP_ATTEMPTS {
+            let store = self.durable.store.clone();
+            let asked = lease.clone();
+            let why = match tokio::task::spawn_blocking(move || store.read(&asked)).await {
+                Ok(Ok(stored)) => return Some(stored),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(lease_id = %lease.id, attempt, error = %why, "looking a lease up in the store failed");
+            tokio::time::sleep(std::time::Duration::from_millis(200) * attempt).await;
+        }
+        None
     }
 
     fn held_live(&self, id: &LeaseId) -> bool {
@@ -174,8 +191,9 @@ impl Leases {
 
     /// Stops serving a lease the store holds in a form this agent cannot read (written by a
     /// newer agent, or damaged): it may have ended, so it ends here, with its descendants.
-    /// Nothing is written over the record this agent cannot read; the end is audited as
-    /// `lease_withdrawn`.
+    /// Nothing is written to the store, over that record or about the descendants (newer
+    /// agents still read the lease, and judge it and its children themselves); each is audited
+    /// here as `lease_withdrawn`.
     async fn withdraw(&self, id: &LeaseId) {
         let why = "its record in the lease store cannot be read by this agent";
         let ended = {
@@ -195,10 +213,14 @@ impl Leases {
             reason = why,
             "lease withdrawn on this node"
         );
-        if let Err(e) = self.audit_lease("withdrawn", &ended[0], why).await {
-            tracing::error!(lease_id = %id, error = %e, "the withdrawal is not in the audit log");
+        for lease in &ended {
+            if let Err(e) = self
+                .audit_lease("withdrawn", lease, &lease.end_reason)
+                .await
+            {
+                tracing::error!(lease_id = %lease.id, error = %e, "the withdrawal is not in the audit log");
+            }
         }
-        self.record_ends(&ended[1..]).await;
     }
 
     fn held(&self, id: &LeaseId) -> Option<Held> {
