@@ -509,6 +509,8 @@ async fn staleness_clock(store: std::sync::Weak<EtcdStore>) {
 enum Stop {
     /// etcd compacted the history it would resume from.
     Compacted,
+    /// The watch did not deliver what the markers said in `max_staleness`.
+    Behind(String),
     Failed(String),
 }
 
@@ -540,6 +542,11 @@ async fn follow(store: std::sync::Weak<EtcdStore>, from: i64) {
             Stop::Compacted => tracing::warn!(
                 event = "store_watch_compacted",
                 "etcd compacted the history this agent would resume from; reading every lease again"
+            ),
+            Stop::Behind(why) => tracing::warn!(
+                event = "store_watch_behind",
+                detail = %why,
+                "the etcd watch fell behind; reading every lease again"
             ),
             Stop::Failed(why) => {
                 s.answered(false);
@@ -591,8 +598,8 @@ async fn watch_once(s: &Arc<EtcdStore>, from: i64) -> (Stop, bool) {
                 match target {
                     Some((asked, latest)) if asked.elapsed() > max_staleness => {
                         return (
-                            Stop::Failed(format!(
-                                "the watch is behind: it delivered {delivered:?} of {latest:?} in max_staleness"
+                            Stop::Behind(format!(
+                                "delivered {delivered:?} of the markers' {latest:?} in max_staleness"
                             )),
                             heard,
                         );
