@@ -184,8 +184,8 @@ impl EtcdStore {
             shared: format!("{leases}shared/"),
             mine: format!("{leases}node/{node}/"),
             markers: [
-                format!("{}changes/shared", settings.prefix),
-                format!("{}changes/node/{node}", settings.prefix),
+                marker(&settings.prefix, None),
+                marker(&settings.prefix, Some(node)),
             ],
             leases,
             settings,
@@ -217,10 +217,7 @@ impl EtcdStore {
 
     /// The marker of `lease`'s key range, written with every change to it.
     fn marker(&self, lease: &Lease) -> String {
-        match &lease.node {
-            None => format!("{}changes/shared", self.settings.prefix),
-            Some(node) => format!("{}changes/node/{node}", self.settings.prefix),
-        }
+        marker(&self.settings.prefix, lease.node.as_deref())
     }
 
     /// Puts of the markers of `leases`' ranges, one each.
@@ -328,6 +325,35 @@ impl EtcdStore {
         Ok(lease)
     }
 
+    /// Hands one watched change to the watchers.
+    fn send_change(&self, kind: EventType, kv: &KeyValue) {
+        let key = String::from_utf8_lossy(kv.key());
+        let Ok(id) = LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) else {
+            tracing::warn!(key = %key, "a key under the lease prefix that names no lease; ignored");
+            return;
+        };
+        let change = match kind {
+            EventType::Put => self
+                .readable(kv)
+                .map_or(StoreChange::Unreadable(id), StoreChange::Put),
+            EventType::Delete => StoreChange::Removed(id),
+        };
+        // No watcher is not an error.
+        let _ = self.changes.send(change);
+    }
+
+    /// A lease read from etcd, or `None` (said in the log) for a record this agent cannot
+    /// read: it is not served here.
+    fn readable(&self, kv: &KeyValue) -> Option<Arc<Lease>> {
+        match self.decode(kv) {
+            Ok(lease) => Some(Arc::new(lease)),
+            Err(e) => {
+                tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
+                None
+            }
+        }
+    }
+
     /// Every lease this node reads, at one revision, and that revision. A record this agent
     /// cannot read is left out, and said: it is not served here (a later look-up finds it
     /// unreadable, see [`LeaseStore::read`]).
@@ -355,13 +381,7 @@ impl EtcdStore {
             .kvs()
             .iter()
             .chain(second.kvs())
-            .filter_map(|kv| match self.decode(kv) {
-                Ok(lease) => Some(Arc::new(lease)),
-                Err(e) => {
-                    tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
-                    None
-                }
-            })
+            .filter_map(|kv| self.readable(kv))
             .collect();
         Ok((leases, revision))
     }
@@ -451,26 +471,11 @@ impl EtcdStore {
     }
 }
 
-impl EtcdStore {
-    /// Hands one watched change to the watchers.
-    fn send_change(&self, kind: EventType, kv: &KeyValue) {
-        let key = String::from_utf8_lossy(kv.key());
-        let Ok(id) = LeaseId::parse(key.rsplit('/').next().unwrap_or_default()) else {
-            tracing::warn!(key = %key, "a key under the lease prefix that names no lease; ignored");
-            return;
-        };
-        let change = match kind {
-            EventType::Put => match self.decode(kv) {
-                Ok(lease) => StoreChange::Put(Arc::new(lease)),
-                Err(e) => {
-                    tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
-                    StoreChange::Unreadable(id)
-                }
-            },
-            EventType::Delete => StoreChange::Removed(id),
-        };
-        // No watcher is not an error.
-        let _ = self.changes.send(change);
+/// The marker of the shared range (`node` none) or of a node's range.
+fn marker(prefix: &str, node: Option<&str>) -> String {
+    match node {
+        None => format!("{prefix}changes/shared"),
+        Some(node) => format!("{prefix}changes/node/{node}"),
     }
 }
 
@@ -700,13 +705,9 @@ impl LeaseStore for EtcdStore {
             .map_err(StoreError::new)?;
         Ok(match got.kvs().first() {
             None => Stored::Absent,
-            Some(kv) => match self.decode(kv) {
-                Ok(lease) => Stored::Present(Arc::new(lease)),
-                Err(e) => {
-                    tracing::error!(event = "lease_unreadable", error = %e, "a lease in etcd cannot be read: not served here");
-                    Stored::Unreadable
-                }
-            },
+            Some(kv) => self
+                .readable(kv)
+                .map_or(Stored::Unreadable, Stored::Present),
         })
     }
 
