@@ -1,6 +1,7 @@
 //! Builds the agent: load the CA, bind both sockets first (so a taken socket fails start-up
 //! loudly and tests can use temp paths), then spawn the servers. Shutdown is one token.
 
+mod ca;
 mod data_dir;
 mod memory;
 
@@ -15,7 +16,7 @@ use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
 use crate::audit::{Audit, AuditLog, AuditOptions, ReportingSink};
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
-use crate::authority::x509::{CaHandle, SigningCa};
+use crate::authority::x509::{Authorities, RotationPolicy};
 use crate::config::Config;
 use crate::config::StoreSettings;
 use crate::lease::LeaseStore;
@@ -100,20 +101,27 @@ impl Agent {
         let readiness = Arc::new(Readiness::default());
         let mut prom = PromRegistry::default();
         let metrics = Metrics::new(&mut prom);
-        let ready_ca = readiness.register("signing CA");
+        let ready_ca = readiness.register(ca::READY_PART);
         let ready_store = readiness.register("lease store");
         let ready_audit = readiness.register("audit log");
         let ready_sockets = readiness.register("sockets");
 
         data_dir::prepare(&config.data_dir)?;
         data_dir::check_continuity(&config.data_dir, config.ca.cert_file.is_none())?;
-        let ca = CaHandle::new(SigningCa::load_or_create(
+        let authorities = Authorities::load(
             &config.data_dir,
             &config.limits.trust_domain,
             &config.ca,
-            config.ca_ttl,
-        )?);
+            RotationPolicy {
+                ttl: config.ca_ttl,
+                prepare_at: config.ca_prepare_at,
+                activate_at: config.ca_activate_at,
+                max_svid_ttl: config.limits.max_svid_ttl,
+            },
+        )?;
+        let ca = authorities.handle();
         metrics.set_ca_not_after(ca.current().not_after());
+        metrics.set_ca_next_rotation(authorities.next_rotation());
         drop(ready_ca);
         raise_fd_limit();
 
@@ -183,6 +191,15 @@ impl Agent {
             "lease store opened, read and restored"
         );
         drop(ready_audit);
+        // The CAs rotate (embedded) or reload (operator files) from now on.
+        tasks.spawn(ca::maintain(
+            authorities,
+            ca.clone(),
+            sink.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
         let jwt_keys = Arc::new(JwtKeys::load_or_create(
             &config.data_dir.join("jwt"),
             &config.limits.trust_domain,

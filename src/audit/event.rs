@@ -27,6 +27,34 @@ pub enum Event<'a> {
     DelegationRefused(DelegationRefused<'a>),
     /// A lease changed: granted, pending, approved, renewed or ended (`lease_<state>`).
     Lease(LeaseChange<'a>),
+    /// The trust domain's CAs changed (`ca_<what>`): prepared, published, activated, retired,
+    /// removed, or changed CA files refused (`ca_reload_refused`).
+    Ca(CaChange<'a>),
+}
+
+/// A CA and what happened to it.
+#[derive(Debug, Serialize)]
+pub struct CaChange<'a> {
+    #[serde(skip)]
+    pub what: &'a str,
+    /// The CA certificate (absent for a refused reload).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaCert<'a>>,
+    /// A retired CA's root leaves the bundle then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_bundle_until: Option<String>,
+    /// Why changed CA files were refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CaCert<'a> {
+    pub serial: &'a str,
+    pub fingerprint_sha256: &'a str,
+    pub subject: &'a str,
+    pub not_before: String,
+    pub not_after: String,
 }
 
 /// The process that asked, as attested.
@@ -52,7 +80,8 @@ pub struct SvidIssued<'a> {
     pub pid: Option<i32>,
     pub uid: Option<u32>,
     pub exe_sha256: Option<&'a str>,
-    /// `fetch` or `rotation`.
+    /// `fetch`, `rotation`, or `ca_change` (a new signing CA replaced the one that signed the
+    /// lease's SVID).
     pub trigger: &'a str,
     /// The leases it was delegated from, root first (absent for a lease granted directly).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -190,6 +219,7 @@ impl Event<'_> {
             Event::PolicyDenied(_) => "policy_denied".into(),
             Event::DelegationRefused(_) => "delegation_refused".into(),
             Event::Lease(change) => format!("lease_{}", change.what),
+            Event::Ca(change) => format!("ca_{}", change.what),
         }
     }
 
@@ -209,6 +239,7 @@ impl Event<'_> {
             Event::PolicyDenied(e) => serde_json::to_value(e),
             Event::DelegationRefused(e) => serde_json::to_value(e),
             Event::Lease(e) => serde_json::to_value(e),
+            Event::Ca(e) => serde_json::to_value(e),
         };
         match value {
             Ok(Value::Object(fields)) => fields,

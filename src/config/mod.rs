@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
-use crate::authority::x509::CaSource;
+use crate::authority::x509::{CaSource, RotationPolicy};
 use crate::lease::{IdTemplate, LeaseLimits, DEFAULT_TEMPLATE};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "mayfly.internal";
@@ -218,6 +218,10 @@ pub struct CaSection {
     pub chain_file: Option<PathBuf>,
     pub bundle_file: Option<PathBuf>,
     pub ttl: Option<String>,
+    /// The embedded CA: the share of a root's life after which the next root is made and
+    /// published (default 0.5), and after which it signs instead (default 0.75).
+    pub prepare_at: Option<f64>,
+    pub activate_at: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +264,9 @@ pub struct Config {
     pub allowed_gids: Vec<u32>,
     pub ca: CaSource,
     pub ca_ttl: Duration,
+    /// Shares of the embedded CA's life: next root published, then signing.
+    pub ca_prepare_at: f64,
+    pub ca_activate_at: f64,
     pub max_digest_bytes: u64,
     pub log_format: LogFormat,
     pub retention: Duration,
@@ -701,8 +708,23 @@ impl Config {
             file.ca.ttl.as_deref(),
             Duration::from_secs(365 * 24 * 3600),
         );
-        if ca_ttl < Duration::from_secs(3600) {
-            errors.push("ca.ttl: must be at least 1h".into());
+        // Short CA lives are for tests of rotation: SVIDs never outlive their CA.
+        if ca_ttl < Duration::from_secs(4) {
+            errors.push("ca.ttl: must be at least 4s".into());
+        }
+        let prepare_at = file
+            .ca
+            .prepare_at
+            .unwrap_or(RotationPolicy::DEFAULT_PREPARE_AT);
+        let activate_at = file
+            .ca
+            .activate_at
+            .unwrap_or(RotationPolicy::DEFAULT_ACTIVATE_AT);
+        if !(prepare_at > 0.0 && prepare_at < activate_at && activate_at < 1.0) {
+            errors.push(format!(
+                "ca.prepare_at ({prepare_at}) and ca.activate_at ({activate_at}): need \
+                 0 < prepare_at < activate_at < 1"
+            ));
         }
         let log_format = match file.log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -852,6 +874,8 @@ impl Config {
                 bundle_file: file.ca.bundle_file,
             },
             ca_ttl,
+            ca_prepare_at: prepare_at,
+            ca_activate_at: activate_at,
             max_digest_bytes: file
                 .attestation
                 .max_digest_bytes

@@ -179,6 +179,7 @@ impl IdentitySource {
             who,
             watcher,
             sent: serials(&first),
+            bundle: self.x509_bundle_changes(),
             _open: StreamGuard::new(&self.parts.metrics.open_streams),
         };
         Ok((first, updates))
@@ -277,19 +278,17 @@ impl IdentitySource {
 
     /// This trust domain's X.509 bundle: its ID (`spiffe://td`) and the CA certificates, DER.
     pub fn x509_bundle(&self) -> (String, Vec<u8>) {
-        let ca = self.parts.ca.current();
         (
-            format!("spiffe://{}", ca.trust_domain()),
-            ca.bundle_der().to_vec(),
+            format!("spiffe://{}", self.parts.ca.current().trust_domain()),
+            self.parts.ca.bundle().der().to_vec(),
         )
     }
 
     /// Every X.509 bundle the agent knows, sorted by trust domain: today this trust domain's.
     pub fn x509_trust_bundles(&self) -> Vec<TrustBundle> {
-        let ca = self.parts.ca.current();
         vec![TrustBundle {
-            trust_domain: ca.trust_domain().to_string(),
-            roots_der: ca.roots_der().to_vec(),
+            trust_domain: self.trust_domain(),
+            roots_der: self.parts.ca.bundle().roots_der().to_vec(),
         }]
     }
 
@@ -384,6 +383,8 @@ pub struct X509Updates {
     who: Requester,
     watcher: Watcher,
     sent: Vec<String>,
+    /// Changes with the bundle every response carries.
+    bundle: watch::Receiver<u64>,
     _open: StreamGuard,
 }
 
@@ -397,9 +398,16 @@ impl X509Updates {
     /// once it holds none (or cannot be attested again), after which the caller is done.
     pub async fn next(&mut self) -> Result<Vec<Arc<X509Svid>>, IdentityError> {
         loop {
+            let mut bundle_changed = false;
             tokio::select! {
                 _ = self.source.parts.shutdown.cancelled() => return Err(IdentityError::ShuttingDown),
                 _ = self.watcher.changed() => {}
+                r = self.bundle.changed() => {
+                    if r.is_err() {
+                        return Err(IdentityError::ShuttingDown);
+                    }
+                    bundle_changed = true;
+                }
             }
             // Telling a caller its identity is gone needs no attestation, and must not wait
             // for one: with a thousand streams on one lease, this is the fan-out.
@@ -424,7 +432,7 @@ impl X509Updates {
                 return Err(ended(self.rpc, &self.att, &self.source.parts.registry));
             }
             let serials = serials(&svids);
-            if serials != self.sent {
+            if serials != self.sent || bundle_changed {
                 self.sent = serials;
                 return Ok(svids);
             }

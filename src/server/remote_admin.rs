@@ -127,10 +127,62 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
+/// What the TLS side is built from. It is built again when the trust bundle changes, so
+/// that clients whose SVIDs a rotated or reloaded CA signed are admitted.
+struct Tls {
+    ca: Arc<CaHandle>,
+    serving: Arc<ServingCert>,
+    client_ca_files: Vec<std::path::PathBuf>,
+}
+
+impl Tls {
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, RemoteAdminError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(client_roots(&self.ca, &self.client_ca_files)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| RemoteAdminError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.serving.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a resumed session skips the client certificate's verification, and
+        // would carry an identity past its certificate's expiry.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// Builds the acceptor again whenever the bundle changes; a failure keeps the last one.
+    async fn follow(
+        self,
+        acceptor: Arc<RwLock<tokio_rustls::TlsAcceptor>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut changed = self.ca.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+            match self.acceptor() {
+                Ok(a) => *acceptor.write().expect("acceptor poisoned") = a,
+                Err(e) => tracing::error!(error = %e,
+                    "remote admin API: client roots not renewed; keeping the previous ones"),
+            }
+        }
+    }
+}
+
 /// A bound listener and what it needs to serve mutual TLS.
 pub struct RemoteAdmin {
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Arc<RwLock<tokio_rustls::TlsAcceptor>>,
+    tls: Tls,
     serving: Arc<ServingCert>,
     pub addr: SocketAddr,
 }
@@ -143,7 +195,7 @@ fn client_roots(
 ) -> Result<rustls::RootCertStore, RemoteAdminError> {
     let mut roots = rustls::RootCertStore::empty();
     let ders: Vec<Vec<u8>> = if files.is_empty() {
-        ca.current().roots_der().to_vec()
+        ca.bundle().roots_der().to_vec()
     } else {
         let mut ders = Vec::new();
         for path in files {
@@ -199,26 +251,16 @@ impl RemoteAdmin {
             id,
             hosts: hosts.to_vec(),
         });
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(client_roots(&ca, client_ca_files)?),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| RemoteAdminError::Tls(e.to_string()))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| RemoteAdminError::Tls(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(serving.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        // No resumption: a resumed session skips the client certificate's verification, and
-        // would carry an identity past its certificate's expiry.
-        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        config.send_tls13_tickets = 0;
+        let tls = Tls {
+            ca,
+            serving: serving.clone(),
+            client_ca_files: client_ca_files.to_vec(),
+        };
+        let acceptor = Arc::new(RwLock::new(tls.acceptor()?));
         Ok(RemoteAdmin {
             listener,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor,
+            tls,
             serving,
             addr,
         })
@@ -233,6 +275,7 @@ impl RemoteAdmin {
         shutdown: CancellationToken,
     ) -> tokio_stream::wrappers::ReceiverStream<io::Result<RemoteConn>> {
         tokio::spawn(self.serving.clone().renew(shutdown.clone()));
+        tokio::spawn(self.tls.follow(self.acceptor.clone(), shutdown.clone()));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let (callers, addresses) = (Counts::default(), Counts::default());
@@ -260,7 +303,8 @@ impl RemoteAdmin {
                     tracing::warn!(event = "remote_admin_refused", peer = %addr, limit = MAX_CONNECTIONS_PER_ADDRESS, "remote admin API: this address holds as many connections as it may");
                     continue;
                 };
-                let (acceptor, tx, callers) = (acceptor.clone(), tx.clone(), callers.clone());
+                let acceptor = acceptor.read().expect("acceptor poisoned").clone();
+                let (tx, callers) = (tx.clone(), callers.clone());
                 tokio::spawn(async move {
                     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
                         .await

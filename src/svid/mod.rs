@@ -50,6 +50,27 @@ pub struct Requester {
 #[error("audit log unavailable, no SVID issued: {0}")]
 pub struct AuditUnavailable(pub String);
 
+/// Why an SVID is issued (the audit record's `trigger`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// A caller fetched and the lease had no fresh SVID.
+    Fetch,
+    /// Its time came while a stream watches.
+    Rotation,
+    /// The signing CA changed.
+    CaChange,
+}
+
+impl Trigger {
+    fn name(self) -> &'static str {
+        match self {
+            Trigger::Fetch => "fetch",
+            Trigger::Rotation => "rotation",
+            Trigger::CaChange => "ca_change",
+        }
+    }
+}
+
 /// How one issuance attempt went.
 enum Issued {
     Yes,
@@ -180,7 +201,9 @@ impl Manager {
             let svid = match fresh {
                 Some(s) => Some(s),
                 None => {
-                    if let Issued::Unaudited(e) = self.issue(&entry, Some(who)).await {
+                    if let Issued::Unaudited(e) =
+                        self.issue(&entry, Some(who), Trigger::Fetch).await
+                    {
                         return Err(e);
                     }
                     rx.borrow_and_update().clone()
@@ -222,12 +245,12 @@ impl Manager {
 
     /// Issues a fresh SVID for the entry unless another caller just did. The SVID is
     /// published only after its audit record is durable.
-    async fn issue(&self, entry: &Entry, who: Option<&Requester>) -> Issued {
+    async fn issue(&self, entry: &Entry, who: Option<&Requester>, trigger: Trigger) -> Issued {
         let _guard = entry.issuing.lock().await;
         let started = std::time::Instant::now();
         let now = SystemTime::now();
         let lease = &entry.lease.lease;
-        if who.is_some() {
+        if trigger != Trigger::Rotation {
             let expires_at = *entry.lease.expires_at.borrow();
             if let Some(s) = entry.current.borrow().as_ref() {
                 if !self.is_stale(s, expires_at, now) {
@@ -254,7 +277,7 @@ impl Manager {
                 return Issued::NotSigned;
             }
         };
-        let trigger = if who.is_some() { "fetch" } else { "rotation" };
+        let trigger = trigger.name();
         {
             let audit = &self.audit;
             let event = Event::SvidIssued(event::SvidIssued {
@@ -330,6 +353,7 @@ impl Manager {
     /// arrives then gets a fresh one (rotation happens only while a stream watches).
     fn is_stale(&self, svid: &X509Svid, expires_at: SystemTime, now: SystemTime) -> bool {
         svid.issued.not_after <= now
+            || svid.issued.signed_by != *self.ca.current().fingerprint()
             || self
                 .replace_at(svid, expires_at, 0.5)
                 .is_some_and(|at| now >= at)
@@ -361,6 +385,7 @@ impl Manager {
     async fn run_entry(self: Arc<Self>, entry: Arc<Entry>) {
         let mut expires = entry.lease.expires_at.clone();
         let mut current = entry.current.subscribe();
+        let mut ca = self.ca.subscribe();
         loop {
             let wake = {
                 let expires_at = *expires.borrow_and_update();
@@ -380,6 +405,16 @@ impl Manager {
                 _ = entry.lease.ended.cancelled() => break,
                 r = expires.changed() => if r.is_err() { break },
                 r = current.changed() => if r.is_err() { break },
+                // A new signing CA: an SVID of the old one is replaced at once on the streams
+                // that hold it (an unwatched one is replaced when next fetched).
+                r = ca.changed() => {
+                    if r.is_err() { break }
+                    let signer = *self.ca.current().fingerprint();
+                    let old = current.borrow().as_ref().is_some_and(|s| s.issued.signed_by != signer);
+                    if old && entry.is_watched() {
+                        self.issue(&entry, None, Trigger::CaChange).await;
+                    }
+                }
                 _ = sleep => {
                     if !entry.is_watched() {
                         tokio::select! {
@@ -389,7 +424,7 @@ impl Manager {
                         continue;
                     }
                     // Never spin on a failing signer: wait a second before the next try.
-                    if !matches!(self.issue(&entry, None).await, Issued::Yes) {
+                    if !matches!(self.issue(&entry, None, Trigger::Rotation).await, Issued::Yes) {
                         tokio::select! {
                             _ = entry.lease.ended.cancelled() => break,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

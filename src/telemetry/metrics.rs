@@ -59,6 +59,12 @@ pub struct Metrics {
     pub teardown_seconds: Histogram,
     pub audit_write_seconds: Histogram,
     pub ca_not_after: Gauge<i64, AtomicI64>,
+    /// When the signing CA is next replaced (Unix time).
+    pub ca_next_rotation: Gauge<i64, AtomicI64>,
+    /// 1 while the operator's CA files, as they are now, are refused.
+    pub ca_reload_refused: Gauge,
+    /// Changed CA files refused since start.
+    pub ca_reloads_refused: Counter,
     pub svid_not_after: Gauge<i64, AtomicI64>,
     /// 1 while the lease store answers (always, for the embedded store).
     pub store_reachable: Gauge,
@@ -89,6 +95,9 @@ impl Metrics {
             teardown_seconds: latency_histogram(),
             audit_write_seconds: latency_histogram(),
             ca_not_after: Gauge::default(),
+            ca_next_rotation: Gauge::default(),
+            ca_reload_refused: Gauge::default(),
+            ca_reloads_refused: Counter::default(),
             svid_not_after: Gauge::default(),
             store_reachable: Gauge::default(),
             store_stale: Gauge::default(),
@@ -175,8 +184,25 @@ impl Metrics {
         );
         r.register(
             "mayfly_ca_not_after_timestamp_seconds",
-            "Expiry of the signing CA (Unix time)",
+            "Expiry of the signing CA, the one that signs now (Unix time)",
             m.ca_not_after.clone(),
+        );
+        r.register(
+            "mayfly_ca_next_rotation_timestamp_seconds",
+            "When the signing CA is next replaced (Unix time): the embedded CA's next \
+             activation, or the operator CA's expiry, by which its files must be renewed",
+            m.ca_next_rotation.clone(),
+        );
+        r.register(
+            "mayfly_ca_reload_refused",
+            "1 while the operator's CA files, as they are now, are refused (the previous CA \
+             keeps signing)",
+            m.ca_reload_refused.clone(),
+        );
+        r.register(
+            "mayfly_ca_reloads_refused",
+            "Changed CA files refused since start",
+            m.ca_reloads_refused.clone(),
         );
         r.register(
             "mayfly_svid_not_after_timestamp_seconds",
@@ -193,6 +219,10 @@ impl Metrics {
 
     pub fn set_ca_not_after(&self, t: SystemTime) {
         self.ca_not_after.set(unix(t));
+    }
+
+    pub fn set_ca_next_rotation(&self, t: SystemTime) {
+        self.ca_next_rotation.set(unix(t));
     }
 
     pub fn set_svid_not_after(&self, t: SystemTime) {

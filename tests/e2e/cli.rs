@@ -329,7 +329,9 @@ fn agent_starts_on_embedded_defaults_for_any_user() {
         assert!(printed.contains("health.sock"), "{printed}");
         assert!(socket.exists());
         assert!(runtime.join("mayfly/admin.sock").exists());
-        assert!(home.join(".local/share/mayfly/ca/ca.pem").exists());
+        assert!(home
+            .join(".local/share/mayfly/ca/authorities.json")
+            .exists());
         let check = as_user(*uid, runtime, home, &["healthcheck"])
             .output()
             .unwrap();

@@ -2,17 +2,12 @@
 //! `etcd-server`, started per test on loopback ports with a temp data dir), each with its own
 //! intermediate CA under one root, as cert-manager would issue them.
 
-use std::path::Path;
 use std::time::Duration;
 
+use crate::common::{self, eventually, my_uid, Pki, TestAgent};
 use futures::StreamExt;
 use mayfly::config::{FileConfig, StoreSection};
 use mayfly::proto::admin as pb;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-
-use crate::common::{self, eventually, my_uid, TestAgent};
 
 #[path = "../support/etcd.rs"]
 mod etcd_server;
@@ -22,59 +17,6 @@ use etcd_server::Etcd;
 fn etcd() -> Option<Etcd> {
     let bin = crate::python_clients::required("etcd", etcd_server::binary())?;
     Some(Etcd::start(&bin))
-}
-
-/// One root for the trust domain, and a fresh intermediate under it for each agent.
-struct Pki {
-    root: CertificateParams,
-    root_key: KeyPair,
-    root_pem: String,
-}
-
-fn ca_params(cn: &str, constrained: bool) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
-    p.is_ca = IsCa::Ca(if constrained {
-        BasicConstraints::Constrained(0)
-    } else {
-        BasicConstraints::Unconstrained
-    });
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
-    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(2);
-    p
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let root_key = KeyPair::generate().unwrap();
-        let root = ca_params("cluster root", false);
-        let root_pem = root.self_signed(&root_key).unwrap().pem();
-        Pki {
-            root,
-            root_key,
-            root_pem,
-        }
-    }
-
-    /// Writes an intermediate for `node` into `dir`, and points the config at it.
-    fn node_ca(&self, node: &str, dir: &Path, file: &mut FileConfig) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = ca_params(&format!("{node} intermediate"), true);
-        params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&key, &Issuer::from_params(&self.root, &self.root_key))
-            .unwrap();
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        file.ca.cert_file = Some(write("ca.pem", &cert.pem()));
-        file.ca.key_file = Some(write("ca.key", &key.serialize_pem()));
-        file.ca.bundle_file = Some(write("root.pem", &self.root_pem));
-    }
 }
 
 struct Cluster {

@@ -11,6 +11,9 @@ use mayfly::agent::Agent;
 use mayfly::config::{Config, FileConfig, Overrides};
 use mayfly::proto::admin as pb;
 use mayfly::proto::admin::tasks_client::TasksClient;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::transport::Channel;
 
@@ -458,4 +461,63 @@ pub fn verify_chain(
         )?;
     }
     Ok(())
+}
+
+/// One root for the trust domain, and a fresh intermediate under it for each agent.
+pub struct Pki {
+    pub root: CertificateParams,
+    pub root_key: KeyPair,
+    pub root_pem: String,
+}
+
+pub fn ca_params(cn: &str, constrained: bool) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
+    p.is_ca = IsCa::Ca(if constrained {
+        BasicConstraints::Constrained(0)
+    } else {
+        BasicConstraints::Unconstrained
+    });
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(2);
+    p
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let root_key = KeyPair::generate().unwrap();
+        let root = ca_params("cluster root", false);
+        let root_pem = root.self_signed(&root_key).unwrap().pem();
+        Pki {
+            root,
+            root_key,
+            root_pem,
+        }
+    }
+
+    /// A fresh intermediate under the root: (certificate PEM, key PEM).
+    pub fn intermediate(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = ca_params(&format!("{name} intermediate"), true);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &Issuer::from_params(&self.root, &self.root_key))
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes an intermediate for `node` into `dir`, and points the config at it.
+    pub fn node_ca(&self, node: &str, dir: &Path, file: &mut FileConfig) {
+        let (cert, key) = self.intermediate(node);
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        file.ca.cert_file = Some(write("ca.pem", &cert));
+        file.ca.key_file = Some(write("ca.key", &key));
+        file.ca.bundle_file = Some(write("root.pem", &self.root_pem));
+    }
 }

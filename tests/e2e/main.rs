@@ -5,6 +5,7 @@
 mod common;
 
 mod attest;
+mod ca_rotation;
 mod cli;
 mod cluster;
 mod delegation;

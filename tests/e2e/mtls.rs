@@ -137,12 +137,24 @@ async fn handshake(
     server_expects: &str,
     client_expects: &str,
 ) -> Result<(), String> {
+    let both = [roots.clone(), roots];
+    handshake_trusting(server, client, both, server_expects, client_expects).await
+}
+
+/// A handshake where each side trusts its own bundle: `[server's, client's]`.
+pub(crate) async fn handshake_trusting(
+    server: &spiffe::X509Svid,
+    client: &spiffe::X509Svid,
+    [server_roots, roots]: [Vec<CertificateDer<'static>>; 2],
+    server_expects: &str,
+    client_expects: &str,
+) -> Result<(), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let (chain, key) = identity(server);
     let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_client_cert_verifier(SpiffeVerifier::new(roots.clone(), server_expects))
+        .with_client_cert_verifier(SpiffeVerifier::new(server_roots, server_expects))
         .with_single_cert(chain, key)
         .unwrap();
     let (chain, key) = identity(client);

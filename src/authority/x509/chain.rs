@@ -3,7 +3,10 @@
 //! instead of in every handshake.
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
+
+use sha2::Digest;
 
 use rcgen::{Issuer, KeyPair};
 use spiffe::{SpiffeId, TrustDomain};
@@ -94,6 +97,7 @@ impl SigningCa {
             None if self_signed => vec![cert.clone()],
             None => return Err(CaError::BundleRequired { path: cert.path }),
         };
+        let roots_path = roots[0].path.clone();
         let mut anchored = false;
         for r in &roots {
             let x = parse_cert(r)?;
@@ -132,6 +136,7 @@ impl SigningCa {
             intermediates_der.extend_from_slice(&c.der);
         }
         let bundle_der = roots.iter().flat_map(|r| r.der.iter().copied()).collect();
+        let fingerprint = sha2::Sha256::digest(&cert.der).into();
         let ca = SigningCa {
             trust_domain: trust_domain.clone(),
             issuer,
@@ -141,6 +146,8 @@ impl SigningCa {
             bundle_der,
             not_before: from_unix(not_before),
             not_after: from_unix(not_after),
+            fingerprint,
+            latest_leaf_not_after: AtomicU64::new(0),
         };
 
         // rcgen re-encodes the issuer name from its parsed form; if that does
@@ -150,6 +157,9 @@ impl SigningCa {
         let probe_id = SpiffeId::new(format!("{}/mayfly/ca-self-check", trust_domain.id_string()))
             .map_err(|e| CaError::Create(format!("self-check SPIFFE ID: {e}")))?;
         let probe = ca.issue_x509_svid(&probe_id, SystemTime::now() + Duration::from_secs(60))?;
+        // The probe is never handed out: it keeps no root in the bundle.
+        ca.latest_leaf_not_after
+            .store(0, std::sync::atomic::Ordering::Release);
         let (_, px) = x509_parser::parse_x509_certificate(&probe.leaf_der).map_err(|e| {
             CaError::InvalidCa {
                 path: cert.path.clone(),
@@ -172,8 +182,53 @@ impl SigningCa {
                     .into(),
             });
         }
+        // The names chain; now prove the signatures do, from a leaf to a bundle root, as a
+        // relying party will check them.
+        verify_to_roots(&probe.chain_der, &ca.roots_der).map_err(|problem| CaError::Chain {
+            path: roots_path,
+            problem: format!(
+                "an SVID signed by {} does not verify to the bundle: {problem}",
+                cert.path.display()
+            ),
+        })?;
         Ok(ca)
     }
+}
+
+/// Verifies a leaf's chain (leaf first, concatenated DER) to `roots` for TLS client use.
+fn verify_to_roots(chain_der: &[u8], roots: &[Vec<u8>]) -> Result<(), String> {
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    let mut certs = Vec::new();
+    let mut rest = chain_der;
+    while !rest.is_empty() {
+        let (after, _) = x509_parser::parse_x509_certificate(rest).map_err(|e| e.to_string())?;
+        certs.push(CertificateDer::from(&rest[..rest.len() - after.len()]));
+        rest = after;
+    }
+    let anchors = roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.as_slice()))
+                .map(|a| a.to_owned())
+                .map_err(|e| format!("a bundle root is no trust anchor: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (leaf, intermediates) = certs.split_first().ok_or("empty chain")?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
+    let algs = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all;
+    ee.verify_for_usage(
+        algs,
+        &anchors,
+        intermediates,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:?}"))
 }
 
 /// Checks one CA certificate of the path or bundle; returns the problem.
@@ -274,62 +329,8 @@ mod tests {
     use super::*;
     use crate::authority::x509::test_support::*;
     use crate::authority::x509::CaSource;
-    use rcgen::string::Ia5String;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose,
-        SanType, PKCS_ECDSA_P384_SHA384,
-    };
-    use std::fs;
-    use std::path::PathBuf;
+    use rcgen::{IsCa, PKCS_ECDSA_P384_SHA384};
     use time::OffsetDateTime;
-
-    struct TestCa {
-        params: CertificateParams,
-        key: KeyPair,
-        pem: String,
-    }
-
-    fn ca_params(cn: &str, td: &str, path_len: Option<u8>) -> CertificateParams {
-        let mut p = CertificateParams::default();
-        let now = OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(30);
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "test");
-        dn.push(DnType::CommonName, cn);
-        p.distinguished_name = dn;
-        p.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from(format!("spiffe://{td}")).unwrap(),
-        )];
-        p.is_ca = IsCa::Ca(match path_len {
-            Some(n) => BasicConstraints::Constrained(n),
-            None => BasicConstraints::Unconstrained,
-        });
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.use_authority_key_identifier_extension = true;
-        p
-    }
-
-    fn make_root(td: &str) -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = ca_params("test root", td, None);
-        params.use_authority_key_identifier_extension = false;
-        let pem = params.self_signed(&key).unwrap().pem();
-        TestCa { params, key, pem }
-    }
-
-    fn intermediate(parent: &TestCa, cn: &str, td: &str, key: KeyPair) -> TestCa {
-        let params = ca_params(cn, td, Some(1));
-        let issuer = Issuer::from_params(&parent.params, &parent.key);
-        let pem = params.signed_by(&key, &issuer).unwrap().pem();
-        TestCa { params, key, pem }
-    }
-
-    fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
-        let p = dir.join(name);
-        fs::write(&p, contents).unwrap();
-        p
-    }
 
     fn operator_source(dir: &Path, cert: &TestCa, bundle: Option<&TestCa>) -> CaSource {
         CaSource {

@@ -20,11 +20,20 @@ fn read_file(path: &Path) -> Result<Vec<u8>, CaError> {
     })
 }
 
+/// A file holding key material, in a buffer wiped when dropped.
+pub(super) fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, CaError> {
+    read_file(path).map(Zeroizing::new)
+}
+
 /// All `CERTIFICATE` blocks of a PEM file, in order; at least one.
 pub(super) fn read_certs_pem(path: &Path) -> Result<Vec<CertFile>, CaError> {
-    let data = read_file(path)?;
+    parse_certs_pem(path, &read_file(path)?)
+}
+
+/// All `CERTIFICATE` blocks of PEM text that came from `path`, in order; at least one.
+pub(super) fn parse_certs_pem(path: &Path, data: &[u8]) -> Result<Vec<CertFile>, CaError> {
     let mut out = Vec::new();
-    for pem in Pem::iter_from_buffer(&data) {
+    for pem in Pem::iter_from_buffer(data) {
         let pem = pem.map_err(|e| CaError::BadFile {
             path: path.to_path_buf(),
             problem: format!("invalid PEM: {e}"),
@@ -48,13 +57,17 @@ pub(super) fn read_certs_pem(path: &Path) -> Result<Vec<CertFile>, CaError> {
 /// The private key of a PEM file. Only unencrypted PKCS#8 is accepted (what
 /// ring can load); other formats get an error saying how to convert them.
 pub(super) fn read_key_pem(path: &Path) -> Result<KeyPair, CaError> {
-    let data = Zeroizing::new(read_file(path)?);
+    parse_key_pem(path, &Zeroizing::new(read_file(path)?))
+}
+
+/// The private key in PEM text that came from `path`.
+pub(super) fn parse_key_pem(path: &Path, data: &[u8]) -> Result<KeyPair, CaError> {
     let unsupported = |problem: String| CaError::UnsupportedKey {
         path: path.to_path_buf(),
         problem,
     };
     const CONVERT: &str = "convert it with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`";
-    for pem in Pem::iter_from_buffer(&data) {
+    for pem in Pem::iter_from_buffer(data) {
         let mut pem = pem.map_err(|e| CaError::BadFile {
             path: path.to_path_buf(),
             problem: format!("invalid PEM: {e}"),

@@ -165,6 +165,8 @@ impl SigningCa {
         chain_der.extend_from_slice(&leaf_der);
         chain_der.extend_from_slice(&self.intermediates_der);
 
+        self.latest_leaf_not_after
+            .fetch_max(na_secs, std::sync::atomic::Ordering::AcqRel);
         Ok(IssuedX509 {
             spiffe_id: spiffe_id.clone(),
             chain_der,
@@ -173,6 +175,7 @@ impl SigningCa {
             serial_hex: serial_hex(&serial),
             not_before: from_unix_u(nb_secs),
             not_after: leaf_not_after,
+            signed_by: self.fingerprint,
         })
     }
 }

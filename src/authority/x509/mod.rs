@@ -10,18 +10,25 @@
 //! Section numbers in comments refer to the SPIFFE X509-SVID standard
 //! (<https://github.com/spiffe/spiffe/blob/main/standards/X509-SVID.md>).
 
+mod authorities;
 mod chain;
+mod embedded;
 mod files;
 mod handle;
 mod issue;
 mod load;
+mod operator;
 
-pub use handle::{CaHandle, WrongTrustDomain};
+pub use authorities::{Authorities, FILE_CHECK};
+pub use embedded::{EmbeddedCa, RotationPolicy};
+pub use handle::{Bundle, CaHandle, WrongTrustDomain};
 pub use issue::{serial_hex, HostName};
+pub use operator::OperatorCa;
 
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{Issuer, KeyPair};
@@ -119,6 +126,12 @@ pub struct SigningCa {
     /// Earliest notAfter of the signing cert and the intermediates: a leaf
     /// must not outlive any certificate of its path.
     not_after: SystemTime,
+    /// SHA-256 of the signing certificate: what names this signer in SVIDs it signed, logs
+    /// and audit records.
+    fingerprint: [u8; 32],
+    /// The latest notAfter of any leaf it signed (unix seconds): its root must stay in the
+    /// bundle until then.
+    latest_leaf_not_after: AtomicU64,
 }
 
 impl fmt::Debug for SigningCa {
@@ -128,6 +141,82 @@ impl fmt::Debug for SigningCa {
             .field("roots", &self.roots_der.len())
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
+    }
+}
+
+/// A CA certificate as logs and audit records name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaInfo {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub fingerprint: String,
+    pub subject: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl CaInfo {
+    /// The signing certificate of `ca`.
+    pub fn of(ca: &SigningCa) -> CaInfo {
+        CaInfo::of_cert(ca.signing_cert_der())
+    }
+
+    /// A certificate, DER.
+    pub fn of_cert(der: &[u8]) -> CaInfo {
+        use sha2::Digest;
+        let fingerprint = hex::encode(sha2::Sha256::digest(der));
+        match x509_parser::parse_x509_certificate(der) {
+            Ok((_, x)) => CaInfo {
+                serial: serial_hex(x.raw_serial()),
+                fingerprint,
+                subject: x.subject().to_string(),
+                not_before: from_unix(x.validity().not_before.timestamp()),
+                not_after: from_unix(x.validity().not_after.timestamp()),
+            },
+            // Only certificates that parsed before get here.
+            Err(_) => CaInfo {
+                serial: String::new(),
+                fingerprint,
+                subject: String::new(),
+                not_before: UNIX_EPOCH,
+                not_after: UNIX_EPOCH,
+            },
+        }
+    }
+}
+
+/// What changed about the trust domain's CAs: each is audited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaEvent {
+    /// A new CA was made (the embedded CA's next root), persisted, not yet served.
+    Prepared(CaInfo),
+    /// Its root is in the bundle now; it signs nothing yet.
+    Published(CaInfo),
+    /// It signs every SVID from now on.
+    Activated(CaInfo),
+    /// It signs nothing more; its root stays in the bundle until then.
+    Retired {
+        ca: CaInfo,
+        in_bundle_until: SystemTime,
+    },
+    /// Its root left the bundle: every SVID it signed has expired.
+    Removed(CaInfo),
+    /// Changed CA files were refused; the CA that signed before still signs.
+    ReloadRefused { reason: String },
+}
+
+impl CaEvent {
+    /// What happened, in one word (`ca_<name>` in the audit log).
+    pub fn name(&self) -> &'static str {
+        match self {
+            CaEvent::Prepared(_) => "prepared",
+            CaEvent::Published(_) => "published",
+            CaEvent::Activated(_) => "activated",
+            CaEvent::Retired { .. } => "retired",
+            CaEvent::Removed(_) => "removed",
+            CaEvent::ReloadRefused { .. } => "reload_refused",
+        }
     }
 }
 
@@ -143,6 +232,8 @@ pub struct IssuedX509 {
     pub serial_hex: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The fingerprint of the CA that signed it.
+    pub signed_by: [u8; 32],
 }
 
 impl IssuedX509 {
@@ -204,6 +295,31 @@ impl SigningCa {
         &self.signing_cert_der
     }
 
+    /// What a leaf's chain carries after the leaf, concatenated DER.
+    pub fn intermediates_der(&self) -> &[u8] {
+        &self.intermediates_der
+    }
+
+    /// SHA-256 of the signing certificate.
+    pub fn fingerprint(&self) -> &[u8; 32] {
+        &self.fingerprint
+    }
+
+    /// The signing certificate's serial, as mayfly prints serials.
+    pub fn serial_hex(&self) -> String {
+        x509_parser::parse_x509_certificate(&self.signing_cert_der)
+            .map(|(_, x)| serial_hex(x.raw_serial()))
+            .unwrap_or_default()
+    }
+
+    /// The latest notAfter of a leaf this CA signed since it was loaded.
+    pub fn latest_leaf_not_after(&self) -> Option<SystemTime> {
+        match self.latest_leaf_not_after.load(Ordering::Acquire) {
+            0 => None,
+            secs => Some(from_unix_u(secs)),
+        }
+    }
+
     /// No SVID is issued past this instant (earliest notAfter of the signing
     /// certificate and its intermediates).
     pub fn not_after(&self) -> SystemTime {
@@ -241,8 +357,62 @@ fn odt(secs: u64) -> Result<OffsetDateTime, String> {
 #[cfg(test)]
 mod test_support {
     use super::*;
+    use rcgen::string::Ia5String;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose,
+        SanType,
+    };
     use rustls_pki_types::{CertificateDer, UnixTime};
+    use std::fs;
     use std::path::Path;
+
+    pub(super) struct TestCa {
+        pub(super) params: CertificateParams,
+        pub(super) key: KeyPair,
+        pub(super) pem: String,
+    }
+
+    pub(super) fn ca_params(cn: &str, td: &str, path_len: Option<u8>) -> CertificateParams {
+        let mut p = CertificateParams::default();
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(30);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "test");
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.subject_alt_names = vec![SanType::URI(
+            Ia5String::try_from(format!("spiffe://{td}")).unwrap(),
+        )];
+        p.is_ca = IsCa::Ca(match path_len {
+            Some(n) => BasicConstraints::Constrained(n),
+            None => BasicConstraints::Unconstrained,
+        });
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.use_authority_key_identifier_extension = true;
+        p
+    }
+
+    pub(super) fn make_root(td: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap();
+        let mut params = ca_params("test root", td, None);
+        params.use_authority_key_identifier_extension = false;
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { params, key, pem }
+    }
+
+    pub(super) fn intermediate(parent: &TestCa, cn: &str, td: &str, key: KeyPair) -> TestCa {
+        let params = ca_params(cn, td, Some(1));
+        let issuer = Issuer::from_params(&parent.params, &parent.key);
+        let pem = params.signed_by(&key, &issuer).unwrap().pem();
+        TestCa { params, key, pem }
+    }
+
+    pub(super) fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, contents).unwrap();
+        p
+    }
 
     pub(super) const TTL: Duration = Duration::from_secs(24 * 3600);
 
