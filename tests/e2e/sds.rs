@@ -461,6 +461,53 @@ async fn rotation_is_pushed_at_once() {
     t.stop().await;
 }
 
+/// The embedded CA rotating every 8 s: ROOTCA grows to both roots before the new one signs,
+/// and `default` follows with a certificate of the new root, each verifying to the bundle
+/// pushed with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_rotation_is_pushed_to_rootca_and_default_at_once() {
+    let t = start_with(|f| {
+        f.ca.ttl = Some("8s".into());
+        f.ca.prepare_at = Some(0.3);
+        f.ca.activate_at = Some(0.6);
+    })
+    .await;
+    let lease = t.grant_me("sds-ca", HOUR, None).await;
+    let names = ["default", "ROOTCA"];
+    let mut s = SdsStream::ask(&t, &names).await;
+    let mut first_root = None;
+    let mut overlap_seen = false;
+    let started = std::time::Instant::now();
+    loop {
+        let r = s.next().await;
+        let all = secrets(&r);
+        let roots = spiffe_trust_domains(validation(&all[0]))[0].1.clone();
+        check_certificate(&all[1], &lease.spiffe_id, &roots);
+        let chain = pem_ders(&inline(&tls(&all[1]).certificate_chain), "CERTIFICATE");
+        let signed_by = |root: &Vec<u8>| {
+            verify_chain(
+                &[CertificateDer::from(chain[0].as_slice())],
+                &[CertificateDer::from(root.as_slice())],
+            )
+            .is_ok()
+        };
+        let first = first_root.get_or_insert_with(|| roots[0].clone()).clone();
+        if roots.len() >= 2 && signed_by(&first) {
+            overlap_seen = true;
+        }
+        if !signed_by(&first) {
+            assert!(overlap_seen, "the new root was pushed before it signed");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no rotation pushed"
+        );
+        s.ack(&names, &r).await;
+    }
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn revoke_withdraws_the_secret_from_every_sds_and_workload_api_stream() {
     let t = start().await;
