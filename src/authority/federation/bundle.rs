@@ -177,22 +177,9 @@ impl FederatedBundle {
     }
 
     fn parse_pem(trust_domain: &TrustDomain, contents: &[u8]) -> Result<Self, BundleError> {
-        let blocks = pem::parse_many(contents).map_err(|e| BundleError::Pem(e.to_string()))?;
-        let mut roots = Vec::new();
-        for block in blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE") {
-            let der = block.into_contents();
-            check_certificate(&der).map_err(|problem| BundleError::PemCertificate {
-                index: roots.len(),
-                problem,
-            })?;
-            roots.push(der);
-        }
-        if roots.is_empty() {
-            return Err(BundleError::NoCertificates);
-        }
         Ok(FederatedBundle {
             trust_domain: trust_domain.clone(),
-            x509_roots_der: roots,
+            x509_roots_der: pem_certificates(contents)?,
             jwt_keys: Vec::new(),
             sequence: None,
             refresh_hint: None,
@@ -226,6 +213,27 @@ impl FederatedBundle {
             && roots(self) == roots(other)
             && jwks(self) == jwks(other)
     }
+}
+
+/// The CERTIFICATE blocks of a PEM file, each a usable CA certificate; at least one.
+pub fn pem_certificates(contents: &[u8]) -> Result<Vec<Vec<u8>>, BundleError> {
+    if contents.len() > MAX_BUNDLE_BYTES {
+        return Err(BundleError::TooLarge);
+    }
+    let blocks = pem::parse_many(contents).map_err(|e| BundleError::Pem(e.to_string()))?;
+    let mut certs = Vec::new();
+    for block in blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE") {
+        let der = block.into_contents();
+        check_certificate(&der).map_err(|problem| BundleError::PemCertificate {
+            index: certs.len(),
+            problem,
+        })?;
+        certs.push(der);
+    }
+    if certs.is_empty() {
+        return Err(BundleError::NoCertificates);
+    }
+    Ok(certs)
 }
 
 fn element(key: Value) -> Result<Element, String> {
