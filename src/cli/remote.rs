@@ -8,14 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, TrustAnchor, UnixTime,
-};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tonic::transport::{Channel, Endpoint};
+
+use crate::authority::federation::SpiffeServerVerifier;
 
 /// Who the CLI is on the remote admin API, and whom it trusts.
 pub struct RemoteTarget<'a> {
@@ -37,16 +34,9 @@ enum Expect {
     AnyAgent(Option<String>),
 }
 
-#[derive(Debug)]
-struct AgentVerifier {
-    roots: Vec<TrustAnchor<'static>>,
-    expect: Expect,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl AgentVerifier {
+impl Expect {
     fn check(&self, id: &str) -> Result<(), String> {
-        let ok = match &self.expect {
+        let ok = match self {
             Expect::Exactly(want) => id == want,
             Expect::AnyAgent(td) => {
                 let rest = id.strip_prefix("spiffe://").unwrap_or_default();
@@ -62,58 +52,8 @@ impl AgentVerifier {
         if ok {
             Ok(())
         } else {
-            Err(format!("the server is {id}, not {:?}", self.expect))
+            Err(format!("the server is {id}, not {self:?}"))
         }
-    }
-}
-
-impl ServerCertVerifier for AgentVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ee = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        ee.verify_for_usage(
-            self.algs.all,
-            &self.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        let id = crate::server::remote_admin::identity_of(end_entity.as_ref())
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        self.check(&id).map_err(rustls::Error::General)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 
@@ -190,23 +130,14 @@ pub async fn channel(t: &RemoteTarget<'_>) -> Result<Channel> {
         (false, Some(cert), Some(key), Some(ca)) => from_files(cert, key, ca)?,
         _ => bail!("--server needs either --svid-from-socket, or --cert, --key and --ca together"),
     };
-    let roots = roots
-        .iter()
-        .map(|r| {
-            webpki::anchor_from_trusted_cert(r)
-                .map(|a| a.to_owned())
-                .map_err(|e| anyhow!("a root certificate: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let expect = match t.server_id {
+        Some(id) => Expect::Exactly(id.to_owned()),
+        None => Expect::AnyAgent(td),
+    };
+    let verifier = Arc::new(
+        SpiffeServerVerifier::new(&roots, move |id| expect.check(id)).map_err(|e| anyhow!(e))?,
+    );
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(AgentVerifier {
-        roots,
-        expect: match t.server_id {
-            Some(id) => Expect::Exactly(id.to_owned()),
-            None => Expect::AnyAgent(td),
-        },
-        algs: provider.signature_verification_algorithms,
-    });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
