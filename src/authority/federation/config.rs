@@ -88,16 +88,6 @@ pub enum EndpointProfile {
     },
 }
 
-impl BundleSource {
-    /// The file or URL, for logs and errors.
-    pub fn describe(&self) -> String {
-        match self {
-            BundleSource::File(path) => path.display().to_string(),
-            BundleSource::Endpoint(e) => e.url.to_string(),
-        }
-    }
-}
-
 /// Checks the `[[federation]]` tables. Every problem is pushed to `errors` as one message that
 /// names `federation[i].field`; only entries without problems are returned.
 pub fn resolve(

@@ -221,8 +221,8 @@ async fn get(url: &Url, tls: Arc<ClientConfig>) -> Result<Answer, FetchError> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http)?;
-    // The exchange owns the sender: when it ends, the connection has no more requests to
-    // send and closes, so joining the two ends both.
+    // The connection is driven only while the exchange needs it; dropping both when the
+    // answer is in closes it.
     let exchange = async move {
         let response = sender.send_request(request).await.map_err(http)?;
         let status = response.status();
@@ -261,8 +261,13 @@ async fn get(url: &Url, tls: Arc<ClientConfig>) -> Result<Answer, FetchError> {
             })?;
         Ok(Answer::Bundle(body.to_bytes()))
     };
-    let (answer, _closed) = futures::future::join(exchange, connection).await;
-    answer
+    let mut exchange = std::pin::pin!(exchange);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        answer = &mut exchange => answer,
+        // Closed first: what the exchange still awaits fails or is already buffered.
+        _ = &mut connection => exchange.await,
+    }
 }
 
 /// A TCP connection to the URL's host and port (each address of a name in turn), and the name

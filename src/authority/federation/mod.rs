@@ -233,7 +233,9 @@ impl Federation {
         self.sources.is_empty()
     }
 
-    /// Keeps every bundle current until `shutdown`: files re-read, endpoints polled.
+    /// Keeps every bundle current until `shutdown`: files re-read, endpoints polled, the first
+    /// fetch at once. Run it once; it returns when `shutdown` is cancelled, a fetch in flight
+    /// abandoned.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let keepers = self.sources.iter().map(|source| async {
             match &source.kind {

@@ -704,3 +704,64 @@ async fn run_ends_at_shutdown_even_mid_fetch() {
         .expect("run ends at shutdown")
         .unwrap();
 }
+
+#[tokio::test]
+async fn https_spiffe_authenticates_with_the_latest_fetched_bundle() {
+    // Federation §5.2.2.4: after the bootstrap, "the latest available bundle MUST be used".
+    let bob = Bob::new().await;
+    let (new_root, new_issuer) = root(BOB);
+    let both = vec![x509_jwk(&bob.root), x509_jwk(&new_root)];
+    bob.endpoint
+        .reply("/bundle", Reply::Bundle(document(both, Some(1))));
+    let running = bob.run_until_fetched(1).await;
+
+    // The endpoint moves to the new root, which only the fetched bundle has.
+    bob.endpoint
+        .set_cert(server_cert(&new_issuer, &[ENDPOINT_ID], &[]));
+    bob.endpoint.reply(
+        "/bundle",
+        Reply::Bundle(document(vec![x509_jwk(&new_root)], Some(2))),
+    );
+    running
+        .until(BOB, "the rotated bundle", |b| b.sequence == Some(2))
+        .await;
+
+    // The old root is gone from the latest bundle: a certificate from it is no longer trusted,
+    // although the bootstrap bundle had it.
+    bob.endpoint
+        .set_cert(server_cert(&bob.issuer, &[ENDPOINT_ID], &[]));
+    bob.endpoint.reply(
+        "/bundle",
+        Reply::Bundle(document(vec![x509_jwk(&bob.root)], Some(3))),
+    );
+    bob.endpoint.wait_connections(2).await;
+    assert_eq!(running.current(BOB).unwrap().sequence, Some(2));
+}
+
+#[tokio::test]
+async fn an_empty_bundle_revokes_every_key_and_is_served() {
+    // Trust Domain and Bundle §4.1.3: an empty key set means every key is revoked.
+    let bob = Bob::new().await;
+    bob.serve(Some(1), &["k1"]);
+    let running = bob.run_until_fetched(1).await;
+    bob.endpoint
+        .reply("/bundle", Reply::Bundle(document(vec![], Some(2))));
+    running
+        .until(BOB, "the empty bundle", |b| b.sequence == Some(2))
+        .await;
+    let revoked = running.current(BOB).unwrap();
+    assert!(revoked.x509_roots_der.is_empty() && revoked.jwt_keys.is_empty());
+    assert_eq!(revoked.jwks_document(), br#"{"keys":[]}"#);
+    // With no roots left, the self-serving endpoint cannot be authenticated any more: what
+    // it serves next is not taken (a few refresh intervals pass), until re-bootstrapped.
+    bob.serve(Some(3), &["k3"]);
+    tokio::time::sleep(3 * QUICK).await;
+    assert_eq!(running.current(BOB).unwrap().sequence, Some(2));
+    let url = bob.endpoint.url("127.0.0.1", "/bundle");
+    let id = SpiffeId::new(ENDPOINT_ID).unwrap();
+    let roots = revoked.x509_roots_der.clone();
+    assert!(matches!(
+        endpoint::spiffe_tls(&url, &id, &roots),
+        Err(FetchError::NoRoots { .. })
+    ));
+}
