@@ -7,9 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::dir_watch::DirWatch;
 use crate::audit::{event, Audit, Event};
 use crate::authority::x509::{Authorities, CaEvent, CaHandle, CaInfo, FILE_CHECK};
 use crate::telemetry::{Metrics, Readiness};
+
+/// How soon a failed rotation is tried again.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// The readiness part the CA reports under.
 pub const READY_PART: &str = "signing CA";
@@ -23,27 +27,54 @@ pub async fn maintain(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
+    // Why the last maintenance failed, while it does.
+    let mut failing: Option<String> = None;
+    // The operator's files are also watched, so a renewal is used at once.
+    let mut watch = match &authorities {
+        Authorities::Operator(o) => match DirWatch::new(o.files()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the CA files' directories; checking them every {FILE_CHECK:?}");
+                None
+            }
+        },
+        Authorities::Embedded(_) => None,
+    };
     loop {
         let now = SystemTime::now();
-        report(&authorities, &handle, &metrics, &readiness);
+        report(
+            &authorities,
+            &handle,
+            &metrics,
+            &readiness,
+            failing.as_deref(),
+        );
         // Never sleep long on a wall-clock deadline: a suspended host or a clock step is
-        // caught within `FILE_CHECK`... or a minute for the embedded CA.
-        let cap = match authorities {
-            Authorities::Embedded(_) => Duration::from_secs(60),
-            Authorities::Operator(_) => FILE_CHECK,
+        // caught within a minute (the operator's files are read every `FILE_CHECK` anyway).
+        let wait = match failing {
+            Some(_) => RETRY,
+            None => authorities
+                .next_check(now)
+                .duration_since(now)
+                .unwrap_or_default()
+                .min(Duration::from_secs(60)),
         };
-        let wait = authorities
-            .next_check(now)
-            .duration_since(now)
-            .unwrap_or_default()
-            .min(cap);
+        let changed = async {
+            match &mut watch {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            r = changed => if let Err(e) = r {
+                tracing::warn!(error = %e, "watching the CA files' directories failed; checking them every {FILE_CHECK:?}");
+                watch = None;
+            },
         }
-        let h = handle.clone();
         let (back, result) = tokio::task::spawn_blocking(move || {
-            let result = authorities.maintain(SystemTime::now(), &h);
+            let result = authorities.maintain(SystemTime::now());
             (authorities, result)
         })
         .await
@@ -51,33 +82,45 @@ pub async fn maintain(
         authorities = back;
         match result {
             Ok(events) => {
+                failing = None;
+                // Recorded before anyone is served the change, as an SVID is before it is
+                // handed out. A log that cannot take them does not stop a rotation: the CA's
+                // end would stop every issuance instead.
                 for e in &events {
                     record(e, &audit, &metrics).await;
                 }
+                authorities.install(&handle);
             }
             Err(e) => {
                 tracing::error!(event = "ca_maintenance_failed", error = %e,
-                    "CA rotation failed; the current CA keeps signing, retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                }
+                    "CA rotation failed; the current CA keeps signing, retrying in {RETRY:?}");
+                failing = Some(e.to_string());
             }
         }
     }
 }
 
-fn report(authorities: &Authorities, handle: &CaHandle, metrics: &Metrics, readiness: &Readiness) {
+fn report(
+    authorities: &Authorities,
+    handle: &CaHandle,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    failing: Option<&str>,
+) {
     metrics.set_ca_not_after(handle.current().not_after());
     metrics.set_ca_next_rotation(authorities.next_rotation());
     let refused = authorities.refused();
     metrics.ca_reload_refused.set(i64::from(refused.is_some()));
-    readiness.set_failing(
-        READY_PART,
-        refused.map(|why| {
-            format!("CA files changed but were refused ({why}); the previous CA keeps signing")
-        }),
-    );
+    let why = match (refused, failing) {
+        (Some(why), _) => Some(format!(
+            "CA files changed but were refused ({why}); the previous CA keeps signing"
+        )),
+        (None, Some(why)) => Some(format!(
+            "CA rotation failing ({why}); the current CA keeps signing until it expires"
+        )),
+        (None, None) => None,
+    };
+    readiness.set_failing(READY_PART, why);
 }
 
 async fn record(e: &CaEvent, audit: &Audit, metrics: &Metrics) {

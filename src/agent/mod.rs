@@ -3,6 +3,7 @@
 
 mod ca;
 mod data_dir;
+mod dir_watch;
 mod memory;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
 use crate::audit::{Audit, AuditLog, AuditOptions, ReportingSink};
+use crate::authority::federation::Federation;
 use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
 use crate::authority::x509::{Authorities, RotationPolicy};
 use crate::config::Config;
@@ -50,6 +52,8 @@ pub enum StartError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("kubernetes attestation: {0}")]
     Kubernetes(#[from] crate::attest::k8s::K8sError),
+    #[error("federation: {0}")]
+    Federation(#[from] crate::authority::federation::FederationError),
     #[error("JWT signing keys: {0}")]
     Jwt(#[from] crate::authority::jwt_keys::JwtError),
     #[error(
@@ -241,11 +245,16 @@ impl Agent {
         };
         tasks.spawn(health.serve(readiness.clone(), prom, refresh, shutdown.clone()));
 
+        // Other trust domains' bundles: files read now (a broken one fails start-up), endpoints
+        // fetched from now on.
+        let federation = Federation::start(config.federation.clone())?;
+        tasks.spawn(federation.clone().run(shutdown.clone()));
         let identities = crate::identity::IdentitySource::new(crate::identity::Parts {
             manager: manager.clone(),
             registry: registry.clone(),
             ca: ca.clone(),
             jwt_keys: jwt_keys.clone(),
+            federation,
             audit: sink.clone(),
             attestor: attestor.clone(),
             k8s,

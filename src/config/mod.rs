@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
+use crate::authority::federation::{FederationEntry, FederationSettings};
 use crate::authority::x509::{CaSource, RotationPolicy};
 use crate::lease::{IdTemplate, LeaseLimits, DEFAULT_TEMPLATE};
 
@@ -56,6 +57,9 @@ pub struct FileConfig {
     pub delegation: DelegationSection,
     #[serde(default)]
     pub store: StoreSection,
+    /// Other trust domains whose bundles are served beside this one's (`[[federation]]`).
+    #[serde(default)]
+    pub federation: Vec<FederationEntry>,
     /// The remote admin API's TCP address (`IP:PORT`), mutual TLS only; unset: none.
     pub admin_addr: Option<String>,
     /// This node's name: what a lease bound to a process here records, and (on a shared
@@ -288,6 +292,8 @@ pub struct Config {
     pub admin_client_ca_files: Vec<PathBuf>,
     /// Host names the remote admin API's certificate carries.
     pub admin_server_names: Vec<crate::authority::x509::HostName>,
+    /// Other trust domains' bundles, and where they come from.
+    pub federation: Vec<FederationSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -843,6 +849,11 @@ impl Config {
             );
         }
 
+        let federation = match &trust_domain {
+            Some(own) => crate::authority::federation::resolve(&file.federation, own, &mut errors),
+            None => Vec::new(),
+        };
+
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -900,6 +911,7 @@ impl Config {
             allowed_remote,
             admin_client_ca_files,
             admin_server_names,
+            federation,
         })
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! Errors are [`IdentityError`]s; each server turns them into its own status codes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::attest::k8s::K8sAttestor;
 use crate::attest::{Attestation, Attestor, PeerInfo};
 use crate::audit::{event, Audit, Event};
+use crate::authority::federation::Federation;
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::CaHandle;
 use crate::lease::{Changes, Leases};
@@ -84,6 +86,8 @@ pub struct Parts {
     pub registry: Arc<Leases>,
     pub ca: Arc<CaHandle>,
     pub jwt_keys: Arc<JwtKeys>,
+    /// Other trust domains' bundles, served beside this one's.
+    pub federation: Arc<Federation>,
     pub audit: Audit,
     pub attestor: Arc<Attestor>,
     pub k8s: Arc<K8sAttestor>,
@@ -93,11 +97,22 @@ pub struct Parts {
 
 pub struct IdentitySource {
     parts: Parts,
+    /// Change when this trust domain's X.509 roots or JWT keys change, or a federated bundle.
+    x509_changes: watch::Receiver<u64>,
+    jwt_changes: watch::Receiver<u64>,
 }
 
 impl IdentitySource {
+    /// Call within the runtime: it starts what merges the bundles' change signals.
     pub fn new(parts: Parts) -> Arc<Self> {
-        Arc::new(IdentitySource { parts })
+        let federated = parts.federation.subscribe();
+        let x509_changes = merged(parts.ca.subscribe(), federated.clone(), &parts.shutdown);
+        let jwt_changes = merged(parts.jwt_keys.subscribe(), federated, &parts.shutdown);
+        Arc::new(IdentitySource {
+            parts,
+            x509_changes,
+            jwt_changes,
+        })
     }
 
     /// Attests the process behind a request: unix facts from the kernel, then what the
@@ -196,10 +211,10 @@ impl IdentitySource {
         let p = &self.parts;
         let leases = p.registry.changes(&att.selectors);
         let mut refresh = match kind {
-            BundleKind::X509 => p.ca.subscribe(),
-            BundleKind::Jwt => p.jwt_keys.subscribe(),
+            BundleKind::X509 => self.x509_changes.clone(),
+            BundleKind::Jwt => self.jwt_changes.clone(),
         };
-        refresh.borrow_and_update();
+        refresh.mark_unchanged();
         if !p.registry.matches_any(&att.selectors) {
             return Err(self.deny(rpc, &att).await);
         }
@@ -284,17 +299,52 @@ impl IdentitySource {
         )
     }
 
-    /// Every X.509 bundle the agent knows, sorted by trust domain: today this trust domain's.
+    /// Every X.509 bundle the agent knows, sorted by trust domain: this trust domain's and the
+    /// federated ones (each with at least one root).
     pub fn x509_trust_bundles(&self) -> Vec<TrustBundle> {
-        vec![TrustBundle {
+        let mut all = vec![TrustBundle {
             trust_domain: self.trust_domain(),
             roots_der: self.parts.ca.bundle().roots_der().to_vec(),
-        }]
+        }];
+        all.extend(
+            self.parts
+                .federation
+                .bundles()
+                .into_iter()
+                .filter(|b| !b.x509_roots_der.is_empty())
+                .map(|b| TrustBundle {
+                    trust_domain: b.trust_domain.to_string(),
+                    roots_der: b.x509_roots_der.clone(),
+                }),
+        );
+        all.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
+        all
     }
 
-    /// Changes whenever the X.509 bundles may have.
+    /// The federated X.509 bundles by trust domain ID (`spiffe://td`), roots as concatenated
+    /// DER: `federated_bundles` of the X.509-SVID stream.
+    pub fn x509_federated(&self) -> HashMap<String, Vec<u8>> {
+        self.parts
+            .federation
+            .bundles()
+            .into_iter()
+            .filter(|b| !b.x509_roots_der.is_empty())
+            .map(|b| (b.trust_domain.id_string(), b.x509_bundle_der()))
+            .collect()
+    }
+
+    /// Every X.509 bundle by trust domain ID: this trust domain's and the federated ones.
+    pub fn x509_bundles(&self) -> HashMap<String, Vec<u8>> {
+        let mut all = self.x509_federated();
+        all.extend([self.x509_bundle()]);
+        all
+    }
+
+    /// Changes whenever the X.509 bundles may have, from now on.
     pub fn x509_bundle_changes(&self) -> watch::Receiver<u64> {
-        self.parts.ca.subscribe()
+        let mut rx = self.x509_changes.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     /// This trust domain's JWT bundle: its ID and the JWKS document.
@@ -304,6 +354,42 @@ impl IdentitySource {
             self.parts.jwt_keys.jwks(),
         )
     }
+
+    /// Every JWT bundle by trust domain ID: this trust domain's, and the federated ones that
+    /// have JWT keys, each a JWK Set.
+    pub fn jwt_bundles(&self) -> HashMap<String, Vec<u8>> {
+        let mut all: HashMap<String, Vec<u8>> = self
+            .parts
+            .federation
+            .bundles()
+            .into_iter()
+            .filter(|b| !b.jwt_keys.is_empty())
+            .map(|b| (b.trust_domain.id_string(), b.jwks_document()))
+            .collect();
+        all.extend([self.jwt_bundle()]);
+        all
+    }
+}
+
+/// One signal that changes when either of two does, until `shutdown`.
+fn merged(
+    mut a: watch::Receiver<u64>,
+    mut b: watch::Receiver<u64>,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = a.changed() => if r.is_err() { return },
+                r = b.changed() => if r.is_err() { return },
+            }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
 }
 
 fn requester(att: &Attestation) -> Requester {

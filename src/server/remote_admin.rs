@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use crate::authority::x509::{CaHandle, HostName};
+use crate::authority::x509::{cert_identity as caller_of, CaHandle, HostName};
 
 /// How long the server's own certificate lives, and how often it is replaced.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -399,75 +399,6 @@ impl Drop for Slot {
     }
 }
 
-/// A verified client certificate as the remote admin API knows its caller.
-struct Caller {
-    identity: String,
-    not_after: SystemTime,
-}
-
-/// The identity a verified certificate names: its one SPIFFE ID, or else `cn:` and its
-/// subject's common name.
-pub fn identity_of(der: &[u8]) -> Result<String, String> {
-    caller_of(der).map(|c| c.identity)
-}
-
-/// A certificate with a SPIFFE ID must be an X509-SVID: exactly one URI SAN, that SPIFFE ID
-/// in canonical form (a URI of scheme `spiffe`, in any case, is taken for one). Only a
-/// certificate without any is known by its common name.
-fn caller_of(der: &[u8]) -> Result<Caller, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let mut uris = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = name {
-                uris.push(*uri);
-            }
-        }
-    }
-    let spiffe = uris
-        .iter()
-        .filter(|uri| {
-            uri.get(..9)
-                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://"))
-        })
-        .count();
-    let identity = match (spiffe, uris.as_slice()) {
-        (0, _) => {
-            let cn = cert
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .filter(|cn| !cn.is_empty())
-                .ok_or("neither a SPIFFE ID nor a common name")?;
-            format!("cn:{cn}")
-        }
-        // In canonical form only: what the allowlist and the policies compare is what the
-        // certificate says.
-        (1, [id]) => match SpiffeId::new(*id) {
-            Ok(parsed) if parsed.to_string() == *id => parsed.to_string(),
-            Ok(parsed) => {
-                return Err(format!(
-                    "SPIFFE ID {id:?} is not in canonical form ({parsed})"
-                ))
-            }
-            Err(e) => return Err(format!("SPIFFE ID {id:?}: {e}")),
-        },
-        _ => {
-            return Err(format!(
-                "a SPIFFE ID among {} URI SANs (an X509-SVID has exactly one)",
-                uris.len()
-            ))
-        }
-    };
-    let not_after = UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
-    Ok(Caller {
-        identity,
-        not_after,
-    })
-}
-
 /// One mutual-TLS connection on the remote admin API, with its caller. It fails (and so
 /// closes) when the caller's certificate expires: the identity it admitted is no longer
 /// vouched for.
@@ -538,7 +469,9 @@ impl AsyncWrite for RemoteConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authority::x509::identity_of;
     use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+    use std::time::UNIX_EPOCH;
 
     fn cert(uris: &[&str], cn: Option<&str>) -> Vec<u8> {
         let mut p = CertificateParams::default();

@@ -7,7 +7,6 @@
 //! audit log unavailable or the agent shutting down → `Unavailable`; attested but no active
 //! lease (or no longer one) → `PermissionDenied` "no identity issued".
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -65,7 +64,8 @@ fn peer<T>(req: &Request<T>) -> Option<PeerInfo> {
     req.extensions().get::<PeerInfo>().cloned()
 }
 
-fn x509_response(svids: &[Arc<X509Svid>], bundle: &[u8]) -> pb::X509svidResponse {
+fn x509_response(svids: &[Arc<X509Svid>], source: &IdentitySource) -> pb::X509svidResponse {
+    let (_, bundle) = source.x509_bundle();
     pb::X509svidResponse {
         svids: svids
             .iter()
@@ -73,12 +73,12 @@ fn x509_response(svids: &[Arc<X509Svid>], bundle: &[u8]) -> pb::X509svidResponse
                 spiffe_id: s.issued.spiffe_id.to_string(),
                 x509_svid: s.issued.chain_der.clone(),
                 x509_svid_key: s.issued.key_pkcs8.to_vec(),
-                bundle: bundle.to_vec(),
+                bundle: bundle.clone(),
                 hint: String::new(),
             })
             .collect(),
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: source.x509_federated(),
     }
 }
 
@@ -141,8 +141,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .x509_svids(peer(&request), "FetchX509SVID")
             .await
             .map_err(status)?;
-        let (_, bundle) = self.source.x509_bundle();
-        let response = x509_response(&first, &bundle);
+        let response = x509_response(&first, &self.source);
         let source = self.source.clone();
         Ok(Response::new(follow(
             response,
@@ -152,10 +151,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 async move {
                     match updates.next().await {
                         // The bundle as it is now: the CA may have been swapped since.
-                        Ok(svids) => {
-                            let (_, bundle) = source.x509_bundle();
-                            Some((Ok(x509_response(&svids, &bundle)), Some(updates)))
-                        }
+                        Ok(svids) => Some((Ok(x509_response(&svids, &source)), Some(updates))),
                         Err(e) => Some((Err(status(e)), None)),
                     }
                 }
@@ -177,7 +173,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 BundleKind::X509,
                 |s: &IdentitySource| pb::X509BundlesResponse {
                     crl: Vec::new(),
-                    bundles: HashMap::from([s.x509_bundle()]),
+                    bundles: s.x509_bundles(),
                 },
             )
             .await?;
@@ -231,7 +227,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 "FetchJWTBundles",
                 BundleKind::Jwt,
                 |s: &IdentitySource| pb::JwtBundlesResponse {
-                    bundles: HashMap::from([s.jwt_bundle()]),
+                    bundles: s.jwt_bundles(),
                 },
             )
             .await?;

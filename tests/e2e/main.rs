@@ -11,6 +11,7 @@ mod cluster;
 mod delegation;
 mod durability;
 mod envoy;
+mod federation;
 mod health;
 mod jwt;
 mod k8s;

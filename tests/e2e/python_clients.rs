@@ -192,3 +192,19 @@ async fn grpcio_orchestrator_on_the_remote_admin_api_over_mutual_tls() {
     ];
     check_on("remote-admin", agent, &extra).await;
 }
+
+/// py-spiffe reads a federated trust domain's bundle on every path, as it reads the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn py_spiffe_sees_a_federated_bundle_on_every_path() {
+    let files = tempfile::tempdir().unwrap();
+    let bundle = crate::federation::PartnerBundle::write(files.path(), 2, 7);
+    let entry = bundle.entry();
+    let agent = crate::common::start_with(|f| f.federation = vec![entry]).await;
+    let extra = [
+        "--federated-td".to_string(),
+        crate::federation::PARTNER.to_string(),
+        "--federated-bundle".to_string(),
+        bundle.path.display().to_string(),
+    ];
+    check_on("federation", agent, &extra).await;
+}

@@ -461,6 +461,46 @@ async fn rotation_is_pushed_at_once() {
     t.stop().await;
 }
 
+/// A federated trust domain's bundle is in `ALL` beside the own one, and its trust domain ID
+/// names it alone, as with SPIRE; `ROOTCA` stays the own bundle.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_carries_a_federated_bundle_and_its_id_names_it_alone() {
+    use crate::federation::{PartnerBundle, PARTNER};
+    let files = tempfile::tempdir().unwrap();
+    let partner = PartnerBundle::write(files.path(), 1, 1);
+    let entry = partner.entry();
+    let t = start_with(|f| f.federation = vec![entry]).await;
+    t.grant_me("sds-federated", HOUR, None).await;
+    let own = rootca(&t).await;
+    let partner_id = format!("spiffe://{PARTNER}");
+    let names = ["ALL", partner_id.as_str()];
+    let mut s = SdsStream::ask(&t, &names).await;
+    let r = s.next().await;
+    let all = secrets(&r);
+    let by_name = |n: &str| all.iter().find(|x| x.name == n).unwrap();
+    assert_eq!(
+        spiffe_trust_domains(validation(by_name("ALL"))),
+        [
+            ("example.org".to_string(), own.clone()),
+            (PARTNER.to_string(), partner.roots.clone()),
+        ]
+    );
+    assert_eq!(
+        spiffe_trust_domains(validation(by_name(&partner_id))),
+        [(PARTNER.to_string(), partner.roots.clone())]
+    );
+    // A new partner bundle is pushed to both.
+    s.ack(&names, &r).await;
+    let next = PartnerBundle::write(files.path(), 2, 2);
+    let r = s.next().await;
+    let all = secrets(&r);
+    let tds = spiffe_trust_domains(validation(
+        all.iter().find(|x| x.name == partner_id).unwrap(),
+    ));
+    assert_eq!(tds, [(PARTNER.to_string(), next.roots.clone())]);
+    t.stop().await;
+}
+
 /// The embedded CA rotating every 8 s: ROOTCA grows to both roots before the new one signs,
 /// and `default` follows with a certificate of the new root, each verifying to the bundle
 /// pushed with it.

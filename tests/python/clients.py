@@ -1281,6 +1281,54 @@ def check_remote_admin(args, admin):
 # Driver
 # ---------------------------------------------------------------------------------------------
 
+def check_federation(args, admin):
+    """A federated trust domain's bundle (from a SPIFFE bundle file the test wrote) reaches
+    py-spiffe on every bundle path: federated_bundles of the X.509 stream, FetchX509Bundles
+    and FetchJWTBundles, each equal to py-spiffe's own reading of the file."""
+    import json
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from spiffe import JwtBundle, TrustDomain, WorkloadApiClient
+
+    td = TrustDomain(args.federated_td)
+    with open(args.federated_bundle, "rb") as f:
+        doc = json.load(f)
+    roots = {base64.b64decode(k["x5c"][0]) for k in doc["keys"] if k.get("use") == "x509-svid"}
+    jwt_keys = [k for k in doc["keys"] if k.get("use") == "jwt-svid"]
+    expected = JwtBundle.parse(td, json.dumps({"keys": jwt_keys}).encode())
+    ensure(roots and jwt_keys, "the test's bundle has both kinds of keys")
+
+    def ders(bundle):
+        return {c.public_bytes(Encoding.DER) for c in bundle.x509_authorities}
+
+    admin.grant(ttl=60)
+    client = WorkloadApiClient("unix:" + args.socket, default_timeout=RPC_TIMEOUT)
+    try:
+        ctx = client.fetch_x509_context(timeout=RPC_TIMEOUT)
+        fed = ctx.x509_bundle_set.get_bundle_for_trust_domain(td)
+        ensure(fed is not None, f"no {td} bundle in the X.509 context")
+        ensure(ders(fed) == roots, f"X.509 context: {td} roots differ from the file")
+        own = ctx.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain("example.org"))
+        ensure(own is not None and own.x509_authorities, "the own bundle is still there")
+        log(f"fetch_x509_context: {td} with {len(roots)} root(s) beside example.org")
+
+        bundles = client.fetch_x509_bundles(timeout=RPC_TIMEOUT)
+        fed = bundles.get_bundle_for_trust_domain(td)
+        ensure(fed is not None and ders(fed) == roots, f"FetchX509Bundles: {td} differs")
+        log(f"fetch_x509_bundles: {td} and example.org")
+
+        jwt = client.fetch_jwt_bundles(timeout=RPC_TIMEOUT).get_bundle_for_trust_domain(td)
+        ensure(jwt is not None, f"no {td} JWT bundle")
+        ensure(set(jwt.jwt_authorities) == set(expected.jwt_authorities),
+               f"JWT bundle kids {sorted(jwt.jwt_authorities)} != "
+               f"{sorted(expected.jwt_authorities)}")
+        for kid, key in expected.jwt_authorities.items():
+            ensure(jwt.jwt_authorities[kid].public_numbers() == key.public_numbers(),
+                   f"JWT key {kid} differs")
+        log(f"fetch_jwt_bundles: {td} with kids {sorted(jwt.jwt_authorities)}")
+    finally:
+        client.close()
+
+
 CHECKS = {
     "py-spiffe": check_py_spiffe,
     "grpcio-authority": check_grpcio_authority,
@@ -1288,6 +1336,7 @@ CHECKS = {
     "admin": check_admin,
     "delegation": check_delegation,
     "remote-admin": check_remote_admin,
+    "federation": check_federation,
 }
 
 
@@ -1346,6 +1395,11 @@ def run_all(args):
                 continue
             cmd += ["--admin-addr", args.admin_addr,
                     "--admin-server-name", args.admin_server_name or ""]
+        if name == "federation":
+            if not args.federated_bundle:
+                continue
+            cmd += ["--federated-td", args.federated_td,
+                    "--federated-bundle", args.federated_bundle]
         ran.append(name)
         child = subprocess.Popen(cmd)
         try:
@@ -1378,6 +1432,9 @@ def main():
     p.add_argument("--admin-addr", help="remote-admin: the agent's admin_addr, HOST:PORT")
     p.add_argument("--admin-server-name",
                    help="remote-admin: a host name the agent's admin.server_names holds")
+    p.add_argument("--federated-td", help="federation: the federated trust domain")
+    p.add_argument("--federated-bundle",
+                   help="federation: the SPIFFE bundle file the agent was given for it")
     args = p.parse_args()
     args.socket = os.path.abspath(args.socket)
     args.admin_socket = os.path.abspath(args.admin_socket)

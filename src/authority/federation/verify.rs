@@ -81,7 +81,7 @@ impl SpiffeServerVerifier {
         )
         .map_err(|e| e.to_string())?;
         leaf_may_not_sign(end_entity.as_ref())?;
-        let id = crate::server::remote_admin::identity_of(end_entity.as_ref())?;
+        let id = crate::authority::x509::identity_of(end_entity.as_ref())?;
         (self.accept)(&id)
     }
 }

@@ -1,6 +1,6 @@
 //! The trust domain's CAs over time, whichever kind: the embedded one rotating on its own
-//! schedule, or the operator's reloaded from its files. One `maintain` call does what is due
-//! and puts the result in the [`CaHandle`] every server reads.
+//! schedule, or the operator's reloaded from its files. `maintain` does what is due, and
+//! `install` puts the result in the [`CaHandle`] every server reads.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -57,25 +57,21 @@ impl Authorities {
         }
     }
 
-    fn install(&self, handle: &CaHandle) {
+    /// Serves what is current in `handle`.
+    pub fn install(&self, handle: &CaHandle) {
         // Both kinds only ever load CAs of the configured trust domain.
         if let Err(e) = handle.install(self.signer(), &self.also_trusted()) {
             tracing::error!(error = %e, "CA of another trust domain not installed");
         }
     }
 
-    /// Does what is due at `now` and serves the result. The events say what changed.
-    pub fn maintain(
-        &mut self,
-        now: SystemTime,
-        handle: &CaHandle,
-    ) -> Result<Vec<CaEvent>, CaError> {
-        let events = match self {
-            Authorities::Embedded(e) => e.maintain(now)?,
-            Authorities::Operator(o) => o.maintain(now),
-        };
-        self.install(handle);
-        Ok(events)
+    /// Does what is due at `now`; the events say what changed. Nothing is served until
+    /// `install`, so that the caller can record the events first.
+    pub fn maintain(&mut self, now: SystemTime) -> Result<Vec<CaEvent>, CaError> {
+        match self {
+            Authorities::Embedded(e) => e.maintain(now),
+            Authorities::Operator(o) => Ok(o.maintain(now)),
+        }
     }
 
     /// When `maintain` should run next.

@@ -72,6 +72,7 @@ impl RotationPolicy {
 }
 
 /// A root that signs, or will.
+#[derive(Clone)]
 struct Authority {
     ca: Arc<SigningCa>,
     cert_pem: String,
@@ -93,6 +94,7 @@ impl Authority {
 }
 
 /// A root that signs no more but is still served.
+#[derive(Clone)]
 struct Retired {
     info: CaInfo,
     root_der: Vec<u8>,
@@ -101,6 +103,7 @@ struct Retired {
 }
 
 /// The embedded CA's roots: one active, perhaps a next, and the retired ones still served.
+#[derive(Clone)]
 pub struct EmbeddedCa {
     dir: PathBuf,
     trust_domain: TrustDomain,
@@ -350,8 +353,19 @@ impl EmbeddedCa {
     }
 
     /// Does what is due at `now`: prepare and publish the next root, activate it, remove
-    /// retired roots whose SVIDs have all expired. Persists before it returns what changed.
+    /// retired roots whose SVIDs have all expired. Persists before it returns what changed;
+    /// on an error nothing has changed, and the same is due again.
     pub fn maintain(&mut self, now: SystemTime) -> Result<Vec<CaEvent>, CaError> {
+        let mut work = self.clone();
+        let (events, changed) = work.step(now)?;
+        if changed {
+            work.persist()?;
+        }
+        *self = work;
+        Ok(events)
+    }
+
+    fn step(&mut self, now: SystemTime) -> Result<(Vec<CaEvent>, bool), CaError> {
         let mut events = Vec::new();
         let before = self.retired.len();
         self.retired.retain(|r| {
@@ -391,10 +405,7 @@ impl EmbeddedCa {
                 self.next = Some(next);
             }
         }
-        if changed {
-            self.persist()?;
-        }
-        Ok(events)
+        Ok((events, changed))
     }
 
     fn persist(&self) -> Result<(), CaError> {
@@ -709,6 +720,26 @@ mod tests {
         let reloaded = load(tmp.path());
         assert_eq!(reloaded.also_trusted(), ca.also_trusted());
         assert_eq!(reloaded.signer().roots_der(), ca.signer().roots_der());
+    }
+
+    #[test]
+    fn a_rotation_that_cannot_be_persisted_changes_nothing_and_is_due_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ca = load(tmp.path());
+        let due = ca.next_due();
+        // The directory is gone (and a file in its way): no write can succeed, not even root's.
+        let dir = tmp.path().join("ca");
+        fs::rename(&dir, tmp.path().join("ca.saved")).unwrap();
+        fs::write(&dir, b"in the way").unwrap();
+        let err = ca.maintain(due).err().unwrap();
+        assert!(err.to_string().contains(STATE_FILE), "{err}");
+        assert!(ca.also_trusted().is_empty(), "nothing published");
+        assert_eq!(ca.next_due(), due, "still due");
+
+        fs::remove_file(&dir).unwrap();
+        fs::rename(tmp.path().join("ca.saved"), &dir).unwrap();
+        assert_eq!(names(&ca.maintain(due).unwrap()), ["prepared", "published"]);
+        assert_eq!(load(tmp.path()).also_trusted(), ca.also_trusted());
     }
 
     #[test]

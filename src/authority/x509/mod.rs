@@ -15,6 +15,7 @@ mod chain;
 mod embedded;
 mod files;
 mod handle;
+mod identity;
 mod issue;
 mod load;
 mod operator;
@@ -22,6 +23,7 @@ mod operator;
 pub use authorities::{Authorities, FILE_CHECK};
 pub use embedded::{EmbeddedCa, RotationPolicy};
 pub use handle::{Bundle, CaHandle, WrongTrustDomain};
+pub use identity::{cert_identity, identity_of, CertIdentity};
 pub use issue::{serial_hex, HostName};
 pub use operator::OperatorCa;
 

@@ -66,6 +66,19 @@ impl OperatorCa {
         self.retired.iter().map(|r| r.root_der.clone()).collect()
     }
 
+    /// The files it is read from.
+    pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
+        [
+            &self.source.cert_file,
+            &self.source.key_file,
+            &self.source.chain_file,
+            &self.source.bundle_file,
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+    }
+
     /// Why the files as they are now were refused, while they are.
     pub fn refused(&self) -> Option<&str> {
         self.refused.as_deref()
