@@ -111,6 +111,9 @@ pub struct EmbeddedCa {
     active: Authority,
     next: Option<Authority>,
     retired: Vec<Retired>,
+    /// What loading changed (a root made, or one that expired while the agent was down
+    /// replaced): reported by the first `maintain`.
+    startup: Vec<CaEvent>,
 }
 
 /// `authorities.json` as written.
@@ -157,6 +160,7 @@ impl EmbeddedCa {
         }
         let cert_path = dir.join(LEGACY_CERT_FILE);
         let key_path = dir.join(LEGACY_KEY_FILE);
+        let mut startup = Vec::new();
         // The certificate was written last, so its presence marks a complete CA. A key without
         // a certificate is debris of an interrupted first start and gets replaced; a
         // certificate without its key is a lost CA that must not be silently replaced.
@@ -196,6 +200,7 @@ impl EmbeddedCa {
         } else {
             let a = create_root(&dir, trust_domain, policy.ttl)?;
             tracing::info!(path = %file.display(), "created embedded CA");
+            startup = first_root_events(&a);
             a
         };
         let ca = EmbeddedCa {
@@ -205,6 +210,7 @@ impl EmbeddedCa {
             active,
             next: None,
             retired: Vec::new(),
+            startup,
         };
         create_private_dir(&ca.dir)?;
         ca.persist()?;
@@ -241,6 +247,7 @@ impl EmbeddedCa {
         }
         let now = SystemTime::now();
         let mut retired = Vec::new();
+        let mut expired = Vec::new();
         for r in stored.retired {
             let mut certs = parse_certs_pem(&path, r.cert.as_bytes())?;
             if certs.len() != 1 {
@@ -264,6 +271,10 @@ impl EmbeddedCa {
             }
             let cert = certs.remove(0);
             if not_after_of(&cert.der) <= now {
+                expired.push(CaEvent::Retired {
+                    ca: CaInfo::of_cert(&cert.der),
+                    in_bundle_until: now,
+                });
                 retired.push(Retired {
                     info: CaInfo::of_cert(&cert.der),
                     root_der: cert.der,
@@ -286,12 +297,20 @@ impl EmbeddedCa {
             Some(n) => load(n)?,
             None => None,
         };
-        let (active, next) = match (active, next) {
-            (Some(a), n) => (a, n),
+        let (active, next, mut startup) = match (active, next) {
+            (Some(a), n) => (a, n, Vec::new()),
             // The next root was published: it may sign at once.
-            (None, Some(n)) => (n, None),
-            (None, None) => (create_root(&dir, trust_domain, policy.ttl)?, None),
+            (None, Some(n)) => {
+                let activated = vec![CaEvent::Activated(CaInfo::of(&n.ca))];
+                (n, None, activated)
+            }
+            (None, None) => {
+                let a = create_root(&dir, trust_domain, policy.ttl)?;
+                let events = first_root_events(&a);
+                (a, None, events)
+            }
         };
+        startup.extend(expired);
         let ca = EmbeddedCa {
             dir,
             trust_domain: trust_domain.clone(),
@@ -299,6 +318,7 @@ impl EmbeddedCa {
             active,
             next,
             retired,
+            startup,
         };
         ca.persist()?;
         Ok(ca)
@@ -323,6 +343,9 @@ impl EmbeddedCa {
 
     /// When `maintain` next has something to do.
     pub fn next_due(&self) -> SystemTime {
+        if !self.startup.is_empty() {
+            return UNIX_EPOCH;
+        }
         let step = match &self.next {
             None => self.active.at_share(self.policy.prepare_at),
             Some(next) => self.activation_time(next),
@@ -366,7 +389,8 @@ impl EmbeddedCa {
     }
 
     fn step(&mut self, now: SystemTime) -> Result<(Vec<CaEvent>, bool), CaError> {
-        let mut events = Vec::new();
+        // Loading persisted what it changed already.
+        let mut events = std::mem::take(&mut self.startup);
         let before = self.retired.len();
         self.retired.retain(|r| {
             let keep = r.keep_until > now;
@@ -437,6 +461,16 @@ impl EmbeddedCa {
         let json = json.map_err(|e| CaError::Create(format!("encoding the CA state: {e}")))?;
         write_atomic(&self.dir.join(STATE_FILE), &json, 0o600)
     }
+}
+
+/// A root made at start signs at once: nothing was served before it.
+fn first_root_events(a: &Authority) -> Vec<CaEvent> {
+    let info = CaInfo::of(&a.ca);
+    vec![
+        CaEvent::Prepared(info.clone()),
+        CaEvent::Published(info.clone()),
+        CaEvent::Activated(info),
+    ]
 }
 
 /// A retired CA's root stays until every SVID it signed has expired: the latest it signed,
@@ -542,6 +576,30 @@ mod tests {
 
     fn load(dir: &Path) -> EmbeddedCa {
         EmbeddedCa::load_or_create(dir, &td(), policy()).unwrap()
+    }
+
+    /// A CA whose start-up (a root made) has been reported.
+    fn fresh(dir: &Path) -> EmbeddedCa {
+        let mut ca = load(dir);
+        ca.startup.clear();
+        ca
+    }
+
+    #[test]
+    fn a_first_root_is_reported_once_as_prepared_published_and_activated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ca = load(tmp.path());
+        assert!(ca.next_due() <= SystemTime::now(), "due at once");
+        let now = SystemTime::now();
+        assert_eq!(
+            names(&ca.maintain(now).unwrap()),
+            ["prepared", "published", "activated"]
+        );
+        assert!(ca.maintain(now).unwrap().is_empty());
+        assert!(
+            load(tmp.path()).maintain(now).unwrap().is_empty(),
+            "not on a restart"
+        );
     }
 
     fn state(dir: &Path) -> serde_json::Value {
@@ -663,7 +721,7 @@ mod tests {
     #[test]
     fn the_next_root_is_published_before_it_signs_and_the_old_one_served_until_its_svids_expire() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut ca = load(tmp.path());
+        let mut ca = fresh(tmp.path());
         let first = ca.signer();
         let born = ca.active.created_at;
         let life = ca.active.life();
@@ -725,7 +783,7 @@ mod tests {
     #[test]
     fn a_rotation_that_cannot_be_persisted_changes_nothing_and_is_due_again() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut ca = load(tmp.path());
+        let mut ca = fresh(tmp.path());
         let due = ca.next_due();
         // The directory is gone (and a file in its way): no write can succeed, not even root's.
         let dir = tmp.path().join("ca");
@@ -745,7 +803,7 @@ mod tests {
     #[test]
     fn a_root_prepared_late_is_served_for_the_whole_gap_before_it_signs() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut ca = load(tmp.path());
+        let mut ca = fresh(tmp.path());
         let born = ca.active.created_at;
         let life = ca.active.life();
         // The agent was down past the preparation point: publish now, and activate only
@@ -782,7 +840,10 @@ mod tests {
         let mut ca = load(tmp.path());
         assert_ne!(ca.signer().signing_cert_der(), old.signing_cert_der());
         assert!(ca.signer().not_after() > SystemTime::now());
-        assert_eq!(names(&ca.maintain(SystemTime::now()).unwrap()), ["removed"]);
+        assert_eq!(
+            names(&ca.maintain(SystemTime::now()).unwrap()),
+            ["prepared", "published", "activated", "retired", "removed"]
+        );
         ca.signer()
             .issue_x509_svid(&id("/w"), in_an_hour())
             .unwrap();
