@@ -57,7 +57,7 @@ enum Trigger {
     Fetch,
     /// Its time came while a stream watches.
     Rotation,
-    /// The signing CA changed.
+    /// The signing CA changed (noticed by a fetch or by the lease's task).
     CaChange,
 }
 
@@ -194,16 +194,19 @@ impl Manager {
             let mut rx = entry.current.subscribe();
             let now = SystemTime::now();
             let expires_at = *entry.lease.expires_at.borrow();
-            let fresh = rx
-                .borrow_and_update()
-                .clone()
-                .filter(|s| !self.is_stale(s, expires_at, now));
+            let held = rx.borrow_and_update().clone();
+            // An SVID of a CA that no longer signs is replaced because the CA changed, whoever
+            // notices first: this fetch or the lease's own task.
+            let signer = *self.ca.current().fingerprint();
+            let trigger = match &held {
+                Some(s) if s.issued.signed_by != signer => Trigger::CaChange,
+                _ => Trigger::Fetch,
+            };
+            let fresh = held.filter(|s| !self.is_stale(s, expires_at, now));
             let svid = match fresh {
                 Some(s) => Some(s),
                 None => {
-                    if let Issued::Unaudited(e) =
-                        self.issue(&entry, Some(who), Trigger::Fetch).await
-                    {
+                    if let Issued::Unaudited(e) = self.issue(&entry, Some(who), trigger).await {
                         return Err(e);
                     }
                     rx.borrow_and_update().clone()
