@@ -30,6 +30,9 @@
 //!   --hold-secs N         `memory`: keep the agent, its leases and streams N seconds after the
 //!                         last measurement (a profiler can attach, or stop the agent, meanwhile)
 //!
+//! `fetch` also measures a null baseline at each client count: `loadgen null-server SOCKET
+//! FILE`, a tonic server answering the agent's own response from memory (see `mod null`).
+//!
 //! Every scenario starts its own agent on a temp dir (sockets, data, audit log) with
 //! `--health-addr 127.0.0.1:0`, and stops it with SIGTERM. The loadgen's leases are bound to
 //! its own process (`unix:pid:<pid>`), so only it can fetch them. Each measurement prints one
@@ -136,6 +139,15 @@ fn parse_args() -> Res<(String, Opts)> {
 }
 
 fn main() -> Res<()> {
+    // The null baseline runs as its own process, as the agent does (`fetch` starts it).
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some(null::SUBCOMMAND) {
+        let (socket, response) = (args.next(), args.next());
+        let (Some(socket), Some(response)) = (socket, response) else {
+            return Err(format!("usage: loadgen {} SOCKET RESPONSE_FILE", null::SUBCOMMAND).into());
+        };
+        return null::serve(Path::new(&socket), Path::new(&response));
+    }
     let (scenario, opts) = parse_args()?;
     if !opts.agent_bin.exists() {
         return Err(format!(
@@ -438,7 +450,11 @@ async fn grant_many(agent: &AgentProc, n: usize, prefix: &str, ttl: Duration) ->
 
 /// `n` Workload API clients, each on its own connection.
 async fn connect_clients(agent: &AgentProc, n: usize) -> Res<Vec<Arc<WorkloadApiClient>>> {
-    let endpoint = agent.endpoint();
+    connect_to(&agent.endpoint(), n).await
+}
+
+async fn connect_to(endpoint: &str, n: usize) -> Res<Vec<Arc<WorkloadApiClient>>> {
+    let endpoint = endpoint.to_owned();
     futures::stream::iter(0..n)
         .map(|_| {
             let endpoint = endpoint.clone();
@@ -494,75 +510,126 @@ fn summary(
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
-/// Cached X.509 fetches by `c` concurrent clients, each on its own connection.
+/// Cached X.509 fetches by `c` concurrent clients, each on its own connection: the agent, then
+/// the null baseline (a tonic server answering the same response from memory, no attestation),
+/// alternating at each client count, and mayfly's throughput and CPU as a ratio of the
+/// baseline's.
 async fn fetch(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
     let agent = AgentProc::start(o, dir.path()).await?;
     let mut admin = agent.admin().await?;
     grant(&mut admin, "fetch", my_selectors(), HOUR).await?;
+    let baseline = null::Baseline::start(&agent.endpoint(), dir.path()).await?;
     for &c in &o.clients {
-        let clients = connect_clients(&agent, c).await?;
-        // Warm up: the first fetch issues the SVID; every later one is served from the cache.
-        for cl in &clients {
-            cl.fetch_x509_svid().await?;
-        }
-        let cpu0 = (cpu_secs(&agent.pid().to_string()), cpu_secs("self"));
-        let deadline = Instant::now() + o.duration;
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        let interval = o.interval;
-        for (i, cl) in clients.iter().map(Arc::clone).enumerate() {
-            tasks.spawn(async move {
-                let mut lat = Vec::with_capacity(4096);
-                let mut errors = 0u64;
-                // Paced clients start staggered over one interval, so they do not fire in step.
-                let mut pace = interval.map(|every| {
-                    let first = tokio::time::Instant::now() + every.mul_f64(i as f64 / c as f64);
-                    let mut t = tokio::time::interval_at(first, every);
-                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    t
-                });
-                while Instant::now() < deadline {
-                    if let Some(p) = pace.as_mut() {
-                        p.tick().await;
-                    }
-                    let t = Instant::now();
-                    match cl.fetch_x509_svid().await {
-                        Ok(_) => lat.push(t.elapsed()),
-                        Err(_) => errors += 1,
-                    }
-                }
-                (lat, errors)
-            });
-        }
-        let mut lat = Vec::new();
-        let mut errors = 0;
-        while let Some(r) = tasks.join_next().await {
-            let (l, e) = r?;
-            lat.extend(l);
-            errors += e;
-        }
-        let elapsed = started.elapsed();
-        let n = lat.len().max(1) as f64;
-        let agent_cpu = cpu_secs(&agent.pid().to_string()) - cpu0.0;
-        let own_cpu = cpu_secs("self") - cpu0.1;
+        let ours = measure_fetch(o, &agent.endpoint(), agent.pid(), c).await?;
+        ours.print("fetch", c, o);
+        let null = measure_fetch(o, &baseline.endpoint(), baseline.pid(), c).await?;
+        null.print("fetch-null", c, o);
+        println!(
+            "{:<14} {:<28} throughput={:.2} agent_cpu_per_fetch={:.2}",
+            "fetch-ratio",
+            format!("clients={c}"),
+            ours.throughput() / null.throughput().max(f64::MIN_POSITIVE),
+            ours.server_cpu_per_fetch() / null.server_cpu_per_fetch().max(f64::MIN_POSITIVE),
+        );
+    }
+    baseline.stop();
+    agent.stop()
+}
+
+/// One `fetch` measurement.
+struct FetchRun {
+    lat: Vec<Duration>,
+    errors: u64,
+    elapsed: Duration,
+    server_cpu: f64,
+    own_cpu: f64,
+}
+
+impl FetchRun {
+    fn n(&self) -> f64 {
+        self.lat.len().max(1) as f64
+    }
+
+    fn throughput(&self) -> f64 {
+        self.lat.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn server_cpu_per_fetch(&self) -> f64 {
+        self.server_cpu / self.n()
+    }
+
+    fn print(&self, scenario: &str, c: usize, o: &Opts) {
         let label = match o.interval {
             Some(every) => format!("clients={c} every={}ms", every.as_secs_f64() * 1e3),
             None => format!("clients={c}"),
         };
         summary(
-            "fetch",
+            scenario,
             &label,
-            lat,
-            Some(elapsed),
+            self.lat.clone(),
+            Some(self.elapsed),
             &format!(
-                "errors={errors} agent_cpu={:.0}us/fetch loadgen_cpu={:.0}us/fetch",
-                agent_cpu / n * 1e6,
-                own_cpu / n * 1e6
+                "errors={} agent_cpu={:.0}us/fetch loadgen_cpu={:.0}us/fetch",
+                self.errors,
+                self.server_cpu_per_fetch() * 1e6,
+                self.own_cpu / self.n() * 1e6
             ),
         );
     }
-    agent.stop()
+}
+
+/// `c` clients on their own connections to `endpoint` fetch for `o.duration`, after one warm-up
+/// fetch each; `pid` is the server whose CPU is counted.
+async fn measure_fetch(o: &Opts, endpoint: &str, pid: u32, c: usize) -> Res<FetchRun> {
+    let clients = connect_to(endpoint, c).await?;
+    // Warm up: the first fetch issues the SVID; every later one is served from the cache.
+    for cl in &clients {
+        cl.fetch_x509_svid().await?;
+    }
+    let cpu0 = (cpu_secs(&pid.to_string()), cpu_secs("self"));
+    let deadline = Instant::now() + o.duration;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let interval = o.interval;
+    for (i, cl) in clients.iter().map(Arc::clone).enumerate() {
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            // Paced clients start staggered over one interval, so they do not fire in step.
+            let mut pace = interval.map(|every| {
+                let first = tokio::time::Instant::now() + every.mul_f64(i as f64 / c as f64);
+                let mut t = tokio::time::interval_at(first, every);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            while Instant::now() < deadline {
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                }
+                let t = Instant::now();
+                match cl.fetch_x509_svid().await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (l, e) = r?;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok(FetchRun {
+        lat,
+        errors,
+        elapsed: started.elapsed(),
+        server_cpu: cpu_secs(&pid.to_string()) - cpu0.0,
+        own_cpu: cpu_secs("self") - cpu0.1,
+    })
 }
 
 /// Grant returning → first fetch that carries the new lease's SPIFFE ID.
@@ -1414,4 +1481,180 @@ async fn staleness(o: &Opts) -> Res<()> {
     }
     drop(etcd);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The null baseline
+
+/// What the gRPC stack costs by itself: a tonic server on a Unix socket that answers every
+/// `FetchX509SVID` with one response built once, of the agent's own response's size, with no
+/// attestation, no lease lookup and no audit. It runs as its own process (this binary,
+/// `null-server`), as the agent does, so its CPU is counted alone, and keeps each stream open
+/// after its one message, as the agent does.
+mod null {
+    use super::*;
+    use mayfly::proto::workload as wpb;
+    use prost::Message;
+    use tonic::{Request, Response, Status};
+    use wpb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+
+    pub const SUBCOMMAND: &str = "null-server";
+
+    type Stream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+    pub struct Baseline {
+        child: Child,
+        socket: PathBuf,
+    }
+
+    impl Baseline {
+        /// Takes one real response from the agent at `agent` and starts the null server,
+        /// answering it, on a socket in `dir`.
+        pub async fn start(agent: &str, dir: &Path) -> Res<Baseline> {
+            let ctx = WorkloadApiClient::connect_to(agent)
+                .await?
+                .fetch_x509_context()
+                .await?;
+            let svid = ctx.svids().first().ok_or("the agent issued no SVID")?;
+            let td = svid.spiffe_id().trust_domain();
+            let bundle = ctx
+                .bundle_set()
+                .get(td)
+                .map(|b| {
+                    b.authorities()
+                        .iter()
+                        .flat_map(|c| c.as_bytes().to_vec())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let response = wpb::X509svidResponse {
+                svids: vec![wpb::X509svid {
+                    spiffe_id: svid.spiffe_id().to_string(),
+                    x509_svid: svid
+                        .cert_chain()
+                        .iter()
+                        .flat_map(|c| c.as_bytes().to_vec())
+                        .collect(),
+                    x509_svid_key: svid.private_key().as_bytes().to_vec(),
+                    bundle,
+                    hint: String::new(),
+                }],
+                ..Default::default()
+            };
+            let file = dir.join("null-response.pb");
+            std::fs::write(&file, response.encode_to_vec())?;
+            let socket = dir.join("null.sock");
+            let child = Command::new(std::env::current_exe()?)
+                .arg(SUBCOMMAND)
+                .arg(&socket)
+                .arg(&file)
+                .stdin(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !socket.exists() {
+                if Instant::now() > deadline {
+                    return Err("the null server did not start".into());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(Baseline { child, socket })
+        }
+
+        pub fn endpoint(&self) -> String {
+            format!("unix://{}", self.socket.display())
+        }
+
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        pub fn stop(mut self) {
+            sigterm(&self.child);
+            let _ = self.child.wait();
+        }
+    }
+
+    struct Null(Arc<wpb::X509svidResponse>);
+
+    #[tonic::async_trait]
+    impl SpiffeWorkloadApi for Null {
+        type FetchX509SVIDStream = Stream<wpb::X509svidResponse>;
+
+        async fn fetch_x509svid(
+            &self,
+            _: Request<wpb::X509svidRequest>,
+        ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+            let first = futures::stream::once(std::future::ready(Ok((*self.0).clone())));
+            Ok(Response::new(Box::pin(
+                first.chain(futures::stream::pending()),
+            )))
+        }
+
+        type FetchX509BundlesStream = Stream<wpb::X509BundlesResponse>;
+
+        async fn fetch_x509_bundles(
+            &self,
+            _: Request<wpb::X509BundlesRequest>,
+        ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+            Err(Status::unimplemented("null server"))
+        }
+
+        async fn fetch_jwtsvid(
+            &self,
+            _: Request<wpb::JwtsvidRequest>,
+        ) -> Result<Response<wpb::JwtsvidResponse>, Status> {
+            Err(Status::unimplemented("null server"))
+        }
+
+        type FetchJWTBundlesStream = Stream<wpb::JwtBundlesResponse>;
+
+        async fn fetch_jwt_bundles(
+            &self,
+            _: Request<wpb::JwtBundlesRequest>,
+        ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+            Err(Status::unimplemented("null server"))
+        }
+
+        async fn validate_jwtsvid(
+            &self,
+            _: Request<wpb::ValidateJwtsvidRequest>,
+        ) -> Result<Response<wpb::ValidateJwtsvidResponse>, Status> {
+            Err(Status::unimplemented("null server"))
+        }
+
+        type FetchWITSVIDStream = Stream<wpb::WitsvidResponse>;
+
+        async fn fetch_witsvid(
+            &self,
+            _: Request<wpb::WitsvidRequest>,
+        ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+            Err(Status::unimplemented("null server"))
+        }
+
+        type FetchWITBundlesStream = Stream<wpb::WitBundlesResponse>;
+
+        async fn fetch_wit_bundles(
+            &self,
+            _: Request<wpb::WitBundlesRequest>,
+        ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+            Err(Status::unimplemented("null server"))
+        }
+    }
+
+    /// The `null-server` process: serves until killed.
+    pub fn serve(socket: &Path, response: &Path) -> Res<()> {
+        let response = wpb::X509svidResponse::decode(std::fs::read(response)?.as_slice())?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let _ = std::fs::remove_file(socket);
+            let listener = tokio::net::UnixListener::bind(socket)?;
+            tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(Null(Arc::new(response))))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+                .await?;
+            Ok(())
+        })
+    }
 }
