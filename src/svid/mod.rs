@@ -349,37 +349,17 @@ impl Manager {
     /// wakes us.
     fn next_refresh(&self, current: &SvidCell, expires_at: SystemTime) -> Option<SystemTime> {
         let share = rand::rng().random_range(0.45..0.55);
-        self.replace_at(current.as_ref()?, expires_at, share)
+        let ca_end = self.ca.current().not_after();
+        replace_at(current.as_ref()?, expires_at, ca_end, share)
     }
 
     /// Past half its life, an SVID that a new one could outlive is stale: a caller that
     /// arrives then gets a fresh one (rotation happens only while a stream watches).
     fn is_stale(&self, svid: &X509Svid, expires_at: SystemTime, now: SystemTime) -> bool {
+        let ca = self.ca.current();
         svid.issued.not_after <= now
-            || svid.issued.signed_by != *self.ca.current().fingerprint()
-            || self
-                .replace_at(svid, expires_at, 0.5)
-                .is_some_and(|at| now >= at)
-    }
-
-    /// The instant `share` of the SVID's life has passed, or `None` when no new SVID could
-    /// outlive it (it already runs to the lease's end, whole seconds, or the CA's).
-    fn replace_at(
-        &self,
-        svid: &X509Svid,
-        expires_at: SystemTime,
-        share: f64,
-    ) -> Option<SystemTime> {
-        let cap = crate::time::floor_secs(expires_at).min(self.ca.current().not_after());
-        if svid.issued.not_after >= cap {
-            return None;
-        }
-        let life = svid
-            .issued
-            .not_after
-            .duration_since(svid.issued_at)
-            .unwrap_or(Duration::ZERO);
-        Some(svid.issued_at + life.mul_f64(share))
+            || svid.issued.signed_by != *ca.fingerprint()
+            || replace_at(svid, expires_at, ca.not_after(), 0.5).is_some_and(|at| now >= at)
     }
 
     /// Rotates the entry's SVID on schedule while a stream watches it; with nobody watching
@@ -461,4 +441,24 @@ impl Manager {
             "identity torn down"
         );
     }
+}
+
+/// The instant `share` of the SVID's life has passed, or `None` when no new SVID could outlive
+/// it (it already runs to the lease's end, whole seconds, or its CA's, `ca_end`).
+fn replace_at(
+    svid: &X509Svid,
+    expires_at: SystemTime,
+    ca_end: SystemTime,
+    share: f64,
+) -> Option<SystemTime> {
+    let cap = crate::time::floor_secs(expires_at).min(ca_end);
+    if svid.issued.not_after >= cap {
+        return None;
+    }
+    let life = svid
+        .issued
+        .not_after
+        .duration_since(svid.issued_at)
+        .unwrap_or(Duration::ZERO);
+    Some(svid.issued_at + life.mul_f64(share))
 }

@@ -91,11 +91,6 @@ impl CaHandle {
         self.current.read().expect("CA lock poisoned").clone()
     }
 
-    /// Makes `ca` the signing CA, with only its own roots in the bundle.
-    pub fn swap(&self, ca: SigningCa) -> Result<(), WrongTrustDomain> {
-        self.install(Arc::new(ca), &[]).map(|_| ())
-    }
-
     /// Makes `signer` the signing CA and serves its roots plus `also_trusted`; tells every
     /// subscriber when either changed. The caller has validated `signer`. Returns whether
     /// anything changed.
@@ -148,7 +143,7 @@ mod tests {
         let handle = CaHandle::new(embedded(a.path()));
         let before = handle.bundle();
         let mut changes = handle.subscribe();
-        handle.swap(embedded(b.path())).unwrap();
+        handle.install(Arc::new(embedded(b.path())), &[]).unwrap();
         assert!(changes.has_changed().unwrap());
         changes.borrow_and_update();
         assert_ne!(handle.bundle(), before);
@@ -163,7 +158,7 @@ mod tests {
         let c = tempfile::tempdir().unwrap();
         let foreign =
             SigningCa::load_or_create(c.path(), &other, &CaSource::default(), TTL).unwrap();
-        let err = handle.swap(foreign).unwrap_err();
+        let err = handle.install(Arc::new(foreign), &[]).unwrap_err();
         assert!(err.to_string().contains("other.org"), "{err}");
         assert!(
             !changes.has_changed().unwrap(),

@@ -307,13 +307,6 @@ impl SigningCa {
         &self.fingerprint
     }
 
-    /// The signing certificate's serial, as mayfly prints serials.
-    pub fn serial_hex(&self) -> String {
-        x509_parser::parse_x509_certificate(&self.signing_cert_der)
-            .map(|(_, x)| serial_hex(x.raw_serial()))
-            .unwrap_or_default()
-    }
-
     /// The latest notAfter of a leaf this CA signed since it was loaded.
     pub fn latest_leaf_not_after(&self) -> Option<SystemTime> {
         match self.latest_leaf_not_after.load(Ordering::Acquire) {
