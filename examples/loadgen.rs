@@ -29,6 +29,10 @@
 //!   --staleness LIST      `staleness`: `store.max_staleness` values in seconds (default 1,5,20)
 //!   --hold-secs N         `memory`: keep the agent, its leases and streams N seconds after the
 //!                         last measurement (a profiler can attach, or stop the agent, meanwhile)
+//!   --callgrind DIR       `fetch`: run the agent and the null baseline under valgrind's callgrind
+//!                         and count the instructions each executes per fetch over the measured
+//!                         window (repeatable where CPU time is not); profiles are left in DIR
+//!                         for `callgrind_annotate`. Throughput under valgrind means nothing.
 //!
 //! `fetch` also measures a null baseline at each client count: `loadgen null-server SOCKET
 //! FILE`, a tonic server answering the agent's own response from memory (see `mod null`).
@@ -80,6 +84,8 @@ struct Opts {
     /// Staleness scenario: node counts, and `max_staleness` values.
     nodes: Vec<usize>,
     staleness: Vec<Duration>,
+    /// Fetch scenario: count the servers' instructions with callgrind, profiles in this dir.
+    callgrind: Option<PathBuf>,
 }
 
 fn parse_args() -> Res<(String, Opts)> {
@@ -102,6 +108,7 @@ fn parse_args() -> Res<(String, Opts)> {
         interval: None,
         nodes: vec![100, 1000],
         staleness: [1, 5, 20].map(Duration::from_secs).to_vec(),
+        callgrind: None,
     };
     let list = |s: String| -> Res<Vec<usize>> {
         s.split(',')
@@ -125,6 +132,7 @@ fn parse_args() -> Res<(String, Opts)> {
             }
             "--wrap" => o.wrap = val()?.split_whitespace().map(String::from).collect(),
             "--hold-secs" => o.hold = Duration::from_secs(val()?.parse()?),
+            "--callgrind" => o.callgrind = Some(PathBuf::from(val()?)),
             "--nodes" => o.nodes = list(val()?)?,
             "--staleness" => {
                 o.staleness = val()?
@@ -516,17 +524,47 @@ fn summary(
 /// baseline's.
 async fn fetch(o: &Opts) -> Res<()> {
     let dir = temp_dir()?;
-    let agent = AgentProc::start(o, dir.path()).await?;
+    let (agent_counter, null_counter) = match &o.callgrind {
+        Some(out) => {
+            std::fs::create_dir_all(out)?;
+            (
+                Some(Callgrind::new(out, "mayfly")),
+                Some(Callgrind::new(out, "null")),
+            )
+        }
+        None => (None, None),
+    };
+    let mut agent_opts = o.clone();
+    if let Some(c) = &agent_counter {
+        agent_opts.wrap = c.wrap();
+    }
+    let agent = AgentProc::start(&agent_opts, dir.path()).await?;
     let mut admin = agent.admin().await?;
     grant(&mut admin, "fetch", my_selectors(), HOUR).await?;
-    let baseline = null::Baseline::start(&agent.endpoint(), dir.path()).await?;
+    let null_wrap = null_counter
+        .as_ref()
+        .map(Callgrind::wrap)
+        .unwrap_or_default();
+    let baseline = null::Baseline::start(&agent.endpoint(), dir.path(), &null_wrap).await?;
     for &c in &o.clients {
-        let ours = measure_fetch(o, &agent.endpoint(), agent.pid(), c).await?;
+        let ours =
+            measure_fetch(o, &agent.endpoint(), agent.pid(), c, agent_counter.as_ref()).await?;
         ours.print("fetch", c, o);
-        let null = measure_fetch(o, &baseline.endpoint(), baseline.pid(), c).await?;
+        let null = measure_fetch(
+            o,
+            &baseline.endpoint(),
+            baseline.pid(),
+            c,
+            null_counter.as_ref(),
+        )
+        .await?;
         null.print("fetch-null", c, o);
+        let instructions = match (ours.instructions_per_fetch(), null.instructions_per_fetch()) {
+            (Some(a), Some(b)) => format!(" instructions_per_fetch={:.2}", a / b.max(1.0)),
+            _ => String::new(),
+        };
         println!(
-            "{:<14} {:<28} throughput={:.2} agent_cpu_per_fetch={:.2}",
+            "{:<14} {:<28} throughput={:.2} agent_cpu_per_fetch={:.2}{instructions}",
             "fetch-ratio",
             format!("clients={c}"),
             ours.throughput() / null.throughput().max(f64::MIN_POSITIVE),
@@ -537,6 +575,81 @@ async fn fetch(o: &Opts) -> Res<()> {
     agent.stop()
 }
 
+/// Counts a server's instructions with valgrind's callgrind: the server starts with
+/// instrumentation off, and [`Callgrind::count`] measures one window of it. User-space
+/// instructions only; the kernel's share (socket I/O, `/proc`) is not in the count.
+struct Callgrind {
+    /// Profiles are written to `{prefix}.{pid}` and `{prefix}.{pid}.{n}` for each dump.
+    prefix: PathBuf,
+}
+
+impl Callgrind {
+    fn new(dir: &Path, name: &str) -> Callgrind {
+        Callgrind {
+            prefix: dir.join(name),
+        }
+    }
+
+    /// The wrapper to start the server under.
+    fn wrap(&self) -> Vec<String> {
+        vec![
+            "valgrind".into(),
+            "--tool=callgrind".into(),
+            "--instr-atstart=no".into(),
+            format!("--callgrind-out-file={}.%p", self.prefix.display()),
+        ]
+    }
+
+    fn control(pid: u32, arg: &str) -> Res<()> {
+        let out = Command::new("callgrind_control")
+            .arg(arg)
+            .arg(pid.to_string())
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("callgrind_control {arg} {pid} failed").into());
+        }
+        Ok(())
+    }
+
+    /// Starts counting from zero.
+    fn start(&self, pid: u32) -> Res<()> {
+        Self::control(pid, "--zero")?;
+        Self::control(pid, "--instr=on")
+    }
+
+    /// Stops counting and returns the instructions counted since [`Callgrind::start`],
+    /// from the profile it dumps.
+    fn stop(&self, pid: u32) -> Res<u64> {
+        Self::control(pid, "--instr=off")?;
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let stem = format!("{}.{pid}.", name(&self.prefix).unwrap_or_default());
+        let dir = self.prefix.parent().ok_or("callgrind dir")?;
+        let dumps =
+            |dir: &Path| -> Res<std::collections::BTreeSet<(std::time::SystemTime, PathBuf)>> {
+                let mut out = std::collections::BTreeSet::new();
+                for e in std::fs::read_dir(dir)? {
+                    let p = e?.path();
+                    if name(&p).is_some_and(|n| n.starts_with(&stem)) {
+                        out.insert((std::fs::metadata(&p)?.modified()?, p));
+                    }
+                }
+                Ok(out)
+            };
+        let before = dumps(dir)?;
+        Self::control(pid, "--dump")?;
+        let newest = dumps(dir)?
+            .difference(&before)
+            .last()
+            .map(|(_, p)| p.clone())
+            .ok_or("callgrind wrote no dump")?;
+        let text = std::fs::read_to_string(&newest)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("totals:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("no totals in {}", newest.display()).into())
+    }
+}
+
 /// One `fetch` measurement.
 struct FetchRun {
     lat: Vec<Duration>,
@@ -544,6 +657,8 @@ struct FetchRun {
     elapsed: Duration,
     server_cpu: f64,
     own_cpu: f64,
+    /// The server's instructions over the run, when counted.
+    instructions: Option<u64>,
 }
 
 impl FetchRun {
@@ -559,6 +674,10 @@ impl FetchRun {
         self.server_cpu / self.n()
     }
 
+    fn instructions_per_fetch(&self) -> Option<f64> {
+        self.instructions.map(|i| i as f64 / self.n())
+    }
+
     fn print(&self, scenario: &str, c: usize, o: &Opts) {
         let label = match o.interval {
             Some(every) => format!("clients={c} every={}ms", every.as_secs_f64() * 1e3),
@@ -570,22 +689,34 @@ impl FetchRun {
             self.lat.clone(),
             Some(self.elapsed),
             &format!(
-                "errors={} agent_cpu={:.0}us/fetch loadgen_cpu={:.0}us/fetch",
+                "errors={} agent_cpu={:.0}us/fetch loadgen_cpu={:.0}us/fetch{}",
                 self.errors,
                 self.server_cpu_per_fetch() * 1e6,
-                self.own_cpu / self.n() * 1e6
+                self.own_cpu / self.n() * 1e6,
+                self.instructions_per_fetch()
+                    .map(|i| format!(" agent_instructions={i:.0}/fetch"))
+                    .unwrap_or_default(),
             ),
         );
     }
 }
 
 /// `c` clients on their own connections to `endpoint` fetch for `o.duration`, after one warm-up
-/// fetch each; `pid` is the server whose CPU is counted.
-async fn measure_fetch(o: &Opts, endpoint: &str, pid: u32, c: usize) -> Res<FetchRun> {
+/// fetch each; `pid` is the server whose CPU (and, with `counter`, instructions) is counted.
+async fn measure_fetch(
+    o: &Opts,
+    endpoint: &str,
+    pid: u32,
+    c: usize,
+    counter: Option<&Callgrind>,
+) -> Res<FetchRun> {
     let clients = connect_to(endpoint, c).await?;
     // Warm up: the first fetch issues the SVID; every later one is served from the cache.
     for cl in &clients {
         cl.fetch_x509_svid().await?;
+    }
+    if let Some(counter) = counter {
+        counter.start(pid)?;
     }
     let cpu0 = (cpu_secs(&pid.to_string()), cpu_secs("self"));
     let deadline = Instant::now() + o.duration;
@@ -623,12 +754,17 @@ async fn measure_fetch(o: &Opts, endpoint: &str, pid: u32, c: usize) -> Res<Fetc
         lat.extend(l);
         errors += e;
     }
+    let elapsed = started.elapsed();
+    let server_cpu = cpu_secs(&pid.to_string()) - cpu0.0;
+    let own_cpu = cpu_secs("self") - cpu0.1;
+    let instructions = counter.map(|c| c.stop(pid)).transpose()?;
     Ok(FetchRun {
         lat,
         errors,
-        elapsed: started.elapsed(),
-        server_cpu: cpu_secs(&pid.to_string()) - cpu0.0,
-        own_cpu: cpu_secs("self") - cpu0.1,
+        elapsed,
+        server_cpu,
+        own_cpu,
+        instructions,
     })
 }
 
@@ -1510,7 +1646,7 @@ mod null {
     impl Baseline {
         /// Takes one real response from the agent at `agent` and starts the null server,
         /// answering it, on a socket in `dir`.
-        pub async fn start(agent: &str, dir: &Path) -> Res<Baseline> {
+        pub async fn start(agent: &str, dir: &Path, wrap: &[String]) -> Res<Baseline> {
             let ctx = WorkloadApiClient::connect_to(agent)
                 .await?
                 .fetch_x509_context()
@@ -1544,7 +1680,16 @@ mod null {
             let file = dir.join("null-response.pb");
             std::fs::write(&file, response.encode_to_vec())?;
             let socket = dir.join("null.sock");
-            let child = Command::new(std::env::current_exe()?)
+            let exe = std::env::current_exe()?;
+            let mut cmd = match wrap.split_first() {
+                Some((wrapper, args)) => {
+                    let mut cmd = Command::new(wrapper);
+                    cmd.args(args).arg(exe);
+                    cmd
+                }
+                None => Command::new(exe),
+            };
+            let child = cmd
                 .arg(SUBCOMMAND)
                 .arg(&socket)
                 .arg(&file)
