@@ -5,6 +5,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest selector accepted from a caller.
 pub const MAX_SELECTOR_LEN: usize = 1024;
@@ -112,16 +113,17 @@ pub struct SelectorError {
     pub message: String,
 }
 
-/// One selector, `type:key:value`, well formed.
+/// One selector, `type:key:value`, well formed. Cheap to clone: every attestation, lease,
+/// index key and stream listener holds selectors, and they share one copy of the text.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Selector(String);
+pub struct Selector(Arc<str>);
 
 impl Selector {
     /// A selector from facts the agent read itself (the kernel, the kubelet): not checked
     /// against the grammar, because the facts are what they are.
     pub fn fact(key: Key, value: impl fmt::Display) -> Selector {
         let (kind, name) = key.name();
-        Selector(format!("{kind}:{name}:{value}"))
+        Selector(format!("{kind}:{name}:{value}").into())
     }
 
     /// A process bound to its start time.
@@ -159,7 +161,7 @@ impl Selector {
             }));
         };
         let value = canonical_value(k, value).map_err(bad)?;
-        Ok(Selector(format!("{kind}:{key}:{value}")))
+        Ok(Selector(format!("{kind}:{key}:{value}").into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -278,19 +280,19 @@ impl std::ops::Deref for Selector {
 
 impl PartialEq<str> for Selector {
     fn eq(&self, other: &str) -> bool {
-        self.0 == other
+        *self.0 == *other
     }
 }
 
 impl PartialEq<&str> for Selector {
     fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
+        *self.0 == **other
     }
 }
 
 impl PartialEq<String> for Selector {
     fn eq(&self, other: &String) -> bool {
-        &self.0 == other
+        *self.0 == **other
     }
 }
 
@@ -364,7 +366,7 @@ impl Selectors {
 
     /// The selectors as strings, for the wire and the policies.
     pub fn to_strings(&self) -> Vec<String> {
-        self.0.iter().map(|s| s.0.clone()).collect()
+        self.0.iter().map(|s| s.0.to_string()).collect()
     }
 
     /// Space-separated, for logs.

@@ -2,12 +2,13 @@
 //! (or its start time), so that a later attestation can prove it reads the same process.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustix::io::Errno;
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
 
 use super::process::{is_gone, process_start_time};
+use super::unix::Remembered;
 
 /// Kernel facts captured at accept time for one connection.
 ///
@@ -23,6 +24,8 @@ pub(super) struct PeerInner {
     pub(super) uid: u32,
     pub(super) gid: u32,
     pub(super) capture: Capture,
+    /// The facts the last attestation on this connection read, and the selectors it built.
+    pub(super) last: Mutex<Option<Remembered>>,
 }
 
 /// What we managed to pin down about the process at accept time.
@@ -133,6 +136,7 @@ impl PeerInfo {
                 uid,
                 gid,
                 capture,
+                last: Mutex::new(None),
             }),
         }
     }

@@ -89,7 +89,7 @@ fn parse_stat_start_time(stat: &str) -> Option<u64> {
 }
 
 /// Credentials parsed from `/proc/<pid>/status`.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct StatusCreds {
     pub(super) euid: u32,
     pub(super) egid: u32,
@@ -98,11 +98,12 @@ pub(super) struct StatusCreds {
 
 /// Parse the `Uid:`, `Gid:` and `Groups:` lines. `Uid:`/`Gid:` list real,
 /// effective, saved and filesystem ids; access decisions (and SO_PEERCRED)
-/// use the effective one, the second value.
+/// use the effective one, the second value. The three come near the top of a file of some
+/// sixty lines, so the scan stops once it has all three.
 pub(super) fn parse_status(status: &str) -> Option<StatusCreds> {
     let mut euid = None;
     let mut egid = None;
-    let mut groups = Vec::new();
+    let mut groups = None;
     for line in status.lines() {
         if let Some(v) = line.strip_prefix("Uid:") {
             euid = v
@@ -116,35 +117,36 @@ pub(super) fn parse_status(status: &str) -> Option<StatusCreds> {
                 .and_then(|s| s.parse().ok());
         } else if let Some(v) = line.strip_prefix("Groups:") {
             // An unparsable entry would silently drop a group; refuse instead.
-            groups = v
-                .split_ascii_whitespace()
-                .map(|s| s.parse().ok())
-                .collect::<Option<Vec<u32>>>()?;
+            groups = Some(
+                v.split_ascii_whitespace()
+                    .map(|s| s.parse().ok())
+                    .collect::<Option<Vec<u32>>>()?,
+            );
+        }
+        if euid.is_some() && egid.is_some() && groups.is_some() {
+            break;
         }
     }
     Some(StatusCreds {
         euid: euid?,
         egid: egid?,
-        groups,
+        groups: groups.unwrap_or_default(),
     })
 }
 
-/// Reads a `/proc` file in one read when it fits 4 KiB (the files read here do), into a string
-/// of its exact size (an attestation keeps some of them as long as its stream is open). A
-/// `/proc` file reports size 0, so `fs::read_to_string` starts with a 32-byte read and doubles
-/// from there: ten system calls for `/proc/PID/status` instead of four, on every RPC.
+/// Reads a `/proc` file into a string of its exact size (an attestation keeps some of them as
+/// long as its stream is open). A `/proc` file reports size 0, so `fs::read_to_string` would
+/// ask for its size (fstat, lseek) and then read 32 bytes and double from there: ten system
+/// calls for `/proc/PID/status` instead of four, on every RPC. Here the first read goes
+/// straight into 4 KiB of spare capacity (the files read here fit), which is not zeroed first,
+/// and the second sees the end.
 pub(super) fn read_proc(path: &str) -> io::Result<String> {
-    let mut file = File::open(path)?;
-    let mut chunk = [0u8; 4096];
-    let mut text = Vec::new();
-    loop {
-        match file.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => text.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    const FITS: usize = 4096;
+    let file = File::open(path)?;
+    let mut text = Vec::with_capacity(FITS);
+    // Through `take`, std reads without asking the file its size.
+    (&file).take(u64::MAX).read_to_end(&mut text)?;
+    text.shrink_to_fit();
     String::from_utf8(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 

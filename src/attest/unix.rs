@@ -16,10 +16,10 @@ use sha2::{Digest, Sha256};
 use super::peer::{Capture, PeerInfo, PeerInner};
 use super::process::{
     group_name, parse_status, pidfd_exited, proc_err, process_start_time, read_exe_path, read_proc,
-    user_name,
+    user_name, StatusCreds,
 };
 use super::{AttestError, Attestation};
-use crate::selector::{Key, Selector, UnixKey};
+use crate::selector::{Key, Selector, Selectors, UnixKey};
 
 /// Upper bound on cached digests; the cache is cleared when it fills up,
 /// which is simpler than LRU and only costs a re-hash.
@@ -90,6 +90,56 @@ enum Blocking {
     /// Only a cached digest and cached names may be used; otherwise the attestation is not
     /// done (and is done again where blocking is fine).
     CachedOnly,
+}
+
+/// What an attestation read that its `unix:` selectors depend on (besides the connection's pid
+/// and start time): equal facts make equal selectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct UnixFacts {
+    creds: StatusCreds,
+    user: Option<String>,
+    group: Option<String>,
+    /// The name of each of `creds.groups`, in order, where it has one.
+    group_names: Vec<Option<String>>,
+    exe_path: Option<String>,
+    exe_sha256: Option<String>,
+}
+
+/// The facts a connection's last attestation read, and the selectors built from them.
+#[derive(Debug)]
+pub(super) struct Remembered {
+    facts: UnixFacts,
+    selectors: Selectors,
+}
+
+/// The `unix:` selectors of a process.
+fn unix_selectors(pid: i32, start_time: u64, facts: &UnixFacts) -> Selectors {
+    let fact = |key, value: &dyn std::fmt::Display| Selector::fact(Key::Unix(key), value);
+    let creds = &facts.creds;
+    let mut selectors = vec![
+        fact(UnixKey::Uid, &creds.euid),
+        fact(UnixKey::Gid, &creds.egid),
+        Selector::process(pid, start_time),
+    ];
+    if let Some(user) = &facts.user {
+        selectors.push(fact(UnixKey::User, user));
+    }
+    if let Some(group) = &facts.group {
+        selectors.push(fact(UnixKey::Group, group));
+    }
+    for (gid, group) in creds.groups.iter().zip(&facts.group_names) {
+        selectors.push(fact(UnixKey::SupplementaryGid, gid));
+        if let Some(group) = group {
+            selectors.push(fact(UnixKey::SupplementaryGroup, group));
+        }
+    }
+    if let Some(path) = &facts.exe_path {
+        selectors.push(fact(UnixKey::Path, path));
+    }
+    if let Some(digest) = &facts.exe_sha256 {
+        selectors.push(fact(UnixKey::Sha256, digest));
+    }
+    selectors.into_iter().collect()
 }
 
 impl Attestor {
@@ -196,43 +246,46 @@ impl Attestor {
         ) else {
             return Ok(None);
         };
-        let fact = |key, value: &dyn std::fmt::Display| Selector::fact(Key::Unix(key), value);
-        let mut selectors = vec![
-            fact(UnixKey::Uid, &creds.euid),
-            fact(UnixKey::Gid, &creds.egid),
-            Selector::process(pid, start_time),
-        ];
-        if let Some(user) = user {
-            selectors.push(fact(UnixKey::User, &user));
-        }
-        if let Some(group) = group {
-            selectors.push(fact(UnixKey::Group, &group));
-        }
+        let mut group_names = Vec::with_capacity(creds.groups.len());
         for gid in &creds.groups {
-            selectors.push(fact(UnixKey::SupplementaryGid, gid));
             let Some(group) = name(NameKey::Group(*gid)) else {
                 return Ok(None);
             };
-            if let Some(group) = group {
-                selectors.push(fact(UnixKey::SupplementaryGroup, &group));
-            }
+            group_names.push(group);
         }
-        if let Some(path) = &exe_path {
-            selectors.push(fact(UnixKey::Path, path));
-        }
-        if let Some(digest) = &exe_sha256 {
-            selectors.push(fact(UnixKey::Sha256, digest));
-        }
-
-        Ok(Some(Attestation {
-            pid,
-            uid: creds.euid,
-            gid: creds.egid,
-            start_time,
+        let facts = UnixFacts {
+            creds,
+            user,
+            group,
+            group_names,
             exe_path,
             exe_sha256,
+        };
+        // Every fact above was read afresh; only the building of selectors from them is
+        // skipped when they are the ones this connection's last attestation read.
+        let selectors = {
+            let mut last = inner.last.lock().unwrap_or_else(|p| p.into_inner());
+            match last.as_ref() {
+                Some(r) if r.facts == facts => r.selectors.clone(),
+                _ => {
+                    let selectors = unix_selectors(pid, start_time, &facts);
+                    *last = Some(Remembered {
+                        facts: facts.clone(),
+                        selectors: selectors.clone(),
+                    });
+                    selectors
+                }
+            }
+        };
+        Ok(Some(Attestation {
+            pid,
+            uid: facts.creds.euid,
+            gid: facts.creds.egid,
+            start_time,
+            exe_path: facts.exe_path,
+            exe_sha256: facts.exe_sha256,
             cgroup,
-            selectors: selectors.into_iter().collect(),
+            selectors,
         }))
     }
 
@@ -646,6 +699,66 @@ mod tests {
             .map(std::path::PathBuf::from)
             .find(|p| p.exists())
             .expect("sleep binary")
+    }
+
+    #[test]
+    fn a_connection_s_unchanged_facts_reuse_its_selectors() {
+        let (pid, uid, gid) = me();
+        let peer = PeerInfo::from_pid(pid, uid, gid);
+        let attestor = Attestor::new(u64::MAX);
+        let first = attestor.attest(&peer).unwrap();
+        let again = attestor.attest(&peer).unwrap();
+        assert_eq!(first, again);
+        // The same text, not a copy: built once, reused while the facts read are the same.
+        let text = |a: &Attestation| a.selectors.iter().map(|s| s.as_ptr()).collect::<Vec<_>>();
+        assert_eq!(text(&first), text(&again));
+        // Another connection of the same process builds its own.
+        let other = attestor.attest(&PeerInfo::from_pid(pid, uid, gid)).unwrap();
+        assert_eq!(other.selectors, first.selectors);
+        assert_ne!(text(&other), text(&first));
+    }
+
+    /// The selectors remembered for a connection are never served once its process has exec'd
+    /// another program: every fact is read again on every attestation.
+    #[test]
+    fn a_connection_s_process_that_execs_is_attested_anew() {
+        use std::io::Write;
+        let (_, uid, gid) = me();
+        let sleep = which_sleep();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("read go; exec {} 30", sleep.display()))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let peer = PeerInfo::from_pid(pid, uid, gid);
+        let attestor = Attestor::new(u64::MAX);
+        let shell = attestor.attest(&peer).unwrap();
+        assert_eq!(attestor.attest(&peer).unwrap(), shell);
+        let sleep_path = std::fs::canonicalize(&sleep).unwrap();
+        let sleep_path = sleep_path.to_str().unwrap();
+        assert_ne!(shell.exe_path.as_deref(), Some(sleep_path));
+
+        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let after = loop {
+            let att = attestor.attest(&peer).unwrap();
+            if att.exe_path.as_deref() == Some(sleep_path) || Instant::now() > deadline {
+                break att;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let digest = sha256_hex(&std::fs::read(sleep_path).unwrap());
+        assert_eq!(after.exe_path.as_deref(), Some(sleep_path), "exec seen");
+        assert!(after.selectors.contains(&format!("unix:path:{sleep_path}")));
+        assert!(after.selectors.contains(&format!("unix:sha256:{digest}")));
+        assert!(!after
+            .selectors
+            .contains(&format!("unix:path:{}", shell.exe_path.as_deref().unwrap())));
+        assert_eq!((after.pid, after.start_time), (shell.pid, shell.start_time));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -291,6 +291,11 @@ impl IdentitySource {
         self.parts.ca.current().trust_domain().to_string()
     }
 
+    /// This trust domain's X.509 bundle, as it is now.
+    pub fn x509_bundle_now(&self) -> Arc<crate::authority::x509::Bundle> {
+        self.parts.ca.bundle()
+    }
+
     /// This trust domain's X.509 bundle: its ID (`spiffe://td`) and the CA certificates, DER.
     pub fn x509_bundle(&self) -> (String, Vec<u8>) {
         (

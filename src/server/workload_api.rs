@@ -65,15 +65,15 @@ fn peer<T>(req: &Request<T>) -> Option<PeerInfo> {
 }
 
 fn x509_response(svids: &[Arc<X509Svid>], source: &IdentitySource) -> pb::X509svidResponse {
-    let (_, bundle) = source.x509_bundle();
+    let bundle = source.x509_bundle_now();
     pb::X509svidResponse {
         svids: svids
             .iter()
             .map(|s| pb::X509svid {
-                spiffe_id: s.issued.spiffe_id.to_string(),
+                spiffe_id: s.spiffe_id.clone(),
                 x509_svid: s.issued.chain_der.clone(),
                 x509_svid_key: s.issued.key_pkcs8.to_vec(),
-                bundle: bundle.clone(),
+                bundle: bundle.der().to_vec(),
                 hint: String::new(),
             })
             .collect(),

@@ -32,6 +32,8 @@ use crate::telemetry::{timed, KindLabel, Metrics, SvidKind};
 pub struct X509Svid {
     pub lease_id: LeaseId,
     pub task_id: String,
+    /// `issued.spiffe_id` as text, as every response carries it.
+    pub spiffe_id: String,
     pub issued: IssuedX509,
     /// When we signed it (its notBefore is backdated, so it cannot tell us).
     pub issued_at: SystemTime,
@@ -334,6 +336,7 @@ impl Manager {
         let svid = Arc::new(X509Svid {
             lease_id: lease.id.clone(),
             task_id: lease.task_id.clone(),
+            spiffe_id: issued.spiffe_id.to_string(),
             issued,
             issued_at: now,
         });

@@ -54,9 +54,10 @@ mod cgroup;
 mod kubelet;
 pub(crate) mod pods;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use cgroup::{CgroupLayout, PodRef, Qos, DEFAULT_ROOTS};
@@ -194,7 +195,22 @@ pub fn host_layout(layout: CgroupLayout) -> CgroupLayout {
 pub struct K8sAttestor {
     kubelet: Option<KubeletClient>,
     layout: CgroupLayout,
+    /// Cgroup texts already parsed, and the pod each names: a process's cgroup rarely
+    /// changes, and parsing it is most of what a cgroup-only attestation costs.
+    parsed: Mutex<HashMap<Box<str>, Option<Arc<CgroupPod>>>>,
 }
+
+/// A pod and container a cgroup text names, with their two selectors.
+#[derive(Debug)]
+struct CgroupPod {
+    pod: PodRef,
+    /// `k8s:container-id:…` and `k8s:pod-uid:…`, in that (sorted) order.
+    selectors: [Selector; 2],
+}
+
+/// Distinct cgroup texts remembered at most; the memory is cleared when it fills (a workload
+/// that keeps moving between cgroups it creates costs only parsing).
+const PARSED_CAPACITY: usize = 1024;
 
 impl fmt::Debug for K8sAttestor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -212,7 +228,11 @@ impl K8sAttestor {
         layout: CgroupLayout,
     ) -> Result<K8sAttestor, K8sError> {
         let kubelet = kubelet.map(KubeletClient::new).transpose()?;
-        Ok(K8sAttestor { kubelet, layout })
+        Ok(K8sAttestor {
+            kubelet,
+            layout,
+            parsed: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Selectors for the process, sorted: empty when not in a pod. Reads
@@ -235,27 +255,44 @@ impl K8sAttestor {
 
     /// Same but from cgroup text (for tests and callers that already read the file).
     pub async fn selectors_for(&self, cgroup_text: &str) -> Vec<Selector> {
-        let Some(pod) = self.layout.parse(cgroup_text) else {
+        let Some(found) = self.parse(cgroup_text) else {
             return Vec::new();
         };
-        let mut out = BTreeSet::new();
-        out.insert(Selector::fact(Key::K8s(K8sKey::PodUid), &pod.pod_uid));
-        out.insert(Selector::fact(
-            Key::K8s(K8sKey::ContainerId),
-            &pod.container_id,
-        ));
-        if let Some(kubelet) = &self.kubelet {
-            match kubelet.lookup(&pod).await {
-                Ok(entry) => kubelet.add_selectors(&entry, &mut out),
-                Err(e) => tracing::warn!(
-                    pod_uid = %pod.pod_uid,
-                    container_id = %pod.container_id,
-                    error = %e,
-                    "kubelet lookup failed; using cgroup-only k8s selectors"
-                ),
-            }
+        let Some(kubelet) = &self.kubelet else {
+            return found.selectors.to_vec();
+        };
+        let mut out: BTreeSet<Selector> = found.selectors.iter().cloned().collect();
+        match kubelet.lookup(&found.pod).await {
+            Ok(entry) => kubelet.add_selectors(&entry, &mut out),
+            Err(e) => tracing::warn!(
+                pod_uid = %found.pod.pod_uid,
+                container_id = %found.pod.container_id,
+                error = %e,
+                "kubelet lookup failed; using cgroup-only k8s selectors"
+            ),
         }
         out.into_iter().collect()
+    }
+
+    /// The pod a cgroup text names, parsed once per distinct text.
+    fn parse(&self, cgroup_text: &str) -> Option<Arc<CgroupPod>> {
+        let lock = || self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = lock().get(cgroup_text) {
+            return known.clone();
+        }
+        let found = self.layout.parse(cgroup_text).map(|pod| {
+            let selectors = [
+                Selector::fact(Key::K8s(K8sKey::ContainerId), &pod.container_id),
+                Selector::fact(Key::K8s(K8sKey::PodUid), &pod.pod_uid),
+            ];
+            Arc::new(CgroupPod { pod, selectors })
+        });
+        let mut parsed = lock();
+        if parsed.len() >= PARSED_CAPACITY {
+            parsed.clear();
+        }
+        parsed.insert(cgroup_text.into(), found.clone());
+        found
     }
 }
 

@@ -1,7 +1,7 @@
 //! Change fan-out to open streams: each listener is registered under the selectors it holds, so
 //! a change to a lease wakes only the streams it could match.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 
 use tokio::sync::Notify;
@@ -14,7 +14,9 @@ use super::Leases;
 #[derive(Default)]
 pub(super) struct Listeners {
     next: u64,
-    by_selector: HashMap<Selector, HashMap<u64, Arc<Notify>>>,
+    /// Listener IDs are a counter, not input: ordered maps keep them without hashing, which
+    /// matters because every stream registers and unregisters under each of its selectors.
+    by_selector: HashMap<Selector, BTreeMap<u64, Arc<Notify>>>,
 }
 
 /// Tells one listener (an open stream) that a lease it could match was granted, renewed or
