@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `sds-teardown`, `delegate-to-svid`,
-//! `delegate-cascade`, `memory`, `startup`, `cluster`, `staleness`, `all`.
+//! `delegate-cascade`, `memory`, `startup`, `scale`, `cluster`, `staleness`, `all`.
 //!
 //! Options:
 //!   --agent-bin PATH      agent binary (default target/release/mayfly)
@@ -18,9 +18,11 @@
 //!                         (default 100)
 //!   --streams LIST        `teardown` and `sds-teardown` stream counts (default 1,100,1000)
 //!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10),
-//!                         `delegate-cascade` parents ended (default 10)
+//!                         `delegate-cascade` parents ended (default 10), `scale` revocations per
+//!                         stream count and restarts per lease count (default 5)
 //!   --expiry-reps N       `teardown` expiries per stream count (default 3)
-//!   --leases N            leases for `memory` and `startup` (default 10000)
+//!   --leases N            leases for `memory` and `startup` (default 10000); `scale` takes a
+//!                         list, one fresh agent per count (default 1000,10000,100000)
 //!   --interval-ms MS      `fetch`: each client starts a fetch every MS (default: back to back)
 //!   --wrap "CMD ARGS"     run the agent under a wrapper, e.g. `heaptrack -o /tmp/ht` or
 //!                         `perf record -g -o /tmp/perf.data --`; RSS and CPU figures then
@@ -74,6 +76,8 @@ struct Opts {
     reps: Option<usize>,
     expiry_reps: usize,
     leases: usize,
+    /// `scale`: the lease counts, when `--leases` was given.
+    lease_counts: Option<Vec<usize>>,
     children: usize,
     /// Fetch scenario: each client waits this long between fetch starts (None: back to back).
     interval: Option<Duration>,
@@ -102,6 +106,7 @@ fn parse_args() -> Res<(String, Opts)> {
         reps: None,
         expiry_reps: 3,
         leases: 10_000,
+        lease_counts: None,
         children: 100,
         wrap: Vec::new(),
         hold: Duration::ZERO,
@@ -125,7 +130,11 @@ fn parse_args() -> Res<(String, Opts)> {
             "--streams" => o.streams = list(val()?)?,
             "--reps" => o.reps = Some(val()?.parse()?),
             "--expiry-reps" => o.expiry_reps = val()?.parse()?,
-            "--leases" => o.leases = val()?.parse()?,
+            "--leases" => {
+                let counts = list(val()?)?;
+                o.leases = counts.last().copied().ok_or("--leases needs a count")?;
+                o.lease_counts = Some(counts);
+            }
             "--children" => o.children = val()?.parse()?,
             "--interval-ms" => {
                 o.interval = Some(Duration::from_secs_f64(val()?.parse::<f64>()? / 1e3))
@@ -178,6 +187,7 @@ fn main() -> Res<()> {
             "delegate-cascade" => delegate_cascade(&opts).await,
             "memory" => memory(&opts).await,
             "startup" => startup(&opts).await,
+            "scale" => scale(&opts).await,
             "cluster" => cluster(&opts).await,
             "staleness" => staleness(&opts).await,
             "all" => {
@@ -291,6 +301,15 @@ impl AgentProc {
             socket: dir.join("workload.sock"),
             admin_socket: dir.join("admin.sock"),
         })
+    }
+
+    /// An agent process already started on `dir` (stopped by `stop`, or killed on drop).
+    fn from(child: Child, dir: &Path) -> AgentProc {
+        AgentProc {
+            child,
+            socket: dir.join("workload.sock"),
+            admin_socket: dir.join("admin.sock"),
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -1366,25 +1385,9 @@ async fn startup(o: &Opts) -> Res<()> {
         agent.stop()?;
         let mut lat = Vec::new();
         for _ in 0..reps {
-            let addr = free_port()?;
-            let t0 = Instant::now();
-            let mut cmd = agent_command(o, dir.path(), &addr.to_string());
-            let mut child = cmd.stdout(Stdio::null()).spawn()?;
-            let took = tokio::task::block_in_place(|| {
-                while !ready(addr) {
-                    if t0.elapsed() > Duration::from_secs(30) {
-                        return None;
-                    }
-                    if let Ok(Some(_)) = child.try_wait() {
-                        return None;
-                    }
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-                Some(t0.elapsed())
-            });
-            sigterm(&child);
-            child.wait()?;
-            lat.push(took.ok_or("agent did not become ready")?);
+            let (child, took) = spawn_until_ready(o, dir.path(), Duration::from_secs(30))?;
+            AgentProc::from(child, dir.path()).stop()?;
+            lat.push(took?);
         }
         summary(
             "startup",
@@ -1392,6 +1395,275 @@ async fn startup(o: &Opts) -> Res<()> {
             lat,
             None,
             "(spawn to /healthz/ready 200, CA on disk)",
+        );
+    }
+    Ok(())
+}
+
+/// Spawns an agent on `dir` (on a port of its own for health) and waits until it is ready:
+/// the process, and how long from spawn to `/healthz/ready` 200 (an error if it exited or was
+/// not ready within `limit`; the process is returned either way, to be stopped).
+fn spawn_until_ready(o: &Opts, dir: &Path, limit: Duration) -> Res<(Child, Res<Duration>)> {
+    let addr = free_port()?;
+    let t0 = Instant::now();
+    let mut child = agent_command(o, dir, &addr.to_string())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let took = tokio::task::block_in_place(|| {
+        while !ready(addr) {
+            if t0.elapsed() > limit {
+                return Err("agent not ready in time".into());
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                return Err("agent exited before it was ready".into());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(t0.elapsed())
+    });
+    Ok((child, took))
+}
+
+/// One lease count's results in `scale`, for the closing table.
+#[derive(Default)]
+struct ScaleRow {
+    leases: usize,
+    grants_per_sec: f64,
+    grant_cpu_us: f64,
+    rss: [u64; 4],
+    fetch: Vec<(String, f64, Duration)>,
+    revoke: Vec<(usize, Duration, Duration)>,
+    startup: (Duration, Duration),
+    store_loaded: Vec<[f64; 3]>,
+    restarted_rss: [u64; 4],
+}
+
+/// `open_ms`, `load_ms` and `restore_ms` of the last `store_loaded` line of an agent log, in
+/// either log format (`key=value` or JSON).
+fn store_loaded(log: &Path) -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains("store_loaded"))?;
+    let field = |key: &str| -> Option<f64> {
+        let at = line
+            .find(&format!("{key}="))
+            .map(|i| i + key.len() + 1)
+            .or_else(|| line.find(&format!("\"{key}\":")).map(|i| i + key.len() + 3))?;
+        let num: String = line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        num.parse().ok()
+    };
+    Some([field("open_ms")?, field("load_ms")?, field("restore_ms")?])
+}
+
+/// How each cost grows with the number of leases (issue 19, point 4). For each count, on a
+/// fresh agent and data dir: grant that many leases no client here matches (in tenths, to see
+/// whether grants slow down as the store grows), RSS, cached fetches at 16 and 64 clients back
+/// to back and 64 paced at ~80 % of the measured capacity, revoke → every stream told, then
+/// restarts on the same data dir (time to ready, the agent's `store_loaded` split, RSS).
+async fn scale(o: &Opts) -> Res<()> {
+    let counts = o
+        .lease_counts
+        .clone()
+        .unwrap_or_else(|| vec![1_000, 10_000, 100_000]);
+    let reps = o.reps.unwrap_or(5);
+    let mib = |k: u64| k as f64 / 1024.0;
+    let memory_line = |what: &str, [rss, hwm, anon, file]: [u64; 4]| {
+        println!(
+            "{:<14} {what:<28} rss={:.1}MiB peak_rss={:.1}MiB anon={:.1}MiB file={:.1}MiB",
+            "scale-memory",
+            mib(rss),
+            mib(hwm),
+            mib(anon),
+            mib(file)
+        )
+    };
+    let mut rows = Vec::new();
+    for &n in &counts {
+        let mut row = ScaleRow {
+            leases: n,
+            ..ScaleRow::default()
+        };
+        let began = Instant::now();
+        let dir = temp_dir()?;
+        let agent = AgentProc::start(o, dir.path()).await?;
+        let pid = agent.pid().to_string();
+
+        // Grants, a tenth at a time.
+        let tenth = (n / 10).max(1);
+        let (cpu0, mut took, mut granted) = (cpu_secs(&pid), Duration::ZERO, 0);
+        let mut tenths = Vec::new();
+        while granted < n {
+            let k = tenth.min(n - granted);
+            let t = grant_many(&agent, k, &format!("scale-{granted}"), 24 * HOUR).await?;
+            tenths.push(format!("{:.0}", k as f64 / t.as_secs_f64()));
+            took += t;
+            granted += k;
+        }
+        row.grants_per_sec = n as f64 / took.as_secs_f64();
+        row.grant_cpu_us = (cpu_secs(&pid) - cpu0) / n as f64 * 1e6;
+        println!(
+            "{:<14} {:<28} count={n:<7} throughput={:.1}/s agent_cpu={:.0}us/grant per_tenth/s=[{}]",
+            "scale-grant",
+            format!("leases={n}"),
+            row.grants_per_sec,
+            row.grant_cpu_us,
+            tenths.join(",")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        row.rss = agent.rss_kib();
+        memory_line(&format!("leases={n} granted"), row.rss);
+
+        // Cached fetches of the loadgen's own lease, among n it does not match.
+        let mut admin = agent.admin().await?;
+        let own = grant(&mut admin, "scale-fetch", my_selectors(), 24 * HOUR).await?;
+        let back_to_back = Opts {
+            interval: None,
+            ..o.clone()
+        };
+        let mut capacity = 0.0;
+        for c in [16, 64] {
+            let run = measure_fetch(&back_to_back, &agent.endpoint(), agent.pid(), c).await?;
+            run.print("scale-fetch", c, &back_to_back);
+            let mut lat = run.lat.clone();
+            lat.sort();
+            row.fetch
+                .push((format!("{c}"), run.throughput(), pct(&lat, 0.99)));
+            capacity = run.throughput();
+        }
+        // 64 clients paced at ~80 % of the capacity just measured.
+        if capacity > 0.0 {
+            let paced = Opts {
+                interval: Some(Duration::from_secs_f64(64.0 / (0.8 * capacity))),
+                ..o.clone()
+            };
+            let run = measure_fetch(&paced, &agent.endpoint(), agent.pid(), 64).await?;
+            run.print("scale-fetch", 64, &paced);
+            let mut lat = run.lat.clone();
+            lat.sort();
+            row.fetch
+                .push(("64 paced".into(), run.throughput(), pct(&lat, 0.99)));
+        }
+
+        // Revoke → every stream on the lease told, among n unrelated leases. The fetch lease
+        // goes first, so each revocation leaves the streams no identity (as in `teardown`).
+        revoke(&mut admin, &own.lease_id).await?;
+        let mut kinds = std::collections::BTreeMap::new();
+        for &streams in &o.streams {
+            let clients = connect_clients(&agent, streams).await?;
+            let (mut all, mut call) = (Vec::new(), Vec::new());
+            for rep in 0..reps {
+                let lease = grant(
+                    &mut admin,
+                    &format!("scale-td-{streams}-{rep}"),
+                    my_selectors(),
+                    HOUR,
+                )
+                .await?;
+                let set = open_streams(&clients).await?;
+                let sent = Instant::now();
+                revoke(&mut admin, &lease.lease_id).await?;
+                call.push(sent.elapsed());
+                let (_, lat) = told(set, sent, &mut kinds).await?;
+                all.push(lat.iter().copied().max().unwrap_or_default());
+            }
+            summary(
+                "scale-revoke",
+                &format!("leases={n} streams={streams} all"),
+                all.clone(),
+                None,
+                "(from sending Revoke)",
+            );
+            summary(
+                "scale-revoke",
+                &format!("leases={n} streams={streams} call"),
+                call,
+                None,
+                "(Revoke's own latency)",
+            );
+            all.sort();
+            row.revoke.push((streams, pct(&all, 0.50), pct(&all, 0.99)));
+        }
+        println!("{:<14} ends={}", "scale-revoke", kinds_str(&kinds));
+        drop(admin);
+        agent.stop()?;
+
+        // Restarts on the same data dir: the n leases (and the few left by the steps above).
+        let mut lat = Vec::new();
+        for rep in 0..reps {
+            let (child, took) = spawn_until_ready(o, dir.path(), Duration::from_secs(60))?;
+            let agent = AgentProc::from(child, dir.path());
+            lat.push(took?);
+            if rep + 1 == reps {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                row.restarted_rss = agent.rss_kib();
+            }
+            agent.stop()?;
+            row.store_loaded
+                .extend(store_loaded(&dir.path().join("agent.log")));
+        }
+        let splits = row
+            .store_loaded
+            .iter()
+            .map(|[a, b, c]| format!("{a}/{b}/{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        lat.sort();
+        row.startup = (pct(&lat, 0.50), pct(&lat, 0.99));
+        summary(
+            "scale-startup",
+            &format!("leases={n}"),
+            lat,
+            None,
+            &format!("open/load/restore_ms=[{splits}]"),
+        );
+        memory_line(&format!("leases={n} restarted"), row.restarted_rss);
+        println!(
+            "{:<14} {:<28} took {:.0} s",
+            "scale",
+            format!("leases={n}"),
+            began.elapsed().as_secs_f64()
+        );
+        rows.push(row);
+    }
+
+    // One table, one row per lease count.
+    println!();
+    println!("| leases | grants/s (agent µs/grant) | RSS anon / file after grants | fetch/s, p99 | revoke → streams told p50 / p99 | start-up p50 / p99 (open / load / restore ms, median) | RSS anon / file after restart |");
+    println!("|---|---|---|---|---|---|---|");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    for r in &rows {
+        let fetch = r
+            .fetch
+            .iter()
+            .map(|(c, thr, p99)| format!("{c}: {:.1}k/s, {}", thr / 1e3, ms(*p99)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let revoke = r
+            .revoke
+            .iter()
+            .map(|(s, p50, p99)| format!("{s}: {} / {}", ms(*p50), ms(*p99)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let split = |i: usize| median(r.store_loaded.iter().map(|s| s[i]).collect());
+        println!(
+            "| {} | {:.0} ({:.0}) | {:.1} / {:.1} MiB | {fetch} | {revoke} | {} / {} ({} / {} / {}) | {:.1} / {:.1} MiB |",
+            r.leases,
+            r.grants_per_sec,
+            r.grant_cpu_us,
+            mib(r.rss[2]),
+            mib(r.rss[3]),
+            ms(r.startup.0),
+            ms(r.startup.1),
+            split(0),
+            split(1),
+            split(2),
+            mib(r.restarted_rss[2]),
+            mib(r.restarted_rss[3]),
         );
     }
     Ok(())
