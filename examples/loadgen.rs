@@ -1524,7 +1524,7 @@ async fn scale(o: &Opts) -> Res<()> {
         };
         let mut capacity = 0.0;
         for c in [16, 64] {
-            let run = measure_fetch(&back_to_back, &agent.endpoint(), agent.pid(), c).await?;
+            let run = measure_fetch(&back_to_back, &agent.endpoint(), agent.pid(), c, None).await?;
             run.print("scale-fetch", c, &back_to_back);
             let mut lat = run.lat.clone();
             lat.sort();
@@ -1538,7 +1538,7 @@ async fn scale(o: &Opts) -> Res<()> {
                 interval: Some(Duration::from_secs_f64(64.0 / (0.8 * capacity))),
                 ..o.clone()
             };
-            let run = measure_fetch(&paced, &agent.endpoint(), agent.pid(), 64).await?;
+            let run = measure_fetch(&paced, &agent.endpoint(), agent.pid(), 64, None).await?;
             run.print("scale-fetch", 64, &paced);
             let mut lat = run.lat.clone();
             lat.sort();

@@ -114,16 +114,50 @@ pub struct SelectorError {
 }
 
 /// One selector, `type:key:value`, well formed. Cheap to clone: every attestation, lease,
-/// index key and stream listener holds selectors, and they share one copy of the text.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Selector(Arc<str>);
+/// index key and stream listener holds selectors, and they share one copy of the text. Its
+/// key is kept beside the text (indexing a lease asks for it; start-up does so for every
+/// stored lease). Equality, order and hash are the text's, as `Borrow<str>` requires.
+#[derive(Clone)]
+pub struct Selector {
+    text: Arc<str>,
+    key: Key,
+}
+
+impl PartialEq for Selector {
+    fn eq(&self, other: &Selector) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Selector {}
+
+impl std::hash::Hash for Selector {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state)
+    }
+}
+
+impl PartialOrd for Selector {
+    fn partial_cmp(&self, other: &Selector) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Selector {
+    fn cmp(&self, other: &Selector) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
 
 impl Selector {
     /// A selector from facts the agent read itself (the kernel, the kubelet): not checked
     /// against the grammar, because the facts are what they are.
     pub fn fact(key: Key, value: impl fmt::Display) -> Selector {
         let (kind, name) = key.name();
-        Selector(format!("{kind}:{name}:{value}").into())
+        Selector {
+            text: format!("{kind}:{name}:{value}").into(),
+            key,
+        }
     }
 
     /// A process bound to its start time.
@@ -161,22 +195,23 @@ impl Selector {
             }));
         };
         let value = canonical_value(k, value).map_err(bad)?;
-        Ok(Selector(format!("{kind}:{key}:{value}").into()))
+        Ok(Selector {
+            text: format!("{kind}:{key}:{value}").into(),
+            key: k,
+        })
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     pub fn key(&self) -> Key {
-        let mut parts = self.0.splitn(3, ':');
-        let (kind, key) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        Key::of(kind, key).expect("a selector's key is known")
+        self.key
     }
 
     /// What comes after `type:key:`.
     pub fn value(&self) -> &str {
-        self.0.splitn(3, ':').nth(2).unwrap_or("")
+        self.text.splitn(3, ':').nth(2).unwrap_or("")
     }
 
     /// The process this selector binds to, as `(pid, start time)`.
@@ -261,50 +296,50 @@ fn canonical_value(key: Key, value: &str) -> Result<String, &'static str> {
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
 impl fmt::Debug for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(&self.text, f)
     }
 }
 
 impl std::ops::Deref for Selector {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        &self.text
     }
 }
 
 impl PartialEq<str> for Selector {
     fn eq(&self, other: &str) -> bool {
-        *self.0 == *other
+        *self.text == *other
     }
 }
 
 impl PartialEq<&str> for Selector {
     fn eq(&self, other: &&str) -> bool {
-        *self.0 == **other
+        *self.text == **other
     }
 }
 
 impl PartialEq<String> for Selector {
     fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
+        *self.text == **other
     }
 }
 
 impl Borrow<str> for Selector {
     fn borrow(&self) -> &str {
-        &self.0
+        &self.text
     }
 }
 
 impl serde::Serialize for Selector {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(&self.text)
     }
 }
 
@@ -366,7 +401,7 @@ impl Selectors {
 
     /// The selectors as strings, for the wire and the policies.
     pub fn to_strings(&self) -> Vec<String> {
-        self.0.iter().map(|s| s.0.to_string()).collect()
+        self.0.iter().map(|s| s.text.to_string()).collect()
     }
 
     /// Space-separated, for logs.

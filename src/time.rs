@@ -91,7 +91,17 @@ impl Boot {
 
     /// When the wall clock will show `at`, as the two clocks stand now (now if `at` has passed).
     pub fn at_wall(at: SystemTime) -> Boot {
-        let (wall, boot) = (SystemTime::now(), Boot::now());
+        Boot::at_wall_from(at, Boot::clocks())
+    }
+
+    /// Both clocks now, for [`Boot::at_wall_from`] over a batch.
+    pub fn clocks() -> (SystemTime, Boot) {
+        (SystemTime::now(), Boot::now())
+    }
+
+    /// [`Boot::at_wall`] against clocks read once for a whole batch (start-up restores every
+    /// stored lease in one).
+    pub fn at_wall_from(at: SystemTime, (wall, boot): (SystemTime, Boot)) -> Boot {
         let ahead = at.duration_since(wall).unwrap_or_default();
         Boot(boot.0.saturating_add(ahead))
     }

@@ -18,7 +18,9 @@ use super::{ActiveLease, Leases};
 
 pub(super) struct Slot {
     pub(super) lease: Arc<Lease>,
-    pub(super) ended: CancellationToken,
+    /// Cancelled when the lease ends; created when something first waits on it (a stream's
+    /// match, or the watch of a bound process), since most stored leases never have one.
+    pub(super) ended: OnceLock<CancellationToken>,
     /// Created when the SVID cache first asks (most leases never need one).
     pub(super) expires_at: OnceLock<watch::Sender<SystemTime>>,
     /// The processes its `unix:pid` selectors bind it to, pinned when it became active: it
@@ -135,6 +137,7 @@ impl Leases {
                 (lease, bound)
             })
             .collect();
+        let clocks = Boot::clocks();
         {
             let mut inner = self.inner.write().expect("lease lock poisoned");
             for (lease, bound) in leases {
@@ -143,7 +146,7 @@ impl Leases {
                 if inner.active.contains_key(&lease.id) {
                     continue;
                 }
-                let ended = CancellationToken::new();
+                let ended = OnceLock::new();
                 let key = index_key(&lease.selectors);
                 inner
                     .index
@@ -157,10 +160,11 @@ impl Leases {
                         .or_default()
                         .insert(lease.id.clone());
                 }
-                let deadline = Boot::at_wall(lease.expires_at);
+                let deadline = Boot::at_wall_from(lease.expires_at, clocks);
                 inner.deadlines.insert((deadline, lease.id.clone()));
                 if !bound.is_empty() {
-                    watched.push((lease.clone(), ended.clone(), bound.clone()));
+                    let token = ended.get_or_init(CancellationToken::new).clone();
+                    watched.push((lease.clone(), token, bound.clone()));
                 }
                 inner.active.insert(
                     lease.id.clone(),
@@ -219,7 +223,7 @@ impl Leases {
         let mut out: Vec<ActiveLease> = matched(&inner, caller)
             .map(|slot| ActiveLease {
                 lease: slot.lease.clone(),
-                ended: slot.ended.clone(),
+                ended: slot.ended.get_or_init(CancellationToken::new).clone(),
                 expires_at: slot
                     .expires_at
                     .get_or_init(|| watch::channel(slot.lease.expires_at).0)

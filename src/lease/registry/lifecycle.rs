@@ -47,7 +47,9 @@ pub(super) fn take_live(inner: &mut Inner, id: &LeaseId) -> Option<Lease> {
                 }
             }
             inner.deadlines.remove(&(slot.deadline, id.clone()));
-            slot.ended.cancel();
+            if let Some(ended) = slot.ended.get() {
+                ended.cancel();
+            }
             Arc::unwrap_or_clone(slot.lease)
         }
     };
