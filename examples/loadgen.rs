@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Scenarios: `fetch`, `grant-to-svid`, `teardown`, `sds-teardown`, `delegate-to-svid`,
-//! `delegate-cascade`, `memory`, `startup`, `scale`, `cluster`, `staleness`, `all`.
+//! `delegate-cascade`, `memory`, `burst`, `startup`, `scale`, `cluster`, `staleness`, `all`.
 //!
 //! Options:
 //!   --agent-bin PATH      agent binary (default target/release/mayfly)
@@ -19,7 +19,8 @@
 //!   --streams LIST        `teardown` and `sds-teardown` stream counts (default 1,100,1000)
 //!   --reps N              `teardown` revocations per stream count (default 10), `startup` starts (default 10),
 //!                         `delegate-cascade` parents ended (default 10), `scale` revocations per
-//!                         stream count and restarts per lease count (default 5)
+//!                         stream count and restarts per lease count (default 5), `burst`
+//!                         bursts of 2000 connections (default 3)
 //!   --expiry-reps N       `teardown` expiries per stream count (default 3)
 //!   --leases N            leases for `memory` and `startup` (default 10000); `scale` takes a
 //!                         list, one fresh agent per count (default 1000,10000,100000)
@@ -186,6 +187,7 @@ fn main() -> Res<()> {
             "delegate-to-svid" => delegate_to_svid(&opts).await,
             "delegate-cascade" => delegate_cascade(&opts).await,
             "memory" => memory(&opts).await,
+            "burst" => burst(&opts).await,
             "startup" => startup(&opts).await,
             "scale" => scale(&opts).await,
             "cluster" => cluster(&opts).await,
@@ -1370,6 +1372,53 @@ async fn memory(o: &Opts) -> Res<()> {
     }
     drop(set);
     drop(clients);
+    agent.stop()
+}
+
+/// Connections in one `burst`.
+const BURST_CONNECTIONS: usize = 2000;
+
+/// Memory before and after bursts of connections that each fetch and keep a stream open, then
+/// all close: the agent trims the heap once enough connections closed (`agent::memory`, checked
+/// every 2 s), so the level after a burst should come back near the level before it.
+async fn burst(o: &Opts) -> Res<()> {
+    let dir = temp_dir()?;
+    let agent = AgentProc::start(o, dir.path()).await?;
+    let mut admin = agent.admin().await?;
+    grant(&mut admin, "burst", my_selectors(), HOUR).await?;
+    // One fetch first, so the pre-burst level includes a cached SVID and a served request.
+    let warm = connect_clients(&agent, 1).await?;
+    warm[0].fetch_x509_svid().await?;
+    drop(warm);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mib = |k: u64| k as f64 / 1024.0;
+    let before = agent.rss_kib();
+    let line = |what: &str, [rss, hwm, anon, file]: [u64; 4]| {
+        println!(
+            "{:<14} {what:<28} rss={:.1}MiB (x{:.2}) anon={:.1}MiB (x{:.2}) file={:.1}MiB peak_rss={:.1}MiB",
+            "burst",
+            mib(rss),
+            rss as f64 / before[0] as f64,
+            mib(anon),
+            anon as f64 / before[2] as f64,
+            mib(file),
+            mib(hwm)
+        );
+    };
+    line("before", before);
+    for round in 1..=o.reps.unwrap_or(3) {
+        let clients = connect_clients(&agent, BURST_CONNECTIONS).await?;
+        let set = open_streams(&clients).await?;
+        line(
+            &format!("round={round} open={BURST_CONNECTIONS}"),
+            agent.rss_kib(),
+        );
+        drop(set);
+        drop(clients);
+        // Two trim checks (every 2 s) after the connections are gone.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        line(&format!("round={round} closed"), agent.rss_kib());
+    }
     agent.stop()
 }
 

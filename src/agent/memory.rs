@@ -20,10 +20,12 @@ pub struct TrimPolicy {
 }
 
 impl TrimPolicy {
-    /// Told the open connections now; true when so many closed since the peak that a trim
-    /// is due (the peak then starts again from now).
-    pub fn observe(&mut self, open: usize) -> bool {
-        self.peak = self.peak.max(open);
+    /// Told the most connections open at once since the last call and the number open now;
+    /// true when so many closed since the peak that a trim is due (the peak then starts again
+    /// from now). The peak comes from the listener, not from sampling: a burst of 2000
+    /// connections that opened and closed between two checks was missed by a sample.
+    pub fn observe(&mut self, peak: usize, open: usize) -> bool {
+        self.peak = self.peak.max(peak).max(open);
         if self.peak - open >= TRIM_AFTER_CLOSED {
             self.peak = open;
             return true;
@@ -50,15 +52,24 @@ mod tests {
     #[test]
     fn a_trim_is_due_once_enough_connections_closed_since_the_peak() {
         let mut p = TrimPolicy::default();
-        assert!(!p.observe(10));
-        assert!(!p.observe(2000));
-        assert!(!p.observe(1800));
-        assert!(p.observe(1744));
+        assert!(!p.observe(10, 10));
+        assert!(!p.observe(2000, 2000));
+        assert!(!p.observe(2000, 1800));
+        assert!(p.observe(1800, 1744));
         // The peak starts again from there.
-        assert!(!p.observe(1600));
-        assert!(p.observe(1488));
-        assert!(p.observe(0));
-        assert!(!p.observe(100));
+        assert!(!p.observe(1744, 1600));
+        assert!(p.observe(1600, 1488));
+        assert!(p.observe(1488, 0));
+        assert!(!p.observe(100, 100));
         trim();
+    }
+
+    #[test]
+    fn a_burst_between_two_checks_is_still_seen() {
+        let mut p = TrimPolicy::default();
+        assert!(!p.observe(1, 1));
+        // 2000 connections opened and closed since the last check: only the peak saw them.
+        assert!(p.observe(2001, 1));
+        assert!(!p.observe(1, 1));
     }
 }

@@ -357,7 +357,8 @@ impl Agent {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
-                if policy.observe(crate::server::listen::limits::open_connections()) {
+                let (peak, open) = crate::server::listen::limits::take_peak_connections();
+                if policy.observe(peak, open) {
                     let _ = tokio::task::spawn_blocking(memory::trim).await;
                 }
             }

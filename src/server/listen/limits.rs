@@ -18,9 +18,20 @@ const FD_BASE: usize = 64;
 /// Connections open on every socket, for the descriptor budget.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 
+/// The most connections open at once since the last [`take_peak_connections`].
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
 /// Connections open now, on every socket.
 pub fn open_connections() -> usize {
     OPEN.load(Ordering::Relaxed)
+}
+
+/// The most connections that were open at once since the last call (or start), and the
+/// number open now; the peak starts again from now. A burst that opens and closes between two
+/// calls still shows in the peak, where a sample of [`open_connections`] would miss it.
+pub fn take_peak_connections() -> (usize, usize) {
+    let now = OPEN.load(Ordering::Relaxed);
+    (PEAK.swap(now, Ordering::Relaxed).max(now), now)
 }
 
 /// Why a connection was closed at accept.
@@ -112,7 +123,8 @@ impl ConnLimits {
         }
         open.total += 1;
         *open.by_uid.entry(uid).or_default() += 1;
-        OPEN.fetch_add(1, Ordering::Relaxed);
+        let now = OPEN.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK.fetch_max(now, Ordering::Relaxed);
         Ok(ConnGuard {
             limits: self.clone(),
             uid,
