@@ -54,7 +54,7 @@ fn act_claim(l: &crate::lease::Lease) -> Option<Value> {
     Some(current)
 }
 
-fn chain_claim(l: &crate::lease::Lease) -> Value {
+pub(super) fn chain_claim(l: &crate::lease::Lease) -> Value {
     Value::Array(
         l.chain
             .iter()

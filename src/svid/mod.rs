@@ -17,6 +17,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 mod jwt;
+pub mod wit;
 
 pub use jwt::{JwtFetchError, JwtSvid, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
 

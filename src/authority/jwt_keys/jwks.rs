@@ -12,11 +12,13 @@ const PUBLIC_POINT_LEN: usize = 65;
 
 impl JwtKeys {
     /// The JWKS document (JSON bytes): `{"keys":[{"kty":"EC","crv":"P-256",
-    /// "x":..,"y":..,"kid":..,"use":"jwt-svid","alg":"ES256"}, ...]}` with
+    /// "x":..,"y":..,"kid":..,"use":"jwt-svid","alg":"ES256"}, ...]}` (`use` as the key set's
+    /// [`TokenProfile`] says) with
     /// base64url (unpadded) coordinates; the active key comes first.
     pub fn jwks(&self) -> Vec<u8> {
         let state = self.read();
-        let keys: Vec<Value> = state.slots.iter().map(|s| jwk(&s.key)).collect();
+        let key_use = self.profile.key_use();
+        let keys: Vec<Value> = state.slots.iter().map(|s| jwk(&s.key, key_use)).collect();
         serde_json::to_vec(&serde_json::json!({ "keys": keys }))
             .expect("serializing a JSON value cannot fail")
     }
@@ -27,7 +29,7 @@ impl JwtKeys {
     }
 }
 
-fn jwk(key: &KeyMaterial) -> Value {
+fn jwk(key: &KeyMaterial, key_use: &str) -> Value {
     let point = key.public_point();
     debug_assert_eq!(point.len(), PUBLIC_POINT_LEN);
     serde_json::json!({
@@ -36,7 +38,7 @@ fn jwk(key: &KeyMaterial) -> Value {
         "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
         "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
         "kid": key.kid,
-        "use": "jwt-svid",
+        "use": key_use,
         "alg": ALG,
     })
 }

@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use super::store::{ensure_private_dir, load_key_set, persist, remove_stale_temp_files, KEYS_FILE};
-use super::{ceil_secs, unix_secs, JwtError, JwtKeys, KeyMaterial, KeyPolicy, KeySet, Slot};
+use super::{
+    ceil_secs, unix_secs, JwtError, JwtKeys, KeyMaterial, KeyPolicy, KeySet, Slot, TokenProfile,
+};
 
 /// Bytes of randomness in a kid (128 bits: unguessable, collision-free in practice).
 const KID_RANDOM_BYTES: usize = 16;
@@ -24,6 +26,16 @@ impl JwtKeys {
     /// P-256 key. Also runs `maintain(SystemTime::now())` once, so a key set
     /// that aged while the agent was down is rotated/pruned before use.
     pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        policy: KeyPolicy,
+    ) -> Result<JwtKeys, JwtError> {
+        JwtKeys::load_or_create_for(TokenProfile::JwtSvid, dir, trust_domain, policy)
+    }
+
+    /// [`JwtKeys::load_or_create`] for the keys of another kind of token (its own `dir`).
+    pub fn load_or_create_for(
+        profile: TokenProfile,
         dir: &Path,
         trust_domain: &TrustDomain,
         policy: KeyPolicy,
@@ -40,7 +52,8 @@ impl JwtKeys {
                     path = %file.display(),
                     active_kid = %set.active().key.kid,
                     keys = set.slots.len(),
-                    "loaded JWT signing keys"
+                    kind = profile.name(),
+                    "loaded token signing keys"
                 );
                 set
             }
@@ -56,7 +69,8 @@ impl JwtKeys {
                 tracing::info!(
                     path = %file.display(),
                     active_kid = %set.active().key.kid,
-                    "created first JWT signing key"
+                    kind = profile.name(),
+                    "created first token signing key"
                 );
                 set
             }
@@ -66,6 +80,7 @@ impl JwtKeys {
         let keys = JwtKeys {
             dir: dir.to_path_buf(),
             file,
+            profile,
             trust_domain: trust_domain.clone(),
             policy,
             rng,

@@ -82,6 +82,43 @@ use zeroize::Zeroizing;
 
 /// The only signature algorithm we issue and accept.
 const ALG: &str = "ES256";
+
+/// Which kind of SVID a key set signs: what its JWKS entries say in `use`, what the tokens'
+/// `typ` is, and which claims [`JwtKeys::sign`] requires. A WIT-SVID key set is separate from
+/// the JWT-SVID one (its own directory), so that neither kind of token can pass for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenProfile {
+    /// JWT-SVIDs: `typ: JWT`, `aud` required.
+    JwtSvid,
+    /// WIT-SVIDs (the SPIFFE WIT-SVID standard): `typ: wit+jwt`, `aud` forbidden, `cnf.jwk`
+    /// required.
+    WitSvid,
+}
+
+impl TokenProfile {
+    /// The JWK `use` of this profile's keys in a SPIFFE bundle.
+    pub fn key_use(self) -> &'static str {
+        match self {
+            TokenProfile::JwtSvid => "jwt-svid",
+            TokenProfile::WitSvid => "wit-svid",
+        }
+    }
+
+    /// The JOSE header `typ` of this profile's tokens.
+    pub fn typ(self) -> &'static str {
+        match self {
+            TokenProfile::JwtSvid => "JWT",
+            TokenProfile::WitSvid => "wit+jwt",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            TokenProfile::JwtSvid => "JWT",
+            TokenProfile::WitSvid => "WIT",
+        }
+    }
+}
 /// Tolerated clock skew for `iat`/`nbf` in the future and for the `exp` cap in `sign`.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
@@ -206,6 +243,7 @@ impl KeySet {
 pub struct JwtKeys {
     dir: PathBuf,
     file: PathBuf,
+    profile: TokenProfile,
     trust_domain: TrustDomain,
     policy: KeyPolicy,
     rng: SystemRandom,
@@ -220,6 +258,7 @@ impl std::fmt::Debug for JwtKeys {
         let kids: Vec<&str> = state.slots.iter().map(|s| s.key.kid.as_str()).collect();
         f.debug_struct("JwtKeys")
             .field("dir", &self.dir)
+            .field("profile", &self.profile)
             .field("trust_domain", &self.trust_domain.as_str())
             .field("policy", &self.policy)
             .field("kids", &kids)

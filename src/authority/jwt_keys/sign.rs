@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use super::{ceil_secs, unix_secs, JwtError, JwtKeys, ALG, CLOCK_SKEW};
+use super::{ceil_secs, unix_secs, JwtError, JwtKeys, TokenProfile, ALG, CLOCK_SKEW};
 
 /// An ECDSA P-256 signature (r || s) with `s` in the lower half of the group order. Both
 /// `s` and `n - s` verify; validators that accept only low-S (ours does) need this form.
@@ -24,11 +24,13 @@ pub(super) fn is_low_s(signature: &[u8]) -> bool {
 
 impl JwtKeys {
     /// Signs `claims` as a JWS compact token with header
-    /// `{"alg":"ES256","kid":<active kid>,"typ":"JWT"}`.
+    /// `{"alg":"ES256","kid":<active kid>,"typ":"JWT"}` (`typ` as the key set's
+    /// [`TokenProfile`] says: `wit+jwt` for WIT-SVIDs).
     ///
-    /// The claims must be ones a JWT-SVID validator accepts (`sub` a workload
-    /// SPIFFE ID of our trust domain, `aud` a non-empty string or array of
-    /// strings, `exp` an integer), and `exp` must not exceed the wall clock
+    /// The claims must be ones a validator of the profile accepts (`sub` a workload
+    /// SPIFFE ID of our trust domain, `exp` an integer; for a JWT-SVID `aud` a non-empty
+    /// string or array of strings; for a WIT-SVID no `aud`, and `cnf.jwk` an ES256 public
+    /// key), and `exp` must not exceed the wall clock
     /// plus `max_token_ttl` (plus 60 s slack): the retired-key drop schedule
     /// depends on that bound.
     pub fn sign(&self, claims: &Map<String, Value>) -> Result<String, JwtError> {
@@ -36,7 +38,7 @@ impl JwtKeys {
 
         let state = self.read();
         let key = &state.active().key;
-        let header = serde_json::json!({ "alg": ALG, "kid": key.kid, "typ": "JWT" });
+        let header = serde_json::json!({ "alg": ALG, "kid": key.kid, "typ": self.profile.typ() });
         let header = serde_json::to_vec(&header).map_err(|e| JwtError::BadClaims(e.to_string()))?;
         let payload = serde_json::to_vec(claims).map_err(|e| JwtError::BadClaims(e.to_string()))?;
 
@@ -62,15 +64,39 @@ impl JwtKeys {
                 .map_err(|e| JwtError::BadClaims(e.to_string()))?,
             _ => return Err(JwtError::BadClaims("sub must be a string".into())),
         }
-        let aud_ok = match claims.get("aud") {
-            Some(Value::String(_)) => true,
-            Some(Value::Array(items)) => !items.is_empty() && items.iter().all(Value::is_string),
-            _ => false,
-        };
-        if !aud_ok {
-            return Err(JwtError::BadClaims(
-                "aud must be a string or a non-empty array of strings".into(),
-            ));
+        match self.profile {
+            TokenProfile::JwtSvid => {
+                let aud_ok = match claims.get("aud") {
+                    Some(Value::String(_)) => true,
+                    Some(Value::Array(items)) => {
+                        !items.is_empty() && items.iter().all(Value::is_string)
+                    }
+                    _ => false,
+                };
+                if !aud_ok {
+                    return Err(JwtError::BadClaims(
+                        "aud must be a string or a non-empty array of strings".into(),
+                    ));
+                }
+            }
+            TokenProfile::WitSvid => {
+                if claims.contains_key("aud") {
+                    return Err(JwtError::BadClaims("a WIT-SVID has no aud".into()));
+                }
+                let jwk = claims
+                    .get("cnf")
+                    .and_then(|c| c.get("jwk"))
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| JwtError::BadClaims("cnf.jwk must be a JWK".into()))?;
+                let public = ["kty", "crv", "x", "y", "alg"]
+                    .iter()
+                    .all(|k| jwk.get(*k).is_some_and(Value::is_string));
+                if !public || jwk.contains_key("d") || jwk.get("alg") != Some(&Value::from(ALG)) {
+                    return Err(JwtError::BadClaims(
+                        "cnf.jwk must be a public EC key with alg ES256".into(),
+                    ));
+                }
+            }
         }
         // The spiffe crate (and SPIRE) decode exp as an integer.
         let exp = claims
