@@ -17,7 +17,7 @@ use crate::attest::k8s::K8sAttestor;
 use crate::attest::Attestor;
 use crate::audit::{Audit, AuditLog, AuditOptions, ReportingSink};
 use crate::authority::federation::Federation;
-use crate::authority::jwt_keys::{JwtKeys, KeyPolicy};
+use crate::authority::jwt_keys::{JwtKeys, KeyPolicy, TokenProfile};
 use crate::authority::x509::{Authorities, RotationPolicy};
 use crate::config::Config;
 use crate::config::StoreSettings;
@@ -212,6 +212,20 @@ impl Agent {
                 max_token_ttl: config.limits.max_jwt_ttl,
             },
         )?);
+        // WIT-SVIDs are signed by keys of their own (`data/wit`), never by the JWT-SVID keys.
+        let wit_keys = Arc::new(JwtKeys::load_or_create_for(
+            TokenProfile::WitSvid,
+            &config.data_dir.join("wit"),
+            &config.limits.trust_domain,
+            KeyPolicy {
+                rotate_after: config.jwt_key_rotation,
+                max_token_ttl: config.limits.max_svid_ttl,
+            },
+        )?);
+        let wits = Arc::new(crate::svid::wit::WitIssuer::new(
+            wit_keys.clone(),
+            sink.clone(),
+        ));
         let manager = Manager::new(
             ca.clone(),
             jwt_keys.clone(),
@@ -254,6 +268,7 @@ impl Agent {
             registry: registry.clone(),
             ca: ca.clone(),
             jwt_keys: jwt_keys.clone(),
+            wits,
             federation,
             audit: sink.clone(),
             attestor: attestor.clone(),
@@ -387,18 +402,25 @@ impl Agent {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
-                let keys = jwt_keys.clone();
-                match tokio::task::spawn_blocking(move || {
-                    keys.maintain(std::time::SystemTime::now())
-                })
-                .await
-                {
-                    Ok(Ok(true)) => {
-                        tracing::info!(event = "jwt_keys_changed", "JWT signing keys changed")
+                for (keys, kind) in [(jwt_keys.clone(), "JWT"), (wit_keys.clone(), "WIT")] {
+                    match tokio::task::spawn_blocking(move || {
+                        keys.maintain(std::time::SystemTime::now())
+                    })
+                    .await
+                    {
+                        Ok(Ok(true)) => {
+                            tracing::info!(
+                                event = "jwt_keys_changed",
+                                kind,
+                                "token signing keys changed"
+                            )
+                        }
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, kind, "token key maintenance failed")
+                        }
+                        Err(e) => tracing::error!(error = %e, kind, "token key maintenance failed"),
                     }
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "JWT key maintenance failed"),
-                    Err(e) => tracing::error!(error = %e, "JWT key maintenance failed"),
                 }
             }
         });

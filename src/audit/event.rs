@@ -17,6 +17,8 @@ pub enum Event<'a> {
     SvidIssued(SvidIssued<'a>),
     /// A JWT-SVID was signed (before it is handed out).
     JwtIssued(JwtIssued<'a>),
+    /// A WIT-SVID was minted, bound to a key made for it.
+    WitIssued(WitIssued<'a>),
     /// A workload asked for an identity it does not hold.
     RequestDenied(Requester<'a>, &'a str),
     /// An admin call came from a caller outside the allowlist.
@@ -93,6 +95,24 @@ pub struct JwtIssued<'a> {
     pub jti: &'a str,
     pub audiences: &'a [String],
     pub spiffe_id: String,
+    pub expires_at: String,
+    pub lease_id: &'a str,
+    pub task_id: &'a str,
+    pub delegator: &'a str,
+    pub kid: &'a str,
+    pub pid: i32,
+    pub uid: u32,
+    pub exe_sha256: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Link<'a>>,
+}
+
+/// A WIT-SVID: its token's `jti`, and the thumbprint (RFC 7638) of the key it is bound to.
+#[derive(Debug, Serialize)]
+pub struct WitIssued<'a> {
+    pub jti: &'a str,
+    pub key_thumbprint: &'a str,
+    pub spiffe_id: &'a str,
     pub expires_at: String,
     pub lease_id: &'a str,
     pub task_id: &'a str,
@@ -214,6 +234,7 @@ impl Event<'_> {
         match self {
             Event::SvidIssued(_) => "svid_issued".into(),
             Event::JwtIssued(_) => "jwt_issued".into(),
+            Event::WitIssued(_) => "wit_issued".into(),
             Event::RequestDenied(..) => "request_denied".into(),
             Event::AdminDenied(_) => "admin_denied".into(),
             Event::PolicyDenied(_) => "policy_denied".into(),
@@ -234,6 +255,7 @@ impl Event<'_> {
         let value = match self {
             Event::SvidIssued(e) => serde_json::to_value(e),
             Event::JwtIssued(e) => serde_json::to_value(e),
+            Event::WitIssued(e) => serde_json::to_value(e),
             Event::RequestDenied(who, reason) => serde_json::to_value(Denied { who, reason }),
             Event::AdminDenied(e) => serde_json::to_value(e),
             Event::PolicyDenied(e) => serde_json::to_value(e),

@@ -5,5 +5,6 @@
 pub mod source;
 
 pub use source::{
-    BundleKind, BundleUpdates, IdentityError, IdentitySource, Parts, TrustBundle, X509Updates,
+    BundleKind, BundleUpdates, IdentityError, IdentitySource, Parts, TrustBundle, WitUpdates,
+    X509Updates,
 };

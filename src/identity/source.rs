@@ -18,6 +18,7 @@ use crate::authority::federation::Federation;
 use crate::authority::jwt_keys::JwtKeys;
 use crate::authority::x509::CaHandle;
 use crate::lease::{Changes, Leases};
+use crate::svid::wit::{WitError, WitIssuer, WitSvid};
 use crate::svid::{
     AuditUnavailable, JwtFetchError, JwtSvid, Manager, Requester, Watcher, X509Svid,
 };
@@ -78,6 +79,7 @@ pub struct TrustBundle {
 pub enum BundleKind {
     X509,
     Jwt,
+    Wit,
 }
 
 /// The parts of the agent an identity server draws on.
@@ -86,6 +88,8 @@ pub struct Parts {
     pub registry: Arc<Leases>,
     pub ca: Arc<CaHandle>,
     pub jwt_keys: Arc<JwtKeys>,
+    /// WIT-SVIDs: their own signing keys, and each lease's current one.
+    pub wits: Arc<WitIssuer>,
     /// Other trust domains' bundles, served beside this one's.
     pub federation: Arc<Federation>,
     pub audit: Audit,
@@ -100,6 +104,7 @@ pub struct IdentitySource {
     /// Change when this trust domain's X.509 roots or JWT keys change, or a federated bundle.
     x509_changes: watch::Receiver<u64>,
     jwt_changes: watch::Receiver<u64>,
+    wit_changes: watch::Receiver<u64>,
 }
 
 impl IdentitySource {
@@ -107,11 +112,17 @@ impl IdentitySource {
     pub fn new(parts: Parts) -> Arc<Self> {
         let federated = parts.federation.subscribe();
         let x509_changes = merged(parts.ca.subscribe(), federated.clone(), &parts.shutdown);
-        let jwt_changes = merged(parts.jwt_keys.subscribe(), federated, &parts.shutdown);
+        let jwt_changes = merged(
+            parts.jwt_keys.subscribe(),
+            federated.clone(),
+            &parts.shutdown,
+        );
+        let wit_changes = merged(parts.wits.keys().subscribe(), federated, &parts.shutdown);
         Arc::new(IdentitySource {
             parts,
             x509_changes,
             jwt_changes,
+            wit_changes,
         })
     }
 
@@ -213,6 +224,7 @@ impl IdentitySource {
         let mut refresh = match kind {
             BundleKind::X509 => self.x509_changes.clone(),
             BundleKind::Jwt => self.jwt_changes.clone(),
+            BundleKind::Wit => self.wit_changes.clone(),
         };
         refresh.mark_unchanged();
         if !p.registry.matches_any(&att.selectors) {
@@ -373,6 +385,153 @@ impl IdentitySource {
             .collect();
         all.extend([self.jwt_bundle()]);
         all
+    }
+
+    /// The WIT bundles by trust domain ID, each a JWK Set (JSON text): this trust domain's WIT
+    /// signing keys (`use: wit-svid`). Federated bundles carry no WIT keys yet.
+    pub fn wit_bundles(&self) -> HashMap<String, String> {
+        let td = format!("spiffe://{}", self.parts.ca.current().trust_domain());
+        let jwks = String::from_utf8(self.parts.wits.keys().jwks()).unwrap_or_default();
+        HashMap::from([(td, jwks)])
+    }
+
+    /// The caller's WIT-SVIDs now (every identity it holds, or only `wanted`), and a follower
+    /// for what comes next. A caller that holds none is refused (and audited).
+    pub async fn wit_svids(
+        self: &Arc<Self>,
+        peer: Option<PeerInfo>,
+        rpc: &'static str,
+        wanted: Option<String>,
+    ) -> Result<(Vec<Arc<WitSvid>>, WitUpdates), IdentityError> {
+        let att = self.attest(peer.clone(), rpc).await?;
+        // Listening before looking: a change in between is not missed.
+        let leases = self.parts.registry.changes(&att.selectors);
+        let mut keys = self.wit_changes.clone();
+        keys.mark_unchanged();
+        let who = requester(&att);
+        let first = self.current_wits(&att, &who, wanted.as_deref()).await?;
+        if first.is_empty() {
+            if wanted.is_some() && self.parts.registry.matches_any(&att.selectors) {
+                return Err(IdentityError::NotAllowed(format!(
+                    "the caller holds no identity {}",
+                    wanted.unwrap_or_default()
+                )));
+            }
+            return Err(self.deny(rpc, &att).await);
+        }
+        let updates = WitUpdates {
+            source: self.clone(),
+            rpc,
+            peer,
+            att,
+            who,
+            wanted,
+            leases,
+            keys,
+            sent: jtis(&first),
+            refresh_at: refresh_at(&first),
+            _open: StreamGuard::new(&self.parts.metrics.open_streams),
+        };
+        Ok((first, updates))
+    }
+
+    async fn current_wits(
+        &self,
+        att: &Attestation,
+        who: &Requester,
+        wanted: Option<&str>,
+    ) -> Result<Vec<Arc<WitSvid>>, IdentityError> {
+        let mut out = Vec::new();
+        for lease in self.parts.registry.matching(&att.selectors) {
+            if wanted.is_some_and(|w| lease.lease.spiffe_id.to_string() != w) {
+                continue;
+            }
+            match self.parts.wits.for_lease(&lease, who).await {
+                Ok(Some(wit)) => out.push(wit),
+                Ok(None) => {}
+                Err(WitError::Audit(e)) => return Err(IdentityError::Audit(e)),
+                Err(WitError::Signing(e)) => return Err(IdentityError::Signing(e)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn jtis(wits: &[Arc<WitSvid>]) -> Vec<String> {
+    wits.iter().map(|w| w.jti.clone()).collect()
+}
+
+/// When the first of these should be replaced.
+fn refresh_at(wits: &[Arc<WitSvid>]) -> Option<std::time::SystemTime> {
+    wits.iter().map(|w| w.refresh_at()).min()
+}
+
+/// A caller's WIT-SVIDs after the first answer: new ones when a lease it could match changes,
+/// when the signing key changes, or half way through the life of one it holds. Works only
+/// while polled, like [`X509Updates`].
+pub struct WitUpdates {
+    source: Arc<IdentitySource>,
+    rpc: &'static str,
+    peer: Option<PeerInfo>,
+    att: Attestation,
+    who: Requester,
+    wanted: Option<String>,
+    leases: Changes,
+    keys: watch::Receiver<u64>,
+    sent: Vec<String>,
+    refresh_at: Option<std::time::SystemTime>,
+    _open: StreamGuard,
+}
+
+impl WitUpdates {
+    /// The caller's WIT-SVIDs the next time they differ from the last ones handed out; an
+    /// error once it holds none (or cannot be attested again), after which the caller is done.
+    pub async fn next(&mut self) -> Result<Vec<Arc<WitSvid>>, IdentityError> {
+        loop {
+            let wait = self
+                .refresh_at
+                .map(|t| {
+                    t.duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default()
+                })
+                .unwrap_or(std::time::Duration::from_secs(3600));
+            tokio::select! {
+                _ = self.source.parts.shutdown.cancelled() => return Err(IdentityError::ShuttingDown),
+                _ = self.leases.changed() => {}
+                r = self.keys.changed() => {
+                    if r.is_err() {
+                        return Err(IdentityError::ShuttingDown);
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if !self.source.parts.registry.matches_any(&self.att.selectors) {
+                return Err(ended(self.rpc, &self.att, &self.source.parts.registry));
+            }
+            // The process may have exec'd something else: attest again before handing it
+            // anything new, and follow what it holds now.
+            let now = Box::pin(self.source.attest(self.peer.clone(), self.rpc)).await?;
+            if now.selectors != self.att.selectors {
+                self.leases = self.source.parts.registry.changes(&now.selectors);
+                self.who = requester(&now);
+            }
+            self.att = now;
+            let wits = Box::pin(self.source.current_wits(
+                &self.att,
+                &self.who,
+                self.wanted.as_deref(),
+            ))
+            .await?;
+            if wits.is_empty() {
+                return Err(ended(self.rpc, &self.att, &self.source.parts.registry));
+            }
+            self.refresh_at = refresh_at(&wits);
+            let jtis = jtis(&wits);
+            if jtis != self.sent {
+                self.sent = jtis;
+                return Ok(wits);
+            }
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
+use crate::svid::wit::WitSvid;
 use crate::svid::X509Svid;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -272,18 +273,61 @@ impl SpiffeWorkloadApi for WorkloadApi {
 
     async fn fetch_witsvid(
         &self,
-        _request: Request<pb::WitsvidRequest>,
+        request: Request<pb::WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+        const RPC: &str = "FetchWITSVID";
+        check_header(&request)?;
+        let peer = peer(&request);
+        let wanted = Some(request.into_inner().spiffe_id).filter(|s| !s.is_empty());
+        let (first, updates) = self
+            .source
+            .wit_svids(peer, RPC, wanted)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(follow(
+            wit_response(&first),
+            updates,
+            |mut updates| async move {
+                match updates.next().await {
+                    Ok(wits) => Some((Ok(wit_response(&wits)), Some(updates))),
+                    Err(e) => Some((Err(status(e)), None)),
+                }
+            },
+        )))
     }
 
     type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
 
     async fn fetch_wit_bundles(
         &self,
-        _request: Request<pb::WitBundlesRequest>,
+        request: Request<pb::WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+        check_header(&request)?;
+        let stream = self
+            .bundle_stream(
+                peer(&request),
+                "FetchWITBundles",
+                BundleKind::Wit,
+                |s: &IdentitySource| pb::WitBundlesResponse {
+                    bundles: s.wit_bundles(),
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+}
+
+fn wit_response(wits: &[Arc<WitSvid>]) -> pb::WitsvidResponse {
+    pb::WitsvidResponse {
+        svids: wits
+            .iter()
+            .map(|w| pb::Witsvid {
+                spiffe_id: w.spiffe_id.clone(),
+                wit_svid: w.token.clone(),
+                wit_svid_key: w.private_jwk.to_string(),
+                hint: String::new(),
+            })
+            .collect(),
     }
 }
 

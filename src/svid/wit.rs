@@ -12,9 +12,14 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use super::jwt::{chain_claim, CLAIM_CHAIN, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
+use super::{AuditUnavailable, Requester};
+use crate::audit::{event, Audit, Event};
 use crate::authority::jwt_keys::{JwtError, JwtKeys};
-use crate::lease::Lease;
+use crate::lease::{ActiveLease, Lease, LeaseId};
 
 /// The one algorithm of the tokens and of the keys they are bound to (the one WIMSE requires
 /// every implementation to support).
@@ -32,8 +37,117 @@ pub struct WitSvid {
     /// records of it.
     pub thumbprint: String,
     pub jti: String,
+    /// The signing key (`kid` of the token's header).
+    pub kid: String,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
+}
+
+impl WitSvid {
+    /// When a caller should get a new one: half way through its life.
+    pub fn refresh_at(&self) -> SystemTime {
+        let life = self
+            .expires_at
+            .duration_since(self.issued_at)
+            .unwrap_or_default();
+        self.issued_at + life / 2
+    }
+}
+
+/// Why no WIT-SVID was handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum WitError {
+    #[error(transparent)]
+    Audit(#[from] AuditUnavailable),
+    #[error("could not sign a WIT-SVID: {0}")]
+    Signing(String),
+}
+
+/// Mints WIT-SVIDs for active leases and keeps each lease's current one until half its life
+/// (or until the signing key changes); every one is audited before it is handed out.
+pub struct WitIssuer {
+    keys: Arc<JwtKeys>,
+    audit: Audit,
+    current: Mutex<HashMap<LeaseId, (Arc<WitSvid>, tokio_util::sync::CancellationToken)>>,
+}
+
+impl WitIssuer {
+    pub fn new(keys: Arc<JwtKeys>, audit: Audit) -> WitIssuer {
+        WitIssuer {
+            keys,
+            audit,
+            current: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The WIT-SVID signing keys (their JWKS is the WIT bundle).
+    pub fn keys(&self) -> &Arc<JwtKeys> {
+        &self.keys
+    }
+
+    /// The lease's current WIT-SVID, minted (and audited) if it has none fresh; `None` when
+    /// the lease has no time left for one.
+    pub async fn for_lease(
+        &self,
+        lease: &ActiveLease,
+        who: &Requester,
+    ) -> Result<Option<Arc<WitSvid>>, WitError> {
+        let now = SystemTime::now();
+        let active_kid = self.keys.active_kid();
+        let id = &lease.lease.id;
+        {
+            let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((wit, _)) = current.get(id) {
+                if now < wit.refresh_at() && wit.kid == active_kid {
+                    return Ok(Some(wit.clone()));
+                }
+            }
+        }
+        let l = &lease.lease;
+        let end = *lease.expires_at.borrow();
+        let expires_at = now.checked_add(l.svid_ttl).map_or(end, |t| t.min(end));
+        if unix(expires_at) <= unix(now) {
+            return Ok(None);
+        }
+        let wit = match mint(&self.keys, l, now, expires_at) {
+            Ok(wit) => wit,
+            Err(e) => return Err(WitError::Signing(e.to_string())),
+        };
+        let record = Event::WitIssued(event::WitIssued {
+            jti: &wit.jti,
+            key_thumbprint: &wit.thumbprint,
+            spiffe_id: &wit.spiffe_id,
+            expires_at: crate::time::rfc3339(wit.expires_at),
+            lease_id: l.id.as_str(),
+            task_id: &l.task_id,
+            delegator: &l.delegator,
+            kid: &wit.kid,
+            pid: who.pid,
+            uid: who.uid,
+            exe_sha256: who.exe_sha256.as_deref(),
+            chain: l.audit_chain(),
+        });
+        // Fail closed: an unaudited WIT and its key are dropped (and wiped) unused.
+        self.audit
+            .record(&record)
+            .await
+            .map_err(|e| AuditUnavailable(e.to_string()))?;
+        tracing::info!(
+            event = "wit_issued",
+            jti = %wit.jti,
+            spiffe_id = %wit.spiffe_id,
+            lease_id = %l.id,
+            "wit-svid issued"
+        );
+        let wit = Arc::new(wit);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        // Leases that ended take their WITs (and keys) with them.
+        current.retain(|_, (_, ended)| !ended.is_cancelled());
+        if !lease.ended.is_cancelled() {
+            current.insert(id.clone(), (wit.clone(), lease.ended.clone()));
+        }
+        Ok(Some(wit))
+    }
 }
 
 /// Mints a WIT-SVID for `lease`, valid from `now` until `expires_at` (whole seconds), signed
@@ -74,7 +188,15 @@ pub fn mint(
         claims.insert(CLAIM_CHAIN.into(), chain_claim(lease));
     }
     let token = keys.sign(&claims)?;
+    let kid = token
+        .split('.')
+        .next()
+        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
+        .and_then(|h| h.get("kid")?.as_str().map(str::to_owned))
+        .ok_or_else(|| JwtError::Crypto("signed token without a kid".into()))?;
     Ok(WitSvid {
+        kid,
         spiffe_id: lease.spiffe_id.to_string(),
         token,
         private_jwk,

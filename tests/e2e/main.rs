@@ -22,4 +22,5 @@ mod python_clients;
 mod remote_admin;
 mod run;
 mod sds;
+mod wit;
 mod workload_api;

@@ -79,18 +79,6 @@ async fn caller_without_a_lease_gets_permission_denied() {
 }
 
 #[tokio::test]
-async fn unimplemented_profiles_say_so() {
-    let t = start().await;
-    let channel = mayfly::cli::connect::unix_channel(&t.socket).await.unwrap();
-    let mut raw = SpiffeWorkloadApiClient::new(channel);
-    let mut req = tonic::Request::new(mayfly::proto::workload::WitsvidRequest::default());
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    let err = raw.fetch_witsvid(req).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
-}
-
-#[tokio::test]
 async fn another_uid_gets_only_its_own_lease() {
     let t = start().await;
     t.grant("root-task", &["unix:uid:0".into()], HOUR, None)
