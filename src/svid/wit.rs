@@ -3,6 +3,8 @@
 //! the workload gets the private half with it, and proves possession on every use, so a
 //! stolen token alone is worth nothing.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,9 +13,6 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use super::jwt::{chain_claim, CLAIM_CHAIN, CLAIM_DELEGATOR, CLAIM_LEASE_ID, CLAIM_TASK_ID};
 use super::{AuditUnavailable, Requester};
@@ -187,14 +186,7 @@ pub fn mint(
     if !lease.chain.is_empty() {
         claims.insert(CLAIM_CHAIN.into(), chain_claim(lease));
     }
-    let token = keys.sign(&claims)?;
-    let kid = token
-        .split('.')
-        .next()
-        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
-        .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
-        .and_then(|h| h.get("kid")?.as_str().map(str::to_owned))
-        .ok_or_else(|| JwtError::Crypto("signed token without a kid".into()))?;
+    let (token, kid) = keys.sign_with_kid(&claims)?;
     Ok(WitSvid {
         kid,
         spiffe_id: lease.spiffe_id.to_string(),

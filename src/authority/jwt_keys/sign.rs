@@ -34,6 +34,12 @@ impl JwtKeys {
     /// plus `max_token_ttl` (plus 60 s slack): the retired-key drop schedule
     /// depends on that bound.
     pub fn sign(&self, claims: &Map<String, Value>) -> Result<String, JwtError> {
+        self.sign_with_kid(claims).map(|(token, _)| token)
+    }
+
+    /// [`JwtKeys::sign`], and the `kid` of the key that signed (the active key may change
+    /// right after).
+    pub fn sign_with_kid(&self, claims: &Map<String, Value>) -> Result<(String, String), JwtError> {
         self.check_signable(claims)?;
 
         let state = self.read();
@@ -51,7 +57,7 @@ impl JwtKeys {
             .map_err(|_| JwtError::Crypto("ECDSA signing failed".into()))?;
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(low_s(signature.as_ref())?, &mut token);
-        Ok(token)
+        Ok((token, key.kid.clone()))
     }
 
     /// Refuses claims that validators (ours and the spiffe crate's) would
